@@ -1,0 +1,68 @@
+"""Analytic multiply-accumulate (MAC) and parameter accounting that honours a plan: the one place
+where vitslim counts cost. LayerNorm, softmax, GELU and additions are not counted (the convention
+of the ViT pruning literature)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import BlockPlan, SlimPlan, token_counts
+from .timm_adapter import ViTGeometry
+
+
+@dataclass(frozen=True)
+class BlockWidths:
+    """The widths a block computes with once its plan is applied."""
+
+    qkv_in: int
+    value_per_head: int
+    fc1_in: int
+    hidden: int
+
+
+def block_widths(block: BlockPlan, geometry: ViTGeometry) -> BlockWidths:
+    def kept(values, full: int) -> int:
+        return full if values is None else len(values)
+
+    return BlockWidths(
+        qkv_in=kept(block.qkv_in, geometry.dim),
+        value_per_head=kept(block.proj_in, geometry.attn_dim) // geometry.num_heads,
+        fc1_in=kept(block.fc1_in, geometry.dim),
+        hidden=kept(block.hidden, geometry.mlp_hidden),
+    )
+
+
+def block_macs(block: BlockPlan, geometry: ViTGeometry, n_before: int, n_in: int, n_out: int) -> dict[str, int]:
+    """MACs of one block by part, for one image.
+
+    n_before: tokens arriving (before aggregation); n_in: tokens read after aggregation (keys and
+    values); n_out: tokens written (queries, residual, MLP rows).
+    """
+    widths = block_widths(block, geometry)
+    heads, head_dim, dim = geometry.num_heads, geometry.head_dim, geometry.dim
+    value_dim = heads * widths.value_per_head
+    macs = {
+        "aggregation": 0,
+        "qk_proj": 0,
+        "qk_scores": 0,
+        "v_proj": n_in * widths.qkv_in * value_dim,
+        "attn_v": heads * n_out * n_in * widths.value_per_head,
+        "proj": n_out * value_dim * dim,
+        "fc1": n_out * widths.fc1_in * widths.hidden,
+        "fc2": n_out * widths.hidden * dim,
+    }
+    if block.token_aggregation is not None:
+        macs["aggregation"] = (n_in - geometry.num_prefix_tokens) * (n_before - geometry.num_prefix_tokens) * dim
+    if block.static_attention is None:
+        macs["qk_proj"] = (n_out + n_in) * widths.qkv_in * heads * head_dim
+        macs["qk_scores"] = heads * n_out * n_in * head_dim
+    return macs
+
+
+def plan_macs(plan: SlimPlan, geometry: ViTGeometry) -> dict:
+    """{"total", "patch_embed", "head", "blocks": [per-block total]} for one image; plan must be valid."""
+    per_block, n_before = [], geometry.num_tokens
+    for block, (n_in, n_out) in zip(plan.blocks, token_counts(plan, geometry)):
+        per_block.append(sum(block_macs(block, geometry, n_before, n_in, n_out).values()))
+        n_before = n_out
+    total = geometry.patch_embed_macs + geometry.head_macs + sum(per_block)
+    return {"total": total, "patch_embed": geometry.patch_embed_macs, "head": geometry.head_macs, "blocks": per_block}
