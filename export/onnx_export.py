@@ -1,0 +1,152 @@
+"""Compact export: (model, plan) -> physically slim module -> ONNX -> graph passes -> checks -> report.
+
+Batch is the only dynamic dimension. The exporter is torch's dynamo exporter (opset 18): it emits
+LayerNormalization and plain MatMul/Softmax/Gather, which TensorRT parses.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pruning.atomic import atomic_path
+from pruning.macs import block_widths, plan_macs
+from pruning.plan import SlimPlan, dense_plan, token_counts, validate
+from pruning.reference import MaskedReference
+from pruning.timm_adapter import count_params, input_shape_of, supported_geometry
+
+from .compact import compact_from_plan
+from .errors import ExportError
+from .parity import FP32_LOGIT_TOLERANCE, compare_outputs
+from .passes import DEFAULT_PASSES, apply_passes
+from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+PARITY_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    report_path: Path
+    report: dict
+
+
+def onnx_from_module(module: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Export `module` (images [B, C, H, W] -> logits [B, classes]) with a dynamic batch axis."""
+    if example.shape[0] < 2:
+        raise ValueError("trace with batch >= 2 so that the exporter keeps batch symbolic")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+            verbose=False, optimize=True, external_data=False,
+        )
+    return onnx.load(str(path))
+
+
+def run_onnxruntime(path: Path, images: np.ndarray) -> np.ndarray:
+    """Logits of the ONNX model at `path` on the CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
+
+
+def parity_images(model: nn.Module, images: Optional[torch.Tensor], batch: int = PARITY_BATCH, seed: int = 0) -> torch.Tensor:
+    """The given images (first `batch`), or seeded standard-normal images of the model's input size."""
+    if images is not None and len(images) >= 2:
+        return images[:batch].float()
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_shape_of(model), generator=generator)
+
+
+def block_rows(plan: SlimPlan, geometry) -> list[dict]:
+    """Per block: tokens, widths, static/aggregation flags and MACs (for the report)."""
+    macs = plan_macs(plan, geometry)["blocks"]
+    rows = []
+    for index, (block, (n_in, n_out)) in enumerate(zip(plan.blocks, token_counts(plan, geometry))):
+        widths = block_widths(block, geometry)
+        rows.append({
+            "block": index, "tokens_in": n_in, "tokens_out": n_out, "qkv_in": widths.qkv_in,
+            "value_per_head": widths.value_per_head, "fc1_in": widths.fc1_in, "hidden": widths.hidden,
+            "static_attention": block.static_attention is not None,
+            "aggregated_to": None if block.token_aggregation is None else block.token_aggregation.shape[0],
+            "macs": macs[index],
+        })
+    return rows
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _check_graph(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"exported graph fails onnx.checker: {str(error).splitlines()[0]}") from None
+    for name, shape in io_shapes(model).items():
+        if not shape or not isinstance(shape[0], str) or any(isinstance(d, str) or d == 0 for d in shape[1:]):
+            raise ExportError(f"graph {name} has shape {shape}: only the batch dimension may be dynamic")
+
+
+def export_plan(
+    model: nn.Module,
+    plan: SlimPlan,
+    out_path: str | Path,
+    images: Optional[torch.Tensor] = None,
+    tolerance: float = FP32_LOGIT_TOLERANCE,
+    passes: tuple[str, ...] = DEFAULT_PASSES,
+) -> ExportResult:
+    """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
+
+    Nothing is left at `out_path` unless every check passed.
+    """
+    started = time.perf_counter()
+    out_path = Path(out_path)
+    geometry = supported_geometry(model)
+    validate(plan, geometry)
+    model = model.eval().float().cpu()
+    compact = compact_from_plan(model, plan)
+    inputs = parity_images(model, images)
+    with torch.no_grad():
+        reference = MaskedReference(model, plan)(inputs).numpy()
+    with atomic_path(out_path) as tmp:
+        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp), passes)
+        _check_graph(exported)
+        onnx.save(exported, str(tmp))
+        parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
+        if not parity.within(tolerance):
+            raise ExportError(f"ONNX differs from the masked reference: max abs diff {parity.max_abs_diff:.3e} > {tolerance:.0e}; nothing written")
+        onnx_bytes = tmp.stat().st_size
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
+    report = {
+        "model": plan.model.to_dict(), "method": plan.method,
+        "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
+        "params_dense": count_params(model), "params": count_params(compact),
+        "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
+        "parity": {**parity.to_dict(), "tolerance": tolerance, "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
+        "blocks": block_rows(plan, geometry),
+        "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": OPSET, "io": io_shapes(exported)},
+        "export_seconds": time.perf_counter() - started, "versions": _versions(),
+    }
+    report_path, _ = write_report(report, out_path)
+    log.info("exported %s (%.1f%% of dense MACs) in %.1f s", out_path, 100 * report["macs"] / macs_dense, report["export_seconds"])
+    return ExportResult(onnx_path=out_path, report_path=report_path, report=report)

@@ -1,0 +1,198 @@
+"""The one fine-tuning loop shared by every method: AdamW + warm-up/cosine schedule, optional logit
+distillation from the dense teacher, bf16 autocast on CUDA, a progress bar, atomic checkpoints,
+top-1 evaluation. Runs unchanged under `torchrun` (DDP; gloo on the CPU, NCCL on CUDA)."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .data import DataSplits
+from .errors import PruningError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    batch_size: int = 64
+    distill_weight: float = 0.0  # weight of the KL term toward the teacher's logits; 0 turns it off
+    distill_temperature: float = 1.0
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise PruningError(f"training needs epochs >= 0, batch_size >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise PruningError(f"distill_weight {self.distill_weight} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: tuple[dict, ...]  # one entry per epoch: epoch, loss, lr, val_top1, seconds
+    val_top1: float
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context() -> DistributedContext:
+    """Join the process group torchrun describes in the environment (a no-op in a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistributedContext(rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world_size, device=device)
+
+
+def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_factor: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_factor`, as a multiplier of the base LR."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on [B, classes] logits, scaled by T² as in Hinton et al."""
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * temperature**2
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def _logits(output) -> torch.Tensor:
+    # Distilled DeiT returns (cls, dist) logits while training; their mean is its prediction.
+    return (output[0] + output[1]) / 2 if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy in percent of `model` on `dataset`."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return 100.0 * correct / max(1, total)
+
+
+def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, ) -> tuple[DataLoader, Optional[DistributedSampler]]:
+    if context.world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, drop_last=True), sampler
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers, drop_last=len(dataset) > config.batch_size)
+    return loader, None
+
+
+def _step_loss(model, teacher, images, labels, config: TrainConfig, device) -> torch.Tensor:
+    with _autocast(device, config.amp):
+        logits = _logits(model(images))
+        loss = F.cross_entropy(logits.float(), labels)
+        if teacher is not None and config.distill_weight > 0:
+            with torch.no_grad():
+                teacher_logits = _logits(teacher(images)).float()
+            kd = distillation_loss(logits.float(), teacher_logits, config.distill_temperature)
+            loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+    return loss
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    teacher: Optional[nn.Module] = None,
+    checkpoint_path: Optional[Path] = None,
+    weights_module: Optional[nn.Module] = None,
+    extra_loss=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `model` in place on data.train and return per-epoch history and final val top-1.
+
+    `weights_module` is what gets checkpointed (default `model`); `extra_loss()` is added to the
+    task loss each step (e.g. a sparsity penalty).
+    """
+    from tqdm import tqdm
+
+    from .models import save_weights
+
+    context = distributed_context()
+    torch.manual_seed(config.seed)
+    device = context.device
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if context.world_size > 1 else model
+    loader, sampler = _train_loader(data.train, config, context)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * len(loader))
+    warmup = int(config.warmup_epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr))
+    history = []
+    for epoch in range(config.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        started, loss_sum, batches = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not (progress and context.is_main))
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = _step_loss(trained, teacher, images, labels, config, device)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
+            bar.set_postfix(loss=f"{loss_sum / batches:.3f}")
+        val_top1 = evaluate(model, data.val, device=device)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, batches), "lr": schedule.get_last_lr()[0], "val_top1": val_top1, "seconds": time.perf_counter() - started})
+        if progress and context.is_main:
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, val top-1 {val_top1:.2f} %")
+        if checkpoint_path is not None and context.is_main:
+            save_weights(weights_module or model, checkpoint_path)
+    model.eval()
+    final = history[-1]["val_top1"] if history else evaluate(model, data.val, device=device)
+    return TrainResult(history=tuple(history), val_top1=final)
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return asdict(config)

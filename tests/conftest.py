@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny timm ViTs built in code (no downloads), and random valid plans."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+
+def tiny_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 3-block, 32-wide ViT on 16x16 images (16 patches), random weights, eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, **{**TINY, **overrides}).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_vit()
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))

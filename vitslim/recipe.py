@@ -1,0 +1,85 @@
+"""Recipes: the whole pipeline as a YAML file, and the built-in default (a small ViT on digits)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from pruning.errors import PruningError
+from pruning.plan import ModelSpec
+from pruning.train import TrainConfig
+
+DEFAULT_RECIPE_YAML = """\
+# The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
+# digits at 32x32 on the CPU, then exported to ONNX with parity checked.
+name: digits-vit
+model:
+  name: deit_tiny_patch16_224
+  kwargs: {img_size: 32, patch_size: 4, embed_dim: 64, depth: 6, num_heads: 2, num_classes: 10}
+data: digits
+train: {epochs: 30, lr: 0.002, batch_size: 64, weight_decay: 0.05}
+out_dir: runs
+"""
+
+_TOP_KEYS = {"name", "model", "data", "train", "out_dir"}
+_MODEL_KEYS = {"name", "kwargs", "checkpoint", "pretrained"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: str
+    train: TrainConfig
+    out_dir: Path
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+
+    @property
+    def run_root(self) -> Path:
+        return self.out_dir / self.name
+
+
+def _check_keys(where: str, given: dict, allowed: set) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise PruningError(f"recipe {where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    if not isinstance(data, dict):
+        raise PruningError("recipe must be a YAML mapping (see the built-in default in vitslim/recipe.py)")
+    _check_keys("top level", data, _TOP_KEYS)
+    model = data.get("model") or {}
+    _check_keys("model", model, _MODEL_KEYS)
+    if "name" not in model:
+        raise PruningError("recipe model: 'name' (a timm model name) is required")
+    train = data.get("train") or {}
+    _check_keys("train", train, {f.name for f in fields(TrainConfig)})
+    return Recipe(
+        name=str(data.get("name", "run")),
+        model=ModelSpec(name=model["name"], kwargs=dict(model.get("kwargs") or {})),
+        data=str(data.get("data", "digits")),
+        train=TrainConfig(**train),
+        out_dir=Path(data.get("out_dir", "runs")),
+        checkpoint=model.get("checkpoint"),
+        pretrained=bool(model.get("pretrained", False)),
+    )
+
+
+def load_recipe(path: Optional[str | Path]) -> Recipe:
+    """The recipe at `path`, or the built-in default when `path` is None."""
+    import yaml
+
+    if path is None:
+        return recipe_from_dict(yaml.safe_load(DEFAULT_RECIPE_YAML))
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise PruningError(f"cannot read recipe {path} ({error.strerror})") from None
+    try:
+        return recipe_from_dict(yaml.safe_load(text))
+    except yaml.YAMLError as error:
+        raise PruningError(f"recipe {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    except TypeError as error:
+        raise PruningError(f"recipe {path}: {error}") from None
