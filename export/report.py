@@ -55,7 +55,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"# Export report: {report['model']['name']} ({report['method']})",
         "",
-        f"- ONNX: `{report['onnx']['file']}` ({report['onnx']['bytes'] / 1e6:.2f} MB, opset {report['onnx']['opset']}), inputs {report['onnx']['io']}",
+        f"- ONNX: `{report['onnx']['file']}` ({report['onnx']['bytes'] / 1e6:.2f} MB, opset {report['onnx']['opset']}), I/O shapes {report['onnx']['io']}",
         f"- Params: {report['params']:,} (dense {report['params_dense']:,}, {report['params'] / report['params_dense']:.1%})",
         f"- MACs: {report['macs']:,} (dense {report['macs_dense']:,}, {report['macs'] / report['macs_dense']:.1%})",
         f"- Parity vs masked PyTorch reference in onnxruntime (batch {parity['batch']}): max abs diff {parity['max_abs_diff']:.2e} "

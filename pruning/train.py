@@ -71,6 +71,11 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world_size, device=device)
 
 
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0 inside it: the process that writes files and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_factor: float) -> float:
     """Linear warm-up to 1, then cosine decay to `min_factor`, as a multiplier of the base LR."""
     if step < warmup_steps:
@@ -171,7 +176,8 @@ def fit(
         if sampler is not None:
             sampler.set_epoch(epoch)
         started, loss_sum, batches = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not (progress and context.is_main))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, mininterval=1.0,
+                   disable=None if progress and context.is_main else True)  # None: only on a terminal
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = _step_loss(trained, teacher, images, labels, config, device)

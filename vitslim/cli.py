@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -71,8 +72,11 @@ def cmd_run(args) -> int:
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
-    summary = run_recipe(load_recipe(args.recipe))
-    root = load_recipe(args.recipe).run_root
+    recipe = load_recipe(args.recipe)
+    if args.out_dir:
+        recipe = dataclasses.replace(recipe, out_dir=Path(args.out_dir))
+    summary = run_recipe(recipe)
+    root = recipe.run_root
     print((root / "summary.md").read_text())
     print(f"done in {summary['seconds']:.0f} s; reports under {root}")
     return 0
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")
+    run.add_argument("--out-dir", help="where runs/NAME goes (default: the recipe's out_dir, 'runs')")
     run.set_defaults(func=cmd_run)
     return parser
 

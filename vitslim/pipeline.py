@@ -19,7 +19,7 @@ from pruning.models import model_from_checkpoint
 from pruning.plan import ModelSpec, dense_plan
 from pruning.run_dir import save_run
 from pruning.timm_adapter import input_shape_of
-from pruning.train import TrainConfig, config_dict, fit
+from pruning.train import TrainConfig, config_dict, fit, is_main_process
 
 from .plots import block_macs_png, training_curve_png
 from .recipe import Recipe
@@ -45,6 +45,8 @@ def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path,
     data = data_for(model, data_source)
     result = fit(model, data, config, checkpoint_path=out / "checkpoint-last.safetensors")
     info = {"model": spec.to_dict(), "data": data.source, "train": config_dict(config), "history": list(result.history), "val_top1": result.val_top1}
+    if not is_main_process():
+        return info
     save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
     if result.history:
         training_curve_png(list(result.history), out / "training.png", f"{spec.name} on {data.source}")

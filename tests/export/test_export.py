@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from conftest import tiny_vit
+from export.compact import slice_linear
+from export.errors import ExportError
+from export.onnx_export import export_plan, run_onnxruntime
+from export.parity import compare_outputs
+from pruning.plan import BlockPlan, ModelSpec, dense_plan
+from pruning.reference import MaskedReference
+
+SPEC = ModelSpec("deit_tiny_patch16_224")
+IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def cls_only_plan(depth: int = 3):
+    """Patch-Slimming-like: fewer tokens every block, only the class token out of the last."""
+    plan = dense_plan(SPEC, depth).with_block(0, BlockPlan(kept_tokens=(0,) + tuple(range(1, 17, 2))))
+    return plan.with_block(1, BlockPlan(kept_tokens=(0, 1, 2, 3))).with_block(2, BlockPlan(kept_tokens=(0,)))
+
+
+def test_slice_linear_keeps_the_selected_function():
+    linear = torch.nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    sliced = slice_linear(linear, in_indices=[0, 2, 5], out_indices=[1, 3])
+    masked = x * torch.tensor([1.0, 0, 1, 0, 0, 1])
+    assert torch.allclose(sliced(x[:, [0, 2, 5]]), linear(masked)[:, [1, 3]], atol=1e-6)
+
+
+def test_compare_outputs():
+    reference = torch.tensor([[1.0, 2.0], [3.0, 1.0]]).numpy()
+    parity = compare_outputs(reference, reference + [[0.0, 0.5], [0.0, 3.0]])
+    assert parity.max_abs_diff == 3.0 and parity.top1_agreement == 0.5 and parity.batch == 2
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_outputs(reference, reference[:1])
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_dense_export_report(tmp_path, name):
+    model = tiny_vit(name)
+    result = export_plan(model, dense_plan(ModelSpec(name), 3), tmp_path / "dense.onnx", images=IMAGES)
+    report = json.loads((tmp_path / "dense.report.json").read_text())
+    assert {"macs_dense", "macs", "params", "ops", "parity"} <= set(report)
+    assert {"max_abs_diff", "cosine", "top1_agreement"} <= set(report["parity"])
+    assert report["macs"] == report["macs_dense"] and report["params"] == report["params_dense"]
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["cosine"] > 0.99999
+    assert report["onnx"]["io"]["images"] == ["batch", 3, 16, 16]
+    assert report["ops"]["Softmax"] == 3
+    assert (tmp_path / "dense.report.md").read_text().startswith("# Export report")
+    assert result.report == report
+
+
+def test_token_pruned_export_is_static_and_smaller(tmp_path):
+    model = tiny_vit()
+    report = export_plan(model, cls_only_plan(), tmp_path / "slim.onnx", images=IMAGES).report
+    assert report["macs"] < 0.6 * report["macs_dense"]
+    assert report["parity"]["max_abs_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "slim.onnx"))
+    gathers = [n for n in graph.graph.node if n.op_type == "Gather"]
+    initializers = {i.name for i in graph.graph.initializer}
+    constants = {n.output[0] for n in graph.graph.node if n.op_type == "Constant"}
+    assert gathers and all(n.input[1] in initializers | constants for n in gathers), "token Gathers must use constant indices"
+    for batch in (1, 7):  # batch is dynamic
+        images = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            expected = MaskedReference(model, cls_only_plan())(images).numpy()
+        assert compare_outputs(expected, run_onnxruntime(tmp_path / "slim.onnx", images.numpy())).max_abs_diff <= 1e-4
+
+
+def test_static_attention_block_has_no_softmax_or_qk(tmp_path):
+    model = tiny_vit()
+    plan = dense_plan(SPEC, 3).with_block(0, BlockPlan(static_attention=torch.rand(2, 17, 17).softmax(-1)))
+    report = export_plan(model, plan, tmp_path / "static.onnx", images=IMAGES).report
+    assert report["ops"]["Softmax"] == 2
+    # q, k, v and proj are 32x32 in each of 3 blocks; the static block has only v and proj
+    assert [w["shape"] for w in report["weight_shapes"]].count([32, 32]) == 3 * 4 - 2
+    assert [1, 2, 17, 17] in [w["shape"] for w in report["weight_shapes"]] or [2, 17, 17] in [w["shape"] for w in report["weight_shapes"]]
+
+
+def test_channel_pruned_weights_are_physically_smaller(tmp_path):
+    model = tiny_vit()
+    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(qkv_in=tuple(range(0, 32, 2)), proj_in=(0, 1, 2, 3, 16, 17, 18, 19), fc1_in=tuple(range(8)), hidden=tuple(range(0, 128, 4))))
+    report = export_plan(model, plan, tmp_path / "vtp.onnx", images=IMAGES).report
+    shapes = [w["shape"] for w in report["weight_shapes"]]
+    assert [16, 32] in shapes  # q, k from 16 of 32 LayerNorm channels
+    assert [16, 8] in shapes  # v: 4 value dims per head x 2 heads
+    assert shapes.count([8, 32]) == 2  # proj reads the 8 kept value dims; fc1 reads 8 channels into 32 hidden units
+    assert [128, 32] in shapes and [32, 32] in shapes  # fc2 dense in other blocks, 32 -> 32 in block 1
+    assert report["params"] < report["params_dense"]
+
+
+def test_parity_failure_leaves_no_file(tmp_path):
+    model = tiny_vit()
+    with pytest.raises(ExportError, match="differs from the masked reference"):
+        export_plan(model, cls_only_plan(), tmp_path / "bad.onnx", images=IMAGES, tolerance=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_dense_deit_small_export(tmp_path):
+    import timm
+
+    model = timm.create_model("deit_small_patch16_224").eval()
+    report = export_plan(model, dense_plan(ModelSpec("deit_small_patch16_224"), 12), tmp_path / "deit_s.onnx").report
+    assert round(report["macs"] / 1e9, 3) == 4.599
+    assert report["parity"]["max_abs_diff"] <= 1e-4

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_vit
+from pruning.data import digits_splits
+from pruning.errors import PruningError
+from pruning.train import TrainConfig, cosine_lr_factor, distillation_loss, evaluate, fit
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    factors = [cosine_lr_factor(s, 100, 10, 0.01) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_distillation_loss_is_zero_for_equal_logits():
+    logits = torch.randn(4, 10)
+    assert distillation_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, -logits, 2.0).item() > 0.1
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(PruningError, match="distill_weight"):
+        TrainConfig(distill_weight=2.0)
+    with pytest.raises(PruningError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_short_training_learns_digits(tmp_path):
+    data = digits_splits(3, (16, 16))
+    model = tiny_vit(num_classes=10)
+    before = evaluate(model, data.val)
+    result = fit(model, data, TrainConfig(epochs=6, lr=3e-3), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
+    assert len(result.history) == 6 and result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.val_top1 > max(before, 30.0)
+    assert (tmp_path / "ckpt.safetensors").is_file()
+    assert not model.training
+
+
+def test_pure_distillation_moves_the_student_toward_the_teacher():
+    data = digits_splits(3, (16, 16))
+    teacher, student = tiny_vit(num_classes=10, seed=5), tiny_vit(num_classes=10, seed=6)
+    images = torch.stack([data.val[i][0] for i in range(64)])
+
+    def gap() -> float:
+        with torch.no_grad():
+            return distillation_loss(student(images), teacher(images), 1.0).item()
+
+    before = gap()
+    fit(student, data, TrainConfig(epochs=1, lr=1e-3, distill_weight=1.0), teacher=teacher, progress=False)
+    assert gap() < 0.5 * before
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """torchrun with the gloo backend: both ranks train and end with identical weights."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0][0] == ranks[1][0] == "2"
+    assert ranks[0][2] == ranks[1][2], "DDP replicas diverged"
+    assert ranks[0][1] != ranks[0][2], "weights did not change"

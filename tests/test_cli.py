@@ -1,0 +1,108 @@
+"""The CLI as a user runs it: one-line errors with exit 2 and no partial files; train -> export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitslim.cli import main
+from vitslim.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_KWARGS = ["img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitslim", *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "--model", "deit_nano", "--out", "{tmp}/x.onnx"], "unknown timm model 'deit_nano'"),
+        (["export", "{tmp}/no_run", "--out", "{tmp}/x.onnx"], "is not a run directory"),
+        (["export", "--model", "deit_tiny_patch16_224", "--checkpoint", "{tmp}/missing.pth", "--out", "{tmp}/x.onnx"], "does not exist"),
+        (["export", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "{tmp}/no_data", "--out", "{tmp}/x.onnx"], "neither 'digits' nor a readable directory"),
+        (["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "--data", "digits", "--epochs", "1", "--out", "{tmp}/run"], "model has 1000 classes but data 'digits' has 10"),
+        (["run", "{tmp}/missing.yaml"], "cannot read recipe"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, args, message):
+    code = main([a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    line = error_line(capsys)
+    assert message in line and line.startswith("vitslim ")
+    assert not any(p.suffix in (".onnx", ".json", ".safetensors") for p in tmp_path.rglob("*"))
+
+
+def test_corrupt_checkpoint_and_wrong_shape(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["export", "--model", "deit_tiny_patch16_224", "--checkpoint", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "unreadable or corrupt" in error_line(capsys)
+
+
+def test_invalid_plan_in_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    plan = json.loads((run / "plan.json").read_text())
+    plan["blocks"][0]["kept_tokens"] = [0, 99]
+    (run / "plan.json").write_text(json.dumps(plan))
+    assert main(["export", str(run), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "block 0 field kept_tokens: index 99 out of range [0, 17)" in error_line(capsys)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_recipe_errors_name_the_key(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("model: {name: deit_tiny_patch16_224}\ntrain: {epochz: 3}\n")
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "recipe train: unknown key(s) ['epochz']" in error_line(capsys)
+
+
+def test_pretrained_without_network_says_use_checkpoint(tmp_path):
+    completed = run_cli("export", "--model", "deit_tiny_patch16_224", "--pretrained", "--out", str(tmp_path / "x.onnx"), env={"HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 2
+    assert "pass --checkpoint FILE" in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_train_then_export_run_dir(tmp_path):
+    run = tmp_path / "run"
+    trained = run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "2", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert {"plan.json", "plan.safetensors", "weights.safetensors", "info.json", "training.png"} <= {p.name for p in run.iterdir()}
+    exported = run_cli("export", str(run), "--data", "digits", "--out", str(tmp_path / "model.onnx"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    report = json.loads((tmp_path / "model.report.json").read_text())
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["macs"] == report["macs_dense"]
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    commands = [line for line in lines if line.startswith("make ")][:2]
+    assert commands == ["make run", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+@pytest.mark.slow
+def test_default_run_meets_its_targets(tmp_path):
+    """`python -m vitslim run` with the built-in recipe: > 90 % val top-1, exported with parity."""
+    recipe = load_recipe(None)
+    completed = run_cli("run", "--out-dir", str(tmp_path))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / recipe.name / "summary.json").read_text())
+    dense = summary["rows"][0]
+    assert dense["pytorch_top1"] > 90.0 and dense["onnx_top1"] > 90.0
+    assert dense["max_abs_diff"] <= 1e-4
+    assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()
