@@ -127,6 +127,19 @@ def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedCon
     return loader, None
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, gates, nor on what the timm model
+    lists in no_weight_decay() (position embedding, class/register tokens)."""
+    skip = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            skip |= {f"{name}.{n}" if name else n for n in module.no_weight_decay()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in trainable if p.ndim >= 2 and n not in skip]
+    plain = [p for n, p in trainable if p.ndim < 2 or n in skip]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def _step_loss(model, teacher, images, labels, config: TrainConfig, device) -> torch.Tensor:
     with _autocast(device, config.amp):
         logits = _logits(model(images))
@@ -166,8 +179,7 @@ def fit(
         teacher.to(device).eval()
     trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if context.world_size > 1 else model
     loader, sampler = _train_loader(data.train, config, context)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     total_steps = max(1, config.epochs * len(loader))
     warmup = int(config.warmup_epochs * len(loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr))
