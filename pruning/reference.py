@@ -9,13 +9,13 @@ held to it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .plan import BlockPlan, SlimPlan, validate
-from .timm_adapter import block_parts, blocks_of, set_fused_attention, supported_geometry
+from .timm_adapter import CHANNEL_SPACES, block_parts, blocks_of, set_fused_attention, supported_geometry
 
 
 def channel_mask(kept: tuple[int, ...], size: int, like: torch.Tensor) -> torch.Tensor:
@@ -31,10 +31,10 @@ def aggregate_tokens(x: torch.Tensor, aggregation: torch.Tensor, num_prefix: int
     return torch.cat([x[:, :num_prefix], patches], dim=1)
 
 
-def _mask_input_hook(kept: tuple[int, ...]):
+def _scale_input_hook(scale: torch.Tensor):
+    """Multiply a Linear's input channel-wise by `scale` [C] (a 0/1 mask or learnable gates)."""
     def hook(module: nn.Module, args: tuple):
-        x = args[0]
-        return (x * channel_mask(kept, x.shape[-1], x),) + args[1:]
+        return (args[0] * scale.to(args[0].dtype),) + args[1:]
 
     return hook
 
@@ -74,9 +74,12 @@ def _block_hooks(block: nn.Module, plan: BlockPlan, num_prefix: int) -> list:
         handles.append(block.register_forward_pre_hook(_aggregate_hook(plan.token_aggregation, num_prefix)))
     if plan.kept_tokens is not None:
         handles.append(block.register_forward_hook(_select_rows_hook(plan.kept_tokens)))
-    for linear, kept in ((parts.qkv, plan.qkv_in), (parts.proj, plan.proj_in), (parts.fc1, plan.fc1_in), (parts.fc2, plan.hidden)):
+    for space in CHANNEL_SPACES:
+        kept = getattr(plan, space)
         if kept is not None:
-            handles.append(linear.register_forward_pre_hook(_mask_input_hook(kept)))
+            linear = parts.reader_of(space)
+            mask = channel_mask(kept, linear.in_features, linear.weight)
+            handles.append(linear.register_forward_pre_hook(_scale_input_hook(mask)))
     if plan.static_attention is not None:
         handles.append(parts.attn_probs.register_forward_hook(_static_attention_hook(plan.static_attention, plan.kept_tokens)))
     return handles
@@ -103,6 +106,25 @@ def plan_applied(model: nn.Module, plan: SlimPlan, check: bool = True) -> Iterat
             handle.remove()
         for index, enabled in fused.items():
             set_fused_attention(blocks_of(model)[index], enabled)
+
+
+@contextlib.contextmanager
+def scaled_channels(model: nn.Module, scales: Mapping[tuple[int, str], torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the context, channel space `space` of block `b` is multiplied by scales[(b, space)].
+
+    Spaces are CHANNEL_SPACES; a scale is a [C] tensor (e.g. learnable gates, which stay in the
+    autograd graph).
+    """
+    blocks = blocks_of(model)
+    handles = [
+        block_parts(blocks[index]).reader_of(space).register_forward_pre_hook(_scale_input_hook(scale))
+        for (index, space), scale in scales.items()
+    ]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class MaskedReference(nn.Module):

@@ -58,6 +58,16 @@ class BlockParts:
     fc2: nn.Linear
     ls2: nn.Module
 
+    def reader_of(self, space: str) -> nn.Linear:
+        """The Linear whose input is the channel space `space` (one of CHANNEL_SPACES)."""
+        return {"qkv_in": self.qkv, "proj_in": self.proj, "fc1_in": self.fc1, "hidden": self.fc2}[space]
+
+
+# The prunable channel spaces of a block, named like the SlimPlan fields that select in them:
+# LayerNorm-1 output (read by qkv), attention values (read by proj), LayerNorm-2 output (read by
+# fc1), MLP hidden units (read by fc2).
+CHANNEL_SPACES = ("qkv_in", "proj_in", "fc1_in", "hidden")
+
 
 def blocks_of(model: nn.Module) -> nn.Sequential:
     return model.blocks

@@ -160,12 +160,14 @@ def fit(
     checkpoint_path: Optional[Path] = None,
     weights_module: Optional[nn.Module] = None,
     extra_loss=None,
+    groups: Optional[list[dict]] = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune `model` in place on data.train and return per-epoch history and final val top-1.
 
     `weights_module` is what gets checkpointed (default `model`); `extra_loss()` is added to the
-    task loss each step (e.g. a sparsity penalty).
+    task loss each step (e.g. a sparsity penalty); `groups` replaces the default optimizer
+    parameter groups (e.g. to give gates their own learning rate).
     """
     from tqdm import tqdm
 
@@ -179,7 +181,7 @@ def fit(
         teacher.to(device).eval()
     trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if context.world_size > 1 else model
     loader, sampler = _train_loader(data.train, config, context)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(groups or parameter_groups(model, config.weight_decay), lr=config.lr)
     total_steps = max(1, config.epochs * len(loader))
     warmup = int(config.warmup_epochs * len(loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr))

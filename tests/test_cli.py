@@ -35,6 +35,10 @@ def error_line(capsys) -> str:
         (["export", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "{tmp}/no_data", "--out", "{tmp}/x.onnx"], "neither 'digits' nor a readable directory"),
         (["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "--data", "digits", "--epochs", "1", "--out", "{tmp}/run"], "model has 1000 classes but data 'digits' has 10"),
         (["run", "{tmp}/missing.yaml"], "cannot read recipe"),
+        (["prune", "--method", "vtp", "--model", "deit_tiny_patch16_224", "--prune-ratio", "1.5", "--out", "{tmp}/run"], "--prune-ratio 1.5 must be in (0, 1)"),
+        (["prune", "--method", "vtp", "--model", "deit_tiny_patch16_224", "--l1", "-1", "--out", "{tmp}/run"], "--l1 -1.0 must be >= 0"),
+        (["prune", "--method", "vtp", "--model", "resnet18", "--out", "{tmp}/run"], "is not a timm VisionTransformer"),
+        (["prune", "--method", "magic", "--model", "deit_tiny_patch16_224", "--out", "{tmp}/run"], "unknown method 'magic'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, args, message):
@@ -61,6 +65,21 @@ def test_invalid_plan_in_run_dir(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "block 0 field kept_tokens: index 99 out of range [0, 17)" in error_line(capsys)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_vtp_prune_then_export(tmp_path):
+    dense, slim = tmp_path / "dense", tmp_path / "vtp"
+    assert run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "1", "--out", str(dense)).returncode == 0
+    pruned = run_cli("prune", str(dense), "--method", "vtp", "--prune-ratio", "0.4", "--sparsity-epochs", "1", "--finetune-epochs", "1", "--round-to", "8", "--out", str(slim))
+    assert pruned.returncode == 0, pruned.stderr[-2000:]
+    assert {"plan.json", "weights.safetensors", "info.json", "prune_report.md", "kept_dims.png"} <= {p.name for p in slim.iterdir()}
+    info = json.loads((slim / "info.json").read_text())
+    assert info["method"] == "vtp" and info["params"] < info["params_dense"] and info["macs"] < info["macs_dense"]
+    assert {"top1_dense", "top1_after_sparsity_training", "top1_after_pruning", "top1_after_finetune"} <= set(info)
+    exported = run_cli("export", str(slim), "--out", str(tmp_path / "vtp.onnx"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.loads((tmp_path / "vtp.report.json").read_text())["parity"]["max_abs_diff"] <= 1e-4
 
 
 def test_recipe_errors_name_the_key(tmp_path, capsys):
@@ -102,7 +121,12 @@ def test_default_run_meets_its_targets(tmp_path):
     completed = run_cli("run", "--out-dir", str(tmp_path))
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((tmp_path / recipe.name / "summary.json").read_text())
-    dense = summary["rows"][0]
+    rows = {row["variant"]: row for row in summary["rows"]}
+    dense = rows["dense"]
     assert dense["pytorch_top1"] > 90.0 and dense["onnx_top1"] > 90.0
-    assert dense["max_abs_diff"] <= 1e-4
+    assert all(row["max_abs_diff"] <= 1e-4 for row in rows.values())
+    # VTP: 40 % of the gated dims pruned and fine-tuned loses at most 1.0 top-1 point
+    vtp = json.loads((tmp_path / recipe.name / "vtp" / "info.json").read_text())
+    assert abs(vtp["pruned_fraction"] - 0.4) < 0.01
+    assert rows["vtp"]["pytorch_top1"] >= dense["pytorch_top1"] - 1.0 and rows["vtp"]["macs_fraction"] < 0.8
     assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()

@@ -39,9 +39,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from export.onnx_export import export_plan
-    from pruning.data import calibration_batch
+def _plan_and_model(args):
+    """(plan, model) from a run directory, or (dense plan, model) from --model [--checkpoint]."""
     from pruning.models import model_from_checkpoint
     from pruning.plan import dense_plan
     from pruning.run_dir import load_run
@@ -49,11 +48,17 @@ def cmd_export(args) -> int:
     if (args.run_dir is None) == (args.model is None):
         raise PruningError("give either a RUN_DIR or --model NAME (not both)")
     if args.run_dir is not None:
-        plan, model = load_run(args.run_dir)
-    else:
-        spec = _spec(args)
-        model = model_from_checkpoint(spec, args.checkpoint, args.pretrained)
-        plan = dense_plan(spec, len(model.blocks))
+        return load_run(args.run_dir)
+    spec = _spec(args)
+    model = model_from_checkpoint(spec, args.checkpoint, args.pretrained)
+    return dense_plan(spec, len(model.blocks)), model
+
+
+def cmd_export(args) -> int:
+    from export.onnx_export import export_plan
+    from pruning.data import calibration_batch
+
+    plan, model = _plan_and_model(args)
     images = None
     if args.data:
         from .pipeline import data_for
@@ -65,6 +70,47 @@ def cmd_export(args) -> int:
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
         f"max abs diff {report['parity']['max_abs_diff']:.1e}); report {result.report_path}"
     )
+    return 0
+
+
+# Method settings on the command line: flag dest == field name of the method's config dataclass.
+METHOD_FLAGS = {
+    "prune_ratio": (float, "fraction of the gated dims to remove (VTP), in (0, 1)"),
+    "l1": (float, "L1 weight λ on the gates (VTP; paper 1e-4)"),
+    "sparsity_epochs": (int, "epochs of sparsity training (VTP)"),
+    "finetune_epochs": (int, "epochs of fine-tuning after pruning"),
+    "lr": (float, "learning rate of the weights"),
+    "gate_lr": (float, "learning rate of the gates (VTP)"),
+    "batch_size": (int, "batch size"),
+    "distill_weight": (float, "weight of logit distillation from the dense model, in [0, 1]"),
+    "round_to": (int, "round kept counts per module / per head to a multiple (8 for TensorRT fused attention)"),
+    "seed": (int, "random seed"),
+}
+
+
+def _method_config(method, args):
+    import dataclasses as dc
+
+    given = {name: getattr(args, name) for name in [*METHOD_FLAGS, "per_module"] if getattr(args, name) not in (None, False)}
+    fields = {f.name for f in dc.fields(method.config_type)}
+    stray = sorted(set(given) - fields)
+    if stray:
+        flags = ", ".join("--" + name.replace("_", "-") for name in stray)
+        raise PruningError(f"{flags} does not apply to method {method.name!r}")
+    return method.config_type(**given)
+
+
+def cmd_prune(args) -> int:
+    from pruning.methods import get_method
+
+    from .pipeline import data_for, prune_run
+
+    method = get_method(args.method)
+    config = _method_config(method, args)
+    plan, model = _plan_and_model(args)
+    report = prune_run(method.name, config, plan, model, data_for(model, args.data), Path(args.out))
+    stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
+    print(f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, {report['params'] / report['params_dense']:.1%} of params; top-1 {stages}; run directory {args.out}")
     return 0
 
 
@@ -104,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff on logits allowed vs the masked reference")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
+
+    prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
+    prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
+    _add_model_args(prune, required=False)
+    prune.add_argument("--method", required=True, help="vtp")
+    prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
+    for name, (kind, text) in METHOD_FLAGS.items():
+        prune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    prune.add_argument("--per-module", action="store_true", help="one threshold per gate instead of one global threshold (VTP)")
+    prune.add_argument("--out", required=True, help="run directory to write")
+    prune.set_defaults(func=cmd_prune)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")

@@ -15,13 +15,16 @@ from export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from pruning.atomic import write_text_atomic
 from pruning.data import DataSplits, calibration_batch, load_data
 from pruning.errors import PruningError
+from pruning.macs import plan_macs
+from pruning.methods import get_method
 from pruning.models import model_from_checkpoint
-from pruning.plan import ModelSpec, dense_plan
-from pruning.run_dir import save_run
-from pruning.timm_adapter import input_shape_of
+from pruning.plan import ModelSpec, SlimPlan, dense_plan
+from pruning.run_dir import load_run, save_run
+from pruning.timm_adapter import count_params, geometry_of, input_shape_of
+from pruning.vtp import space_sizes
 from pruning.train import TrainConfig, config_dict, fit, is_main_process
 
-from .plots import block_macs_png, training_curve_png
+from .plots import block_macs_png, kept_dims_png, training_curve_png
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,45 @@ def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path,
         training_curve_png(list(result.history), out / "training.png", f"{spec.name} on {data.source}")
     (out / "checkpoint-last.safetensors").unlink(missing_ok=True)
     return info
+
+
+def prune_report_markdown(report: dict) -> str:
+    lines = [
+        f"# Prune report: {report['model']['name']} with {report['method']}", "",
+        f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
+        f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
+    ]
+    lines += [f"- {key.replace('_', ' ')}: {value:.2f} %" for key, value in report.items() if key.startswith("top1_")]
+    if "pruned_fraction" in report:
+        lines.append(f"- Gated dims pruned: {report['pruned_fraction']:.1%}")
+    lines += ["", "## Settings", "", "```", json.dumps(report["config"], indent=1), "```"]
+    if report.get("kept_dims"):
+        spaces = [k for k in report["kept_dims"][0] if k != "block"]
+        lines += ["", "## Kept dims per block", "", "| block | " + " | ".join(spaces) + " |", "|---" * (len(spaces) + 1) + "|"]
+        lines += [f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]]
+    return "\n".join(lines) + "\n"
+
+
+def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> dict:
+    """Run a registered method and write its run directory with prune_report.json/.md and plots."""
+    from export.compact import compact_from_plan
+
+    method = get_method(method_name)
+    result = method.run(model, data, config, plan)
+    geometry = geometry_of(model)
+    report = {
+        "model": plan.model.to_dict(), "method": method_name, "data": data.source,
+        "params_dense": count_params(model), "params": count_params(compact_from_plan(result.model, result.plan)),
+        "macs_dense": plan_macs(plan, geometry)["total"], "macs": plan_macs(result.plan, geometry)["total"],
+        "top1": result.top1, **result.report,
+    }
+    if not is_main_process():
+        return report
+    save_run(out, result.plan, result.model, info=report)
+    write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
+    if method_name == "vtp":
+        kept_dims_png(report["kept_dims"], space_sizes(geometry), out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
+    return report
 
 
 def onnx_top1(onnx_path: Path, dataset, batch_size: int = 128) -> float:
@@ -96,14 +138,18 @@ def run_recipe(recipe: Recipe) -> dict:
     root = recipe.run_root
     dense_dir = root / "dense"
     info = train_run(recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained)
-    from pruning.run_dir import load_run
-
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
-    export = export_plan(model, plan, root / "dense.onnx", images=calibration_batch(data.val, 8))
-    rows = [summary_row("dense", export, info["val_top1"], onnx_top1(export.onnx_path, data.val))]
+    images = calibration_batch(data.val, 8)
+    exports = {"dense": export_plan(model, plan, root / "dense.onnx", images=images)}
+    rows = [summary_row("dense", exports["dense"], info["val_top1"], onnx_top1(exports["dense"].onnx_path, data.val))]
+    for name, config in recipe.methods:
+        report = prune_run(name, config, plan, model, data, root / name)
+        slim_plan, slim_model = load_run(root / name)
+        exports[name] = export_plan(slim_model, slim_plan, root / f"{name}.onnx", images=images)
+        rows.append(summary_row(name, exports[name], report["top1"], onnx_top1(exports[name].onnx_path, data.val)))
     summary = {"recipe": recipe.name, "data": data.source, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
     write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows))
-    block_macs_png({"dense": export.report["blocks"]}, root / "block_macs.png", f"{recipe.name}: MACs per block")
+    block_macs_png({name: e.report["blocks"] for name, e in exports.items()}, root / "block_macs.png", f"{recipe.name}: MACs per block")
     return summary

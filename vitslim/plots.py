@@ -15,6 +15,14 @@ def _pyplot():
     return plt
 
 
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    _pyplot().close(figure)
+    return path
+
+
 def training_curve_png(history: list[dict], path: Path, title: str) -> Path:
     """Loss and validation top-1 per epoch."""
     plt = _pyplot()
@@ -27,11 +35,7 @@ def training_curve_png(history: list[dict], path: Path, title: str) -> Path:
     top1_axis.plot(epochs, [h["val_top1"] for h in history], color="tab:orange", label="val top-1")
     top1_axis.set_ylabel("val top-1 (%)", color="tab:orange")
     loss_axis.set_title(title)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def block_macs_png(rows_by_variant: dict[str, list[dict]], path: Path, title: str) -> Path:
@@ -46,8 +50,20 @@ def block_macs_png(rows_by_variant: dict[str, list[dict]], path: Path, title: st
     axis.set_ylabel("MMACs per image")
     axis.set_title(title)
     axis.legend()
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, title: str) -> Path:
+    """VTP: fraction of each gated channel space kept, per block."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    spaces = list(sizes)
+    width = 0.8 / len(spaces)
+    for offset, space in enumerate(spaces):
+        axis.bar([row["block"] + offset * width for row in kept_dims], [row[space] / sizes[space] for row in kept_dims], width=width, label=f"{space} (of {sizes[space]})")
+    axis.set_xlabel("block")
+    axis.set_ylabel("fraction of dims kept")
+    axis.set_ylim(0, 1.35)
+    axis.set_title(title)
+    axis.legend(fontsize="small", ncol=4, loc="upper center")
+    return _save(figure, path)

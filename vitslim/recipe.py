@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pruning.errors import PruningError
 from pruning.plan import ModelSpec
@@ -18,10 +18,13 @@ model:
   kwargs: {img_size: 32, patch_size: 4, embed_dim: 64, depth: 6, num_heads: 2, num_classes: 10}
 data: digits
 train: {epochs: 30, lr: 0.002, batch_size: 64, weight_decay: 0.05}
+# Each method compresses the trained dense model; each result is exported and gets a summary row.
+methods:
+  vtp: {prune_ratio: 0.4, sparsity_epochs: 5, finetune_epochs: 15, distill_weight: 0.5}
 out_dir: runs
 """
 
-_TOP_KEYS = {"name", "model", "data", "train", "out_dir"}
+_TOP_KEYS = {"name", "model", "data", "train", "methods", "out_dir"}
 _MODEL_KEYS = {"name", "kwargs", "checkpoint", "pretrained"}
 
 
@@ -34,6 +37,7 @@ class Recipe:
     out_dir: Path
     checkpoint: Optional[str] = None
     pretrained: bool = False
+    methods: tuple[tuple[str, Any], ...] = ()  # (method name, its config), in run order
 
     @property
     def run_root(self) -> Path:
@@ -44,6 +48,19 @@ def _check_keys(where: str, given: dict, allowed: set) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise PruningError(f"recipe {where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _method_configs(methods) -> tuple[tuple[str, Any], ...]:
+    from pruning.methods import get_method
+
+    if not isinstance(methods, dict):
+        raise PruningError("recipe methods: a mapping of method name -> settings, e.g. {vtp: {prune_ratio: 0.4}}")
+    configs = []
+    for name, settings in methods.items():
+        method = get_method(name)
+        _check_keys(f"methods.{name}", settings or {}, {f.name for f in fields(method.config_type)})
+        configs.append((name, method.config_type(**(settings or {}))))
+    return tuple(configs)
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -64,6 +81,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         out_dir=Path(data.get("out_dir", "runs")),
         checkpoint=model.get("checkpoint"),
         pretrained=bool(model.get("pretrained", False)),
+        methods=_method_configs(data.get("methods") or {}),
     )
 
 

@@ -1,0 +1,206 @@
+"""VTP, Vision Transformer Pruning (Zhu, Tang, Han 2021): learnable per-dimension gates on the
+inputs of qkv, proj, fc1 and fc2 trained with an L1 penalty, a global threshold that removes a
+requested fraction of the gated dimensions, gate values folded into the weights, fine-tuning.
+
+The gates live on the same four channel spaces the SlimPlan selects in (CHANNEL_SPACES), so the
+result is a plan with `qkv_in`, `proj_in`, `fc1_in` and `hidden` per block.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .data import DataSplits
+from .errors import PruningError
+from .methods import MethodResult, register_method
+from .plan import BlockPlan, SlimPlan
+from .reference import MaskedReference, scaled_channels
+from .timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of, supported_geometry
+from .train import TrainConfig, evaluate, fit, parameter_groups
+
+GateKey = tuple[int, str]  # (block index, channel space)
+
+
+@dataclass(frozen=True)
+class VTPConfig:
+    prune_ratio: float = 0.4  # fraction of all gated dimensions to remove
+    l1: float = 1e-4  # λ of the sparsity penalty λ·Σ|gate| (the paper's value)
+    sparsity_epochs: int = 5
+    finetune_epochs: int = 15
+    lr: float = 5e-4
+    gate_lr: float = 1e-2  # gates move much further than weights during sparsity training
+    batch_size: int = 64
+    distill_weight: float = 0.0  # the paper trains without distillation
+    round_to: int = 1  # kept counts per module (per head for values) rounded to a multiple
+    per_module: bool = False  # one threshold per gate instead of one global threshold
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prune_ratio < 1.0:
+            raise PruningError(f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims")
+        if self.l1 < 0:
+            raise PruningError(f"--l1 {self.l1} must be >= 0")
+        if self.round_to < 1:
+            raise PruningError(f"--round-to {self.round_to} must be >= 1 (8 suits TensorRT's fused attention)")
+        if self.sparsity_epochs < 0 or self.finetune_epochs < 0:
+            raise PruningError("epoch counts must be >= 0")
+
+
+def space_sizes(geometry: ViTGeometry) -> dict[str, int]:
+    return {"qkv_in": geometry.dim, "proj_in": geometry.attn_dim, "fc1_in": geometry.dim, "hidden": geometry.mlp_hidden}
+
+
+class VTPGates(nn.Module):
+    """One learnable gate vector per block and channel space, initialised to 1."""
+
+    def __init__(self, geometry: ViTGeometry) -> None:
+        super().__init__()
+        sizes = space_sizes(geometry)
+        self.keys = [(block, space) for block in range(geometry.depth) for space in CHANNEL_SPACES]
+        self.values = nn.ParameterList([nn.Parameter(torch.ones(sizes[space])) for _, space in self.keys])
+
+    def as_dict(self) -> dict[GateKey, torch.Tensor]:
+        return dict(zip(self.keys, self.values))
+
+    def l1(self) -> torch.Tensor:
+        return sum(gate.abs().sum() for gate in self.values)
+
+
+class GatedModel(nn.Module):
+    """`model` with its four channel spaces per block multiplied by `gates` (timm's forward kept)."""
+
+    def __init__(self, model: nn.Module, gates: VTPGates) -> None:
+        super().__init__()
+        self.model, self.gates = model, gates
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with scaled_channels(self.model, self.gates.as_dict()):
+            return self.model(images)
+
+
+# ------------------------------------------------------------------------------ pure selection math
+
+
+def ranking_scores(gates: Mapping[GateKey, torch.Tensor], seed: int = 0) -> dict[GateKey, torch.Tensor]:
+    """|gate| in float64 plus a tiny seeded jitter, so that equal gates (e.g. all still 1) are
+    ranked by a fixed random order instead of by position."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: gate.detach().abs().double().cpu() + 1e-9 * torch.rand(gate.numel(), generator=generator, dtype=torch.float64) for key, gate in gates.items()}
+
+
+def kept_counts(scores: Mapping[GateKey, torch.Tensor], ratio: float, per_module: bool) -> dict[GateKey, int]:
+    """How many dims each gate keeps when the `ratio` smallest scores are removed, globally
+    (one threshold over all gates) or per gate."""
+    if per_module:
+        return {key: s.numel() - int(round(ratio * s.numel())) for key, s in scores.items()}
+    keys = list(scores)
+    flat = torch.cat([scores[k] for k in keys])
+    owner = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
+    removed = owner[torch.argsort(flat)[: int(round(ratio * flat.numel()))]]
+    removed_per_key = torch.bincount(removed, minlength=len(keys)).tolist()
+    return {k: scores[k].numel() - removed_per_key[i] for i, k in enumerate(keys)}
+
+
+def _round_count(count: float, multiple: int, size: int) -> int:
+    """Nearest multiple of `multiple` in [multiple, size] (at least 1, at most size)."""
+    rounded = int(round(count / multiple)) * multiple
+    return max(min(multiple, size), min(size, max(rounded, 1)))
+
+
+def constrained_count(space: str, count: int, geometry: ViTGeometry, round_to: int) -> int:
+    """Make a kept count expressible: the same value width in every head (rounded per head) and a
+    multiple of `round_to` per module."""
+    if space == "proj_in":
+        per_head = _round_count(count / geometry.num_heads, round_to, geometry.head_dim)
+        return per_head * geometry.num_heads
+    return _round_count(count, round_to, space_sizes(geometry)[space])
+
+
+def top_indices(scores: torch.Tensor, count: int, groups: int = 1) -> tuple[int, ...]:
+    """Indices of the `count` largest scores, taken equally from `groups` contiguous groups; sorted."""
+    size = scores.numel() // groups
+    per_group = count // groups
+    kept = [g * size + int(i) for g in range(groups) for i in torch.topk(scores[g * size:(g + 1) * size], per_group).indices]
+    return tuple(sorted(kept))
+
+
+def plan_from_gates(gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig) -> SlimPlan:
+    """The plan that keeps, per gate, the dims that survive the threshold (constrained as above)."""
+    scores = ranking_scores(gates, config.seed)
+    counts = kept_counts(scores, config.prune_ratio, config.per_module)
+    blocks = []
+    for index in range(geometry.depth):
+        fields = {}
+        for space in CHANNEL_SPACES:
+            key = (index, space)
+            count = constrained_count(space, counts[key], geometry, config.round_to)
+            if count < scores[key].numel():
+                heads = geometry.num_heads if space == "proj_in" else 1
+                fields[space] = top_indices(scores[key], count, heads)
+        blocks.append(BlockPlan(**fields))
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method="vtp")
+
+
+def fold_gates(model: nn.Module, gates: Mapping[GateKey, torch.Tensor]) -> nn.Module:
+    """A copy of `model` whose weight columns absorb the gates: W[:, j] <- gate_j * W[:, j] for the
+    Linear reading each gated space, so that the gated function is preserved without gates."""
+    folded = copy.deepcopy(model)
+    blocks = blocks_of(folded)
+    with torch.no_grad():
+        for (index, space), gate in gates.items():
+            linear = block_parts(blocks[index]).reader_of(space)
+            linear.weight.mul_(gate.detach().to(linear.weight)[None, :])
+    return folded
+
+
+# ------------------------------------------------------------------------------------ the method
+
+
+def _train_config(config: VTPConfig, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
+
+
+def kept_dims_table(plan: SlimPlan, geometry: ViTGeometry) -> list[dict]:
+    sizes = space_sizes(geometry)
+    return [
+        {"block": i, **{space: sizes[space] if getattr(b, space) is None else len(getattr(b, space)) for space in CHANNEL_SPACES}}
+        for i, b in enumerate(plan.blocks)
+    ]
+
+
+def pruned_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
+    rows = kept_dims_table(plan, geometry)
+    sizes = space_sizes(geometry)
+    total = geometry.depth * sum(sizes.values())
+    return 1.0 - sum(row[s] for row in rows for s in CHANNEL_SPACES) / total
+
+
+@register_method("vtp", VTPConfig)
+def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+    """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
+    geometry = supported_geometry(model)
+    if any(not b.is_dense for b in base.blocks):
+        raise PruningError("VTP starts from a dense model: give a dense run directory or checkpoint")
+    teacher = teacher if teacher is not None else (copy.deepcopy(model).eval() if config.distill_weight > 0 else None)
+    report = {"config": asdict(config), "top1_dense": evaluate(model, data.val)}
+    gates = VTPGates(geometry)
+    gated = GatedModel(copy.deepcopy(model), gates)
+    groups = parameter_groups(gated.model, TrainConfig.weight_decay) + [{"params": list(gates.parameters()), "lr": config.gate_lr, "weight_decay": 0.0}]
+    sparsity = fit(gated, data, _train_config(config, config.sparsity_epochs), teacher=teacher, extra_loss=lambda: config.l1 * gates.l1(), groups=groups)
+    report["top1_after_sparsity_training"] = sparsity.val_top1
+    plan = plan_from_gates(gates.as_dict(), geometry, base, config)
+    folded = fold_gates(gated.model, gates.as_dict())
+    masked = MaskedReference(folded, plan)
+    report["top1_after_pruning"] = evaluate(masked, data.val)
+    finetune = fit(masked, data, _train_config(config, config.finetune_epochs), teacher=teacher)
+    report.update(
+        top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_pruning"],
+        pruned_fraction=pruned_fraction(plan, geometry),
+        kept_dims=kept_dims_table(plan, geometry),
+        history={"sparsity": list(sparsity.history), "finetune": list(finetune.history)},
+    )
+    return MethodResult(plan=plan, model=folded.cpu().eval(), top1=report["top1_after_finetune"], report=report)
