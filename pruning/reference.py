@@ -9,7 +9,7 @@ held to it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,23 @@ def _block_hooks(block: nn.Module, plan: BlockPlan, num_prefix: int) -> list:
 
 
 @contextlib.contextmanager
+def blocks_applied(blocks: Sequence[nn.Module], block_plans: Sequence[BlockPlan], num_prefix: int) -> Iterator[None]:
+    """Within the context, each block computes its BlockPlan (no validation: callers validate)."""
+    handles, fused = [], {}
+    try:
+        for index, (block, block_plan) in enumerate(zip(blocks, block_plans)):
+            if block_plan.static_attention is not None:
+                fused[index] = set_fused_attention(block, False)
+            handles += _block_hooks(block, block_plan, num_prefix)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index, enabled in fused.items():
+            set_fused_attention(blocks[index], enabled)
+
+
+@contextlib.contextmanager
 def plan_applied(model: nn.Module, plan: SlimPlan, check: bool = True) -> Iterator[nn.Module]:
     """Within the context, `model`'s forward computes the plan's semantics; afterwards it is dense again.
 
@@ -94,18 +111,44 @@ def plan_applied(model: nn.Module, plan: SlimPlan, check: bool = True) -> Iterat
     geometry = supported_geometry(model)
     if check:
         validate(plan, geometry)
-    handles, fused = [], {}
-    try:
-        for index, (block, block_plan) in enumerate(zip(blocks_of(model), plan.blocks)):
-            if block_plan.static_attention is not None:
-                fused[index] = set_fused_attention(block, False)
-            handles += _block_hooks(block, block_plan, geometry.num_prefix_tokens)
+    with blocks_applied(list(blocks_of(model)), plan.blocks, geometry.num_prefix_tokens):
         yield model
+
+
+@contextlib.contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Record, per block, its input tokens ("input" [B, N_in, C], after any aggregation) and its
+    post-softmax attention ("attention" [B, H, N_in, N_in], all query rows) on each forward.
+
+    Enter it after plan_applied so that the inputs seen are the plan's. Uses timm's unfused path.
+    """
+    records: dict[int, dict[str, torch.Tensor]] = {}
+    blocks = list(blocks_of(model))
+    handles, fused = [], {}
+
+    def keep_input(index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            records.setdefault(index, {})["input"] = args[0]
+
+        return hook
+
+    def keep_attention(index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            records.setdefault(index, {})["attention"] = output
+
+        return hook
+
+    try:
+        for index, block in enumerate(blocks):
+            fused[index] = set_fused_attention(block, False)
+            handles.append(block_parts(block).norm1.register_forward_pre_hook(keep_input(index)))
+            handles.append(block_parts(block).attn_probs.register_forward_hook(keep_attention(index)))
+        yield records
     finally:
         for handle in handles:
             handle.remove()
         for index, enabled in fused.items():
-            set_fused_attention(blocks_of(model)[index], enabled)
+            set_fused_attention(blocks[index], enabled)
 
 
 @contextlib.contextmanager

@@ -159,6 +159,12 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     return conv.in_channels, height, width
 
 
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of the patch grid; patch token p (after the prefix) sits at divmod(p, columns)."""
+    rows, columns = model.patch_embed.grid_size
+    return int(rows), int(columns)
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters, constant matrices of a compact module included (they are parameters there)."""
     return sum(p.numel() for p in model.parameters())

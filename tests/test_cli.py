@@ -39,6 +39,9 @@ def error_line(capsys) -> str:
         (["prune", "--method", "vtp", "--model", "deit_tiny_patch16_224", "--l1", "-1", "--out", "{tmp}/run"], "--l1 -1.0 must be >= 0"),
         (["prune", "--method", "vtp", "--model", "resnet18", "--out", "{tmp}/run"], "is not a timm VisionTransformer"),
         (["prune", "--method", "magic", "--model", "deit_tiny_patch16_224", "--out", "{tmp}/run"], "unknown method 'magic'"),
+        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0", "--out", "{tmp}/run"], "--epsilon 0.0 must be > 0"),
+        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--target-macs", "2", "--out", "{tmp}/run"], "--target-macs 2.0 must be in (0, 1]"),
+        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0.1", "--prune-ratio", "0.4", "--out", "{tmp}/run"], "--prune-ratio does not apply to method 'patch-slim'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, args, message):
@@ -129,4 +132,7 @@ def test_default_run_meets_its_targets(tmp_path):
     vtp = json.loads((tmp_path / recipe.name / "vtp" / "info.json").read_text())
     assert abs(vtp["pruned_fraction"] - 0.4) < 0.01
     assert rows["vtp"]["pytorch_top1"] >= dense["pytorch_top1"] - 1.0 and rows["vtp"]["macs_fraction"] < 0.8
+    # Patch Slimming: at least 45 % of the MACs removed for at most 0.5 top-1 points
+    assert rows["patch-slim"]["macs_fraction"] <= 0.55 and rows["patch-slim"]["pytorch_top1"] >= dense["pytorch_top1"] - 0.5
+    assert (tmp_path / recipe.name / "patch-slim" / "kept_patches.png").is_file()
     assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()

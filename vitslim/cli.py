@@ -85,6 +85,12 @@ METHOD_FLAGS = {
     "distill_weight": (float, "weight of logit distillation from the dense model, in [0, 1]"),
     "round_to": (int, "round kept counts per module / per head to a multiple (8 for TensorRT fused attention)"),
     "seed": (int, "random seed"),
+    "epsilon": (float, "Patch Slimming: tolerance on the next block's relative reconstruction error (paper 0.01-0.02)"),
+    "target_macs": (float, "Patch Slimming: instead of --epsilon, the fraction of dense MACs to keep (searches epsilon)"),
+    "step": (int, "Patch Slimming: tokens added per search step (paper 10)"),
+    "block_epochs": (int, "Patch Slimming: epochs of single-block fine-tuning per candidate set"),
+    "block_lr": (float, "Patch Slimming: learning rate of the single-block fine-tuning"),
+    "calibration_images": (int, "Patch Slimming: training images used for scores and reconstruction"),
 }
 
 
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
     prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
     _add_model_args(prune, required=False)
-    prune.add_argument("--method", required=True, help="vtp")
+    prune.add_argument("--method", required=True, help="vtp | patch-slim")
     prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
     for name, (kind, text) in METHOD_FLAGS.items():
         prune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)

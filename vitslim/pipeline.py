@@ -20,11 +20,11 @@ from pruning.methods import get_method
 from pruning.models import model_from_checkpoint
 from pruning.plan import ModelSpec, SlimPlan, dense_plan
 from pruning.run_dir import load_run, save_run
-from pruning.timm_adapter import count_params, geometry_of, input_shape_of
+from pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
 from pruning.vtp import space_sizes
 from pruning.train import TrainConfig, config_dict, fit, is_main_process
 
-from .plots import block_macs_png, kept_dims_png, training_curve_png
+from .plots import block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def data_for(model: nn.Module, source: str) -> DataSplits:
 
 def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path, checkpoint: Optional[str] = None, pretrained: bool = False) -> dict:
     """Fine-tune the dense model and write a run directory (dense plan + weights + info + curve)."""
+    torch.manual_seed(config.seed)  # the initial weights too, so that a run is reproducible
     model = model_from_checkpoint(spec, checkpoint, pretrained)
     data = data_for(model, data_source)
     result = fit(model, data, config, checkpoint_path=out / "checkpoint-last.safetensors")
@@ -71,6 +72,9 @@ def prune_report_markdown(report: dict) -> str:
         spaces = [k for k in report["kept_dims"][0] if k != "block"]
         lines += ["", "## Kept dims per block", "", "| block | " + " | ".join(spaces) + " |", "|---" * (len(spaces) + 1) + "|"]
         lines += [f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]]
+    if report.get("kept_tokens"):
+        lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
+        lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +97,8 @@ def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: 
     write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
     if method_name == "vtp":
         kept_dims_png(report["kept_dims"], space_sizes(geometry), out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
+    if method_name == "patch-slim":
+        kept_patches_png(calibration_batch(data.val, 4), report["token_sets"], geometry.num_prefix_tokens, patch_grid(model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
     return report
 
 

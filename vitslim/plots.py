@@ -67,3 +67,34 @@ def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, titl
     axis.set_title(title)
     axis.legend(fontsize="small", ncol=4, loc="upper center")
     return _save(figure, path)
+
+
+def kept_patches_png(images, token_sets: list[list[int]], num_prefix: int, grid: tuple[int, int], path: Path, title: str) -> Path:
+    """Patch Slimming: sample images (rows) with the patches each block outputs (columns) shown
+    and the dropped ones dimmed. images: [S, C, H, W]; token_sets: original token ids per block."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows, cols = grid
+    samples = images.float()
+    columns = 1 + len(token_sets)
+    figure, axes = plt.subplots(len(samples), columns, figsize=(1.3 * columns, 1.4 * len(samples)), squeeze=False)
+    for row, image in enumerate(samples):
+        picture = image.mean(dim=0).numpy()
+        picture = (picture - picture.min()) / max(1e-6, float(picture.max() - picture.min()))
+        patch_h, patch_w = picture.shape[0] // rows, picture.shape[1] // cols
+        for column in range(columns):
+            shown = picture.copy()
+            if column > 0:
+                kept = np.zeros(rows * cols, dtype=bool)
+                kept[[t - num_prefix for t in token_sets[column - 1] if t >= num_prefix]] = True
+                mask = np.kron(kept.reshape(rows, cols), np.ones((patch_h, patch_w)))
+                shown = np.where(mask > 0, shown, 0.15 + 0.2 * shown)
+            axis = axes[row][column]
+            axis.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title("input" if column == 0 else f"block {column - 1}\n{len(token_sets[column - 1])} tok", fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)

@@ -21,6 +21,7 @@ train: {epochs: 30, lr: 0.002, batch_size: 64, weight_decay: 0.05}
 # Each method compresses the trained dense model; each result is exported and gets a summary row.
 methods:
   vtp: {prune_ratio: 0.4, sparsity_epochs: 5, finetune_epochs: 15, distill_weight: 0.5}
+  patch-slim: {epsilon: 0.02, finetune_epochs: 10, distill_weight: 0.5}
 out_dir: runs
 """
 

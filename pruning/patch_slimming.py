@@ -1,0 +1,302 @@
+"""Patch Slimming (Tang et al., CVPR 2022): top-down, data-driven token pruning with nested masks.
+
+The last block outputs only the prefix tokens. Going down (t = L-2 ... 0), block t's output set
+S_t grows from S_{t+1} by the tokens with the largest impact score (attention propagated through
+the later, already slimmed blocks times the token's feature energy, averaged over calibration
+images), r' at a time, until block t+1's output on its kept rows is reconstructed within ε after
+fine-tuning block t alone. Then the whole slimmed model is fine-tuned.
+
+Token sets are kept as original token ids (sorted; prefix tokens first); the plan stores each
+block's set as positions within the previous block's set, so the masks are nested by construction.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits, calibration_batch
+from .errors import PruningError
+from .macs import plan_macs
+from .methods import MethodResult, register_method
+from .plan import BlockPlan, SlimPlan, dense_plan
+from .reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
+from .timm_adapter import ViTGeometry, blocks_of, supported_geometry
+from .train import TrainConfig, evaluate, fit
+
+log = logging.getLogger(__name__)
+TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
+
+
+@dataclass(frozen=True)
+class PatchSlimConfig:
+    epsilon: Optional[float] = None  # tolerance on block t+1's relative squared reconstruction error
+    target_macs: Optional[float] = None  # instead of epsilon: fraction of dense MACs to keep
+    step: int = 10  # r': candidates added at a time
+    block_epochs: int = 3  # fine-tuning epochs of block t per candidate set
+    block_lr: float = 1e-4
+    finetune_epochs: int = 10
+    lr: float = 5e-4
+    batch_size: int = 64
+    calibration_images: int = 256
+    distill_weight: float = 0.5
+    search_iterations: int = 8  # bisection steps on epsilon for --target-macs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.epsilon is None) == (self.target_macs is None):
+            raise PruningError("give exactly one of --epsilon E (e.g. 0.02) or --target-macs F (e.g. 0.55)")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise PruningError(f"--epsilon {self.epsilon} must be > 0 (the paper uses 0.01-0.02)")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise PruningError(f"--target-macs {self.target_macs} must be in (0, 1]: the fraction of dense MACs to keep")
+        if self.step < 1 or self.block_epochs < 0 or self.finetune_epochs < 0:
+            raise PruningError("--step must be >= 1 and epoch counts >= 0")
+
+
+# ------------------------------------------------------------------------------ pure score math
+
+
+def path_energy(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ over head paths π of ||A_π[:, i]||², by a backward recursion over the later blocks.
+
+    attentions[j]: [B, H, N_out_j, N_in_j] (kept query rows of block t+1+j, all its key columns),
+    with N_in_{j+1} = N_out_j. A_π is the product of one head per block. Returns [B, N_in_0].
+    K_{L} = I; K_l = Σ_h P_lᵀ K_{l+1} P_l; the answer is diag(K_{t+1}).
+    """
+    last = attentions[-1]
+    energy = torch.eye(last.shape[2], dtype=last.dtype, device=last.device).expand(last.shape[0], -1, -1)
+    for probs in reversed(attentions):
+        energy = torch.einsum("bhoi,bop,bhpj->bij", probs, energy, probs)
+    return torch.diagonal(energy, dim1=1, dim2=2)
+
+
+def path_energy_brute_force(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The same sum by enumerating all H^(number of blocks) head paths (tests only)."""
+    heads = attentions[0].shape[1]
+    total = 0
+    for path in itertools.product(range(heads), repeat=len(attentions)):
+        product = attentions[-1][:, path[-1]]
+        for probs, head in zip(reversed(attentions[:-1]), reversed(path[:-1])):
+            product = product @ probs[:, head]
+        total = total + product.pow(2).sum(dim=1)
+    return total
+
+
+def feature_energy(attention: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+    """Σ_h ||(P_h |Z|)[i, :]||² per token: attention [B, H, N, N], block input Z [B, N, C] -> [B, N]."""
+    return (attention @ block_input.abs().unsqueeze(1)).pow(2).sum(dim=(1, 3))
+
+
+def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
+    """||estimate - target||² / ||target||² (the ε of the search; sums over all rows and images)."""
+    return float((estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+
+
+# ------------------------------------------------------------------------------ token sets <-> plan
+
+
+def plan_from_token_sets(token_sets: TokenSets, base: SlimPlan, num_tokens: int) -> SlimPlan:
+    """Each block keeps the positions of its set within the previous block's set (None if equal)."""
+    blocks, previous = [], tuple(range(num_tokens))
+    for index, kept in enumerate(token_sets):
+        position = {token: p for p, token in enumerate(previous)}
+        kept_tokens = None if kept == previous else tuple(position[token] for token in kept)
+        blocks.append(BlockPlan(kept_tokens=kept_tokens))
+        previous = kept
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method="patch-slim")
+
+
+def ranked_candidates(scores: torch.Tensor, kept: Sequence[int], num_prefix: int) -> list[int]:
+    """Token ids not yet kept (and not prefix), by decreasing score."""
+    taken = set(kept)
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [token for token in order if token >= num_prefix and token not in taken]
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+@dataclass
+class _Search:
+    """State of one top-down search: the student, the teacher's cached features, the token sets."""
+
+    student: nn.Module
+    geometry: ViTGeometry
+    base: SlimPlan
+    images: torch.Tensor
+    teacher_inputs: list[torch.Tensor]  # dense teacher: input of every block [B, N, C]
+    teacher_outputs: list[torch.Tensor]  # dense teacher: output of every block [B, N, C]
+    config: PatchSlimConfig
+
+    def sets_with_dense_below(self, token_sets: TokenSets, t: int) -> TokenSets:
+        """Blocks <= t keep every token (they are not decided yet)."""
+        everything = tuple(range(self.geometry.num_tokens))
+        return [everything if b <= t else token_sets[b] for b in range(self.geometry.depth)]
+
+    def scores(self, token_sets: TokenSets, t: int) -> torch.Tensor:
+        """Mean impact score [N] of block t's output tokens, blocks > t using their sets."""
+        sets = self.sets_with_dense_below(token_sets, t)
+        plan = plan_from_token_sets(sets, self.base, self.geometry.num_tokens)
+        totals = torch.zeros(self.geometry.num_tokens, dtype=torch.float64)
+        with torch.no_grad(), plan_applied(self.student, plan), recorded_attention(self.student) as records:
+            for chunk in self.images.split(self.config.batch_size):
+                self.student(chunk)
+                later = [records[b]["attention"][:, :, list(plan.blocks[b].kept_tokens or range(records[b]["attention"].shape[2]))] for b in range(t + 1, self.geometry.depth)]
+                score = path_energy(later) * feature_energy(records[t]["attention"], records[t]["input"])
+                totals += score.sum(dim=0).double()
+        return totals / len(self.images)
+
+    def two_blocks(self, sets: TokenSets, t: int):
+        """Block t (reading all tokens, writing sets[t]) then block t+1 (writing sets[t+1])."""
+        plan = plan_from_token_sets(sets, self.base, self.geometry.num_tokens)
+        blocks = list(blocks_of(self.student))
+        return blocks[t], blocks[t + 1], (plan.blocks[t], plan.blocks[t + 1])
+
+    def reconstruction(self, sets: TokenSets, t: int, train: bool) -> float:
+        """Fine-tune block t (if `train`) so that block t+1 reproduces the teacher on its kept rows;
+        return the relative error afterwards."""
+        block_t, block_next, plans = self.two_blocks(sets, t)
+        target = self.teacher_outputs[t + 1][:, list(sets[t + 1])]
+        inputs = self.teacher_inputs[t]
+        with blocks_applied([block_t, block_next], plans, self.geometry.num_prefix_tokens):
+            if train and self.config.block_epochs > 0:
+                self._fit_block(block_t, block_next, inputs, target)
+            with torch.no_grad():
+                estimate = torch.cat([block_next(block_t(x)) for x in inputs.split(self.config.batch_size)])
+        return relative_error(estimate, target)
+
+    def _fit_block(self, block_t: nn.Module, block_next: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> None:
+        for p in block_next.parameters():
+            p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(block_t.parameters(), lr=self.config.block_lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        block_t.train()
+        for _ in range(self.config.block_epochs):
+            for batch in torch.randperm(len(inputs), generator=generator).split(self.config.batch_size):
+                loss = F.mse_loss(block_next(block_t(inputs[batch])), target[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        block_t.eval()
+        for p in block_next.parameters():
+            p.requires_grad_(True)
+
+    def choose_set(self, token_sets: TokenSets, t: int, epsilon: float) -> tuple[tuple[int, ...], list[dict]]:
+        """Grow S_t from S_{t+1} until block t+1's error <= epsilon; keep block t's fine-tuned weights."""
+        base_set = token_sets[t + 1]
+        candidates = ranked_candidates(self.scores(token_sets, t), base_set, self.geometry.num_prefix_tokens)
+        original = copy.deepcopy(blocks_of(self.student)[t].state_dict())
+        tried = []
+        for count in range(0, len(candidates) + self.config.step, self.config.step):
+            kept = tuple(sorted(set(base_set) | set(candidates[:count])))
+            blocks_of(self.student)[t].load_state_dict(original)
+            sets = self.sets_with_dense_below(token_sets, t)
+            sets[t] = kept
+            error = self.reconstruction(sets, t, train=True)
+            tried.append({"tokens": len(kept), "error": error})
+            if error <= epsilon or count >= len(candidates):
+                return kept, tried
+        raise AssertionError("unreachable: the last candidate set keeps every token")
+
+    def run(self, epsilon: float) -> tuple[TokenSets, list[dict]]:
+        """The whole top-down search for one epsilon; returns token sets and a log per block."""
+        from tqdm import tqdm
+
+        depth, prefix = self.geometry.depth, self.geometry.num_prefix_tokens
+        token_sets: TokenSets = [tuple(range(self.geometry.num_tokens))] * depth
+        token_sets[depth - 1] = tuple(range(prefix))
+        search_log = []
+        for t in tqdm(range(depth - 2, -1, -1), desc=f"patch slimming (ε={epsilon:.3g})", leave=False, disable=None):
+            token_sets[t], tried = self.choose_set(token_sets, t, epsilon)
+            search_log.append({"block": t, "kept": len(token_sets[t]), "tried": tried})
+            log.info("block %d keeps %d tokens (error %.4f)", t, len(token_sets[t]), tried[-1]["error"])
+        return token_sets, search_log
+
+
+def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every block's input and output on `images` in the dense teacher."""
+    inputs: dict[int, list] = {}
+    outputs: dict[int, list] = {}
+
+    def record(index: int):
+        def hook(module, args, output) -> None:
+            inputs.setdefault(index, []).append(args[0])
+            outputs.setdefault(index, []).append(output)
+
+        return hook
+
+    handles = [block.register_forward_hook(record(index)) for index, block in enumerate(blocks_of(teacher))]
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            teacher(chunk)
+    for handle in handles:
+        handle.remove()
+    depth = len(blocks_of(teacher))
+    return [torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)]
+
+
+def _search_for_target(model: nn.Module, make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
+    """Bisection on log ε: the smallest ε whose plan keeps at most target_macs of dense MACs."""
+    dense_macs = plan_macs(dense_plan(base.model, geometry.depth), geometry)["total"]
+    low, high = math.log(1e-4), math.log(4.0)
+    best = None
+    for _ in range(config.search_iterations):
+        epsilon = math.exp((low + high) / 2)
+        search = make_search()
+        token_sets, search_log = search.run(epsilon)
+        fraction = plan_macs(plan_from_token_sets(token_sets, base, geometry.num_tokens), geometry)["total"] / dense_macs
+        if fraction <= config.target_macs:
+            high, best = math.log(epsilon), (epsilon, search, token_sets, search_log)
+        else:
+            low = math.log(epsilon)
+    if best is None:
+        epsilon = math.exp(high)
+        search = make_search()
+        best = (epsilon, search, *search.run(epsilon))
+    return best
+
+
+@register_method("patch-slim", PatchSlimConfig)
+def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+    """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
+    geometry = supported_geometry(model)
+    if any(not b.is_dense for b in base.blocks):
+        raise PruningError("Patch Slimming starts from a dense model: give a dense run directory or checkpoint")
+    if len(data.train) < config.batch_size or config.calibration_images < config.batch_size:
+        raise PruningError(f"calibration data ({min(len(data.train), config.calibration_images)} images) is smaller than one batch ({config.batch_size}): lower --batch-size")
+    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
+    torch.manual_seed(config.seed)
+    images = calibration_batch(data.train, config.calibration_images)
+    teacher_inputs, teacher_outputs = _teacher_features(teacher, images, config.batch_size)
+
+    def make_search() -> _Search:
+        return _Search(copy.deepcopy(model).eval(), geometry, base, images, teacher_inputs, teacher_outputs, config)
+
+    if config.target_macs is not None:
+        epsilon, search, token_sets, search_log = _search_for_target(model, make_search, geometry, base, config)
+    else:
+        epsilon, search = config.epsilon, make_search()
+        token_sets, search_log = search.run(epsilon)
+    plan = plan_from_token_sets(token_sets, base, geometry.num_tokens)
+    student = search.student
+    report = {"config": asdict(config), "epsilon": epsilon, "top1_dense": evaluate(model, data.val)}
+    masked = MaskedReference(student, plan)
+    report["top1_after_search"] = evaluate(masked, data.val)
+    train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
+    finetune = fit(masked, data, train, teacher=teacher)
+    report.update(
+        top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_search"],
+        kept_tokens=[len(s) for s in token_sets],
+        token_sets=[list(s) for s in token_sets],
+        search=search_log,
+        history={"finetune": list(finetune.history)},
+    )
+    return MethodResult(plan=plan, model=student.cpu().eval(), top1=report["top1_after_finetune"], report=report)
