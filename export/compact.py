@@ -17,6 +17,27 @@ from pruning.plan import BlockPlan, SlimPlan, validate
 from pruning.reference import aggregate_tokens
 from pruning.timm_adapter import BlockParts, ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
 
+from .errors import ExportError
+from .token_layout import TOKEN_LAYOUTS, is_prefix, slice_layout
+
+
+class TakePrefix(nn.Module):
+    """x.narrow(dim, 0, count): a Slice in ONNX."""
+
+    def __init__(self, count: int, dim: int) -> None:
+        super().__init__()
+        self.count, self.dim = count, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.narrow(self.dim, 0, self.count)
+
+
+def token_selector(kept: Optional[tuple[int, ...]]) -> nn.Module:
+    """Identity (all tokens), a Slice (a prefix) or a constant-index Gather over the token axis."""
+    if kept is None:
+        return nn.Identity()
+    return TakePrefix(len(kept), dim=1) if is_prefix(kept) else SelectIndices(kept, dim=1)
+
 
 class SelectIndices(nn.Module):
     """x.index_select(dim, constant indices): a constant-index Gather in ONNX."""
@@ -67,7 +88,7 @@ class CompactAttention(nn.Module):
         self.value_per_head = len(value_channels) // heads
         self.scale = head_dim ** -0.5
         self.select_channels = nn.Identity() if qkv_in is None else SelectIndices(plan.qkv_in, dim=-1)
-        self.select_queries = nn.Identity() if plan.kept_tokens is None else SelectIndices(plan.kept_tokens, dim=1)
+        self.select_queries = token_selector(plan.kept_tokens)
         self.v = slice_linear(parts.qkv, qkv_in, [2 * attn_dim + c for c in value_channels])
         self.proj = slice_linear(parts.proj, value_channels, None)
         if plan.static_attention is None:
@@ -105,7 +126,7 @@ class CompactBlock(nn.Module):
         super().__init__()
         self.num_prefix_tokens = geometry.num_prefix_tokens
         self.token_aggregation = None if plan.token_aggregation is None else _constant(plan.token_aggregation, parts.proj.weight)
-        self.select_tokens = nn.Identity() if plan.kept_tokens is None else SelectIndices(plan.kept_tokens, dim=1)
+        self.select_tokens = token_selector(plan.kept_tokens)
         self.norm1, self.ls1 = copy.deepcopy(parts.norm1), copy.deepcopy(parts.ls1)
         self.attn = CompactAttention(parts, plan, geometry)
         self.norm2, self.ls2 = copy.deepcopy(parts.norm2), copy.deepcopy(parts.ls2)
@@ -128,14 +149,21 @@ def _compact_mlp(parts: BlockParts, plan: BlockPlan) -> nn.Module:
     return mlp
 
 
-def compact_from_plan(model: nn.Module, plan: SlimPlan) -> nn.Module:
+def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gather") -> nn.Module:
     """A new, physically slim module computing `plan` on `model` (which is left untouched).
 
-    Input [B, C, H, W] images -> the model's usual output (logits).
+    Input [B, C, H, W] images -> the model's usual output (logits). `token_layout` is "gather"
+    (constant-index Gather per block) or "slice" (one permutation, then Slices; nested plans only).
     """
     geometry = supported_geometry(model)
     validate(plan, geometry)
+    if token_layout not in TOKEN_LAYOUTS:
+        raise ExportError(f"unknown token layout {token_layout!r}: choose one of {TOKEN_LAYOUTS}")
+    blocks: list[nn.Module] = []
+    if token_layout == "slice":
+        permutation, plan = slice_layout(plan, geometry)
+        blocks.append(SelectIndices(permutation, dim=1))
     compact = copy.deepcopy(model)
-    blocks = [CompactBlock(block_parts(block), block_plan, geometry) for block, block_plan in zip(blocks_of(model), plan.blocks)]
+    blocks += [CompactBlock(block_parts(block), block_plan, geometry) for block, block_plan in zip(blocks_of(model), plan.blocks)]
     replace_blocks(compact, blocks)
     return compact.eval()

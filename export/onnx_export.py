@@ -113,6 +113,7 @@ def export_plan(
     images: Optional[torch.Tensor] = None,
     tolerance: float = FP32_LOGIT_TOLERANCE,
     passes: tuple[str, ...] = DEFAULT_PASSES,
+    token_layout: str = "gather",
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
@@ -123,7 +124,7 @@ def export_plan(
     geometry = supported_geometry(model)
     validate(plan, geometry)
     model = model.eval().float().cpu()
-    compact = compact_from_plan(model, plan)
+    compact = compact_from_plan(model, plan, token_layout)
     inputs = parity_images(model, images)
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
@@ -138,7 +139,7 @@ def export_plan(
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
     report = {
-        "model": plan.model.to_dict(), "method": plan.method,
+        "model": plan.model.to_dict(), "method": plan.method, "token_layout": token_layout,
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),

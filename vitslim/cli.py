@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
         from .pipeline import data_for
 
         images = calibration_batch(data_for(model, args.data).val, 8)
-    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance)
+    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout)
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
@@ -97,7 +97,9 @@ METHOD_FLAGS = {
 def _method_config(method, args):
     import dataclasses as dc
 
-    given = {name: getattr(args, name) for name in [*METHOD_FLAGS, "per_module"] if getattr(args, name) not in (None, False)}
+    given = {name: getattr(args, name) for name in METHOD_FLAGS if getattr(args, name) is not None}
+    if args.per_module:
+        given["per_module"] = True
     fields = {f.name for f in dc.fields(method.config_type)}
     stray = sorted(set(given) - fields)
     if stray:
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", nargs="?", help="run directory with plan.json and weights.safetensors")
     _add_model_args(export, required=False)
     export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
+    export.add_argument("--token-layout", choices=("gather", "slice"), default="gather",
+                        help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff on logits allowed vs the masked reference")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)

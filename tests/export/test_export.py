@@ -5,6 +5,8 @@ import json
 import onnx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny_vit
 from export.compact import slice_linear
@@ -109,3 +111,21 @@ def test_dense_deit_small_export(tmp_path):
     report = export_plan(model, dense_plan(ModelSpec("deit_small_patch16_224"), 12), tmp_path / "deit_s.onnx").report
     assert round(report["macs"] / 1e9, 3) == 4.599
     assert report["parity"]["max_abs_diff"] <= 1e-4
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(0, 16), min_size=3, max_size=3))
+def test_slice_layout_matches_reference(tmp_path_factory, seed, sizes):
+    """Random nested token sets (Patch-Slimming-like): permutation + Slices == masked reference."""
+    generator = torch.Generator().manual_seed(seed)
+    model, plan, current = tiny_vit(), dense_plan(SPEC, 3), list(range(1, 17))
+    for block, size in enumerate(sorted(sizes, reverse=True)):
+        current = sorted(torch.tensor(current)[torch.randperm(len(current), generator=generator)[:size]].tolist())
+        position = {t: p for p, t in enumerate([0] + (previous if block else list(range(1, 17))))}
+        plan = plan.with_block(block, BlockPlan(kept_tokens=tuple(sorted(position[t] for t in [0] + current))))
+        previous = current
+    path = tmp_path_factory.mktemp("slice") / "slice.onnx"
+    report = export_plan(model, plan, path, images=IMAGES, token_layout="slice").report
+    assert report["parity"]["max_abs_diff"] <= 1e-4
+    # one Gather for the permutation, one for the head's class-token pick; token selections are Slices
+    assert report["ops"].get("Gather", 0) == 2
