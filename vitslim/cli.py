@@ -11,7 +11,9 @@ from pathlib import Path
 from export.errors import ExportError
 from pruning.errors import PruningError
 
-USER_ERRORS = (PruningError, ExportError)
+from deploy.errors import DeployError
+
+USER_ERRORS = (PruningError, ExportError, DeployError)
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -122,6 +124,23 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from deploy.build import BatchProfile, BuildSettings, engine_from_onnx
+
+    settings = BuildSettings(
+        precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or ["1:8:32"]),
+        workspace_mb=args.workspace, timing_cache=Path(args.timing_cache) if args.timing_cache else None, library=args.library,
+    )
+    result = engine_from_onnx(args.onnx, args.out, settings)
+    manifest = result.manifest
+    print(
+        f"built {result.engine_path} with {manifest['library']} {manifest['version']} ({manifest['precision']}, "
+        f"profiles {', '.join(str(p) for p in settings.profiles)}): {manifest['engine']['bytes'] / 1e6:.1f} MB in "
+        f"{manifest['build_seconds']:.1f} s; manifest {result.manifest_path}"
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
     from .pipeline import run_recipe
     from .recipe import load_recipe
@@ -171,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--per-module", action="store_true", help="one threshold per gate instead of one global threshold (VTP)")
     prune.add_argument("--out", required=True, help="run directory to write")
     prune.set_defaults(func=cmd_prune)
+
+    build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
+    build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
+    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="a batch optimisation profile (repeat for several); default 1:8:32")
+    build.add_argument("--timing-cache", help="timing cache file, read if present and written back")
+    build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
+    build.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx")
+    build.add_argument("--out", required=True, help="MODEL.engine; the manifest goes to MODEL.engine.json")
+    build.set_defaults(func=cmd_build)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")

@@ -1,0 +1,50 @@
+"""Which TensorRT is installed: full TensorRT (`tensorrt`, 10 or 11) or TensorRT-RTX
+(`tensorrt_rtx`). Imported lazily so that everything else works where neither is present."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
+
+from .errors import DeployError
+
+LIBRARIES = ("tensorrt", "tensorrt_rtx")
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    module: ModuleType
+    name: str  # "tensorrt" or "tensorrt_rtx"
+    version: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def strongly_typed(self) -> bool:
+        """TensorRT 11 and TensorRT-RTX take precisions from the ONNX; TensorRT 10 has builder flags."""
+        return self.name == "tensorrt_rtx" or self.major >= 11
+
+    def logger(self):
+        return self.module.Logger(self.module.Logger.WARNING)
+
+
+def find_tensorrt(preferred: Optional[str] = None) -> Optional[TensorRT]:
+    """The first importable library of `preferred` or LIBRARIES, or None."""
+    for name in [preferred] if preferred else LIBRARIES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return TensorRT(module=module, name=name, version=module.__version__)
+    return None
+
+
+def require_tensorrt(preferred: Optional[str] = None) -> TensorRT:
+    found = find_tensorrt(preferred)
+    if found is None:
+        wanted = preferred or " or ".join(LIBRARIES)
+        raise DeployError(f"{wanted} is not installed: pip install tensorrt-rtx (RTX GPUs), or use docker/Dockerfile (NVIDIA's TensorRT image)")
+    return found
