@@ -40,7 +40,7 @@ def register_method(name: str, config_type: type) -> Callable:
 
 def get_method(name: str) -> Method:
     from .errors import PruningError
-    from . import patch_slimming, vtp  # noqa: F401  (importing a method module registers it)
+    from . import dgssa_glad, patch_slimming, vtp  # noqa: F401  (importing a method module registers it)
 
     if name not in METHODS:
         raise PruningError(f"unknown method {name!r}: choose one of {sorted(METHODS)}")

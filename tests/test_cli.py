@@ -42,6 +42,10 @@ def error_line(capsys) -> str:
         (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0", "--out", "{tmp}/run"], "--epsilon 0.0 must be > 0"),
         (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--target-macs", "2", "--out", "{tmp}/run"], "--target-macs 2.0 must be in (0, 1]"),
         (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0.1", "--prune-ratio", "0.4", "--out", "{tmp}/run"], "--prune-ratio does not apply to method 'patch-slim'"),
+        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--static-blocks", "5", "--out", "{tmp}/run"], "--static-blocks 5 is larger than the model's depth 2"),
+        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "1:8,1:4", "--out", "{tmp}/run"], "increasing blocks"),
+        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "0:8,1:12", "--out", "{tmp}/run"], "a pyramid that grows is refused"),
+        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "9:8", "--out", "{tmp}/run"], "out of range"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, args, message):
@@ -135,4 +139,7 @@ def test_default_run_meets_its_targets(tmp_path):
     # Patch Slimming: at least 45 % of the MACs removed for at most 0.5 top-1 points
     assert rows["patch-slim"]["macs_fraction"] <= 0.55 and rows["patch-slim"]["pytorch_top1"] >= dense["pytorch_top1"] - 0.5
     assert (tmp_path / recipe.name / "patch-slim" / "kept_patches.png").is_file()
+    # DGSSA + GLAD: at least 50 % of the MACs removed for at most 1.0 top-1 point
+    assert rows["dgssa-glad"]["macs_fraction"] <= 0.5 and rows["dgssa-glad"]["pytorch_top1"] >= dense["pytorch_top1"] - 1.0
+    assert (tmp_path / recipe.name / "dgssa-glad" / "attention_analysis.png").is_file()
     assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()

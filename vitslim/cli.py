@@ -92,7 +92,12 @@ METHOD_FLAGS = {
     "step": (int, "Patch Slimming: tokens added per search step (paper 10)"),
     "block_epochs": (int, "Patch Slimming: epochs of single-block fine-tuning per candidate set"),
     "block_lr": (float, "Patch Slimming: learning rate of the single-block fine-tuning"),
-    "calibration_images": (int, "Patch Slimming: training images used for scores and reconstruction"),
+    "calibration_images": (int, "Patch Slimming, DGSSA: training images used for scores / attention statistics"),
+    "static_blocks": (int, "DGSSA: the first K blocks get static attention"),
+    "similarity_threshold": (float, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"),
+    "pyramid": (str, "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10"),
+    "attention_weight": (float, "DGSSA: weight of the attention-distillation term toward the dense model's maps"),
+    "static_lr": (float, "DGSSA/GLAD: learning rate of the static-attention logits and aggregation matrices"),
 }
 
 
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
     prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
     _add_model_args(prune, required=False)
-    prune.add_argument("--method", required=True, help="vtp | patch-slim")
+    prune.add_argument("--method", required=True, help="vtp | patch-slim | dgssa-glad")
     prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
     for name, (kind, text) in METHOD_FLAGS.items():
         prune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)

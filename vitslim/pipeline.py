@@ -24,7 +24,7 @@ from pruning.timm_adapter import count_params, geometry_of, input_shape_of, patc
 from pruning.vtp import space_sizes
 from pruning.train import TrainConfig, config_dict, fit, is_main_process
 
-from .plots import block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
+from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,10 @@ def prune_report_markdown(report: dict) -> str:
         spaces = [k for k in report["kept_dims"][0] if k != "block"]
         lines += ["", "## Kept dims per block", "", "| block | " + " | ".join(spaces) + " |", "|---" * (len(spaces) + 1) + "|"]
         lines += [f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]]
+    if report.get("analysis"):
+        lines += ["", f"## Attention analysis (static blocks: {report['static_blocks']}, pyramid: {report['pyramid']})", "",
+                  "| block | cosine to mean map | KL to mean map | effective rank | top singular energy |", "|---|---|---|---|---|"]
+        lines += [f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |" for a in report["analysis"]]
     if report.get("kept_tokens"):
         lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
         lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]
@@ -97,6 +101,8 @@ def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: 
     write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
     if method_name == "vtp":
         kept_dims_png(report["kept_dims"], space_sizes(geometry), out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
+    if method_name == "dgssa-glad":
+        attention_analysis_png(report["analysis"], report["static_blocks"], out / "attention_analysis.png", f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}")
     if method_name == "patch-slim":
         kept_patches_png(calibration_batch(data.val, 4), report["token_sets"], geometry.num_prefix_tokens, patch_grid(model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
     return report

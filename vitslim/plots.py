@@ -98,3 +98,27 @@ def kept_patches_png(images, token_sets: list[list[int]], num_prefix: int, grid:
                 axis.set_title("input" if column == 0 else f"block {column - 1}\n{len(token_sets[column - 1])} tok", fontsize=8)
     figure.suptitle(title, fontsize=9)
     return _save(figure, path)
+
+
+def attention_analysis_png(analysis: list[dict], static_blocks: int, path: Path, title: str) -> Path:
+    """DGSSA/GLAD: per block, cross-image similarity of attention maps and their low-rankness."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    blocks = [row["block"] for row in analysis]
+    left.plot(blocks, [row["cosine"] for row in analysis], "o-", label="cosine to mean map")
+    left.plot(blocks, [row["kl"] for row in analysis], "s--", label="KL to mean map")
+    left.set_title("similarity across images")
+    right.plot(blocks, [row["effective_rank"] for row in analysis], "o-", color="tab:green", label="effective rank")
+    right.set_title("rank of attention maps")
+    right_energy = right.twinx()
+    right_energy.plot(blocks, [row["top_energy"] for row in analysis], "s--", color="tab:red", label="top singular energy")
+    right_energy.set_ylim(0, 1.05)
+    for axis in (left, right):
+        axis.set_xlabel("block")
+        if static_blocks:
+            axis.axvspan(-0.5, static_blocks - 0.5, color="grey", alpha=0.15, label="static")
+    left.legend(fontsize="small")
+    right.legend(loc="upper left", fontsize="small")
+    right_energy.legend(loc="upper right", fontsize="small")
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)

@@ -22,6 +22,7 @@ train: {epochs: 30, lr: 0.002, batch_size: 64, weight_decay: 0.05}
 methods:
   vtp: {prune_ratio: 0.4, sparsity_epochs: 5, finetune_epochs: 15, distill_weight: 0.5}
   patch-slim: {epsilon: 0.02, finetune_epochs: 10, distill_weight: 0.5}
+  dgssa-glad: {static_blocks: 2, pyramid: "2:16,4:8", finetune_epochs: 10, distill_weight: 0.5}
 out_dir: runs
 """
 

@@ -1,0 +1,233 @@
+"""DGSSA + GLAD ("Accelerating Vision Transformers Based on Heterogeneous Attention Patterns",
+Yu et al. 2023). Only the abstract is known; the design choices below are ours (README):
+
+- analysis: per block and head, how alike attention maps are across images (cosine to the
+  dataset-mean map, KL to it) and how low-rank they are (effective rank, top singular energy);
+- DGSSA: the first K blocks (or the leading run above a similarity threshold) get a static,
+  row-stochastic attention matrix per head, softmax(logits), with logits initialised from the
+  log of the dataset-mean attention and fine-tuned with the task loss, distillation from the
+  dense model and an attention-distillation term toward the dense model's dynamic maps;
+- GLAD: at pyramid stages (block index -> patch count) the patch tokens are replaced by a learned
+  linear map on the token axis, initialised as spatial average pooling; prefix tokens pass.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits, calibration_batch
+from .errors import PruningError
+from .methods import MethodResult, register_method
+from .plan import BlockPlan, SlimPlan
+from .reference import plan_applied, recorded_attention
+from .timm_adapter import ViTGeometry, patch_grid, supported_geometry
+from .train import TrainConfig, evaluate, fit
+
+LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
+
+
+@dataclass(frozen=True)
+class DGSSAGladConfig:
+    static_blocks: Optional[int] = None  # K leading blocks get static attention
+    similarity_threshold: Optional[float] = None  # instead of K: leading blocks with mean cosine >= S
+    pyramid: str = ""  # "BLOCK:PATCHES,..." e.g. "7:98,10:49"; empty: no aggregation
+    finetune_epochs: int = 10
+    lr: float = 5e-4
+    static_lr: float = 1e-2  # logits and aggregation matrices
+    attention_weight: float = 1.0  # weight of the attention-distillation term
+    distill_weight: float = 0.5
+    batch_size: int = 64
+    calibration_images: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.static_blocks is not None and self.similarity_threshold is not None:
+            raise PruningError("give --static-blocks K or --similarity-threshold S, not both")
+        if self.static_blocks is not None and self.static_blocks < 0:
+            raise PruningError(f"--static-blocks {self.static_blocks} must be >= 0")
+        if self.similarity_threshold is not None and not -1 <= self.similarity_threshold <= 1:
+            raise PruningError(f"--similarity-threshold {self.similarity_threshold} is a cosine similarity, in [-1, 1]")
+        if self.finetune_epochs < 0 or self.attention_weight < 0:
+            raise PruningError("--finetune-epochs and the attention weight must be >= 0")
+        parse_pyramid(self.pyramid)
+
+
+def parse_pyramid(text: str) -> tuple[tuple[int, int], ...]:
+    """'7:98,10:49' -> ((7, 98), (10, 49)): aggregate before block 7 to 98 patches, before 10 to 49."""
+    if not text.strip():
+        return ()
+    stages = []
+    for item in text.split(","):
+        block, sep, count = item.strip().partition(":")
+        try:
+            stages.append((int(block), int(count)))
+        except ValueError:
+            raise PruningError(f"--pyramid entry {item!r} is not BLOCK:PATCHES (e.g. 7:98)") from None
+        if not sep:
+            raise PruningError(f"--pyramid entry {item!r} is not BLOCK:PATCHES (e.g. 7:98)")
+    return tuple(stages)
+
+
+def check_pyramid(stages: tuple[tuple[int, int], ...], geometry: ViTGeometry) -> None:
+    """Stages at increasing block indices inside the model, each with fewer patches than before."""
+    previous_block, previous_count = -1, geometry.num_patches
+    for block, count in stages:
+        if not 0 <= block < geometry.depth:
+            raise PruningError(f"--pyramid stage at block {block} is out of range: the model has blocks 0..{geometry.depth - 1}")
+        if block <= previous_block:
+            raise PruningError(f"--pyramid stages must be at increasing blocks ({previous_block} then {block})")
+        if not 1 <= count < previous_count:
+            raise PruningError(f"--pyramid must shrink: {count} patches at block {block} after {previous_count} (a pyramid that grows is refused)")
+        previous_block, previous_count = block, count
+
+
+# ------------------------------------------------------------------------------ pure analysis math
+
+
+def attention_similarity(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """maps [B, H, N, N] (rows sum to 1) -> per head [H]: mean cosine to the mean map and mean row KL(map || mean)."""
+    mean = maps.mean(dim=0, keepdim=True)
+    cosine = F.cosine_similarity(maps.flatten(2), mean.flatten(2), dim=-1).mean(dim=0)
+    kl = (maps * (maps.clamp_min(1e-12).log() - mean.clamp_min(1e-12).log())).sum(dim=-1).mean(dim=(0, 2))
+    return {"cosine": cosine, "kl": kl}
+
+
+def attention_rank(maps: torch.Tensor, top: int) -> dict[str, torch.Tensor]:
+    """maps [B, H, N, N] -> per head [H]: mean effective rank (exp of the singular-value entropy)
+    and mean fraction of squared singular values in the `top` largest."""
+    singular = torch.linalg.svdvals(maps.double())
+    weights = singular / singular.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    effective = torch.exp(-(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)).mean(dim=0)
+    energy = singular.pow(2)
+    top_energy = (energy[..., :top].sum(dim=-1) / energy.sum(dim=-1).clamp_min(1e-12)).mean(dim=0)
+    return {"effective_rank": effective.float(), "top_energy": top_energy.float()}
+
+
+def pooling_matrix(grid: tuple[int, int], count: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A [count, rows*cols] spatial average-pooling map and the output grid it produces.
+
+    The output grid is the factorisation of `count` closest to the input's aspect ratio; tokens are
+    row-major. Each output token averages the inputs that adaptive pooling assigns to it.
+    """
+    rows, cols = grid
+    pairs = [(r, count // r) for r in range(1, count + 1) if count % r == 0 and r <= rows and count // r <= cols]
+    if not pairs:
+        raise PruningError(f"cannot pool a {rows}x{cols} patch grid to {count} tokens: choose a count that fits a smaller grid")
+    out_rows, out_cols = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(rows / cols)))
+    basis = torch.eye(rows * cols).reshape(rows * cols, 1, rows, cols)
+    pooled = F.adaptive_avg_pool2d(basis, (out_rows, out_cols)).reshape(rows * cols, count)
+    return pooled.T.contiguous(), (out_rows, out_cols)
+
+
+# ------------------------------------------------------------------------------ the method
+
+
+class _Trainable(nn.Module):
+    """The model with learnable static-attention logits and aggregation matrices, applied through a
+    plan built on every forward (so timm's forward and the reference hooks do the work)."""
+
+    def __init__(self, model: nn.Module, base: SlimPlan, logits: dict[int, torch.Tensor], aggregations: dict[int, torch.Tensor], teacher: nn.Module) -> None:
+        super().__init__()
+        self.model, self.base, self.teacher = model, base, teacher
+        self.logits = nn.ParameterDict({str(b): nn.Parameter(v.clone()) for b, v in logits.items()})
+        self.aggregations = nn.ParameterDict({str(b): nn.Parameter(v.clone()) for b, v in aggregations.items()})
+        self.attention_loss = torch.zeros(())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def plan(self) -> SlimPlan:
+        blocks = list(self.base.blocks)
+        for key, matrix in self.aggregations.items():
+            blocks[int(key)] = BlockPlan(token_aggregation=matrix)
+        for key, logits in self.logits.items():
+            blocks[int(key)] = BlockPlan(token_aggregation=blocks[int(key)].token_aggregation, static_attention=logits.softmax(dim=-1))
+        return SlimPlan(model=self.base.model, blocks=tuple(blocks), method="dgssa-glad")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        plan = self.plan()
+        if self.training and self.logits:
+            with torch.no_grad(), recorded_attention(self.teacher) as records:
+                self.teacher(images)
+            self.attention_loss = sum(F.mse_loss(plan.blocks[int(b)].static_attention.expand_as(records[int(b)]["attention"]), records[int(b)]["attention"]) for b in self.logits)
+        with plan_applied(self.model, plan, check=False):
+            return self.model(images)
+
+
+def analyse_attention(model: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """Per-block analysis rows (means over heads, and per head) and the dataset-mean maps [H, N, N]."""
+    geometry = supported_geometry(model)
+    sums: dict[int, torch.Tensor] = {}
+    per_image: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad(), recorded_attention(model) as records:
+        for chunk in images.split(batch_size):
+            model(chunk)
+            for block, record in records.items():
+                per_image.setdefault(block, []).append(record["attention"])
+    rows, means = [], {}
+    top = 1  # share of the squared singular values in the largest one
+    for block in range(geometry.depth):
+        maps = torch.cat(per_image[block])
+        means[block] = maps.mean(dim=0)
+        similarity, rank = attention_similarity(maps), attention_rank(maps, top)
+        rows.append({
+            "block": block, "cosine": float(similarity["cosine"].mean()), "kl": float(similarity["kl"].mean()),
+            "effective_rank": float(rank["effective_rank"].mean()), "top_energy": float(rank["top_energy"].mean()), "top_k": top,
+            "per_head": {name: values.tolist() for name, values in {**similarity, **rank}.items()},
+        })
+    return rows, means
+
+
+def static_block_count(config: DGSSAGladConfig, analysis: list[dict], depth: int) -> int:
+    if config.static_blocks is not None:
+        if config.static_blocks > depth:
+            raise PruningError(f"--static-blocks {config.static_blocks} is larger than the model's depth {depth}")
+        return config.static_blocks
+    if config.similarity_threshold is None:
+        return 0
+    count = 0
+    while count < depth and analysis[count]["cosine"] >= config.similarity_threshold:
+        count += 1
+    return count
+
+
+def initial_aggregations(stages, geometry: ViTGeometry, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
+    matrices = {}
+    for block, count in stages:
+        matrices[block], grid = pooling_matrix(grid, count)
+    return matrices
+
+
+@register_method("dgssa-glad", DGSSAGladConfig)
+def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+    """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
+    geometry = supported_geometry(model)
+    if any(not b.is_dense for b in base.blocks):
+        raise PruningError("DGSSA + GLAD starts from a dense model: give a dense run directory or checkpoint")
+    stages = parse_pyramid(config.pyramid)
+    check_pyramid(stages, geometry)
+    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
+    images = calibration_batch(data.train, config.calibration_images)
+    analysis, mean_maps = analyse_attention(model, images, config.batch_size)
+    static = static_block_count(config, analysis, geometry.depth)
+    if stages and static > stages[0][0]:
+        raise PruningError(f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks")
+    logits = {b: (mean_maps[b] + LOG_FLOOR).log() for b in range(static)}
+    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, geometry, patch_grid(model)), copy.deepcopy(teacher))
+    report = {"config": asdict(config), "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
+    trainable.eval()
+    report["top1_before_finetune"] = evaluate(trainable, data.val)
+    constants = list(trainable.logits.parameters()) + list(trainable.aggregations.parameters())
+    groups = [{"params": [p for p in trainable.model.parameters() if p.requires_grad], "weight_decay": 0.0}, {"params": constants, "lr": config.static_lr, "weight_decay": 0.0}]
+    train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
+    finetune = fit(trainable, data, train, teacher=teacher, groups=groups, extra_loss=lambda: config.attention_weight * trainable.attention_loss)
+    with torch.no_grad():
+        plan = trainable.plan()
+        plan = SlimPlan(model=plan.model, blocks=tuple(BlockPlan(token_aggregation=None if b.token_aggregation is None else b.token_aggregation.detach().clone(), static_attention=None if b.static_attention is None else b.static_attention.detach().clone()) for b in plan.blocks), method="dgssa-glad")
+    report.update(top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_before_finetune"], history={"finetune": list(finetune.history)})
+    return MethodResult(plan=plan, model=trainable.model.cpu().eval(), top1=report["top1_after_finetune"], report=report)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_vit
+from export.onnx_export import export_plan
+from pruning.data import digits_splits
+from pruning.dgssa_glad import (
+    DGSSAGladConfig, attention_rank, attention_similarity, check_pyramid, parse_pyramid, pooling_matrix, prune_dgssa_glad,
+)
+from pruning.errors import PruningError
+from pruning.macs import plan_macs
+from pruning.plan import BlockPlan, ModelSpec, dense_plan
+from pruning.reference import MaskedReference, recorded_attention
+from pruning.timm_adapter import geometry_of
+
+DATA = digits_splits(3, (16, 16))
+IMAGES = torch.stack([DATA.val[i][0] for i in range(4)])
+
+
+def test_similarity_and_rank_math():
+    same = torch.rand(1, 2, 5, 5).softmax(-1).expand(4, -1, -1, -1)
+    similarity = attention_similarity(same)
+    torch.testing.assert_close(similarity["cosine"], torch.ones(2))
+    torch.testing.assert_close(similarity["kl"], torch.zeros(2), atol=1e-6, rtol=0)
+    uniform = torch.full((3, 1, 4, 4), 0.25)  # rank one
+    rank = attention_rank(uniform, top=1)
+    torch.testing.assert_close(rank["top_energy"], torch.ones(1))
+    torch.testing.assert_close(rank["effective_rank"], torch.ones(1))
+    assert attention_rank(torch.eye(4).expand(2, 1, 4, 4), top=1)["effective_rank"].item() == pytest.approx(4.0)
+
+
+def test_pooling_matrix_averages_neighbours():
+    matrix, grid = pooling_matrix((4, 4), 4)
+    assert grid == (2, 2) and matrix.shape == (4, 16)
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(4))
+    assert matrix[0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert pooling_matrix((14, 14), 98)[1] in ((7, 14), (14, 7)) and pooling_matrix((7, 14), 49)[1] == (7, 7)
+
+
+def test_static_block_equal_to_dynamic_attention_reproduces_the_block():
+    """A static matrix equal to the attention of a fixed input reproduces the dense model on it."""
+    model = tiny_vit()
+    image = IMAGES[:1]
+    with torch.no_grad(), recorded_attention(model) as records:
+        dense = model(image)
+    plan = dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(static_attention=records[0]["attention"][0]))
+    with torch.no_grad():
+        torch.testing.assert_close(MaskedReference(model, plan)(image), dense, atol=1e-5, rtol=0)
+
+
+def test_identity_aggregation_equals_the_dense_model():
+    model = tiny_vit()
+    plan = dense_plan(ModelSpec("tiny"), 3).with_block(2, BlockPlan(token_aggregation=torch.eye(16)))
+    with torch.no_grad():
+        torch.testing.assert_close(MaskedReference(model, plan)(IMAGES), model(IMAGES), atol=1e-5, rtol=0)
+
+
+def test_method_exports_static_blocks_without_softmax(tmp_path):
+    model = tiny_vit(num_classes=10)
+    config = DGSSAGladConfig(static_blocks=1, pyramid="1:8,2:4", finetune_epochs=1, calibration_images=64, batch_size=32)
+    result = prune_dgssa_glad(model, DATA, config, dense_plan(ModelSpec("tiny"), 3))
+    assert result.report["static_blocks"] == 1 and len(result.report["analysis"]) == 3
+    blocks = result.plan.blocks
+    assert blocks[0].static_attention.shape == (2, 17, 17)
+    torch.testing.assert_close(blocks[0].static_attention.sum(-1), torch.ones(2, 17))  # row-stochastic
+    assert blocks[1].token_aggregation.shape == (8, 16) and blocks[2].token_aggregation.shape == (4, 8)
+    report = export_plan(result.model, result.plan, tmp_path / "dg.onnx", images=IMAGES).report
+    assert report["parity"]["max_abs_diff"] <= 1e-4
+    assert report["ops"]["Softmax"] == 2  # blocks 1 and 2 only
+    assert [8, 16] in [w["shape"] for w in report["weight_shapes"]]  # aggregation as a constant MatMul
+
+
+def test_similarity_threshold_picks_the_leading_run():
+    model = tiny_vit(num_classes=10)
+    config = DGSSAGladConfig(similarity_threshold=-1.0, finetune_epochs=0, calibration_images=32, batch_size=32)
+    assert prune_dgssa_glad(model, DATA, config, dense_plan(ModelSpec("tiny"), 3)).report["static_blocks"] == 3
+
+
+@pytest.mark.parametrize(
+    "pyramid, message",
+    [("1:8,2:12", "must shrink"), ("5:8", "out of range"), ("2:8,1:4", "increasing blocks"), ("1-8", "not BLOCK:PATCHES"), ("1:20", "must shrink")],
+)
+def test_bad_pyramids(pyramid, message):
+    geometry = geometry_of(tiny_vit())
+    with pytest.raises(PruningError, match=message):
+        check_pyramid(parse_pyramid(pyramid), geometry)
+
+
+def test_bad_settings():
+    with pytest.raises(PruningError, match="larger than the model's depth 3"):
+        prune_dgssa_glad(tiny_vit(num_classes=10), DATA, DGSSAGladConfig(static_blocks=4, calibration_images=32, batch_size=32), dense_plan(ModelSpec("tiny"), 3))
+    with pytest.raises(PruningError, match="not both"):
+        DGSSAGladConfig(static_blocks=2, similarity_threshold=0.5)
+
+
+def test_deit_small_structure_with_four_static_blocks_and_pyramid():
+    """deit_small_patch16_224, 4 static blocks, pyramid 7:98,10:49 (README compares with the paper's 2.21x)."""
+    import timm
+
+    with torch.device("meta"):
+        geometry = geometry_of(timm.create_model("deit_small_patch16_224"))
+    plan = dense_plan(ModelSpec("deit_small_patch16_224"), 12)
+    for block in range(4):
+        plan = plan.with_block(block, BlockPlan(static_attention=torch.full((6, 197, 197), 1 / 197)))
+    plan = plan.with_block(7, BlockPlan(token_aggregation=pooling_matrix((14, 14), 98)[0])).with_block(10, BlockPlan(token_aggregation=pooling_matrix((7, 14), 49)[0]))
+    ratio = plan_macs(dense_plan(plan.model, 12), geometry)["total"] / plan_macs(plan, geometry)["total"]
+    assert ratio == pytest.approx(1.4586, abs=1e-3)  # 4.599 -> 3.153 GMACs
