@@ -62,15 +62,15 @@ class BuildSettings:
 
 
 def onnx_precision(onnx_path: Path) -> str:
-    """fp16 if the graph's input is float16 (an fp16 export), else fp32."""
+    """fp16 if the graph holds float16 weights (an fp16 export), else fp32."""
     import onnx
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf raises several decode error types
         raise DeployError(f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it") from None
-    elem = model.graph.input[0].type.tensor_type.elem_type
-    return "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
+    fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    return "fp16" if fp16 else "fp32"
 
 
 def _network(trt: TensorRT, builder, onnx_path: Path):

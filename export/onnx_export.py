@@ -25,7 +25,8 @@ from pruning.timm_adapter import count_params, input_shape_of, supported_geometr
 
 from .compact import compact_from_plan
 from .errors import ExportError
-from .parity import FP32_LOGIT_TOLERANCE, compare_outputs
+from .parity import FP16_TOP1_AGREEMENT, FP32_LOGIT_TOLERANCE, compare_outputs
+from .precision import fp16_from_fp32
 from .passes import DEFAULT_PASSES, apply_passes
 from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
 
@@ -114,11 +115,16 @@ def export_plan(
     tolerance: float = FP32_LOGIT_TOLERANCE,
     passes: tuple[str, ...] = DEFAULT_PASSES,
     token_layout: str = "gather",
+    precision: str = "fp32",
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
-    Nothing is left at `out_path` unless every check passed.
+    Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
+    graph (LayerNorm and Softmax stay fp32) and checks top-1 agreement >= 99 % instead of
+    `tolerance`, which applies to fp32.
     """
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision {precision!r} is not fp32 or fp16")
     started = time.perf_counter()
     out_path = Path(out_path)
     geometry = supported_geometry(model)
@@ -130,11 +136,15 @@ def export_plan(
         reference = MaskedReference(model, plan)(inputs).numpy()
     with atomic_path(out_path) as tmp:
         exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp), passes)
+        if precision == "fp16":
+            exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
         _check_graph(exported)
         onnx.save(exported, str(tmp))
         parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
-        if not parity.within(tolerance):
+        if precision == "fp32" and not parity.within(tolerance):
             raise ExportError(f"ONNX differs from the masked reference: max abs diff {parity.max_abs_diff:.3e} > {tolerance:.0e}; nothing written")
+        if precision == "fp16" and parity.top1_agreement < FP16_TOP1_AGREEMENT:
+            raise ExportError(f"fp16 ONNX agrees with the masked reference on top-1 for {parity.top1_agreement:.1%} < {FP16_TOP1_AGREEMENT:.0%} of images; nothing written")
         onnx_bytes = tmp.stat().st_size
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
@@ -143,7 +153,8 @@ def export_plan(
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
-        "parity": {**parity.to_dict(), "tolerance": tolerance, "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
+        "precision": precision,
+        "parity": {**parity.to_dict(), "tolerance": tolerance if precision == "fp32" else {"top1_agreement": FP16_TOP1_AGREEMENT}, "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
         "blocks": block_rows(plan, geometry),
         "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": OPSET, "io": io_shapes(exported)},
         "export_seconds": time.perf_counter() - started, "versions": _versions(),

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 FP32_LOGIT_TOLERANCE = 1e-4
+FP16_TOP1_AGREEMENT = 0.99
 
 
 @dataclass(frozen=True)

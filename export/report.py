@@ -59,7 +59,7 @@ def markdown_report(report: dict) -> str:
         f"- Params: {report['params']:,} (dense {report['params_dense']:,}, {report['params'] / report['params_dense']:.1%})",
         f"- MACs: {report['macs']:,} (dense {report['macs_dense']:,}, {report['macs'] / report['macs_dense']:.1%})",
         f"- Parity vs masked PyTorch reference in onnxruntime (batch {parity['batch']}): max abs diff {parity['max_abs_diff']:.2e} "
-        f"(tolerance {parity['tolerance']:.0e}), cosine {parity['cosine']:.6f}, top-1 agreement {parity['top1_agreement']:.1%}",
+        f"(tolerance {parity['tolerance']}), cosine {parity['cosine']:.6f}, top-1 agreement {parity['top1_agreement']:.1%}",
         f"- Export time: {report['export_seconds']:.1f} s",
         "",
         "## Blocks",

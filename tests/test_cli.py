@@ -143,3 +143,29 @@ def test_default_run_meets_its_targets(tmp_path):
     assert rows["dgssa-glad"]["macs_fraction"] <= 0.5 and rows["dgssa-glad"]["pytorch_top1"] >= dense["pytorch_top1"] - 1.0
     assert (tmp_path / recipe.name / "dgssa-glad" / "attention_analysis.png").is_file()
     assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()
+
+
+def test_bench_then_gate(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "0", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    current = tmp_path / "current.json"
+    assert main(["bench", str(tmp_path / "m.onnx"), "--backend", "onnxruntime", "--batch", "2", "--run", str(run), "--json", str(current)]) == 0
+    report = json.loads(current.read_text())
+    assert {r["label"] for r in report["results"]} == {"onnxruntime:m.onnx", "torch:compact", "torch:dense"}
+    assert {"median_ms", "p90_ms", "p95_ms", "p99_ms", "cov", "throughput_per_s", "fingerprint"} <= set(report["results"][0])
+    assert report["ratios"] and current.with_suffix(".md").is_file()
+    capsys.readouterr()
+    assert main(["gate", str(current), "--baseline", str(current), "--max-cov", "100"]) == 0
+    assert "gate: pass" in capsys.readouterr().out
+    baselines = tmp_path / "baselines"
+    assert main(["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100", "--accept"]) == 0
+    assert len(list(baselines.glob("*.json"))) == 3
+    assert main(["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100"]) == 0
+    other = json.loads(current.read_text())
+    for result in other["results"]:
+        result["fingerprint_id"] = "another-machine"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert main(["gate", str(tmp_path / "other.json"), "--baseline", str(current), "--max-cov", "100"]) == 2
+    assert "not comparable" in capsys.readouterr().out

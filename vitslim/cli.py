@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import warnings
@@ -66,7 +67,7 @@ def cmd_export(args) -> int:
         from .pipeline import data_for
 
         images = calibration_batch(data_for(model, args.data).val, 8)
-    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout)
+    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout, precision=args.precision)
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
@@ -146,6 +147,94 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .measure import BenchSpec, run_bench, write_bench
+
+    spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
+                     run_dir=args.run, torch_mode=args.torch_mode, torch_dtype=args.torch_dtype, threads=args.threads)
+    report = run_bench(spec)
+    from .measure import bench_markdown
+
+    print(bench_markdown(report))
+    if args.json:
+        write_bench(report, Path(args.json))
+        print(f"results: {args.json} (+ {Path(args.json).with_suffix('.md').name})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import numpy as np
+
+    from deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+    from export.compact import compact_from_plan
+    from pruning.data import calibration_batch
+    from pruning.run_dir import load_run
+
+    from .measure import compare_run
+    from .pipeline import data_for
+
+    plan, model = load_run(args.run_dir)
+    images = calibration_batch(data_for(model, args.data).val, max(args.batch or [8])).numpy()
+    candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
+    if args.onnx:
+        candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
+    batches = list(args.batch or [1, 8])
+    if args.engine:
+        from deploy.runners import check_engine
+
+        manifest = check_engine(Path(args.engine))
+        candidates["tensorrt"] = TensorRTRunner(args.engine)
+        batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
+    rows = compare_run(args.run_dir, candidates, images, batches, args.precision)
+    print("| candidate | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['candidate']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |")
+    if args.json:
+        from deploy.files import write_json_atomic
+
+        write_json_atomic(args.json, {"run": args.run_dir, "rows": rows})
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+def cmd_gate(args) -> int:
+    from deploy.bench import BenchSettings
+    from deploy.files import write_json_atomic
+    from deploy.gate import NOT_COMPARABLE, compare_results
+
+    from .measure import load_results, remeasure
+
+    if (args.baseline is None) == (args.baseline_dir is None):
+        raise DeployError("give --baseline FILE or --baseline-dir DIR")
+    current = load_results(Path(args.current))
+
+    def baselines() -> list[dict]:
+        if args.baseline:
+            return load_results(Path(args.baseline))["results"] if Path(args.baseline).is_file() else []
+        directory = Path(args.baseline_dir)
+        found = [directory / f"{r['fingerprint_id']}.json" for r in current["results"]]
+        return [json.loads(p.read_text()) for p in found if p.is_file()]
+
+    verdict = compare_results(current["results"], baselines(), args.warn, args.fail, args.max_cov)
+    for attempt in range(args.remeasure):
+        if verdict.exit_code != NOT_COMPARABLE or "coefficient of variation" not in verdict.message:
+            break
+        print(f"too noisy; measuring again ({attempt + 1}/{args.remeasure})")
+        current = remeasure(current, BenchSettings(max_cov=args.max_cov))
+        verdict = compare_results(current["results"], baselines(), args.warn, args.fail, args.max_cov)
+    if verdict.rows:
+        print(verdict.table())
+    print(f"gate: {verdict.message}")
+    if args.accept:
+        if args.baseline:
+            write_json_atomic(args.baseline, current)
+        else:
+            for result in current["results"]:
+                write_json_atomic(Path(args.baseline_dir) / f"{result['fingerprint_id']}.json", result)
+        print("baseline updated")
+        return 0
+    return verdict.exit_code
+
+
 def cmd_run(args) -> int:
     from .pipeline import run_recipe
     from .recipe import load_recipe
@@ -181,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
     export.add_argument("--token-layout", choices=("gather", "slice"), default="gather",
                         help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
+    export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16: weights and activations in fp16, LayerNorm and Softmax in fp32 (for strongly typed TensorRT)")
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff on logits allowed vs the masked reference")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
@@ -205,6 +296,40 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx")
     build.add_argument("--out", required=True, help="MODEL.engine; the manifest goes to MODEL.engine.json")
     build.set_defaults(func=cmd_build)
+
+    bench = commands.add_parser("bench", help="latency of an artifact (ONNX, engine or run directory), optionally with the PyTorch reference")
+    bench.add_argument("artifact", help="MODEL.onnx (onnxruntime), MODEL.engine (tensorrt) or RUN_DIR (torch compact module)")
+    bench.add_argument("--backend", required=True, choices=("torch", "onnxruntime", "tensorrt"))
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--batch", type=int, action="append", help="batch size (repeat); default 1 and 8")
+    bench.add_argument("--run", help="also time the PyTorch dense model and compact module of this run directory, and report ratios")
+    bench.add_argument("--torch-mode", choices=("eager", "cuda_graph"), default="eager")
+    bench.add_argument("--torch-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the PyTorch runners")
+    bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
+    bench.add_argument("--json", help="write results here (and a .md beside it)")
+    bench.set_defaults(func=cmd_bench)
+
+    compare = commands.add_parser("compare", help="outputs of each backend vs the masked PyTorch reference of a run")
+    compare.add_argument("run_dir")
+    compare.add_argument("--onnx", help="exported ONNX of the run")
+    compare.add_argument("--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch")
+    compare.add_argument("--data", default="digits")
+    compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
+    compare.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32: max abs diff <= 1e-3; fp16: top-1 agreement >= 99 %%")
+    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--json", help="write the comparison here")
+    compare.set_defaults(func=cmd_compare)
+
+    gate = commands.add_parser("gate", help="latency-regression gate: exit 0 pass, 1 regression, 2 not comparable")
+    gate.add_argument("current", help="CURRENT.json from 'vitslim bench --json'")
+    gate.add_argument("--baseline", help="BASELINE.json (a bench result)")
+    gate.add_argument("--baseline-dir", help="directory of baselines keyed by fingerprint id")
+    gate.add_argument("--warn", type=float, default=0.05)
+    gate.add_argument("--fail", type=float, default=0.10)
+    gate.add_argument("--max-cov", type=float, default=0.10, help="results noisier than this are re-measured, then refused")
+    gate.add_argument("--remeasure", type=int, default=2, help="how often to re-measure noisy results")
+    gate.add_argument("--accept", action="store_true", help="make CURRENT the baseline (atomically)")
+    gate.set_defaults(func=cmd_gate)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploy.bench import BenchSettings
 from export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from pruning.atomic import write_text_atomic
 from pruning.data import DataSplits, calibration_batch, load_data
@@ -127,20 +128,64 @@ def summary_row(variant: str, export: ExportResult, pytorch_top1: Optional[float
     }
 
 
+SUMMARY_BATCH = 8
+SUMMARY_BENCH = BenchSettings(warmup_seconds=0.5, min_seconds=1.5, min_iterations=20, max_rounds=2)
+
+
+def engine_columns(onnx_path: Path) -> dict:
+    """Build an engine with whichever TensorRT is installed; say so in one line if none is."""
+    from deploy.build import BuildSettings, engine_from_onnx
+    from deploy.tensorrt_lib import find_tensorrt
+
+    trt = find_tensorrt()
+    if trt is None:
+        print(f"no TensorRT installed: skipping the engine for {onnx_path.name} (pip install tensorrt-rtx)")
+        return {"engine_mb": None, "engine_library": None}
+    result = engine_from_onnx(onnx_path, onnx_path.with_suffix(".engine"), BuildSettings())
+    return {"engine_mb": result.manifest["engine"]["bytes"] / 1e6, "engine_library": f"{trt.name} {trt.version}", "engine": str(result.engine_path)}
+
+
+def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module) -> dict:
+    """Median latency at SUMMARY_BATCH on this machine's CPU: onnxruntime on the ONNX and PyTorch
+    on the compact module, measured in the same run."""
+    from deploy.bench import benchmark
+    from deploy.runners import OnnxRuntimeRunner, TorchRunner
+    from export.compact import compact_from_plan
+
+    images = np.random.default_rng(0).standard_normal((SUMMARY_BATCH, *input_shape_of(model))).astype(np.float32)
+    columns = {}
+    for name, runner in (("onnxruntime", OnnxRuntimeRunner(onnx_path)), ("torch", TorchRunner(compact_from_plan(model, plan)))):
+        with runner:
+            result = benchmark(runner, images, "fp32", None, SUMMARY_BENCH, label=name)
+        columns[f"{name}_ms"] = result["median_ms"]
+        columns[f"{name}_p90_ms"] = result["p90_ms"]
+    return columns
+
+
 def summary_markdown(title: str, rows: list[dict]) -> str:
     def pct(value):
         return "n/a" if value is None else f"{value:.2f}"
 
+    def number(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    dense_torch = rows[0].get("torch_ms")
     lines = [
         f"# {title}", "",
-        "| variant | method | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU (p90 in brackets); speed-up = PyTorch dense / PyTorch compact, same run.", "",
+        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB | engine MB | onnxruntime ms | PyTorch ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['variant']} | {r['method']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
-        f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} |"
+        f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
+        f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {number(r.get('engine_mb'))} | "
+        f"{number(r.get('onnxruntime_ms'))} ({number(r.get('onnxruntime_p90_ms'))}) | {number(r.get('torch_ms'))} ({number(r.get('torch_p90_ms'))}) | "
+        f"{number(dense_torch / r['torch_ms'] if dense_torch and r.get('torch_ms') else None)}x |"
         for r in rows
     ]
+    engines = {r.get("engine_library") for r in rows} - {None}
+    if engines:
+        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} (fp32, batch profile 1:8:32)."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,13 +198,17 @@ def run_recipe(recipe: Recipe) -> dict:
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
     images = calibration_batch(data.val, 8)
-    exports = {"dense": export_plan(model, plan, root / "dense.onnx", images=images)}
-    rows = [summary_row("dense", exports["dense"], info["val_top1"], onnx_top1(exports["dense"].onnx_path, data.val))]
+    variants = [("dense", dense_dir, info["val_top1"])]
     for name, config in recipe.methods:
-        report = prune_run(name, config, plan, model, data, root / name)
-        slim_plan, slim_model = load_run(root / name)
-        exports[name] = export_plan(slim_model, slim_plan, root / f"{name}.onnx", images=images)
-        rows.append(summary_row(name, exports[name], report["top1"], onnx_top1(exports[name].onnx_path, data.val)))
+        variants.append((name, root / name, prune_run(name, config, plan, model, data, root / name)["top1"]))
+    exports, rows = {}, []
+    for name, run_dir, top1 in variants:
+        variant_plan, variant_model = load_run(run_dir)
+        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images)
+        row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
+        row.update(engine_columns(exports[name].onnx_path))
+        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model))
+        rows.append(row)
     summary = {"recipe": recipe.name, "data": data.source, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
     write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows))

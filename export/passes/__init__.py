@@ -43,4 +43,4 @@ def apply_passes(model: onnx.ModelProto, names: tuple[str, ...] = DEFAULT_PASSES
 
 
 # Importing the pass modules registers them.
-from . import fold_constants  # noqa: E402,F401
+from . import fold_constants, toposort  # noqa: E402,F401

@@ -94,3 +94,16 @@ def test_bad_profiles(text):
 def test_missing_onnx(tmp_path):
     with pytest.raises(DeployError, match="does not exist"):
         engine_from_onnx(tmp_path / "none.onnx", tmp_path / "x.engine")
+
+
+@needs_builder
+def test_fp16_export_builds_a_smaller_engine(tmp_path):
+    if not TRT.strongly_typed:
+        pytest.skip("TensorRT 10 takes fp16 from a builder flag")
+    model = tiny_vit(embed_dim=256, num_heads=4, depth=2)
+    plan = dense_plan(SPEC, 2)
+    sizes = {}
+    for precision in ("fp32", "fp16"):
+        onnx_path = export_plan(model, plan, tmp_path / f"{precision}.onnx", images=IMAGES, precision=precision).onnx_path
+        sizes[precision] = engine_from_onnx(onnx_path, tmp_path / f"{precision}.engine", BuildSettings(precision=precision)).manifest
+    assert sizes["fp16"]["precision"] == "fp16" and sizes["fp16"]["engine"]["bytes"] < sizes["fp32"]["engine"]["bytes"]

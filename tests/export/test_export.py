@@ -129,3 +129,19 @@ def test_slice_layout_matches_reference(tmp_path_factory, seed, sizes):
     assert report["parity"]["max_abs_diff"] <= 1e-4
     # one Gather for the permutation, one for the head's class-token pick; token selections are Slices
     assert report["ops"].get("Gather", 0) == 2
+
+
+def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(tmp_path):
+    from pruning.data import digits_splits
+
+    data = digits_splits(3, (16, 16))
+    images = torch.stack([data.val[i][0] for i in range(100)])
+    report = export_plan(tiny_vit(), cls_only_plan(), tmp_path / "fp16.onnx", images=images, precision="fp16").report
+    assert report["precision"] == "fp16" and report["parity"]["top1_agreement"] >= 0.99
+    graph = onnx.load(str(tmp_path / "fp16.onnx")).graph
+    fp16_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16_weights and graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax") and node.input[0] in dtypes:
+            assert dtypes[node.input[0]] == onnx.TensorProto.FLOAT, node.name

@@ -1,0 +1,136 @@
+"""Latency benchmarks of runners: inputs already on the device, time-based warm-up, CUDA events
+on GPUs, enough iterations for a stable median, a distribution, and a fingerprint of everything
+that decides whether two numbers may be compared."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from .runners import Runner
+
+RESULT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    warmup_seconds: float = 1.0
+    min_seconds: float = 2.0
+    min_iterations: int = 20
+    max_iterations: int = 100_000
+    max_cov: float = 0.10  # a round noisier than this is measured again
+    max_rounds: int = 3
+
+
+def summarize(samples_ms: list[float], batch: int) -> dict:
+    """Distribution of per-iteration latencies (ms) and throughput (images/s at the median)."""
+    values = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(values.mean())
+    median = float(np.median(values))
+    return {
+        "iterations": int(values.size), "mean_ms": mean, "median_ms": median,
+        "p90_ms": float(np.percentile(values, 90)), "p95_ms": float(np.percentile(values, 95)), "p99_ms": float(np.percentile(values, 99)),
+        "min_ms": float(values.min()), "max_ms": float(values.max()),
+        "cov": float(values.std() / mean) if mean > 0 else 0.0,
+        "throughput_per_s": batch / (median / 1000.0) if median > 0 else float("inf"),
+    }
+
+
+def _device_timer(runner: Runner):
+    """A function timing one `run_prepared` in ms: CUDA events on GPUs, perf_counter on CPUs."""
+    if runner.device.startswith("cuda"):
+        import torch
+
+        def timed(prepared) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream = getattr(runner, "stream", None) or torch.cuda.current_stream()
+            start.record(stream)
+            runner.run_prepared(prepared)
+            end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return timed
+
+    def timed(prepared) -> float:
+        started = time.perf_counter()
+        runner.run_prepared(prepared)
+        runner.synchronize()
+        return (time.perf_counter() - started) * 1000.0
+
+    return timed
+
+
+def measure_round(runner: Runner, images: np.ndarray, settings: BenchSettings) -> list[float]:
+    """One round: warm up for warmup_seconds, then time until min_seconds and min_iterations."""
+    prepared = runner.prepare(images)
+    timed = _device_timer(runner)
+    deadline = time.perf_counter() + settings.warmup_seconds
+    while time.perf_counter() < deadline:
+        timed(prepared)
+    samples, started = [], time.perf_counter()
+    while len(samples) < settings.max_iterations and (len(samples) < settings.min_iterations or time.perf_counter() - started < settings.min_seconds):
+        samples.append(timed(prepared))
+    return samples
+
+
+def end_to_end_ms(runner: Runner, images: np.ndarray, iterations: int = 20) -> float:
+    """Median of `infer` including host-device copies (equals device time on the CPU)."""
+    runner.infer(images)
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        runner.infer(images)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return float(np.median(times))
+
+
+def host_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    driver = None
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu_driver": driver}
+
+
+def fingerprint(runner: Runner, precision: str, batch: int, artifact_sha256: Optional[str], label: str = "") -> dict:
+    """What must match for two latencies to be compared: host, runner (device, library versions),
+    precision, batch, the artifact's bytes and what was measured (label)."""
+    return {"host": host_description(), "runner": runner.description, "precision": precision, "batch": batch, "artifact_sha256": artifact_sha256, "label": label}
+
+
+def fingerprint_id(fingerprint_: dict) -> str:
+    """A short stable hash of a fingerprint: results compare only within one id."""
+    return hashlib.sha256(json.dumps(fingerprint_, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def benchmark(runner: Runner, images: np.ndarray, precision: str, artifact_sha256: Optional[str], settings: BenchSettings = BenchSettings(), label: str = "") -> dict:
+    """Measure `runner` on `images` (one batch); re-measure up to max_rounds while CoV > max_cov
+    and keep the quietest round."""
+    rounds = []
+    for _ in range(settings.max_rounds):
+        stats = summarize(measure_round(runner, images, settings), len(images))
+        rounds.append(stats)
+        if stats["cov"] <= settings.max_cov:
+            break
+    best = min(rounds, key=lambda s: s["cov"])
+    print_ = fingerprint(runner, precision, len(images), artifact_sha256, label)
+    return {
+        "label": label, "batch": len(images), **best, "rounds": len(rounds), "noisy": best["cov"] > settings.max_cov,
+        "end_to_end_median_ms": end_to_end_ms(runner, images),
+        "fingerprint": print_, "fingerprint_id": fingerprint_id(print_), "settings": asdict(settings),
+    }

@@ -1,0 +1,242 @@
+"""Runners: one interface over PyTorch modules, onnxruntime sessions and TensorRT engines.
+
+Loaders build (export/, deploy.build); runners only run. A runner is a context manager with
+`infer(images) -> logits` on numpy arrays, plus `infer_device(batch)` that runs on inputs already
+resident on the device (what benchmarks time), and a `description` for fingerprints.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .build import manifest_path_of
+from .errors import DeployError
+from .files import sha256_of
+from .tensorrt_lib import require_tensorrt
+
+
+class Runner:
+    """Base: subclasses implement activate/deactivate, infer and the device-resident pair."""
+
+    backend = "base"
+    device = "cpu"
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        pass
+
+    def deactivate(self) -> None:
+        pass
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepare(self, images: np.ndarray):
+        """Put `images` where `run_prepared` reads them (the device); returns a handle."""
+        return images
+
+    def run_prepared(self, prepared) -> None:
+        """One inference on prepared inputs, without copying results back (for timing)."""
+        self.infer(prepared)
+
+    def synchronize(self) -> None:
+        pass
+
+    @property
+    def description(self) -> dict:
+        return {"backend": self.backend, "device": self.device}
+
+
+class TorchRunner(Runner):
+    """A PyTorch module (e.g. the compact module or the dense model); eager, or CUDA graphs on CUDA."""
+
+    backend = "torch"
+
+    def __init__(self, module, device: str = "cpu", mode: str = "eager", dtype: str = "fp32") -> None:
+        import torch
+
+        if mode not in ("eager", "cuda_graph"):
+            raise DeployError(f"torch runner mode {mode!r} is not eager or cuda_graph")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise DeployError("--device cuda asked for, but torch sees no CUDA GPU")
+        if mode == "cuda_graph" and not device.startswith("cuda"):
+            raise DeployError("CUDA graphs need --device cuda")
+        self.torch = torch
+        self.device, self.mode = device, mode
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.module = module.to(device=device, dtype=self.dtype).eval()
+        self._graphs: dict = {}
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        prepared = self.prepare(images)
+        with self.torch.no_grad():
+            return self._forward(prepared).float().cpu().numpy()
+
+    def prepare(self, images: np.ndarray):
+        return self.torch.as_tensor(np.ascontiguousarray(images)).to(device=self.device, dtype=self.dtype)
+
+    def _forward(self, batch):
+        if self.mode == "eager":
+            return self.module(batch)
+        key = tuple(batch.shape)
+        if key not in self._graphs:
+            static_in = batch.clone()
+            stream = self.torch.cuda.Stream()
+            stream.wait_stream(self.torch.cuda.current_stream())
+            with self.torch.cuda.stream(stream):
+                for _ in range(3):  # warm up outside the graph, as torch.cuda.graphs requires
+                    self.module(static_in)
+            self.torch.cuda.current_stream().wait_stream(stream)
+            graph = self.torch.cuda.CUDAGraph()
+            with self.torch.cuda.graph(graph):
+                static_out = self.module(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out
+
+    def run_prepared(self, prepared) -> None:
+        with self.torch.no_grad():
+            self._forward(prepared)
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    @property
+    def description(self) -> dict:
+        name = self.torch.cuda.get_device_name(0) if self.device.startswith("cuda") else None
+        return {"backend": self.backend, "device": self.device, "mode": self.mode, "gpu": name, "torch": self.torch.__version__}
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX file in onnxruntime (CPU provider, or CUDA where that provider exists)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: Optional[int] = None) -> None:
+        self.onnx_path, self.device, self.threads = Path(onnx_path), device, threads
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeployError("onnxruntime here has no CUDAExecutionProvider: use --device cpu or install onnxruntime-gpu")
+            providers = ["CUDAExecutionProvider"]
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise DeployError("use the onnxruntime runner inside 'with'")
+        return self.session.run(None, {self.input_name: images.astype(self.input_dtype)})[0].astype(np.float32)
+
+    @property
+    def description(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": self.backend, "device": self.device, "onnxruntime": ort.__version__, "onnx_sha256": sha256_of(self.onnx_path)}
+
+
+def check_engine(engine_path: Path) -> dict:
+    """Refuse an engine whose manifest is missing, whose bytes changed, or that was built by another
+    library/version or for another GPU than the one here. Returns the manifest."""
+    manifest_path = manifest_path_of(engine_path)
+    if not engine_path.is_file():
+        raise DeployError(f"engine {engine_path} does not exist: build it with 'vitslim build'")
+    if not manifest_path.is_file():
+        raise DeployError(f"engine {engine_path} has no manifest {manifest_path.name}: rebuild it with 'vitslim build'")
+    manifest = json.loads(manifest_path.read_text())
+    if sha256_of(engine_path) != manifest["engine"]["sha256"]:
+        raise DeployError(f"engine {engine_path} changed since it was built (sha256 differs from its manifest): rebuild it")
+    trt = require_tensorrt(manifest["library"])
+    if trt.version != manifest["version"]:
+        raise DeployError(f"engine was built with {manifest['library']} {manifest['version']} but {trt.version} is installed: rebuild it")
+    target = manifest["target"]
+    if target.get("kind") == "device-specific" and target.get("gpu"):
+        from .build import gpu_description
+
+        here = gpu_description()
+        if here is None or here["compute_capability"] != target["gpu"]["compute_capability"]:
+            raise DeployError(f"engine was built for {target['gpu']} but this machine has {here or 'no CUDA GPU'}: rebuild it here")
+    return manifest
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine, with torch CUDA tensors as its input and output buffers."""
+
+    backend = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, engine_path: str | Path, profile: int = 0) -> None:
+        self.engine_path, self.profile = Path(engine_path), profile
+        self.manifest = check_engine(self.engine_path)
+
+    def activate(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeployError("the TensorRT runner needs a CUDA GPU")
+        self.torch = torch
+        self.trt = require_tensorrt(self.manifest["library"])
+        runtime = self.trt.module.Runtime(self.trt.logger())
+        blob = self.engine_path.read_bytes()
+        self.engine = runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise DeployError(f"{self.trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.context.set_optimization_profile_async(self.profile, self.stream.cuda_stream)
+        self.input_name = self.engine.get_tensor_name(0)
+        self.output_name = self.engine.get_tensor_name(1)
+
+    def deactivate(self) -> None:
+        self.context = self.engine = None
+
+    def prepare(self, images: np.ndarray):
+        torch = self.torch
+        batch = torch.as_tensor(np.ascontiguousarray(images), device="cuda", dtype=torch.float32)
+        self.context.set_input_shape(self.input_name, tuple(batch.shape))
+        shape = tuple(self.context.get_tensor_shape(self.output_name))
+        output = torch.empty(shape, device="cuda", dtype=torch.float32)
+        self.context.set_tensor_address(self.input_name, batch.data_ptr())
+        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        return batch, output
+
+    def run_prepared(self, prepared) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise DeployError("TensorRT execution failed")
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        prepared = self.prepare(images)
+        self.run_prepared(prepared)
+        self.synchronize()
+        return prepared[1].cpu().numpy()
+
+    @property
+    def description(self) -> dict:
+        return {"backend": self.backend, "device": "cuda", "library": self.manifest["library"], "version": self.manifest["version"],
+                "engine_sha256": self.manifest["engine"]["sha256"], "onnx_sha256": self.manifest["onnx"]["sha256"], "precision": self.manifest["precision"]}

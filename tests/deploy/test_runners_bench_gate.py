@@ -1,0 +1,135 @@
+"""Runners against the masked reference, the benchmark statistics, and the regression gate."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_vit
+from deploy.bench import BenchSettings, benchmark, fingerprint_id, summarize
+from deploy.gate import NOT_COMPARABLE, PASS, REGRESSION, compare_results
+from deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
+from deploy.tensorrt_lib import find_tensorrt
+from export.compact import compact_from_plan
+from export.onnx_export import export_plan
+from export.parity import compare_outputs
+from pruning.plan import BlockPlan, ModelSpec, dense_plan
+from pruning.reference import MaskedReference
+
+MODEL = tiny_vit()
+PLAN = dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(kept_tokens=(0, 1, 4, 9, 12), hidden=tuple(range(64)))).with_block(2, BlockPlan(kept_tokens=(0,)))
+IMAGES = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+QUICK = BenchSettings(warmup_seconds=0.2, min_seconds=0.5, min_iterations=20, max_cov=10.0, max_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory):
+    return export_plan(MODEL, PLAN, tmp_path_factory.mktemp("r") / "m.onnx", images=torch.from_numpy(IMAGES)).onnx_path
+
+
+def reference(images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return MaskedReference(MODEL, PLAN)(torch.from_numpy(images)).numpy()
+
+
+def test_torch_and_onnxruntime_runners_match_the_reference(onnx_path):
+    for runner in (TorchRunner(compact_from_plan(MODEL, PLAN)), OnnxRuntimeRunner(onnx_path)):
+        with runner:
+            for batch in (1, 5, 8):
+                assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).max_abs_diff <= 1e-4, runner.backend
+
+
+def test_summarize_statistics():
+    stats = summarize([1.0] * 98 + [10.0, 20.0], batch=4)
+    assert stats["median_ms"] == 1.0 and stats["min_ms"] == 1.0 and stats["max_ms"] == 20.0
+    assert stats["p99_ms"] > stats["p95_ms"] >= stats["p90_ms"] == 1.0
+    assert stats["throughput_per_s"] == pytest.approx(4000.0) and stats["cov"] > 1.0
+
+
+class SlowedRunner(Runner):
+    """Injects a slowdown: after each inference, sleeps `fraction` of the time it took."""
+
+    def __init__(self, inner: Runner, fraction: float) -> None:
+        self.inner, self.fraction = inner, fraction
+        self.device, self.backend = inner.device, inner.backend
+
+    def activate(self) -> None:
+        self.inner.activate()
+
+    def deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def infer(self, images):
+        return self.inner.infer(images)
+
+    def run_prepared(self, prepared) -> None:
+        started = time.perf_counter()
+        self.inner.run_prepared(prepared)
+        time.sleep((time.perf_counter() - started) * self.fraction)
+
+    @property
+    def description(self) -> dict:
+        return self.inner.description  # the same environment: only the speed changed
+
+
+def bench(runner: Runner, label: str) -> dict:
+    with runner:
+        return benchmark(runner, np.resize(IMAGES, (32, 3, 16, 16)), "fp32", "sha", QUICK, label=label)
+
+
+def test_gate_passes_itself_fails_a_15_percent_slowdown_and_refuses_other_fingerprints(onnx_path):
+    baseline = bench(OnnxRuntimeRunner(onnx_path), "ort")
+    assert compare_results([baseline], [baseline], max_cov=10.0).exit_code == PASS
+    slowed = bench(SlowedRunner(OnnxRuntimeRunner(onnx_path), 0.15), "ort")
+    assert slowed["fingerprint_id"] == baseline["fingerprint_id"]
+    verdict = compare_results([slowed], [baseline], warn=0.05, fail=0.10, max_cov=10.0)
+    assert verdict.exit_code == REGRESSION, verdict.table()
+    other = {**baseline, "fingerprint": {**baseline["fingerprint"], "batch": 64}}
+    other["fingerprint_id"] = fingerprint_id(other["fingerprint"])
+    refused = compare_results([other], [baseline], max_cov=10.0)
+    assert refused.exit_code == NOT_COMPARABLE and "fingerprints differ" in refused.message
+
+
+def test_gate_refuses_noisy_results():
+    result = {"fingerprint_id": "x", "batch": 1, "median_ms": 1.0, "cov": 0.5, "label": "a"}
+    verdict = compare_results([result], [result], max_cov=0.1)
+    assert verdict.exit_code == NOT_COMPARABLE and "re-measure" in verdict.message
+
+
+def test_benchmark_records_a_fingerprint(onnx_path):
+    result = bench(OnnxRuntimeRunner(onnx_path), "ort")
+    print_ = result["fingerprint"]
+    assert print_["batch"] == 32 and print_["precision"] == "fp32" and print_["runner"]["backend"] == "onnxruntime"
+    assert print_["host"]["cpu"] and print_["runner"]["onnx_sha256"]
+    assert result["iterations"] >= 20 and result["median_ms"] > 0 and result["end_to_end_median_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_torch_cuda_graph_runner_matches_eager():
+    compact = compact_from_plan(MODEL, PLAN)
+    with TorchRunner(compact, device="cuda", mode="cuda_graph") as graphed:
+        np.testing.assert_allclose(graphed.infer(IMAGES), reference(IMAGES), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
+    trt = find_tensorrt()
+    if trt is None:
+        pytest.skip("no TensorRT installed")
+    from deploy.build import engine_from_onnx
+
+    engine = engine_from_onnx(onnx_path, tmp_path / "m.engine").engine_path
+    try:
+        runner = TensorRTRunner(engine)
+        runner.activate()
+    except Exception as error:  # e.g. TensorRT-RTX engines on a Hopper GPU
+        pytest.skip(f"this GPU cannot run {trt.name} engines: {error}")
+    try:
+        for batch in (1, 8):
+            assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).max_abs_diff <= 1e-3
+    finally:
+        runner.deactivate()
