@@ -116,10 +116,9 @@ def test_torch_cuda_graph_runner_matches_eager():
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
+@pytest.mark.skipif(find_tensorrt() is None, reason="neither tensorrt nor tensorrt_rtx is installed")
 def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
     trt = find_tensorrt()
-    if trt is None:
-        pytest.skip("no TensorRT installed")
     from deploy.build import engine_from_onnx
 
     engine = engine_from_onnx(onnx_path, tmp_path / "m.engine").engine_path
