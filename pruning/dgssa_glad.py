@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import DataSplits, calibration_batch
 from .errors import PruningError
-from .methods import MethodResult, register_method
+from .methods import MethodResult, dense_start, register_method
 from .plan import BlockPlan, SlimPlan
 from .reference import plan_applied, recorded_attention
 from .timm_adapter import ViTGeometry, patch_grid, supported_geometry
@@ -162,7 +162,6 @@ class _Trainable(nn.Module):
 def analyse_attention(model: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-block analysis rows (means over heads, and per head) and the dataset-mean maps [H, N, N]."""
     geometry = supported_geometry(model)
-    sums: dict[int, torch.Tensor] = {}
     per_image: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad(), recorded_attention(model) as records:
         for chunk in images.split(batch_size):
@@ -206,12 +205,9 @@ def initial_aggregations(stages, geometry: ViTGeometry, grid: tuple[int, int]) -
 @register_method("dgssa-glad", DGSSAGladConfig)
 def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
-    geometry = supported_geometry(model)
-    if any(not b.is_dense for b in base.blocks):
-        raise PruningError("DGSSA + GLAD starts from a dense model: give a dense run directory or checkpoint")
+    geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
     stages = parse_pyramid(config.pyramid)
     check_pyramid(stages, geometry)
-    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
     images = calibration_batch(data.train, config.calibration_images)
     analysis, mean_maps = analyse_attention(model, images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)

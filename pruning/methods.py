@@ -2,12 +2,15 @@
 plan plus the dense-shaped weights that go with it; it never edits the caller's model."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
+from .errors import PruningError
 from .plan import SlimPlan
+from .timm_adapter import ViTGeometry, supported_geometry
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,16 @@ def register_method(name: str, config_type: type) -> Callable:
     return register
 
 
+def dense_start(model: nn.Module, base: SlimPlan, teacher: Optional[nn.Module], method: str) -> tuple[ViTGeometry, nn.Module]:
+    """Common entry checks of the methods: a supported model with a dense plan. Returns its
+    geometry and the teacher for distillation (a frozen copy of `model` unless one is given)."""
+    geometry = supported_geometry(model)
+    if any(not block.is_dense for block in base.blocks):
+        raise PruningError(f"{method} starts from a dense model: give a dense run directory or checkpoint")
+    return geometry, teacher if teacher is not None else copy.deepcopy(model).eval()
+
+
 def get_method(name: str) -> Method:
-    from .errors import PruningError
     from . import dgssa_glad, patch_slimming, vtp  # noqa: F401  (importing a method module registers it)
 
     if name not in METHODS:

@@ -25,10 +25,10 @@ from torch import nn
 from .data import DataSplits, calibration_batch
 from .errors import PruningError
 from .macs import plan_macs
-from .methods import MethodResult, register_method
+from .methods import MethodResult, dense_start, register_method
 from .plan import BlockPlan, SlimPlan, dense_plan
 from .reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
-from .timm_adapter import ViTGeometry, blocks_of, supported_geometry
+from .timm_adapter import ViTGeometry, blocks_of
 from .train import TrainConfig, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,9 @@ def _search_for_target(model: nn.Module, make_search, geometry: ViTGeometry, bas
 @register_method("patch-slim", PatchSlimConfig)
 def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
-    geometry = supported_geometry(model)
-    if any(not b.is_dense for b in base.blocks):
-        raise PruningError("Patch Slimming starts from a dense model: give a dense run directory or checkpoint")
+    geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
     if len(data.train) < config.batch_size or config.calibration_images < config.batch_size:
         raise PruningError(f"calibration data ({min(len(data.train), config.calibration_images)} images) is smaller than one batch ({config.batch_size}): lower --batch-size")
-    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
     torch.manual_seed(config.seed)
     images = calibration_batch(data.train, config.calibration_images)
     teacher_inputs, teacher_outputs = _teacher_features(teacher, images, config.batch_size)

@@ -85,6 +85,14 @@ def _block_hooks(block: nn.Module, plan: BlockPlan, num_prefix: int) -> list:
     return handles
 
 
+def _undo(handles: list, fused: dict[int, bool], blocks: Sequence[nn.Module]) -> None:
+    """Remove hooks and restore each block's fused-attention setting."""
+    for handle in handles:
+        handle.remove()
+    for index, enabled in fused.items():
+        set_fused_attention(blocks[index], enabled)
+
+
 @contextlib.contextmanager
 def blocks_applied(blocks: Sequence[nn.Module], block_plans: Sequence[BlockPlan], num_prefix: int) -> Iterator[None]:
     """Within the context, each block computes its BlockPlan (no validation: callers validate)."""
@@ -96,10 +104,7 @@ def blocks_applied(blocks: Sequence[nn.Module], block_plans: Sequence[BlockPlan]
             handles += _block_hooks(block, block_plan, num_prefix)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for index, enabled in fused.items():
-            set_fused_attention(blocks[index], enabled)
+        _undo(handles, fused, blocks)
 
 
 @contextlib.contextmanager
@@ -145,10 +150,7 @@ def recorded_attention(model: nn.Module) -> Iterator[dict[int, dict[str, torch.T
             handles.append(block_parts(block).attn_probs.register_forward_hook(keep_attention(index)))
         yield records
     finally:
-        for handle in handles:
-            handle.remove()
-        for index, enabled in fused.items():
-            set_fused_attention(blocks[index], enabled)
+        _undo(handles, fused, blocks)
 
 
 @contextlib.contextmanager

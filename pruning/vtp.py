@@ -16,10 +16,10 @@ from torch import nn
 
 from .data import DataSplits
 from .errors import PruningError
-from .methods import MethodResult, register_method
+from .methods import MethodResult, dense_start, register_method
 from .plan import BlockPlan, SlimPlan
 from .reference import MaskedReference, scaled_channels
-from .timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of, supported_geometry
+from .timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
 from .train import TrainConfig, evaluate, fit, parameter_groups
 
 GateKey = tuple[int, str]  # (block index, channel space)
@@ -182,10 +182,8 @@ def pruned_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
 @register_method("vtp", VTPConfig)
 def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
-    geometry = supported_geometry(model)
-    if any(not b.is_dense for b in base.blocks):
-        raise PruningError("VTP starts from a dense model: give a dense run directory or checkpoint")
-    teacher = teacher if teacher is not None else (copy.deepcopy(model).eval() if config.distill_weight > 0 else None)
+    geometry, teacher = dense_start(model, base, teacher, "VTP")
+    teacher = teacher if config.distill_weight > 0 else None
     report = {"config": asdict(config), "top1_dense": evaluate(model, data.val)}
     gates = VTPGates(geometry)
     gated = GatedModel(copy.deepcopy(model), gates)

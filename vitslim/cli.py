@@ -163,8 +163,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import numpy as np
-
     from deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
     from export.compact import compact_from_plan
     from pruning.data import calibration_batch

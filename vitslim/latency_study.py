@@ -9,7 +9,6 @@ and 64 by default) and writes DIR/latency.json and DIR/latency.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

@@ -1,7 +1,6 @@
 """Runners against the masked reference, the benchmark statistics, and the regression gate."""
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np

@@ -118,12 +118,11 @@ def test_dense_deit_small_export(tmp_path):
 def test_slice_layout_matches_reference(tmp_path_factory, seed, sizes):
     """Random nested token sets (Patch-Slimming-like): permutation + Slices == masked reference."""
     generator = torch.Generator().manual_seed(seed)
-    model, plan, current = tiny_vit(), dense_plan(SPEC, 3), list(range(1, 17))
+    model, plan, patches = tiny_vit(), dense_plan(SPEC, 3), list(range(1, 17))
     for block, size in enumerate(sorted(sizes, reverse=True)):
-        current = sorted(torch.tensor(current)[torch.randperm(len(current), generator=generator)[:size]].tolist())
-        position = {t: p for p, t in enumerate([0] + (previous if block else list(range(1, 17))))}
-        plan = plan.with_block(block, BlockPlan(kept_tokens=tuple(sorted(position[t] for t in [0] + current))))
-        previous = current
+        position = {t: p for p, t in enumerate([0] + patches)}  # positions within this block's input
+        patches = sorted(torch.tensor(patches)[torch.randperm(len(patches), generator=generator)[:size]].tolist())
+        plan = plan.with_block(block, BlockPlan(kept_tokens=tuple(sorted(position[t] for t in [0] + patches))))
     path = tmp_path_factory.mktemp("slice") / "slice.onnx"
     report = export_plan(model, plan, path, images=IMAGES, token_layout="slice").report
     assert report["parity"]["max_abs_diff"] <= 1e-4
