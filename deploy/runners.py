@@ -201,6 +201,10 @@ class TensorRTRunner(Runner):
         self.trt = require_tensorrt(self.manifest["library"])
         runtime = self.trt.module.Runtime(self.trt.logger())
         blob = self.engine_path.read_bytes()
+        if hasattr(runtime, "get_engine_validity"):  # the library's own check, before deserialising
+            validity, diagnostics = runtime.get_engine_validity(blob)
+            if validity.name == "INVALID":
+                raise DeployError(f"{self.trt.name} reports {self.engine_path.name} invalid on this GPU (diagnostics {diagnostics}): rebuild it here")
         self.engine = runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             raise DeployError(f"{self.trt.name} could not load {self.engine_path} on this GPU: rebuild it here")

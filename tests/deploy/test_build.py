@@ -107,3 +107,23 @@ def test_fp16_export_builds_a_smaller_engine(tmp_path):
         onnx_path = export_plan(model, plan, tmp_path / f"{precision}.onnx", images=IMAGES, precision=precision).onnx_path
         sizes[precision] = engine_from_onnx(onnx_path, tmp_path / f"{precision}.engine", BuildSettings(precision=precision)).manifest
     assert sizes["fp16"]["precision"] == "fp16" and sizes["fp16"]["engine"]["bytes"] < sizes["fp32"]["engine"]["bytes"]
+
+
+@needs_builder
+def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
+    from deploy.runners import TensorRTRunner, check_engine
+
+    engine = engine_from_onnx(onnx_files["dense"], tmp_path / "m.engine").engine_path
+    assert check_engine(engine)["engine"]["bytes"] == engine.stat().st_size
+    manifest_path = manifest_path_of(engine)
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "version": "0.0.1"}))
+    with pytest.raises(DeployError, match="built with .* 0.0.1 but .* is installed: rebuild it"):
+        TensorRTRunner(engine)
+    manifest_path.write_text(json.dumps(manifest))
+    engine.write_bytes(engine.read_bytes()[:-1] + b"x")
+    with pytest.raises(DeployError, match="changed since it was built"):
+        check_engine(engine)
+    manifest_path.unlink()
+    with pytest.raises(DeployError, match="has no manifest"):
+        check_engine(engine)
