@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/python -m vitslim run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

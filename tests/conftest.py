@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets one thread, so that the workers do not fight for the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
@@ -28,6 +29,9 @@ def tiny_model():
 
 
 def pytest_collection_modifyitems(config, items):
+    # Long end-to-end tests first, so that under pytest-xdist they start at once on their own
+    # worker while the many short tests share the other.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     has_cuda = torch.cuda.is_available()
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
