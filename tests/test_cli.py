@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.files import sha256_of
 from vitslim.cli import main
 from vitslim.recipe import load_recipe
 
@@ -142,6 +143,12 @@ def test_default_run_meets_its_targets(tmp_path):
     # DGSSA + GLAD: at least 50 % of the MACs removed for at most 1.0 top-1 point
     assert rows["dgssa-glad"]["macs_fraction"] <= 0.5 and rows["dgssa-glad"]["pytorch_top1"] >= dense["pytorch_top1"] - 1.0
     assert (tmp_path / recipe.name / "dgssa-glad" / "attention_analysis.png").is_file()
+    # every exported variant was built into an engine (TensorRT-RTX here) whose manifest checks out
+    from deploy.runners import check_engine
+
+    for row in rows.values():
+        assert row["engine_mb"] > 0 and row["onnxruntime_ms"] > 0 and row["torch_ms"] > 0
+        assert check_engine(Path(row["engine"]))["onnx"]["sha256"] == sha256_of(Path(row["onnx"]))
     assert (tmp_path / recipe.name / "summary.md").is_file() and (tmp_path / recipe.name / "block_macs.png").is_file()
 
 

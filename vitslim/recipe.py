@@ -17,12 +17,12 @@ model:
   name: deit_tiny_patch16_224
   kwargs: {img_size: 32, patch_size: 4, embed_dim: 64, depth: 6, num_heads: 2, num_classes: 10}
 data: digits
-train: {epochs: 30, lr: 0.002, batch_size: 64, weight_decay: 0.05}
+train: {epochs: 24, lr: 0.002, batch_size: 64, weight_decay: 0.05}
 # Each method compresses the trained dense model; each result is exported and gets a summary row.
 methods:
-  vtp: {prune_ratio: 0.4, sparsity_epochs: 5, finetune_epochs: 15, distill_weight: 0.5}
-  patch-slim: {epsilon: 0.02, finetune_epochs: 10, distill_weight: 0.5}
-  dgssa-glad: {static_blocks: 2, pyramid: "2:16,4:8", finetune_epochs: 10, distill_weight: 0.5}
+  vtp: {prune_ratio: 0.4, sparsity_epochs: 4, finetune_epochs: 10, distill_weight: 0.5}
+  patch-slim: {epsilon: 0.02, finetune_epochs: 6, distill_weight: 0.5}
+  dgssa-glad: {static_blocks: 2, pyramid: "2:16,4:8", finetune_epochs: 8, distill_weight: 0.5}
 out_dir: runs
 """
 

@@ -113,7 +113,7 @@ def test_dense_deit_small_export(tmp_path):
     assert report["parity"]["max_abs_diff"] <= 1e-4
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(0, 16), min_size=3, max_size=3))
 def test_slice_layout_matches_reference(tmp_path_factory, seed, sizes):
     """Random nested token sets (Patch-Slimming-like): permutation + Slices == masked reference."""

@@ -37,9 +37,9 @@ def test_short_training_learns_digits(tmp_path):
     data = digits_splits(3, (16, 16))
     model = tiny_vit(num_classes=10)
     before = evaluate(model, data.val)
-    result = fit(model, data, TrainConfig(epochs=6, lr=3e-3), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
-    assert len(result.history) == 6 and result.history[-1]["loss"] < result.history[0]["loss"]
-    assert result.val_top1 > max(before, 30.0)
+    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
+    assert len(result.history) == 10 and result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.val_top1 > max(before, 45.0)  # 62 % here; chance is 10 %
     assert (tmp_path / "ckpt.safetensors").is_file()
     assert not model.training
 
