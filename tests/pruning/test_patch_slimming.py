@@ -111,3 +111,18 @@ def test_bad_settings(kwargs, message):
 def test_calibration_smaller_than_a_batch_is_refused():
     with pytest.raises(PruningError, match="smaller than one batch"):
         prune_patch_slimming(tiny_vit(num_classes=10), DATA, PatchSlimConfig(epsilon=0.02, calibration_images=16, batch_size=32), dense_plan(ModelSpec("tiny"), 3))
+
+
+@pytest.mark.slow
+def test_deit_small_distilled_keeps_both_prefix_tokens():
+    """The real deit_small_distilled_patch16_224 architecture (class + distillation token), at
+    64x64 input (16 patches) with random weights, so that the search runs on the CPU."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_distilled_patch16_224", img_size=64, num_classes=10).eval()
+    data = digits_splits(3, (64, 64))
+    config = PatchSlimConfig(epsilon=0.05, step=8, block_epochs=1, finetune_epochs=0, calibration_images=32, batch_size=32)
+    result = prune_patch_slimming(model, data, config, dense_plan(ModelSpec("deit_small_distilled_patch16_224", {"img_size": 64}), 12))
+    check_search_result(model, result)
+    assert result.report["token_sets"][-1] == [0, 1]
