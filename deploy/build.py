@@ -74,10 +74,9 @@ def onnx_precision(onnx_path: Path) -> str:
 
 
 def _network(trt: TensorRT, builder, onnx_path: Path):
-    flags = 0
-    if trt.name == "tensorrt" and trt.major == 10:
-        flags = 0  # weakly typed: the builder's precision flags apply
-    network = builder.create_network(flags)
+    # No creation flags: explicit batch is the only mode since TensorRT 10; TensorRT 10 networks are
+    # then weakly typed (builder precision flags apply), TensorRT 11 and RTX strongly typed.
+    network = builder.create_network(0)
     parser = trt.module.OnnxParser(network, trt.logger())
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))

@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     return 100.0 * correct / max(1, total)
 
 
-def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, ) -> tuple[DataLoader, Optional[DistributedSampler]]:
+def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext) -> tuple[DataLoader, Optional[DistributedSampler]]:
     if context.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, drop_last=True), sampler

@@ -148,13 +148,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .measure import BenchSpec, run_bench, write_bench
+    from .measure import BenchSpec, bench_markdown, run_bench, write_bench
 
     spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
                      run_dir=args.run, torch_mode=args.torch_mode, torch_dtype=args.torch_dtype, threads=args.threads)
     report = run_bench(spec)
-    from .measure import bench_markdown
-
     print(bench_markdown(report))
     if args.json:
         write_bench(report, Path(args.json))

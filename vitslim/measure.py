@@ -12,7 +12,7 @@ import torch
 
 from deploy.bench import RESULT_VERSION, BenchSettings, benchmark
 from deploy.errors import DeployError
-from deploy.files import sha256_of, write_json_atomic
+from deploy.files import sha256_of, write_bytes_atomic, write_json_atomic
 from deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_engine
 from export.compact import compact_from_plan
 from export.parity import compare_outputs
@@ -131,10 +131,9 @@ def bench_markdown(report: dict) -> str:
 
 
 def write_bench(report: dict, json_path: Path) -> None:
+    """OUT.json for machines and OUT.md for people, each written atomically."""
     write_json_atomic(json_path, report)
-    from pruning.atomic import write_text_atomic
-
-    write_text_atomic(json_path.with_suffix(".md"), bench_markdown(report))
+    write_bytes_atomic(json_path.with_suffix(".md"), bench_markdown(report).encode())
 
 
 def compare_run(run_dir: str, candidates: dict[str, Runner], images: np.ndarray, batches: list[int], precision: str) -> list[dict]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,9 +26,6 @@ from pruning.train import TrainConfig, config_dict, fit, is_main_process
 
 from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
-
-log = logging.getLogger(__name__)
-
 
 def data_for(model: nn.Module, source: str) -> DataSplits:
     """Load `source` at the model's input size and check that the class counts agree."""
