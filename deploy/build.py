@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from export.precision import graph_precision
+
 from .errors import DeployError
 from .files import sha256_of, write_bytes_atomic, write_json_atomic
 from .tensorrt_lib import TensorRT, require_tensorrt
@@ -69,8 +71,7 @@ def onnx_precision(onnx_path: Path) -> str:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf raises several decode error types
         raise DeployError(f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it") from None
-    fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
-    return "fp16" if fp16 else "fp32"
+    return graph_precision(model)
 
 
 def _network(trt: TensorRT, builder, onnx_path: Path):

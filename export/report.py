@@ -14,9 +14,6 @@ from onnx import numpy_helper
 
 from pruning.atomic import write_text_atomic
 
-INVENTORY_OPS = ("Gather", "Slice", "MatMul", "Gemm", "Softmax")
-
-
 def op_inventory(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count over the main graph, most frequent first."""
     return dict(Counter(node.op_type for node in model.graph.node).most_common())

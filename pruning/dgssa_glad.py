@@ -195,7 +195,8 @@ def static_block_count(config: DGSSAGladConfig, analysis: list[dict], depth: int
     return count
 
 
-def initial_aggregations(stages, geometry: ViTGeometry, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
+def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
+    """Average-pooling matrices for each pyramid stage, each pooling the previous stage's grid."""
     matrices = {}
     for block, count in stages:
         matrices[block], grid = pooling_matrix(grid, count)
@@ -214,7 +215,7 @@ def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig
     if stages and static > stages[0][0]:
         raise PruningError(f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks")
     logits = {b: (mean_maps[b] + LOG_FLOOR).log() for b in range(static)}
-    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, geometry, patch_grid(model)), copy.deepcopy(teacher))
+    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, patch_grid(model)), copy.deepcopy(teacher))
     report = {"config": asdict(config), "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
     trainable.eval()
     report["top1_before_finetune"] = evaluate(trainable, data.val)

@@ -160,14 +160,14 @@ class _Search:
         blocks = list(blocks_of(self.student))
         return blocks[t], blocks[t + 1], (plan.blocks[t], plan.blocks[t + 1])
 
-    def reconstruction(self, sets: TokenSets, t: int, train: bool) -> float:
-        """Fine-tune block t (if `train`) so that block t+1 reproduces the teacher on its kept rows;
-        return the relative error afterwards."""
+    def reconstruction(self, sets: TokenSets, t: int) -> float:
+        """Fine-tune block t so that block t+1 reproduces the teacher on its kept rows; return the
+        relative error afterwards."""
         block_t, block_next, plans = self.two_blocks(sets, t)
         target = self.teacher_outputs[t + 1][:, list(sets[t + 1])]
         inputs = self.teacher_inputs[t]
         with blocks_applied([block_t, block_next], plans, self.geometry.num_prefix_tokens):
-            if train and self.config.block_epochs > 0:
+            if self.config.block_epochs > 0:
                 self._fit_block(block_t, block_next, inputs, target)
             with torch.no_grad():
                 estimate = torch.cat([block_next(block_t(x)) for x in inputs.split(self.config.batch_size)])
@@ -200,7 +200,7 @@ class _Search:
             blocks_of(self.student)[t].load_state_dict(original)
             sets = self.sets_with_dense_below(token_sets, t)
             sets[t] = kept
-            error = self.reconstruction(sets, t, train=True)
+            error = self.reconstruction(sets, t)
             tried.append({"tokens": len(kept), "error": error})
             if error <= epsilon or count >= len(candidates):
                 return kept, tried
@@ -243,7 +243,7 @@ def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int)
     return [torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)]
 
 
-def _search_for_target(model: nn.Module, make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
+def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
     """Bisection on log ε: the smallest ε whose plan keeps at most target_macs of dense MACs."""
     dense_macs = plan_macs(dense_plan(base.model, geometry.depth), geometry)["total"]
     low, high = math.log(1e-4), math.log(4.0)
@@ -278,7 +278,7 @@ def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimCo
         return _Search(copy.deepcopy(model).eval(), geometry, base, images, teacher_inputs, teacher_outputs, config)
 
     if config.target_macs is not None:
-        epsilon, search, token_sets, search_log = _search_for_target(model, make_search, geometry, base, config)
+        epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
     else:
         epsilon, search = config.epsilon, make_search()
         token_sets, search_log = search.run(epsilon)
