@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from vitslim.settings import setting
+
 from .runners import Runner
 
 RESULT_VERSION = 1
@@ -21,12 +23,12 @@ RESULT_VERSION = 1
 
 @dataclass(frozen=True)
 class BenchSettings:
-    warmup_seconds: float = 1.0
-    min_seconds: float = 2.0
-    min_iterations: int = 20
-    max_iterations: int = 100_000
-    max_cov: float = 0.10  # a round noisier than this is measured again
-    max_rounds: int = 3
+    warmup_seconds: float = setting(1.0, "seconds of warm-up before timing")
+    min_seconds: float = setting(2.0, "time each measurement round for at least this long")
+    min_iterations: int = setting(20, "and for at least this many iterations")
+    max_iterations: int = setting(100_000, "at most this many iterations per round")
+    max_cov: float = setting(0.10, "a round whose coefficient of variation is above this is measured again")
+    max_rounds: int = setting(3, "measurement rounds at most (the quietest is kept)")
 
 
 def summarize(samples_ms: list[float], batch: int) -> dict:
@@ -118,9 +120,11 @@ def fingerprint_id(fingerprint_: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint_, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def benchmark(runner: Runner, images: np.ndarray, precision: str, artifact_sha256: Optional[str], settings: BenchSettings = BenchSettings(), label: str = "") -> dict:
+def benchmark(runner: Runner, images: np.ndarray, precision: str = "fp32", artifact_sha256: Optional[str] = None,
+              settings: BenchSettings = BenchSettings(), label: str = "") -> dict:
     """Measure `runner` on `images` (one batch); re-measure up to max_rounds while CoV > max_cov
-    and keep the quietest round."""
+    and keep the quietest round. `precision`, `artifact_sha256` and `label` go into the
+    fingerprint that decides which results may be compared."""
     rounds = []
     for _ in range(settings.max_rounds):
         stats = summarize(measure_round(runner, images, settings), len(images))
@@ -131,6 +135,7 @@ def benchmark(runner: Runner, images: np.ndarray, precision: str, artifact_sha25
     print_ = fingerprint(runner, precision, len(images), artifact_sha256, label)
     return {
         "label": label, "batch": len(images), **best, "rounds": len(rounds), "noisy": best["cov"] > settings.max_cov,
+        "setup_seconds": getattr(runner, "setup_seconds", {}).get(str(tuple(images.shape))),  # compile / capture, not in the latency
         "end_to_end_median_ms": end_to_end_ms(runner, images),
         "fingerprint": print_, "fingerprint_id": fingerprint_id(print_), "settings": asdict(settings),
     }

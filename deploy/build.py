@@ -11,14 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from export.precision import graph_precision
-
 from .errors import DeployError
-from .files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.precision import PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 

@@ -1,5 +1,6 @@
-"""The one exception type of deploy/."""
+"""The one exception type of vitslim.deploy."""
+from vitslim.errors import VitslimError
 
 
-class DeployError(RuntimeError):
+class DeployError(VitslimError, RuntimeError):
     """A build, load, comparison or gate that cannot proceed; the message says what to do."""

@@ -11,11 +11,12 @@ import copy
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pruning.plan import BlockPlan, SlimPlan, validate
-from pruning.reference import aggregate_tokens
-from pruning.timm_adapter import BlockParts, ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
+from vitslim.pruning.plan import BlockPlan, SlimPlan, validate
+from vitslim.pruning.reference import aggregate_tokens
+from vitslim.pruning.timm_adapter import BlockParts, ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
 
 from .errors import ExportError
 from .token_layout import TOKEN_LAYOUTS, is_prefix, slice_layout
@@ -74,45 +75,61 @@ def _constant(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 class CompactAttention(nn.Module):
     """Rectangular multi-head attention: queries for the kept tokens only, keys/values for all.
 
-    Input [B, N_in, C] (LayerNorm-1 output); output [B, N_out, dim]. With a static matrix
-    [H, N_out, N_in] the q/k projections, the scores and the softmax are gone.
+    Input [B, N_in, C] (LayerNorm-1 output); output [B, N_out, dim]. Dynamic attention runs
+    through `scaled_dot_product_attention` (fused kernels on GPUs, MatMul -> Softmax -> MatMul in
+    ONNX), with value heads that may be narrower than query heads (VTP). One GEMM makes q, k and v
+    when all read the same tokens; with cut queries, q is made for the kept tokens and k, v in one
+    GEMM for all. With a static matrix [H, N_out, N_in] the q/k projections, the scores and the
+    softmax are gone and attention is one batched matmul.
     """
 
     def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry) -> None:
         super().__init__()
-        heads, head_dim = geometry.num_heads, geometry.head_dim
-        attn_dim = geometry.attn_dim
+        heads, head_dim, attn_dim = geometry.num_heads, geometry.head_dim, geometry.attn_dim
         value_channels = list(plan.proj_in) if plan.proj_in is not None else list(range(attn_dim))
         qkv_in = None if plan.qkv_in is None else list(plan.qkv_in)
+        q_rows, k_rows = list(range(attn_dim)), list(range(attn_dim, 2 * attn_dim))
+        v_rows = [2 * attn_dim + c for c in value_channels]
         self.num_heads, self.head_dim = heads, head_dim
         self.value_per_head = len(value_channels) // heads
+        self.widths = (attn_dim, attn_dim, len(value_channels))  # q, k, v output widths
         self.scale = head_dim ** -0.5
         self.select_channels = nn.Identity() if qkv_in is None else SelectIndices(plan.qkv_in, dim=-1)
         self.select_queries = token_selector(plan.kept_tokens)
-        self.v = slice_linear(parts.qkv, qkv_in, [2 * attn_dim + c for c in value_channels])
         self.proj = slice_linear(parts.proj, value_channels, None)
-        if plan.static_attention is None:
-            self.static_attention = None
-            self.q = slice_linear(parts.qkv, qkv_in, list(range(attn_dim)))
-            self.k = slice_linear(parts.qkv, qkv_in, list(range(attn_dim, 2 * attn_dim)))
-            self.q_norm, self.k_norm = copy.deepcopy(parts.q_norm), copy.deepcopy(parts.k_norm)
+        self.static_attention = None if plan.static_attention is None else _constant(plan.static_attention, parts.proj.weight)
+        self.qkv = self.q = self.kv = self.v = None
+        if self.static_attention is not None:
+            self.v = slice_linear(parts.qkv, qkv_in, v_rows)
+            return
+        if plan.kept_tokens is None:
+            self.qkv = slice_linear(parts.qkv, qkv_in, q_rows + k_rows + v_rows)
         else:
-            self.static_attention = _constant(plan.static_attention, parts.proj.weight)
+            self.q = slice_linear(parts.qkv, qkv_in, q_rows)
+            self.kv = slice_linear(parts.qkv, qkv_in, k_rows + v_rows)
+        self.q_norm, self.k_norm = copy.deepcopy(parts.q_norm), copy.deepcopy(parts.k_norm)
 
     def _split_heads(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """[B, N, H*width] -> [B, H, N, width]"""
         return x.reshape(x.shape[0], x.shape[1], self.num_heads, width).transpose(1, 2)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, N_out, head_dim], k [B, H, N_in, head_dim], v [B, H, N_in, value_per_head]."""
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.widths, dim=-1)
+        else:
+            q = self.q(self.select_queries(x))
+            k, v = self.kv(x).split(self.widths[1:], dim=-1)
+        return self._split_heads(q, self.head_dim), self._split_heads(k, self.head_dim), self._split_heads(v, self.value_per_head)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.select_channels(x)
-        v = self._split_heads(self.v(x), self.value_per_head)
         if self.static_attention is not None:
-            attn = self.static_attention
+            out = torch.matmul(self.static_attention, self._split_heads(self.v(x), self.value_per_head))
         else:
-            q = self.q_norm(self._split_heads(self.q(self.select_queries(x)), self.head_dim))
-            k = self.k_norm(self._split_heads(self.k(x), self.head_dim))
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2)
+            q, k, v = self._project(x)
+            out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, scale=self.scale)
+        out = out.transpose(1, 2)
         return self.proj(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.value_per_head))
 
 

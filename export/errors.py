@@ -1,5 +1,6 @@
-"""The one exception type of export/."""
+"""The one exception type of vitslim.export."""
+from vitslim.errors import VitslimError
 
 
-class ExportError(RuntimeError):
+class ExportError(VitslimError, RuntimeError):
     """An export that cannot be done or that failed its checks; the message says what to do."""

@@ -17,15 +17,15 @@ import onnx
 import torch
 from torch import nn
 
-from pruning.atomic import atomic_path
-from pruning.macs import block_widths, plan_macs
-from pruning.plan import SlimPlan, dense_plan, token_counts, validate
-from pruning.reference import MaskedReference
-from pruning.timm_adapter import count_params, input_shape_of, supported_geometry
+from vitslim.files import atomic_path
+from vitslim.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
+from vitslim.pruning.macs import block_widths, plan_macs
+from vitslim.pruning.plan import SlimPlan, dense_plan, token_counts, validate
+from vitslim.pruning.reference import MaskedReference
+from vitslim.pruning.timm_adapter import count_params, input_shape_of, supported_geometry
 
 from .compact import compact_from_plan
 from .errors import ExportError
-from .parity import FP16_TOP1_AGREEMENT, FP32_LOGIT_TOLERANCE, compare_outputs
 from .precision import fp16_from_fp32
 from .passes import DEFAULT_PASSES, apply_passes
 from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
@@ -78,10 +78,10 @@ def block_rows(plan: SlimPlan, geometry) -> list[dict]:
     """Per block: tokens, widths, static/aggregation flags and MACs (for the report)."""
     macs = plan_macs(plan, geometry)["blocks"]
     rows = []
-    for index, (block, (n_in, n_out)) in enumerate(zip(plan.blocks, token_counts(plan, geometry))):
+    for index, (block, counts) in enumerate(zip(plan.blocks, token_counts(plan, geometry))):
         widths = block_widths(block, geometry)
         rows.append({
-            "block": index, "tokens_in": n_in, "tokens_out": n_out, "qkv_in": widths.qkv_in,
+            "block": index, "tokens_in": counts.read, "tokens_out": counts.written, "qkv_in": widths.qkv_in,
             "value_per_head": widths.value_per_head, "fc1_in": widths.fc1_in, "hidden": widths.hidden,
             "static_attention": block.static_attention is not None,
             "aggregated_to": None if block.token_aggregation is None else block.token_aggregation.shape[0],
@@ -112,7 +112,7 @@ def export_plan(
     plan: SlimPlan,
     out_path: str | Path,
     images: Optional[torch.Tensor] = None,
-    tolerance: float = FP32_LOGIT_TOLERANCE,
+    tolerance: Optional[Tolerance] = None,
     passes: tuple[str, ...] = DEFAULT_PASSES,
     token_layout: str = "gather",
     precision: str = "fp32",
@@ -120,11 +120,12 @@ def export_plan(
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
-    graph (LayerNorm and Softmax stay fp32) and checks top-1 agreement >= 99 % instead of
-    `tolerance`, which applies to fp32.
+    graph (LayerNorm and Softmax stay fp32). Parity against the masked reference is held to
+    `tolerance`, by default the precision's entry of vitslim.precision.TOLERANCES.
     """
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision {precision!r} is not fp32 or fp16")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not one of {PRECISIONS}")
+    tolerance = tolerance or tolerance_for(precision)
     started = time.perf_counter()
     out_path = Path(out_path)
     geometry = supported_geometry(model)
@@ -141,10 +142,11 @@ def export_plan(
         _check_graph(exported)
         onnx.save(exported, str(tmp))
         parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
-        if precision == "fp32" and not parity.within(tolerance):
-            raise ExportError(f"ONNX differs from the masked reference: max abs diff {parity.max_abs_diff:.3e} > {tolerance:.0e}; nothing written")
-        if precision == "fp16" and parity.top1_agreement < FP16_TOP1_AGREEMENT:
-            raise ExportError(f"fp16 ONNX agrees with the masked reference on top-1 for {parity.top1_agreement:.1%} < {FP16_TOP1_AGREEMENT:.0%} of images; nothing written")
+        if not parity.passes(tolerance):
+            raise ExportError(
+                f"{precision} ONNX differs from the masked reference beyond {tolerance.to_dict()} (max abs diff {parity.max_abs_diff:.3e}, "
+                f"top-1 agreement {parity.top1_agreement:.1%}); nothing written"
+            )
         onnx_bytes = tmp.stat().st_size
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
@@ -154,7 +156,7 @@ def export_plan(
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
         "precision": precision,
-        "parity": {**parity.to_dict(), "tolerance": tolerance if precision == "fp32" else {"top1_agreement": FP16_TOP1_AGREEMENT}, "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
+        "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
         "blocks": block_rows(plan, geometry),
         "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": OPSET, "io": io_shapes(exported)},
         "export_seconds": time.perf_counter() - started, "versions": _versions(),

@@ -1,4 +1,5 @@
-"""FP16 ONNX for strongly typed TensorRT (11, RTX), which takes precisions from the graph.
+"""FP16 ONNX for strongly typed TensorRT (10 built strongly typed, 11, RTX), which takes
+precisions from the graph.
 
 onnxruntime's float16 converter casts weights and activations to fp16 and keeps LayerNorm and
 Softmax in fp32 (their reductions overflow or lose too much in fp16). Inputs and outputs stay
@@ -15,9 +16,3 @@ def fp16_from_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_OPS), disable_shape_infer=False)
-
-
-def graph_precision(model: onnx.ModelProto) -> str:
-    """fp16 if any initializer is float16 (an fp16 export), else fp32."""
-    fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
-    return "fp16" if fp16 else "fp32"

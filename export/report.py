@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from pruning.atomic import write_text_atomic
+from vitslim.files import write_text_atomic
 
 def op_inventory(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count over the main graph, most frequent first."""

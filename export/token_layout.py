@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pruning.plan import SlimPlan
-from pruning.timm_adapter import ViTGeometry
+from vitslim.pruning.plan import SlimPlan
+from vitslim.pruning.timm_adapter import ViTGeometry
 
 from .errors import ExportError
 

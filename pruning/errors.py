@@ -1,7 +1,8 @@
-"""The one exception type of pruning/: raised for bad user input, with a message that says how to fix it."""
+"""The one exception type of vitslim.pruning."""
+from vitslim.errors import VitslimError
 
 
-class PruningError(ValueError):
+class PruningError(VitslimError, ValueError):
     """A plan, model, checkpoint, data set or setting that vitslim cannot use.
 
     The message is one line that names the problem and what to do; the CLI prints it as is.

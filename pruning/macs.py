@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import BlockPlan, SlimPlan, token_counts
+from .plan import BlockPlan, SlimPlan, TokenCounts, token_counts
 from .timm_adapter import ViTGeometry
 
 
@@ -19,24 +19,25 @@ class BlockWidths:
     hidden: int
 
 
-def block_widths(block: BlockPlan, geometry: ViTGeometry) -> BlockWidths:
-    def kept(values, full: int) -> int:
-        return full if values is None else len(values)
+def kept_channels(block: BlockPlan, geometry: ViTGeometry) -> dict[str, int]:
+    """How many channels of each prunable space (CHANNEL_SPACES) the block keeps."""
+    return {space: size if getattr(block, space) is None else len(getattr(block, space)) for space, size in geometry.channel_sizes.items()}
 
+
+def block_widths(block: BlockPlan, geometry: ViTGeometry) -> BlockWidths:
+    kept = kept_channels(block, geometry)
     return BlockWidths(
-        qkv_in=kept(block.qkv_in, geometry.dim),
-        value_per_head=kept(block.proj_in, geometry.attn_dim) // geometry.num_heads,
-        fc1_in=kept(block.fc1_in, geometry.dim),
-        hidden=kept(block.hidden, geometry.mlp_hidden),
+        qkv_in=kept["qkv_in"], value_per_head=kept["proj_in"] // geometry.num_heads, fc1_in=kept["fc1_in"], hidden=kept["hidden"],
     )
 
 
-def block_macs(block: BlockPlan, geometry: ViTGeometry, n_before: int, n_in: int, n_out: int) -> dict[str, int]:
+def block_macs(block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts) -> dict[str, int]:
     """MACs of one block by part, for one image.
 
-    n_before: tokens arriving (before aggregation); n_in: tokens read after aggregation (keys and
-    values); n_out: tokens written (queries, residual, MLP rows).
+    counts.arriving: tokens before aggregation; counts.read: tokens after it (keys and values);
+    counts.written: tokens written (queries, residual, MLP rows).
     """
+    n_before, n_in, n_out = counts.arriving, counts.read, counts.written
     widths = block_widths(block, geometry)
     heads, head_dim, dim = geometry.num_heads, geometry.head_dim, geometry.dim
     value_dim = heads * widths.value_per_head
@@ -60,9 +61,6 @@ def block_macs(block: BlockPlan, geometry: ViTGeometry, n_before: int, n_in: int
 
 def plan_macs(plan: SlimPlan, geometry: ViTGeometry) -> dict:
     """{"total", "patch_embed", "head", "blocks": [per-block total]} for one image; plan must be valid."""
-    per_block, n_before = [], geometry.num_tokens
-    for block, (n_in, n_out) in zip(plan.blocks, token_counts(plan, geometry)):
-        per_block.append(sum(block_macs(block, geometry, n_before, n_in, n_out).values()))
-        n_before = n_out
+    per_block = [sum(block_macs(block, geometry, counts).values()) for block, counts in zip(plan.blocks, token_counts(plan, geometry))]
     total = geometry.patch_embed_macs + geometry.head_macs + sum(per_block)
     return {"total": total, "patch_embed": geometry.patch_embed_macs, "head": geometry.head_macs, "blocks": per_block}

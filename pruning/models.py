@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from vitslim.files import atomic_path
 from .errors import PruningError
 from .plan import ModelSpec
 from .timm_adapter import check_supported
@@ -47,6 +47,7 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
             ) from None
         raise
     check_supported(model)
+    model.vitslim_spec = spec  # what the model was made from, so that a dense plan can name it
     return model.eval()
 
 

@@ -27,9 +27,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .atomic import atomic_path
+from vitslim.files import atomic_path
 from .errors import PruningError
-from .timm_adapter import ViTGeometry, supported_geometry
+from .timm_adapter import CHANNEL_SPACES, ViTGeometry, supported_geometry
 
 SCHEMA_VERSION = 1
 PLAN_JSON = "plan.json"
@@ -150,30 +150,47 @@ def _check_value_heads(where: str, proj_in: Indices, geometry: ViTGeometry) -> N
         )
 
 
-def _validate_block(index: int, block: BlockPlan, geometry: ViTGeometry, n_in: int) -> int:
-    """Check one block against the tokens it receives; return the number of tokens it outputs."""
-    prefix = geometry.num_prefix_tokens
+@dataclass(frozen=True)
+class TokenCounts:
+    """The token counts of one block: arriving, read after aggregation (keys/values), written."""
+
+    arriving: int
+    read: int
+    written: int
+
+
+def token_counts(plan: SlimPlan, geometry: ViTGeometry) -> list[TokenCounts]:
+    """The one walk of the token axis through the blocks. Counts follow the plan's fields as
+    given (an aggregation of M rows makes P + M tokens); validate() checks that they fit."""
+    counts, arriving = [], geometry.num_tokens
+    for block in plan.blocks:
+        aggregation = block.token_aggregation
+        read = arriving if aggregation is None else geometry.num_prefix_tokens + (aggregation.shape[0] if aggregation.dim() else 0)
+        written = read if block.kept_tokens is None else len(block.kept_tokens)
+        counts.append(TokenCounts(arriving, read, written))
+        arriving = written
+    return counts
+
+
+def _validate_block(index: int, block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts) -> None:
+    """Check one block against the tokens it receives (earlier blocks are valid)."""
+    prefix, sizes = geometry.num_prefix_tokens, geometry.channel_sizes
     where = f"block {index} field"
     if block.token_aggregation is not None:
         aggregation = block.token_aggregation
-        if aggregation.dim() != 2 or aggregation.shape[1] != n_in - prefix or aggregation.shape[0] < 1:
+        if aggregation.dim() != 2 or aggregation.shape[1] != counts.arriving - prefix or aggregation.shape[0] < 1:
             raise PruningError(
-                f"{where} token_aggregation: shape {tuple(aggregation.shape)} must be [M >= 1, {n_in - prefix}] "
-                f"(the block receives {n_in - prefix} non-prefix tokens)"
+                f"{where} token_aggregation: shape {tuple(aggregation.shape)} must be [M >= 1, {counts.arriving - prefix}] "
+                f"(the block receives {counts.arriving - prefix} non-prefix tokens)"
             )
         _check_tensor(f"{where} token_aggregation", aggregation, tuple(aggregation.shape))
-        n_in = prefix + aggregation.shape[0]
-    _check_indices(f"{where} kept_tokens", block.kept_tokens, n_in)
+    _check_indices(f"{where} kept_tokens", block.kept_tokens, counts.read)
     if block.kept_tokens is not None and tuple(block.kept_tokens[:prefix]) != tuple(range(prefix)):
         raise PruningError(f"{where} kept_tokens: prefix tokens 0..{prefix - 1} (class/distillation/register) must be kept")
-    n_out = n_in if block.kept_tokens is None else len(block.kept_tokens)
-    _check_indices(f"{where} qkv_in", block.qkv_in, geometry.dim)
-    _check_indices(f"{where} proj_in", block.proj_in, geometry.attn_dim)
+    for space in CHANNEL_SPACES:
+        _check_indices(f"{where} {space}", getattr(block, space), sizes[space])
     _check_value_heads(f"{where} proj_in", block.proj_in, geometry)
-    _check_indices(f"{where} fc1_in", block.fc1_in, geometry.dim)
-    _check_indices(f"{where} hidden", block.hidden, geometry.mlp_hidden)
-    _check_tensor(f"{where} static_attention", block.static_attention, (geometry.num_heads, n_out, n_in))
-    return n_out
+    _check_tensor(f"{where} static_attention", block.static_attention, (geometry.num_heads, counts.written, counts.read))
 
 
 def validate(plan: SlimPlan, model: "ViTGeometry | torch.nn.Module") -> None:
@@ -184,23 +201,11 @@ def validate(plan: SlimPlan, model: "ViTGeometry | torch.nn.Module") -> None:
     geometry = model if isinstance(model, ViTGeometry) else supported_geometry(model)
     if len(plan.blocks) != geometry.depth:
         raise PruningError(f"plan has {len(plan.blocks)} blocks but the model has {geometry.depth}")
-    n_tokens = geometry.num_tokens
+    counts = token_counts(plan, geometry)
     for index, block in enumerate(plan.blocks):
-        n_tokens = _validate_block(index, block, geometry, n_tokens)
-    if geometry.pools_patch_tokens and n_tokens <= geometry.num_prefix_tokens:
+        _validate_block(index, block, geometry, counts[index])
+    if geometry.pools_patch_tokens and counts[-1].written <= geometry.num_prefix_tokens:
         raise PruningError("the last block keeps no patch token, but the model's head averages patch tokens")
-
-
-def token_counts(plan: SlimPlan, geometry: ViTGeometry) -> list[tuple[int, int]]:
-    """(tokens read, tokens written) per block, after aggregation; the plan must be valid."""
-    counts, n_in = [], geometry.num_tokens
-    for block in plan.blocks:
-        if block.token_aggregation is not None:
-            n_in = geometry.num_prefix_tokens + block.token_aggregation.shape[0]
-        n_out = n_in if block.kept_tokens is None else len(block.kept_tokens)
-        counts.append((n_in, n_out))
-        n_in = n_out
-    return counts
 
 
 # ----------------------------------------------------------------------------------- persistence

@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import nn
 
-from .atomic import write_text_atomic
+from vitslim.files import write_text_atomic
 from .errors import PruningError
 from .models import WEIGHTS_FILE, create_model, load_weights, read_checkpoint, save_weights
 from .plan import PLAN_JSON, SlimPlan, load_plan, save_plan, validate

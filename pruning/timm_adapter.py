@@ -39,6 +39,11 @@ class ViTGeometry:
     def attn_dim(self) -> int:
         return self.num_heads * self.head_dim
 
+    @property
+    def channel_sizes(self) -> dict[str, int]:
+        """Full size of each prunable channel space (CHANNEL_SPACES), by name."""
+        return {"qkv_in": self.dim, "proj_in": self.attn_dim, "fc1_in": self.dim, "hidden": self.mlp_hidden}
+
 
 @dataclass(frozen=True)
 class BlockParts:

@@ -17,23 +17,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from vitslim.settings import setting
+
 from .data import DataSplits
 from .errors import PruningError
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    batch_size: int = 64
-    distill_weight: float = 0.0  # weight of the KL term toward the teacher's logits; 0 turns it off
-    distill_temperature: float = 1.0
-    seed: int = 0
-    amp: bool = True  # bf16 autocast, CUDA only
-    num_workers: int = 0
+    epochs: int = setting(30, "training epochs")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = setting(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = setting(0.05, "weight decay of the weight matrices (not of biases, norms, embeddings)")
+    warmup_epochs: float = setting(1.0, "epochs of linear learning-rate warm-up")
+    batch_size: int = setting(64, "batch size (per process under torchrun)")
+    distill_weight: float = setting(0.0, "weight of the KL term toward a teacher's logits, in [0, 1]; 0 turns it off")
+    distill_temperature: float = setting(1.0, "temperature of the distillation term")
+    seed: int = setting(0, "random seed (initial weights, data order)")
+    amp: bool = setting(True, "bf16 autocast (CUDA only)")
+    num_workers: int = setting(0, "data-loader worker processes")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))
+# Property tests: few examples by default (the suite's time budget), many in nightly runs:
+#   pytest --hypothesis-profile nightly
+settings.register_profile("fast", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fast")
 
 # Under pytest-xdist each worker gets one thread, so that the workers do not fight for the cores.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from pruning.plan import BlockPlan, ModelSpec, SlimPlan
-from pruning.timm_adapter import ViTGeometry
+from vitslim.pruning.plan import BlockPlan, ModelSpec, SlimPlan
+from vitslim.pruning.timm_adapter import ViTGeometry
 
 FIELDS = ("token_aggregation", "kept_tokens", "qkv_in", "static_attention", "proj_in", "fc1_in", "hidden")
 

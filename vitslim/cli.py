@@ -9,12 +9,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from export.errors import ExportError
-from pruning.errors import PruningError
+from vitslim.errors import VitslimError
+from vitslim.precision import PRECISIONS, TOLERANCES, Tolerance
+from vitslim.pruning.errors import PruningError
+from vitslim.settings import help_of
 
-from deploy.errors import DeployError
-
-USER_ERRORS = (PruningError, ExportError, DeployError)
+TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -25,18 +25,18 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _spec(args):
-    from pruning.models import parse_model_kwargs
-    from pruning.plan import ModelSpec
+    from vitslim.pruning.models import parse_model_kwargs
+    from vitslim.pruning.plan import ModelSpec
 
     return ModelSpec(name=args.model, kwargs=parse_model_kwargs(args.model_kwargs))
 
 
 def cmd_train(args) -> int:
-    from pruning.train import TrainConfig
+    from vitslim.pruning.train import TrainConfig
 
     from .pipeline import train_run
 
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, distill_weight=0.0, seed=args.seed)
+    config = settings_from_args(TrainConfig, args)
     info = train_run(_spec(args), args.data, config, Path(args.out), args.checkpoint, args.pretrained)
     print(f"trained {args.model}: val top-1 {info['val_top1']:.2f} %; run directory {args.out}")
     return 0
@@ -44,9 +44,9 @@ def cmd_train(args) -> int:
 
 def _plan_and_model(args):
     """(plan, model) from a run directory, or (dense plan, model) from --model [--checkpoint]."""
-    from pruning.models import model_from_checkpoint
-    from pruning.plan import dense_plan
-    from pruning.run_dir import load_run
+    from vitslim.pruning.models import model_from_checkpoint
+    from vitslim.pruning.plan import dense_plan
+    from vitslim.pruning.run_dir import load_run
 
     if (args.run_dir is None) == (args.model is None):
         raise PruningError("give either a RUN_DIR or --model NAME (not both)")
@@ -58,8 +58,8 @@ def _plan_and_model(args):
 
 
 def cmd_export(args) -> int:
-    from export.onnx_export import export_plan
-    from pruning.data import calibration_batch
+    from vitslim.export.onnx_export import export_plan
+    from vitslim.pruning.data import calibration_batch
 
     plan, model = _plan_and_model(args)
     images = None
@@ -67,7 +67,8 @@ def cmd_export(args) -> int:
         from .pipeline import data_for
 
         images = calibration_batch(data_for(model, args.data).val, 8)
-    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout, precision=args.precision)
+    tolerance = None if args.tolerance is None else Tolerance(max_abs_diff=args.tolerance)
+    result = export_plan(model, plan, args.out, images=images, tolerance=tolerance, token_layout=args.token_layout, precision=args.precision)
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
@@ -76,53 +77,57 @@ def cmd_export(args) -> int:
     return 0
 
 
-# Method settings on the command line: flag dest == field name of the method's config dataclass.
-METHOD_FLAGS = {
-    "prune_ratio": (float, "fraction of the gated dims to remove (VTP), in (0, 1)"),
-    "l1": (float, "L1 weight λ on the gates (VTP; paper 1e-4)"),
-    "sparsity_epochs": (int, "epochs of sparsity training (VTP)"),
-    "finetune_epochs": (int, "epochs of fine-tuning after pruning"),
-    "lr": (float, "learning rate of the weights"),
-    "gate_lr": (float, "learning rate of the gates (VTP)"),
-    "batch_size": (int, "batch size"),
-    "distill_weight": (float, "weight of logit distillation from the dense model, in [0, 1]"),
-    "round_to": (int, "round kept counts per module / per head to a multiple (8 for TensorRT fused attention)"),
-    "seed": (int, "random seed"),
-    "epsilon": (float, "Patch Slimming: tolerance on the next block's relative reconstruction error (paper 0.01-0.02)"),
-    "target_macs": (float, "Patch Slimming: instead of --epsilon, the fraction of dense MACs to keep (searches epsilon)"),
-    "step": (int, "Patch Slimming: tokens added per search step (paper 10)"),
-    "block_epochs": (int, "Patch Slimming: epochs of single-block fine-tuning per candidate set"),
-    "block_lr": (float, "Patch Slimming: learning rate of the single-block fine-tuning"),
-    "calibration_images": (int, "Patch Slimming, DGSSA: training images used for scores / attention statistics"),
-    "static_blocks": (int, "DGSSA: the first K blocks get static attention"),
-    "similarity_threshold": (float, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"),
-    "pyramid": (str, "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10"),
-    "attention_weight": (float, "DGSSA: weight of the attention-distillation term toward the dense model's maps"),
-    "static_lr": (float, "DGSSA/GLAD: learning rate of the static-attention logits and aggregation matrices"),
-}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _method_config(method, args):
-    import dataclasses as dc
+def _flag_type(field: dataclasses.Field) -> type:
+    """The argparse type of a settings field from its annotation ('Optional[float]' -> float)."""
+    name = str(field.type).removeprefix("Optional[").removesuffix("]")
+    return _FLAG_TYPES[name]
 
-    given = {name: getattr(args, name) for name in METHOD_FLAGS if getattr(args, name) is not None}
-    if args.per_module:
-        given["per_module"] = True
-    fields = {f.name for f in dc.fields(method.config_type)}
-    stray = sorted(set(given) - fields)
+
+def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types: dict[str, type]) -> None:
+    """One --flag per settings field of `config_types` (owner -> frozen dataclass), with the
+    field's help text and default(s); a flag not given stays None, so the dataclass default holds."""
+    owners: dict[str, list] = {}
+    for owner, config_type in config_types.items():
+        for field in dataclasses.fields(config_type):
+            owners.setdefault(field.name, []).append((owner, field))
+    group = parser.add_argument_group(title)
+    for name, owned in owners.items():
+        field = owned[0][1]
+        if len(config_types) == 1:
+            defaults = repr(field.default)
+        else:
+            defaults = "; ".join(f"{owner} {f.default!r}" for owner, f in owned)
+        text = f"{help_of(field)} (default: {defaults})".replace("%", "%%")
+        flag, kind = "--" + name.replace("_", "-"), _flag_type(field)
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
+
+
+def settings_from_args(config_type: type, args, others: tuple[type, ...] = (), owner: str = "") -> object:
+    """`config_type` built from the flags that were given; a given flag that belongs only to
+    `others` (another method's settings) is refused by name."""
+    own = {field.name for field in dataclasses.fields(config_type)}
+    foreign = {field.name for other in others for field in dataclasses.fields(other)} - own
+    stray = sorted(name for name in foreign if getattr(args, name, None) is not None)
     if stray:
         flags = ", ".join("--" + name.replace("_", "-") for name in stray)
-        raise PruningError(f"{flags} does not apply to method {method.name!r}")
-    return method.config_type(**given)
+        raise PruningError(f"{flags} does not apply to method {owner!r}")
+    return config_type(**{name: getattr(args, name) for name in own if getattr(args, name, None) is not None})
 
 
 def cmd_prune(args) -> int:
-    from pruning.methods import get_method
+    from vitslim.pruning.methods import METHODS, get_method
 
     from .pipeline import data_for, prune_run
 
     method = get_method(args.method)
-    config = _method_config(method, args)
+    others = tuple(m.config_type for m in METHODS.values() if m.name != method.name)
+    config = settings_from_args(method.config_type, args, others, owner=method.name)
     plan, model = _plan_and_model(args)
     report = prune_run(method.name, config, plan, model, data_for(model, args.data), Path(args.out))
     stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
@@ -131,7 +136,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from deploy.build import BatchProfile, BuildSettings, engine_from_onnx
+    from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
 
     settings = BuildSettings(
         precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or ["1:8:32"]),
@@ -148,11 +153,13 @@ def cmd_build(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from vitslim.deploy.bench import BenchSettings
+
     from .measure import BenchSpec, bench_markdown, run_bench, write_bench
 
     spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
                      run_dir=args.run, torch_mode=args.torch_mode, torch_dtype=args.torch_dtype, threads=args.threads)
-    report = run_bench(spec)
+    report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
     if args.json:
         write_bench(report, Path(args.json))
@@ -161,12 +168,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
-    from export.compact import compact_from_plan
-    from pruning.data import calibration_batch
-    from pruning.run_dir import load_run
+    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+    from vitslim.export.compact import compact_from_plan
+    from vitslim.pruning.data import calibration_batch
+    from vitslim.pruning.run_dir import load_run
 
-    from .measure import compare_run
+    from .measure import compare_with_reference
     from .pipeline import data_for
 
     plan, model = load_run(args.run_dir)
@@ -176,26 +183,27 @@ def cmd_compare(args) -> int:
         candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
     batches = list(args.batch or [1, 8])
     if args.engine:
-        from deploy.runners import check_engine
+        from vitslim.deploy.runners import check_engine
 
         manifest = check_engine(Path(args.engine))
         candidates["tensorrt"] = TensorRTRunner(args.engine)
         batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
-    rows = compare_run(args.run_dir, candidates, images, batches, args.precision)
+    rows = compare_with_reference(model, plan, candidates, images, batches, args.precision)
     print("| candidate | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['candidate']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |")
     if args.json:
-        from deploy.files import write_json_atomic
+        from vitslim.files import write_json_atomic
 
         write_json_atomic(args.json, {"run": args.run_dir, "rows": rows})
     return 0 if all(r["passed"] for r in rows) else 1
 
 
 def cmd_gate(args) -> int:
-    from deploy.bench import BenchSettings
-    from deploy.files import write_json_atomic
-    from deploy.gate import NOT_COMPARABLE, compare_results
+    from vitslim.deploy.bench import BenchSettings
+    from vitslim.files import write_json_atomic
+    from vitslim.deploy.errors import DeployError
+    from vitslim.deploy.gate import NOT_COMPARABLE, compare_results
 
     from .measure import load_results, remeasure
 
@@ -238,6 +246,8 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     if args.out_dir:
         recipe = dataclasses.replace(recipe, out_dir=Path(args.out_dir))
+    if args.seed is not None:
+        recipe = recipe.with_seed(args.seed)
     summary = run_recipe(recipe)
     root = recipe.run_root
     print((root / "summary.md").read_text())
@@ -246,6 +256,11 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vitslim.deploy.bench import BenchSettings
+    from vitslim.deploy.runners import TORCH_MODES
+    from vitslim.pruning.methods import METHODS, list_methods
+    from vitslim.pruning.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,10 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a dense model and write a run directory")
     _add_model_args(train, required=True)
     train.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--seed", type=int, default=0)
+    add_settings_flags(train, "training settings", {"train": TrainConfig})
     train.add_argument("--out", required=True, help="run directory to write")
     train.set_defaults(func=cmd_train)
 
@@ -266,26 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
     export.add_argument("--token-layout", choices=("gather", "slice"), default="gather",
                         help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
-    export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    export.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16: weights and activations in fp16, LayerNorm and Softmax in fp32 (for strongly typed TensorRT)")
-    export.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff on logits allowed vs the masked reference")
+    export.add_argument("--tolerance", type=float, help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
 
     prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
     prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
     _add_model_args(prune, required=False)
-    prune.add_argument("--method", required=True, help="vtp | patch-slim | dgssa-glad")
+    prune.add_argument("--method", required=True, help=" | ".join(list_methods()))
     prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
-    for name, (kind, text) in METHOD_FLAGS.items():
-        prune.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
-    prune.add_argument("--per-module", action="store_true", help="one threshold per gate instead of one global threshold (VTP)")
+    add_settings_flags(prune, "method settings (each applies to the methods whose defaults it lists)", {name: METHODS[name].config_type for name in list_methods()})
     prune.add_argument("--out", required=True, help="run directory to write")
     prune.set_defaults(func=cmd_prune)
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    build.add_argument("--precision", choices=PRECISIONS, default="fp32")
     build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="a batch optimisation profile (repeat for several); default 1:8:32")
     build.add_argument("--timing-cache", help="timing cache file, read if present and written back")
     build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
@@ -298,11 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", required=True, choices=("torch", "onnxruntime", "tensorrt"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--batch", type=int, action="append", help="batch size (repeat); default 1 and 8")
-    bench.add_argument("--run", help="also time the PyTorch dense model and compact module of this run directory, and report ratios")
-    bench.add_argument("--torch-mode", choices=("eager", "cuda_graph"), default="eager")
+    bench.add_argument("--run", help="also time timm's own model (torch:timm, the baseline of every speed-up), the compact module "
+                       "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory")
+    bench.add_argument("--torch-mode", choices=TORCH_MODES, default="eager",
+                       help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart)")
     bench.add_argument("--torch-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the PyTorch runners")
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--json", help="write results here (and a .md beside it)")
+    add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
     bench.set_defaults(func=cmd_bench)
 
     compare = commands.add_parser("compare", help="outputs of each backend vs the masked PyTorch reference of a run")
@@ -311,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch")
     compare.add_argument("--data", default="digits")
     compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
-    compare.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32: max abs diff <= 1e-3; fp16: top-1 agreement >= 99 %%")
+    compare.add_argument("--precision", choices=PRECISIONS, default="fp32", help=f"tolerance by precision: {TOLERANCES_TEXT}")
     compare.add_argument("--device", default="cpu")
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
@@ -322,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--baseline-dir", help="directory of baselines keyed by fingerprint id")
     gate.add_argument("--warn", type=float, default=0.05)
     gate.add_argument("--fail", type=float, default=0.10)
-    gate.add_argument("--max-cov", type=float, default=0.10, help="results noisier than this are re-measured, then refused")
+    gate.add_argument("--max-cov", type=float, default=BenchSettings.max_cov, help="results noisier than this are re-measured, then refused")
     gate.add_argument("--remeasure", type=int, default=2, help="how often to re-measure noisy results")
     gate.add_argument("--accept", action="store_true", help="make CURRENT the baseline (atomically)")
     gate.set_defaults(func=cmd_gate)
@@ -330,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")
     run.add_argument("--out-dir", help="where runs/NAME goes (default: the recipe's out_dir, 'runs')")
+    run.add_argument("--seed", type=int, help="seed of the dense training and of every method (default: the recipe's, 0)")
     run.set_defaults(func=cmd_run)
     return parser
 
@@ -340,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
     try:
         return args.func(args)
-    except USER_ERRORS as error:
+    except VitslimError as error:
         print(f"vitslim {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,93 +1,155 @@
-"""GPU latency study: PyTorch dense vs compact DeiT for the structure each method produces.
+"""GPU latency study: timm's own model against vitslim's compact modules, per method structure.
 
-`python -m vitslim.latency_study --out DIR [--model deit_small_patch16_224] [--device cuda]`
-writes run directories with random weights (latency does not depend on them) for: dense, VTP at
-40 % (uniform cut), a Patch-Slimming schedule, DGSSA (4 static blocks) + GLAD (7:98,10:49), then
-times each compact module against the dense model in the same run (CUDA graphs, fp16, batch 1
-and 64 by default) and writes DIR/latency.json and DIR/latency.md.
+    python -m vitslim.latency_study --out DIR [--model deit_small_patch16_224 --model deit_base_patch16_224]
+        [--device cuda] [--dtype fp16] [--mode cuda_graph --mode compile] [--batch 1 --batch 64 --batch 256]
+
+For each model it builds, with random weights (latency does not depend on them), the structure
+each method produces: the dense plan (a check of the compact module's own overhead), VTP at 40 %
+of the gated dims with the hidden-heavy cut a trained run makes (rounded to 8 and to 64), a
+Patch-Slimming token pyramid (in the gather and the slice token layouts), and DGSSA (4 static blocks) + GLAD (pyramid at 7/12 and 10/12 of the
+depth). Each is timed in every mode and batch beside timm's own model run the same way in the same
+process; the report gives the speed-up over timm, the MAC-ideal speed-up and realised / ideal, and
+writes DIR/latency.json and DIR/latency.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from deploy.bench import BenchSettings
-from deploy.files import write_json_atomic
-from pruning.atomic import write_text_atomic
-from pruning.dgssa_glad import pooling_matrix
-from pruning.macs import plan_macs
-from pruning.models import create_model
-from pruning.patch_slimming import plan_from_token_sets
-from pruning.plan import BlockPlan, ModelSpec, SlimPlan, dense_plan
-from pruning.run_dir import save_run
-from pruning.timm_adapter import geometry_of, patch_grid
-from pruning.vtp import VTPConfig, VTPGates, plan_from_gates
-
-from .measure import BenchSpec, run_bench
+from vitslim.deploy.bench import BenchSettings, benchmark, host_description
+from vitslim.deploy.runners import TORCH_MODES, TorchRunner
+from vitslim.export.compact import compact_from_plan
+from vitslim.files import write_json_atomic, write_text_atomic
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.methods.dgssa_glad import pooling_matrix
+from vitslim.pruning.methods.patch_slimming import plan_from_token_sets
+from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates
+from vitslim.pruning.models import create_model
+from vitslim.pruning.plan import BlockPlan, ModelSpec, SlimPlan, dense_plan
+from vitslim.pruning.timm_adapter import CHANNEL_SPACES, ViTGeometry, geometry_of, patch_grid
 
 # tokens output per block, as a fraction of the dense count (a Patch-Slimming-like pyramid)
 PATCH_SLIM_SCHEDULE = (1.0, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.28, 0.2, 0.12, 0.0)
+SETTINGS = BenchSettings(warmup_seconds=0.3, min_seconds=1.0, min_iterations=20, max_rounds=2)
 
 
-def structure_plans(model: torch.nn.Module, spec: ModelSpec) -> dict[str, SlimPlan]:
-    geometry = geometry_of(model)
-    depth, prefix = geometry.depth, geometry.num_prefix_tokens
-    plans = {"dense": dense_plan(spec, depth)}
-    plans["vtp"] = plan_from_gates(VTPGates(geometry).as_dict(), geometry, plans["dense"], VTPConfig(prune_ratio=0.4, round_to=8))
-    generator = torch.Generator().manual_seed(0)
-    order = (torch.randperm(geometry.num_patches, generator=generator) + prefix).tolist()
+def hidden_heavy_gates(geometry: ViTGeometry, seed: int = 0) -> dict:
+    """Gate magnitudes shaped like a trained VTP run's: MLP hidden units the smallest (the paper's
+    40 % DeiT-B keeps 48 M params / 10.0 GMACs, which pruning mostly hidden units reproduces), the
+    other spaces larger with a small overlap, so that a few of their dims fall too."""
+    generator = torch.Generator().manual_seed(seed)
+    ranges = {"hidden": (0.0, 0.5), "qkv_in": (0.45, 1.0), "proj_in": (0.45, 1.0), "fc1_in": (0.45, 1.0)}
+    return {
+        (block, space): ranges[space][0] + (ranges[space][1] - ranges[space][0]) * torch.rand(geometry.channel_sizes[space], generator=generator)
+        for block in range(geometry.depth) for space in CHANNEL_SPACES
+    }
+
+
+def patch_slim_plan(geometry: ViTGeometry, base: SlimPlan) -> SlimPlan:
+    prefix, depth = geometry.num_prefix_tokens, geometry.depth
+    order = (torch.randperm(geometry.num_patches, generator=torch.Generator().manual_seed(0)) + prefix).tolist()
     schedule = [PATCH_SLIM_SCHEDULE[min(b * len(PATCH_SLIM_SCHEDULE) // depth, len(PATCH_SLIM_SCHEDULE) - 1)] for b in range(depth)]
     sets = [tuple(range(prefix)) + tuple(sorted(order[: int(round(f * geometry.num_patches))])) for f in schedule]
-    plans["patch-slim"] = plan_from_token_sets(sets, plans["dense"], geometry.num_tokens)
-    static, stages = min(4, depth // 3), [(depth * 7 // 12, geometry.num_patches // 2), (depth * 10 // 12, geometry.num_patches // 4)]
-    blocks = list(plans["dense"].blocks)
-    for b in range(static):
-        blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens))
+    return plan_from_token_sets(sets, base, geometry.num_tokens)
+
+
+def dgssa_glad_plan(model: torch.nn.Module, geometry: ViTGeometry, base: SlimPlan) -> SlimPlan:
+    depth, tokens = geometry.depth, geometry.num_tokens
+    blocks = list(base.blocks)
+    for b in range(min(4, depth // 3)):
+        blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, tokens, tokens), 1.0 / tokens))
     grid = patch_grid(model)
-    for block, count in stages:
+    for block, count in ((depth * 7 // 12, geometry.num_patches // 2), (depth * 10 // 12, geometry.num_patches // 4)):
         matrix, grid = pooling_matrix(grid, count)
         blocks[block] = BlockPlan(token_aggregation=matrix)
-    plans["dgssa-glad"] = SlimPlan(model=spec, blocks=tuple(blocks), method="dgssa-glad")
-    return plans
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitslim.latency_study")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--mode", default="cuda_graph", choices=("eager", "cuda_graph"))
-    parser.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--batch", type=int, action="append")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    spec = ModelSpec(args.model)
+def structure_plans(model: torch.nn.Module, spec: ModelSpec) -> dict[str, tuple[SlimPlan, str]]:
+    """Variant name -> (plan, token layout of its compact module)."""
+    geometry = geometry_of(model)
+    dense = dense_plan(spec, geometry.depth)
+    gates = hidden_heavy_gates(geometry)
+    patch_slim = patch_slim_plan(geometry, dense)
+    return {
+        "dense plan": (dense, "gather"),
+        "vtp 40% round 8": (plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=8)), "gather"),
+        "vtp 40% round 64": (plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=64)), "gather"),
+        "patch-slim gather": (patch_slim, "gather"),
+        "patch-slim slice": (patch_slim, "slice"),
+        "dgssa-glad": (dgssa_glad_plan(model, geometry, dense), "gather"),
+    }
+
+
+def time_model(name: str, device: str, dtype: str, modes: list[str], batches: list[int]) -> list[dict]:
+    """Every structure of `name` against timm's model, per mode and batch, in this process."""
+    spec = ModelSpec(name)
     torch.manual_seed(0)
     model = create_model(spec)
     geometry = geometry_of(model)
     dense_macs = plan_macs(dense_plan(spec, geometry.depth), geometry)["total"]
+    modules = {"timm": (model, 1.0)}
+    for variant, (plan, layout) in structure_plans(model, spec).items():
+        modules[variant] = (compact_from_plan(model, plan, layout), plan_macs(plan, geometry)["total"] / dense_macs)
     rows = []
-    for name, plan in structure_plans(model, spec).items():
-        save_run(out / name, plan, model)
-        report = run_bench(BenchSpec(artifact=str(out / name), backend="torch", device=args.device, batches=tuple(args.batch or [1, 64]),
-                                     run_dir=str(out / name), torch_mode=args.mode, torch_dtype=args.dtype), BenchSettings(min_seconds=3.0))
-        dense = {r["batch"]: r for r in report["results"] if r["label"] == "torch:dense"}
-        compact = {r["batch"]: r for r in report["results"] if r["label"] == "torch:compact"}
-        for batch in sorted(compact):
-            rows.append({"variant": name, "batch": batch, "macs_fraction": plan_macs(plan, geometry)["total"] / dense_macs,
-                         "dense_ms": dense[batch]["median_ms"], "compact_ms": compact[batch]["median_ms"],
-                         "compact_p90_ms": compact[batch]["p90_ms"], "dense_cov": dense[batch]["cov"], "compact_cov": compact[batch]["cov"],
-                         "speedup": dense[batch]["median_ms"] / compact[batch]["median_ms"], "fingerprint": compact[batch]["fingerprint"]})
-    write_json_atomic(out / "latency.json", {"model": args.model, "rows": rows})
-    gpu = rows[0]["fingerprint"]["runner"].get("gpu") if rows else None
-    lines = [f"# {args.model}: PyTorch {args.dtype} ({args.mode}) latency on {gpu}", "",
-             "| variant | MACs vs dense | batch | dense median ms | compact median ms (p90) | speed-up | MAC-ideal |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['macs_fraction']:.1%} | {r['batch']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} ({r['compact_p90_ms']:.3f}) | "
-              f"{r['speedup']:.2f}x | {1 / r['macs_fraction']:.2f}x |" for r in rows]
-    write_text_atomic(out / "latency.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for mode in modes:
+        for batch in batches:
+            images = np.random.default_rng(0).standard_normal((batch, 3, *model.patch_embed.img_size)).astype(np.float32)
+            timm_ms = None
+            for variant, (module, fraction) in modules.items():
+                result = benchmark(TorchRunner(module, device, mode, dtype), images, dtype, None, SETTINGS, label=variant)
+                timm_ms = timm_ms or result["median_ms"]
+                speedup = timm_ms / result["median_ms"]
+                rows.append({"model": name, "mode": mode, "batch": batch, "variant": variant, "macs_fraction": fraction,
+                             "median_ms": result["median_ms"], "p90_ms": result["p90_ms"], "p99_ms": result["p99_ms"], "cov": result["cov"],
+                             "speedup_vs_timm": speedup, "mac_ideal": 1 / fraction, "realised_over_ideal": speedup * fraction,
+                             "setup_seconds": result["setup_seconds"], "throughput_per_s": result["throughput_per_s"]})
+                print(f"{name} {mode} batch {batch} {variant}: {result['median_ms']:.3f} ms, {speedup:.2f}x timm (ideal {1 / fraction:.2f}x)", flush=True)
+    return rows
+
+
+def environment(device: str) -> dict:
+    import timm
+
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else host_description()["cpu"]
+    return {"device": gpu, "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda,
+            "date": datetime.date.today().isoformat(), "python": platform.python_version()}
+
+
+def markdown(rows: list[dict], env: dict, dtype: str) -> str:
+    lines = [f"# Latency: vitslim compact modules vs timm's own model ({dtype})", "",
+             f"{env['device']}, torch {env['torch']}, timm {env['timm']}, CUDA {env['cuda']}, {env['date']}. Medians of "
+             f"≥ {SETTINGS.min_iterations} iterations over ≥ {SETTINGS.min_seconds} s after {SETTINGS.warmup_seconds} s of warm-up; "
+             "speed-up = timm / variant in the same mode, batch and process; realised / ideal = speed-up / MAC-ideal.", "",
+             "| model | mode | batch | variant | MACs | median ms | p90 ms | speed-up vs timm | MAC-ideal | realised / ideal | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {r['macs_fraction']:.1%} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
+              f"{r['speedup_vs_timm']:.2f}x | {r['mac_ideal']:.2f}x | {r['realised_over_ideal']:.2f} | {r['setup_seconds'] or 0:.1f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitslim.latency_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", action="append", help="timm model (repeat); default deit_small_patch16_224")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--mode", action="append", choices=TORCH_MODES, help="repeat; default cuda_graph")
+    parser.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--batch", type=int, action="append", help="repeat; default 1, 64 and 256")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.model or ["deit_small_patch16_224"]:
+        rows += time_model(name, args.device, args.dtype, args.mode or ["cuda_graph"], args.batch or [1, 64, 256])
+    env = environment(args.device)
+    out = Path(args.out)
+    write_json_atomic(out / "latency.json", {"environment": env, "dtype": args.dtype, "settings": SETTINGS.__dict__, "rows": rows})
+    write_text_atomic(out / "latency.md", markdown(rows, env, args.dtype))
+    print(markdown(rows, env, args.dtype))
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -10,19 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy.bench import BenchSettings
-from export.onnx_export import ExportResult, export_plan, run_onnxruntime
-from pruning.atomic import write_text_atomic
-from pruning.data import DataSplits, calibration_batch, load_data
-from pruning.errors import PruningError
-from pruning.macs import plan_macs
-from pruning.methods import get_method
-from pruning.models import model_from_checkpoint
-from pruning.plan import ModelSpec, SlimPlan, dense_plan
-from pruning.run_dir import load_run, save_run
-from pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
-from pruning.vtp import space_sizes
-from pruning.train import TrainConfig, config_dict, fit, is_main_process
+from vitslim.deploy.bench import BenchSettings
+from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
+from vitslim.files import write_text_atomic
+from vitslim.pruning.data import DataSplits, calibration_batch, load_data
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.methods import get_method
+from vitslim.pruning.models import model_from_checkpoint
+from vitslim.pruning.plan import ModelSpec, SlimPlan, dense_plan
+from vitslim.pruning.run_dir import load_run, save_run
+from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
+from vitslim.pruning.train import TrainConfig, config_dict, fit, is_main_process
 
 from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
@@ -79,12 +79,21 @@ def prune_report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> dict:
-    """Run a registered method and write its run directory with prune_report.json/.md and plots."""
-    from export.compact import compact_from_plan
+@dataclass(frozen=True)
+class PruneResult:
+    """What a compression method made: the plan, the dense-shaped weights that go with it, and
+    the report (params and MACs before and after, top-1 per stage, the method's own details)."""
 
-    method = get_method(method_name)
-    result = method.run(model, data, config, plan)
+    plan: SlimPlan
+    model: nn.Module
+    report: dict
+
+
+def prune_model(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits) -> PruneResult:
+    """Run a registered method on `model` (dense `plan`) and measure what it removed."""
+    from vitslim.export.compact import compact_from_plan
+
+    result = get_method(method_name).run(model, data, config, plan)
     geometry = geometry_of(model)
     report = {
         "model": plan.model.to_dict(), "method": method_name, "data": data.source,
@@ -92,17 +101,28 @@ def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: 
         "macs_dense": plan_macs(plan, geometry)["total"], "macs": plan_macs(result.plan, geometry)["total"],
         "top1": result.top1, **result.report,
     }
-    if not is_main_process():
-        return report
-    save_run(out, result.plan, result.model, info=report)
+    return PruneResult(plan=result.plan, model=result.model, report=report)
+
+
+def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
+    """The run directory of a pruned model: plan, weights, info.json, prune_report.md and the method's plot."""
+    report, plan, geometry = result.report, result.plan, geometry_of(result.model)
+    save_run(out, plan, result.model, info=report)
     write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
-    if method_name == "vtp":
-        kept_dims_png(report["kept_dims"], space_sizes(geometry), out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
-    if method_name == "dgssa-glad":
+    if report["method"] == "vtp":
+        kept_dims_png(report["kept_dims"], geometry.channel_sizes, out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
+    if report["method"] == "dgssa-glad":
         attention_analysis_png(report["analysis"], report["static_blocks"], out / "attention_analysis.png", f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}")
-    if method_name == "patch-slim":
-        kept_patches_png(calibration_batch(data.val, 4), report["token_sets"], geometry.num_prefix_tokens, patch_grid(model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
-    return report
+    if report["method"] == "patch-slim":
+        kept_patches_png(calibration_batch(data.val, 4), report["token_sets"], geometry.num_prefix_tokens, patch_grid(result.model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
+
+
+def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> dict:
+    """Run a registered method and write its run directory (on the main process); return the report."""
+    result = prune_model(method_name, config, plan, model, data)
+    if is_main_process():
+        write_prune_run(result, data, out)
+    return result.report
 
 
 def onnx_top1(onnx_path: Path, dataset, batch_size: int = 128) -> float:
@@ -130,8 +150,8 @@ SUMMARY_BENCH = BenchSettings(warmup_seconds=0.5, min_seconds=1.5, min_iteration
 
 def engine_columns(onnx_path: Path) -> dict:
     """Build an engine with whichever TensorRT is installed; say so in one line if none is."""
-    from deploy.build import BuildSettings, engine_from_onnx
-    from deploy.tensorrt_lib import find_tensorrt
+    from vitslim.deploy.build import BuildSettings, engine_from_onnx
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
 
     trt = find_tensorrt()
     if trt is None:
@@ -141,16 +161,20 @@ def engine_columns(onnx_path: Path) -> dict:
     return {"engine_mb": result.manifest["engine"]["bytes"] / 1e6, "engine_library": f"{trt.name} {trt.version}", "engine": str(result.engine_path)}
 
 
-def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module) -> dict:
+def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm: bool = False) -> dict:
     """Median latency at SUMMARY_BATCH on this machine's CPU: onnxruntime on the ONNX and PyTorch
-    on the compact module, measured in the same run."""
-    from deploy.bench import benchmark
-    from deploy.runners import OnnxRuntimeRunner, TorchRunner
-    from export.compact import compact_from_plan
+    on the compact module, and with `with_timm` timm's own model (`model`, the baseline of every
+    speed-up), measured in the same run."""
+    from vitslim.deploy.bench import benchmark
+    from vitslim.deploy.runners import OnnxRuntimeRunner, TorchRunner
+    from vitslim.export.compact import compact_from_plan
 
     images = np.random.default_rng(0).standard_normal((SUMMARY_BATCH, *input_shape_of(model))).astype(np.float32)
     columns = {}
-    for name, runner in (("onnxruntime", OnnxRuntimeRunner(onnx_path)), ("torch", TorchRunner(compact_from_plan(model, plan)))):
+    runners = [("onnxruntime", OnnxRuntimeRunner(onnx_path)), ("torch", TorchRunner(compact_from_plan(model, plan)))]
+    if with_timm:
+        runners.append(("timm", TorchRunner(model)))
+    for name, runner in runners:
         with runner:
             result = benchmark(runner, images, "fp32", None, SUMMARY_BENCH, label=name)
         columns[f"{name}_ms"] = result["median_ms"]
@@ -165,20 +189,23 @@ def summary_markdown(title: str, rows: list[dict]) -> str:
     def number(value, digits=2):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    dense_torch = rows[0].get("torch_ms")
+    timm_ms = rows[0].get("timm_ms")
     lines = [
         f"# {title}", "",
-        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU (p90 in brackets); speed-up = PyTorch dense / PyTorch compact, same run.", "",
-        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB | engine MB | onnxruntime ms | PyTorch ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
+        f"dense model ({number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
+        "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal.", "",
+        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB | engine MB | onnxruntime ms | PyTorch ms | speed-up vs timm | MAC-ideal | realised / ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
-        f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {number(r.get('engine_mb'))} | "
-        f"{number(r.get('onnxruntime_ms'))} ({number(r.get('onnxruntime_p90_ms'))}) | {number(r.get('torch_ms'))} ({number(r.get('torch_p90_ms'))}) | "
-        f"{number(dense_torch / r['torch_ms'] if dense_torch and r.get('torch_ms') else None)}x |"
-        for r in rows
-    ]
+    for r in rows:
+        speedup = timm_ms / r["torch_ms"] if timm_ms and r.get("torch_ms") else None
+        lines.append(
+            f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
+            f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {number(r.get('engine_mb'))} | "
+            f"{number(r.get('onnxruntime_ms'))} ({number(r.get('onnxruntime_p90_ms'))}) | {number(r.get('torch_ms'))} ({number(r.get('torch_p90_ms'))}) | "
+            f"{number(speedup)}x | {1 / r['macs_fraction']:.2f}x | {number(None if speedup is None else speedup * r['macs_fraction'])} |"
+        )
     engines = {r.get("engine_library") for r in rows} - {None}
     if engines:
         lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} (fp32, batch profile 1:8:32)."]
@@ -203,9 +230,9 @@ def run_recipe(recipe: Recipe) -> dict:
         exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images)
         row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
         row.update(engine_columns(exports[name].onnx_path))
-        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model))
+        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense"))
         rows.append(row)
-    summary = {"recipe": recipe.name, "data": data.source, "rows": rows, "seconds": time.perf_counter() - started}
+    summary = {"recipe": recipe.name, "data": data.source, "seed": recipe.train.seed, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
     write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows))
     block_macs_png({name: e.report["blocks"] for name, e in exports.items()}, root / "block_macs.png", f"{recipe.name}: MACs per block")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pruning.atomic import atomic_path
+from vitslim.files import atomic_path
 
 
 def _pyplot():

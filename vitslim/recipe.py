@@ -1,13 +1,13 @@
 """Recipes: the whole pipeline as a YAML file, and the built-in default (a small ViT on digits)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from pruning.errors import PruningError
-from pruning.plan import ModelSpec
-from pruning.train import TrainConfig
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.plan import ModelSpec
+from vitslim.pruning.train import TrainConfig
 
 DEFAULT_RECIPE_YAML = """\
 # The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
@@ -45,6 +45,11 @@ class Recipe:
     def run_root(self) -> Path:
         return self.out_dir / self.name
 
+    def with_seed(self, seed: int) -> "Recipe":
+        """The same recipe with `seed` for the dense training and every method."""
+        methods = tuple((name, replace(config, seed=seed)) for name, config in self.methods)
+        return replace(self, train=replace(self.train, seed=seed), methods=methods)
+
 
 def _check_keys(where: str, given: dict, allowed: set) -> None:
     unknown = sorted(set(given) - allowed)
@@ -53,7 +58,7 @@ def _check_keys(where: str, given: dict, allowed: set) -> None:
 
 
 def _method_configs(methods) -> tuple[tuple[str, Any], ...]:
-    from pruning.methods import get_method
+    from vitslim.pruning.methods import get_method
 
     if not isinstance(methods, dict):
         raise PruningError("recipe methods: a mapping of method name -> settings, e.g. {vtp: {prune_ratio: 0.4}}")

@@ -1,7 +1,7 @@
 """Fold every subgraph that depends only on constants (e.g. shape arithmetic, transposed weights)."""
 from __future__ import annotations
 
-from . import register_pass
+from .registry import register_pass
 
 
 @register_pass("fold_constants")

@@ -1,7 +1,7 @@
 """Remove dead nodes and sort topologically (e.g. after a converter appended cast nodes at the end)."""
 from __future__ import annotations
 
-from . import register_pass
+from .registry import register_pass
 
 
 @register_pass("toposort")

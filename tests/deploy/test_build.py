@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from deploy.build import BatchProfile, BuildSettings, engine_from_onnx, manifest_path_of
-from deploy.errors import DeployError
-from deploy.files import sha256_of
-from deploy.tensorrt_lib import find_tensorrt
-from export.onnx_export import export_plan
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx, manifest_path_of
+from vitslim.deploy.errors import DeployError
+from vitslim.files import sha256_of
+from vitslim.deploy.tensorrt_lib import find_tensorrt
+from vitslim.export.onnx_export import export_plan
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 
 TRT = find_tensorrt()
 needs_builder = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_rtx is installed")
@@ -60,11 +60,14 @@ def test_engine_shrinks_with_the_model(tmp_path):
     slim = dense
     for block in range(3):
         slim = slim.with_block(block, BlockPlan(proj_in=tuple(c for c in range(256) if c % 64 < 32), hidden=tuple(range(0, 1024, 2))))
-    sizes = {}
+    sizes, onnx_bytes = {}, {}
     for name, plan in (("dense", dense), ("slim", slim)):
         onnx_path = export_plan(model, plan, tmp_path / f"{name}.onnx", images=IMAGES).onnx_path
+        onnx_bytes[name] = onnx_path.stat().st_size
         sizes[name] = engine_from_onnx(onnx_path, tmp_path / f"{name}.engine").manifest["engine"]["bytes"]
-    assert sizes["slim"] < sizes["dense"] - 1_000_000
+    # The engine carries the weights: at least half of the bytes the ONNX lost must leave the engine
+    # too (kernel sizes vary with the library version, so no absolute byte counts).
+    assert sizes["dense"] - sizes["slim"] >= 0.5 * (onnx_bytes["dense"] - onnx_bytes["slim"]) > 0
 
 
 @needs_builder
@@ -111,7 +114,7 @@ def test_fp16_export_builds_a_smaller_engine(tmp_path):
 
 @needs_builder
 def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
-    from deploy.runners import TensorRTRunner, check_engine
+    from vitslim.deploy.runners import TensorRTRunner, check_engine
 
     engine = engine_from_onnx(onnx_files["dense"], tmp_path / "m.engine").engine_path
     assert check_engine(engine)["engine"]["bytes"] == engine.stat().st_size

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from deploy.bench import BenchSettings, benchmark, fingerprint_id, summarize
-from deploy.gate import NOT_COMPARABLE, PASS, REGRESSION, compare_results
-from deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
-from deploy.tensorrt_lib import find_tensorrt
-from export.compact import compact_from_plan
-from export.onnx_export import export_plan
-from export.parity import compare_outputs
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
-from pruning.reference import MaskedReference
+from vitslim.deploy.bench import BenchSettings, benchmark, fingerprint_id, summarize
+from vitslim.deploy.gate import NOT_COMPARABLE, PASS, REGRESSION, compare_results
+from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
+from vitslim.deploy.tensorrt_lib import find_tensorrt
+from vitslim.export.compact import compact_from_plan
+from vitslim.export.onnx_export import export_plan
+from vitslim.precision import compare_outputs
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.reference import MaskedReference
 
 MODEL = tiny_vit()
 PLAN = dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(kept_tokens=(0, 1, 4, 9, 12), hidden=tuple(range(64)))).with_block(2, BlockPlan(kept_tokens=(0,)))
@@ -129,7 +129,7 @@ def test_torch_cuda_graph_runner_matches_eager():
 @pytest.mark.skipif(find_tensorrt() is None, reason="neither tensorrt nor tensorrt_rtx is installed")
 def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
     trt = find_tensorrt()
-    from deploy.build import engine_from_onnx
+    from vitslim.deploy.build import engine_from_onnx
 
     engine = engine_from_onnx(onnx_path, tmp_path / "m.engine").engine_path
     try:

@@ -5,12 +5,10 @@ import os
 import sys
 
 import torch
+from conftest import tiny_vit  # tests/ is on PYTHONPATH (test_train.py sets it)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from conftest import tiny_vit  # noqa: E402
-
-from pruning.data import digits_splits  # noqa: E402
-from pruning.train import TrainConfig, distributed_context, fit  # noqa: E402
+from vitslim.pruning.data import digits_splits
+from vitslim.pruning.train import TrainConfig, distributed_context, fit
 
 
 def digest(model: torch.nn.Module) -> str:

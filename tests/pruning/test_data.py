@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pruning.data import digits_splits, load_data, split_indices
-from pruning.errors import PruningError
+from vitslim.pruning.data import digits_splits, load_data, split_indices
+from vitslim.pruning.errors import PruningError
 
 
 def test_split_is_deterministic_and_disjoint():

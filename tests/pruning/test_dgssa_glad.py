@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from export.onnx_export import export_plan
-from pruning.data import digits_splits
-from pruning.dgssa_glad import (
+from vitslim.export.onnx_export import export_plan
+from vitslim.pruning.data import digits_splits
+from vitslim.pruning.methods.dgssa_glad import (
     DGSSAGladConfig, attention_rank, attention_similarity, check_pyramid, parse_pyramid, pooling_matrix, prune_dgssa_glad,
 )
-from pruning.errors import PruningError
-from pruning.macs import plan_macs
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
-from pruning.reference import MaskedReference, recorded_attention
-from pruning.timm_adapter import geometry_of
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.reference import MaskedReference, recorded_attention
+from vitslim.pruning.timm_adapter import geometry_of
 
 DATA = digits_splits(3, (16, 16))
 IMAGES = torch.stack([DATA.val[i][0] for i in range(4)])

@@ -4,21 +4,24 @@ import pytest
 import timm
 import torch
 from hypothesis import HealthCheck, given, settings
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_vit
-from export.compact import compact_from_plan
+from vitslim.export.compact import compact_from_plan
 from plans import random_plans
-from pruning.macs import plan_macs
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
-from pruning.timm_adapter import geometry_of
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.timm_adapter import geometry_of
 
 MODEL = tiny_vit()
 GEOMETRY = geometry_of(MODEL)
 
 
 def counted_macs(module: torch.nn.Module, input_shape) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # The math backend of scaled_dot_product_attention: the flop counter does not count the CPU
+    # flash kernel that SDPA picks when query and value heads are equally wide.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         module(torch.randn(1, *input_shape))
     return counter.get_total_flops() / 2
 
@@ -30,7 +33,7 @@ def test_dense_deit_macs(name, gmacs):
     assert round(plan_macs(dense_plan(ModelSpec(name), 12), geometry)["total"] / 1e9, 3) == gmacs
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=random_plans(GEOMETRY))
 def test_analytic_macs_match_flop_counter(plan):
     analytic = plan_macs(plan, GEOMETRY)["total"]

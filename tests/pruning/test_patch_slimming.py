@@ -7,15 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_vit
-from export.onnx_export import export_plan
-from pruning.data import digits_splits
-from pruning.errors import PruningError
-from pruning.macs import plan_macs
-from pruning.patch_slimming import (
+from vitslim.export.onnx_export import export_plan
+from vitslim.pruning.data import digits_splits
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.methods.patch_slimming import (
     PatchSlimConfig, feature_energy, path_energy, path_energy_brute_force, plan_from_token_sets, prune_patch_slimming, ranked_candidates,
 )
-from pruning.plan import ModelSpec, dense_plan, validate
-from pruning.timm_adapter import geometry_of
+from vitslim.pruning.plan import ModelSpec, dense_plan, validate
+from vitslim.pruning.timm_adapter import geometry_of
 
 DATA = digits_splits(3, (16, 16))
 FAST = dict(step=4, block_epochs=1, finetune_epochs=0, calibration_images=64, batch_size=32)
@@ -25,7 +25,7 @@ def random_attention(generator, batch, heads, rows, cols):
     return torch.rand(batch, heads, rows, cols, generator=generator).softmax(-1)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(seed=st.integers(0, 10_000), heads=st.integers(1, 3), sizes=st.lists(st.integers(1, 6), min_size=2, max_size=4))
 def test_score_recursion_equals_brute_force(seed, heads, sizes):
     """sizes = token counts from block t+1's input down to the last block's output."""

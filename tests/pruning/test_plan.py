@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from pruning.errors import PruningError
-from pruning.plan import BlockPlan, ModelSpec, dense_plan, load_plan, save_plan, token_counts, validate
-from pruning.timm_adapter import geometry_of
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan, load_plan, save_plan, token_counts, validate
+from vitslim.pruning.timm_adapter import geometry_of
 
 SPEC = ModelSpec("deit_tiny_patch16_224", {"img_size": 16})
 
@@ -33,7 +33,7 @@ def test_round_trip_keeps_every_field(tmp_path, geometry):
 
 
 def test_token_counts_follow_aggregation_and_selection(geometry):
-    assert token_counts(mixed_plan(geometry), geometry) == [(17, 4), (3, 3), (3, 3)]
+    assert [(c.arriving, c.read, c.written) for c in token_counts(mixed_plan(geometry), geometry)] == [(17, 17, 4), (4, 3, 3), (3, 3, 3)]
 
 
 @pytest.mark.parametrize(

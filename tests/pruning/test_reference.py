@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
-from pruning.reference import MaskedReference, plan_applied
-from pruning.timm_adapter import geometry_of
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.reference import MaskedReference, plan_applied
+from vitslim.pruning.timm_adapter import geometry_of
 
 SPEC = ModelSpec("tiny")
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_vit
-from export.onnx_export import export_plan
-from pruning.errors import PruningError
-from pruning.macs import plan_macs
-from pruning.plan import BlockPlan, ModelSpec, dense_plan
-from pruning.reference import MaskedReference
-from pruning.timm_adapter import CHANNEL_SPACES, block_parts, count_params, geometry_of
-from pruning.vtp import (
+from vitslim.export.onnx_export import export_plan
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.reference import MaskedReference
+from vitslim.pruning.timm_adapter import CHANNEL_SPACES, block_parts, count_params, geometry_of
+from vitslim.pruning.methods.vtp import (
     GatedModel, VTPConfig, VTPGates, constrained_count, fold_gates, kept_counts, plan_from_gates, pruned_fraction, ranking_scores,
 )
 
@@ -63,7 +63,7 @@ def test_gates_multiply_the_inputs_of_qkv_proj_fc1_fc2():
         assert torch.allclose(GatedModel(MODEL, gates)(IMAGES), doubled(IMAGES), atol=1e-5)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(seed=st.integers(0, 10_000), ratio=st.floats(0.05, 0.95), per_module=st.booleans())
 def test_threshold_removes_the_requested_fraction(seed, ratio, per_module):
     scores = ranking_scores(random_gates(seed).as_dict(), seed)
@@ -71,7 +71,7 @@ def test_threshold_removes_the_requested_fraction(seed, ratio, per_module):
     total = sum(s.numel() for s in scores.values())
     removed = total - sum(counts.values())
     assert abs(removed - ratio * total) <= (len(scores) if per_module else 1)
-    plan = plan_from_gates(random_gates(seed).as_dict(), GEOMETRY, BASE, VTPConfig(prune_ratio=ratio, per_module=per_module, seed=seed))
+    plan = plan_from_gates(random_gates(seed).as_dict(), GEOMETRY, BASE, VTPConfig(prune_ratio=ratio, per_module=per_module, seed=seed, round_to=1))
     # after making value widths equal per head: still within 1 dim per module
     assert abs(pruned_fraction(plan, GEOMETRY) * total - ratio * total) <= len(scores)
 
@@ -85,7 +85,7 @@ def test_global_threshold_prunes_the_smallest_gates():
     assert all(b.is_dense for b in plan.blocks[:2])
 
 
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(seed=st.integers(0, 10_000), ratio=st.floats(0.1, 0.9))
 def test_folding_preserves_the_gated_function(seed, ratio):
     """Gated model with the pruned gates at zero == masked reference of the folded weights (≤ 1e-5)."""
@@ -138,13 +138,13 @@ def test_bad_settings(kwargs, message):
 
 
 def test_deit_base_structure_at_40_percent():
-    """Random weights (all gates equal): the structure that a uniform 40 % cut gives DeiT-B."""
+    """Random weights (all gates equal): the structure that a uniform 40 % cut (no rounding) gives DeiT-B."""
     import timm
 
     model = timm.create_model("deit_base_patch16_224")
     geometry = geometry_of(model)
-    plan = plan_from_gates(VTPGates(geometry).as_dict(), geometry, dense_plan(ModelSpec("deit_base_patch16_224"), 12), VTPConfig(prune_ratio=0.4))
-    from export.compact import compact_from_plan
+    plan = plan_from_gates(VTPGates(geometry).as_dict(), geometry, dense_plan(ModelSpec("deit_base_patch16_224"), 12), VTPConfig(prune_ratio=0.4, round_to=1))
+    from vitslim.export.compact import compact_from_plan
 
     assert abs(pruned_fraction(plan, geometry) - 0.4) < 0.001
     assert 43e6 < count_params(compact_from_plan(model, plan)) < 45e6  # paper: about 48 M (see README)

@@ -21,30 +21,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataSplits, calibration_batch
-from .errors import PruningError
-from .methods import MethodResult, dense_start, register_method
-from .plan import BlockPlan, SlimPlan
-from .reference import plan_applied, recorded_attention
-from .timm_adapter import ViTGeometry, patch_grid, supported_geometry
-from .train import TrainConfig, evaluate, fit
+from vitslim.settings import setting
+
+from ..data import DataSplits, calibration_batch
+from ..errors import PruningError
+from .base import MethodResult, dense_start, register_method
+from ..plan import BlockPlan, SlimPlan
+from ..reference import plan_applied, recorded_attention
+from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
+from ..train import TrainConfig, evaluate, fit
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
 
 
 @dataclass(frozen=True)
 class DGSSAGladConfig:
-    static_blocks: Optional[int] = None  # K leading blocks get static attention
-    similarity_threshold: Optional[float] = None  # instead of K: leading blocks with mean cosine >= S
-    pyramid: str = ""  # "BLOCK:PATCHES,..." e.g. "7:98,10:49"; empty: no aggregation
-    finetune_epochs: int = 10
-    lr: float = 5e-4
-    static_lr: float = 1e-2  # logits and aggregation matrices
-    attention_weight: float = 1.0  # weight of the attention-distillation term
-    distill_weight: float = 0.5
-    batch_size: int = 64
-    calibration_images: int = 256
-    seed: int = 0
+    static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
+    similarity_threshold: Optional[float] = setting(None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S")
+    pyramid: str = setting("", "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; empty: none")
+    finetune_epochs: int = setting(10, "epochs of fine-tuning")
+    lr: float = setting(5e-4, "learning rate of the weights")
+    static_lr: float = setting(1e-2, "learning rate of the static-attention logits and aggregation matrices")
+    attention_weight: float = setting(1.0, "DGSSA: weight of the attention-distillation term toward the dense model's maps")
+    distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
+    batch_size: int = setting(64, "batch size")
+    calibration_images: int = setting(256, "training images used for the attention statistics")
+    seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
         if self.static_blocks is not None and self.similarity_threshold is not None:

@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataSplits, calibration_batch
-from .errors import PruningError
-from .macs import plan_macs
-from .methods import MethodResult, dense_start, register_method
-from .plan import BlockPlan, SlimPlan, dense_plan
-from .reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
-from .timm_adapter import ViTGeometry, blocks_of
-from .train import TrainConfig, evaluate, fit
+from vitslim.settings import setting
+
+from ..data import DataSplits, calibration_batch
+from ..errors import PruningError
+from ..macs import plan_macs
+from .base import MethodResult, dense_start, register_method
+from ..plan import BlockPlan, SlimPlan, dense_plan
+from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
+from ..timm_adapter import ViTGeometry, blocks_of
+from ..train import TrainConfig, evaluate, fit
 
 log = logging.getLogger(__name__)
 TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
@@ -37,18 +39,18 @@ TokenSets = list[tuple[int, ...]]  # per block: the original token ids it output
 
 @dataclass(frozen=True)
 class PatchSlimConfig:
-    epsilon: Optional[float] = None  # tolerance on block t+1's relative squared reconstruction error
-    target_macs: Optional[float] = None  # instead of epsilon: fraction of dense MACs to keep
-    step: int = 10  # r': candidates added at a time
-    block_epochs: int = 3  # fine-tuning epochs of block t per candidate set
-    block_lr: float = 1e-4
-    finetune_epochs: int = 10
-    lr: float = 5e-4
-    batch_size: int = 64
-    calibration_images: int = 256
-    distill_weight: float = 0.5
-    search_iterations: int = 8  # bisection steps on epsilon for --target-macs
-    seed: int = 0
+    epsilon: Optional[float] = setting(None, "tolerance on the next block's relative squared reconstruction error (paper 0.01-0.02)")
+    target_macs: Optional[float] = setting(None, "instead of epsilon: the fraction of dense MACs to keep (bisection on epsilon)")
+    step: int = setting(10, "r': tokens added per search step (paper 10)")
+    block_epochs: int = setting(3, "epochs of single-block fine-tuning per candidate set")
+    block_lr: float = setting(1e-4, "learning rate of the single-block fine-tuning")
+    finetune_epochs: int = setting(10, "epochs of fine-tuning after the search")
+    lr: float = setting(5e-4, "learning rate of the weights")
+    batch_size: int = setting(64, "batch size")
+    calibration_images: int = setting(256, "training images used for the scores and the reconstruction check")
+    distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
+    search_iterations: int = setting(8, "bisection steps on epsilon for target_macs")
+    seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
         if (self.epsilon is None) == (self.target_macs is None):

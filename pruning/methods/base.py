@@ -1,5 +1,9 @@
-"""Compression methods, registered by name. A method takes a dense model and data and returns a
-plan plus the dense-shaped weights that go with it; it never edits the caller's model."""
+"""What every compression method shares: its result type, the registry entry, the entry checks.
+
+A method takes a dense model and data and returns a plan plus the dense-shaped weights that go
+with it; it never edits the caller's model. Method modules register themselves here with
+`register_method`; `vitslim.pruning.methods` imports each of them explicitly.
+"""
 from __future__ import annotations
 
 import copy
@@ -8,9 +12,9 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .errors import PruningError
-from .plan import SlimPlan
-from .timm_adapter import ViTGeometry, supported_geometry
+from ..errors import PruningError
+from ..plan import SlimPlan
+from ..timm_adapter import ViTGeometry, supported_geometry
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class MethodResult:
 class Method:
     name: str
     config_type: type  # a frozen dataclass whose __post_init__ validates the settings
-    run: Callable[..., MethodResult]  # run(model, data, config, teacher=None) -> MethodResult
+    run: Callable[..., MethodResult]  # run(model, data, config, base, teacher=None) -> MethodResult
 
 
 METHODS: dict[str, Method] = {}
@@ -48,11 +52,3 @@ def dense_start(model: nn.Module, base: SlimPlan, teacher: Optional[nn.Module], 
     if any(not block.is_dense for block in base.blocks):
         raise PruningError(f"{method} starts from a dense model: give a dense run directory or checkpoint")
     return geometry, teacher if teacher is not None else copy.deepcopy(model).eval()
-
-
-def get_method(name: str) -> Method:
-    from . import dgssa_glad, patch_slimming, vtp  # noqa: F401  (importing a method module registers it)
-
-    if name not in METHODS:
-        raise PruningError(f"unknown method {name!r}: choose one of {sorted(METHODS)}")
-    return METHODS[name]

@@ -1,7 +1,14 @@
-"""Write files so that a reader never sees a half-written one: write to a temporary name, then rename."""
+"""Atomic file writes and digests, the one implementation every package uses.
+
+A reader never sees a half-written file: each writer writes a temporary file beside the target
+and renames it onto the target only on success. Depends on the standard library only, so that
+deploy/ can use it where only numpy and TensorRT are installed.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it.
 
     The temporary file keeps `path`'s suffix so that libraries which look at the extension
-    (safetensors, onnx) behave the same.
+    (safetensors, onnx, PNG writers) behave the same.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +38,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` atomically and return the path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

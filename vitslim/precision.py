@@ -1,0 +1,85 @@
+"""Precisions and the tolerances that outputs are held to: the one table every check reads.
+
+Export parity (ONNX vs the masked PyTorch reference), `vitslim compare` (any runner vs the
+reference) and the CLI's defaults all take their thresholds from TOLERANCES. Comparison is a
+separate step on saved arrays (numpy only), so deploy/ can use it without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+# What an exported graph or engine computes in. The ONNX decides (fp16 is an fp16 export).
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds on a Parity; None leaves a measure unchecked."""
+
+    max_abs_diff: Optional[float] = None  # on logits
+    top1_agreement: Optional[float] = None  # fraction of images with the same top-1 class
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# fp32: IEEE arithmetic in another order (onnxruntime, TensorRT with TF32 off) stays within 1e-4 on
+# logits; fp16 changes logits by ~1e-2, so it is held to top-1 agreement instead.
+TOLERANCES = {
+    "fp32": Tolerance(max_abs_diff=1e-4),
+    "fp16": Tolerance(top1_agreement=0.99),
+}
+
+
+def tolerance_for(precision: str) -> Tolerance:
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return TOLERANCES[precision]
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely `candidate` logits [B, classes] follow `reference` logits."""
+
+    max_abs_diff: float
+    cosine: float
+    top1_agreement: float
+    batch: int
+
+    def passes(self, tolerance: Tolerance) -> bool:
+        if tolerance.max_abs_diff is not None and self.max_abs_diff > tolerance.max_abs_diff:
+            return False
+        return tolerance.top1_agreement is None or self.top1_agreement >= tolerance.top1_agreement
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Compare two [B, ...] arrays; cosine is the minimum per-sample cosine similarity."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"output shapes differ: reference {reference.shape} vs candidate {candidate.shape}")
+    flat_ref = reference.reshape(len(reference), -1)
+    flat_cand = candidate.reshape(len(candidate), -1)
+    norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_cand, axis=1)
+    cosines = np.where(norms > 0, (flat_ref * flat_cand).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
+    agreement = float((flat_ref.argmax(axis=1) == flat_cand.argmax(axis=1)).mean())
+    return Parity(
+        max_abs_diff=float(np.abs(reference - candidate).max()),
+        cosine=float(cosines.min()),
+        top1_agreement=agreement,
+        batch=len(reference),
+    )
+
+
+def graph_precision(model) -> str:
+    """The precision of an onnx.ModelProto: fp16 if any initializer is float16 (an fp16 export), else fp32."""
+    import onnx
+
+    fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    return "fp16" if fp16 else "fp32"
