@@ -16,6 +16,7 @@ import numpy as np
 
 from vitslim.settings import setting
 
+from .errors import DeployError
 from .runners import Runner
 
 RESULT_VERSION = 1
@@ -30,6 +31,12 @@ class BenchSettings:
     max_cov: float = setting(0.10, "a round whose coefficient of variation is above this is measured again")
     max_rounds: int = setting(3, "measurement rounds at most (the quietest is kept)")
 
+    def __post_init__(self) -> None:
+        if self.warmup_seconds < 0 or self.min_seconds < 0 or self.max_cov <= 0:
+            raise DeployError("timing settings: --warmup-seconds and --min-seconds must be >= 0 and --max-cov > 0")
+        if not 1 <= self.min_iterations <= self.max_iterations or self.max_rounds < 1:
+            raise DeployError("timing settings: need 1 <= --min-iterations <= --max-iterations and --max-rounds >= 1")
+
 
 def summarize(samples_ms: list[float], batch: int) -> dict:
     """Distribution of per-iteration latencies (ms) and throughput (images/s at the median)."""
@@ -43,6 +50,14 @@ def summarize(samples_ms: list[float], batch: int) -> dict:
         "cov": float(values.std() / mean) if mean > 0 else 0.0,
         "throughput_per_s": batch / (median / 1000.0) if median > 0 else float("inf"),
     }
+
+
+def speedup_columns(baseline_ms: float, median_ms: float, macs_fraction: Optional[float]) -> dict:
+    """The speed-up over a baseline timed the same way, the MAC-ideal speed-up (dense MACs /
+    variant MACs = 1 / macs_fraction) and realised / ideal; None where the MACs are unknown."""
+    speedup = baseline_ms / median_ms
+    ideal = None if macs_fraction is None else 1.0 / macs_fraction
+    return {"speedup": speedup, "mac_ideal": ideal, "realised_over_ideal": None if ideal is None else speedup / ideal}
 
 
 def _device_timer(runner: Runner):

@@ -46,10 +46,13 @@ class BatchProfile:
         return f"{self.min}:{self.opt}:{self.max}"
 
 
+DEFAULT_PROFILE = BatchProfile(1, 8, 32)
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     precision: str = "fp32"
-    profiles: tuple[BatchProfile, ...] = (BatchProfile(1, 8, 32),)
+    profiles: tuple[BatchProfile, ...] = (DEFAULT_PROFILE,)
     workspace_mb: Optional[int] = None
     timing_cache: Optional[Path] = None
     library: Optional[str] = None  # "tensorrt" or "tensorrt_rtx"; None picks the installed one
@@ -89,6 +92,9 @@ def _config(trt: TensorRT, builder, network, settings: BuildSettings):
         config.set_memory_pool_limit(trt.module.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
     if settings.precision == "fp16" and not trt.strongly_typed:
         config.set_flag(trt.module.BuilderFlag.FP16)
+    if settings.precision == "fp32" and hasattr(trt.module.BuilderFlag, "TF32"):
+        # TensorRT enables TF32 by default; an fp32 engine is held to IEEE fp32 parity (1e-4)
+        config.clear_flag(trt.module.BuilderFlag.TF32)
     source = network.get_input(0)
     features = tuple(source.shape)[1:]
     for batch in settings.profiles:

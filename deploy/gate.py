@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bench import BenchSettings
+
 PASS, REGRESSION, NOT_COMPARABLE = 0, 1, 2
+WARN_ABOVE, FAIL_ABOVE = 0.05, 0.10  # fractions by which a median may be slower before a warning / a failure
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ def noisy_results(results: list[dict], max_cov: float) -> list[dict]:
     return [r for r in results if r["cov"] > max_cov]
 
 
-def compare_results(current: list[dict], baseline: list[dict], warn: float = 0.05, fail: float = 0.10, max_cov: float = 0.10) -> GateVerdict:
+def compare_results(current: list[dict], baseline: list[dict], warn: float = WARN_ABOVE, fail: float = FAIL_ABOVE,
+                    max_cov: float = BenchSettings.max_cov) -> GateVerdict:
     """Pair results by fingerprint id; any current result without a baseline twin, or too noisy to
     judge, makes the comparison not comparable (exit 2); a median slower by more than `fail` fails."""
     by_id = {r["fingerprint_id"]: r for r in baseline}

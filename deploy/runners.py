@@ -58,6 +58,7 @@ class Runner:
 
 
 TORCH_MODES = ("eager", "cuda_graph", "compile")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype attribute
 
 
 class TorchRunner(Runner):
@@ -79,11 +80,20 @@ class TorchRunner(Runner):
             raise DeployError("CUDA graphs need --device cuda")
         self.torch = torch
         self.device, self.mode = device, mode
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        if dtype not in TORCH_DTYPES:
+            raise DeployError(f"torch runner dtype {dtype!r} is not one of {tuple(TORCH_DTYPES)}")
+        self.dtype = getattr(torch, TORCH_DTYPES[dtype])
+        if device.startswith("cuda") and dtype == "fp32":
+            # fp32 means IEEE fp32 (held to the fp32 tolerance); torch lets cuDNN convolutions use
+            # TF32 by default. This is process-wide, as torch's switches are.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.module = module.to(device=device, dtype=self.dtype).eval()
         self._graphs: dict = {}
         self.setup_seconds: dict[str, float] = {}  # input shape -> seconds of compilation / capture
         if mode == "compile":
+            # Runners are used one after another; every module and batch shares timm's forward code
+            # object, so without a reset dynamo's recompile limit (8) would silently fall back to eager.
+            torch._dynamo.reset()
             self.module = torch.compile(self.module, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
 
     def infer(self, images: np.ndarray) -> np.ndarray:
@@ -154,7 +164,7 @@ class OnnxRuntimeRunner(Runner):
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DeployError("onnxruntime here has no CUDAExecutionProvider: use --device cpu or install onnxruntime-gpu")
-            providers = ["CUDAExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"use_tf32": 0})]  # fp32 is IEEE fp32
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads

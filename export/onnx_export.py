@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +47,7 @@ class ExportResult:
 def onnx_from_module(module: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> onnx.ModelProto:
     """Export `module` (images [B, C, H, W] -> logits [B, classes]) with a dynamic batch axis."""
     if example.shape[0] < 2:
-        raise ValueError("trace with batch >= 2 so that the exporter keeps batch symbolic")
+        raise ExportError("trace with batch >= 2 so that the exporter keeps batch symbolic")
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
@@ -112,26 +112,32 @@ def export_plan(
     plan: SlimPlan,
     out_path: str | Path,
     images: Optional[torch.Tensor] = None,
-    tolerance: Optional[Tolerance] = None,
+    tolerance: Optional[Tolerance | float] = None,
     passes: tuple[str, ...] = DEFAULT_PASSES,
     token_layout: str = "gather",
     precision: str = "fp32",
+    channel_layout: str = "gather",
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
     graph (LayerNorm and Softmax stay fp32). Parity against the masked reference is held to
-    `tolerance`, by default the precision's entry of vitslim.precision.TOLERANCES.
+    `tolerance`: by default the precision's entry of vitslim.precision.TOLERANCES; a float replaces
+    its fp32 max abs diff bound.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if isinstance(tolerance, (int, float)):
+        if precision != "fp32":
+            raise ExportError(f"a max abs diff tolerance applies to fp32 exports; {precision} is held to {tolerance_for(precision).to_dict()}")
+        tolerance = replace(tolerance_for(precision), max_abs_diff=float(tolerance))
     tolerance = tolerance or tolerance_for(precision)
     started = time.perf_counter()
     out_path = Path(out_path)
     geometry = supported_geometry(model)
     validate(plan, geometry)
     model = model.eval().float().cpu()
-    compact = compact_from_plan(model, plan, token_layout)
+    compact = compact_from_plan(model, plan, token_layout, channel_layout)
     inputs = parity_images(model, images)
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
@@ -151,7 +157,7 @@ def export_plan(
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
     report = {
-        "model": plan.model.to_dict(), "method": plan.method, "token_layout": token_layout,
+        "model": plan.model.to_dict(), "method": plan.method, "token_layout": token_layout, "channel_layout": channel_layout,
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),

@@ -151,12 +151,14 @@ def test_default_run_meets_its_targets(tmp_path):
     for name, row in rows.items():
         # parity: the exported graph computes what the masked reference computes
         assert row["max_abs_diff"] <= TOLERANCES["fp32"].max_abs_diff, name
-        assert abs(row["onnx_top1"] - row["pytorch_top1"]) <= 100 * 2 / 360, name  # at most 2 near-tie images differ
+        assert abs(row["onnx_top1"] - row["pytorch_top1"]) <= 100 * 2 / 359 + 1e-9, name  # at most 2 of the 359 images (near ties) differ
         if name != "dense":
             assert row["pytorch_top1"] >= dense["pytorch_top1"] - VARIANT_DROP_LIMIT[name], name
             assert row["macs_fraction"] <= MACS_FRACTION_LIMIT[name], name
     vtp = json.loads((root / "vtp" / "info.json").read_text())
-    assert abs(vtp["pruned_fraction"] - dict(recipe.methods)["vtp"].prune_ratio) < 0.01
+    # rounding each module's kept count to a multiple of 8 moves the fraction by at most 4 dims per
+    # module: 24 modules x 4 / 2,688 gated dims = 3.6 % (5 seeds here: 0.393-0.399)
+    assert abs(vtp["pruned_fraction"] - dict(recipe.methods)["vtp"].prune_ratio) <= 0.036
     assert (root / "patch-slim" / "kept_patches.png").is_file() and (root / "vtp" / "kept_dims.png").is_file()
     assert (root / "dgssa-glad" / "attention_analysis.png").is_file()
     # every exported variant was built into an engine (TensorRT-RTX here) whose manifest checks out
@@ -178,7 +180,7 @@ def test_bench_then_gate(tmp_path, capsys):
     report = json.loads(current.read_text())
     assert {r["label"] for r in report["results"]} == {"onnxruntime:m.onnx", "torch:timm", "torch:compact", "torch:dense"}
     # every speed-up is taken against timm's own model, beside the MAC-ideal speed-up (1.0 for a dense run)
-    assert {r["baseline"] for r in report["ratios"]} == {"torch:timm"} and all(r["mac_ideal_speedup"] == 1.0 for r in report["ratios"])
+    assert {r["baseline"] for r in report["ratios"]} == {"torch:timm"} and all(r["mac_ideal"] == 1.0 for r in report["ratios"])
     assert {"median_ms", "p90_ms", "p95_ms", "p99_ms", "cov", "throughput_per_s", "fingerprint"} <= set(report["results"][0])
     assert report["ratios"] and current.with_suffix(".md").is_file()
     capsys.readouterr()

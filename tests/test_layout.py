@@ -112,7 +112,8 @@ def test_deploy_imports_without_timm_pruning_or_export():
 
 
 def test_import_vitslim_is_light_and_the_api_is_complete():
-    code = "import sys, vitslim; print(sorted(m for m in ('torch', 'timm', 'onnx') if m in sys.modules)); print(' '.join(vitslim.__all__))"
+    code = ("import sys, vitslim; print(sorted(m for m in ('torch', 'timm', 'onnx') if m in sys.modules)); "
+            "print(' '.join(name for name in vitslim.__all__ if getattr(vitslim, name) is not None))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
     light, names = completed.stdout.splitlines()

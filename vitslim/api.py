@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from vitslim.deploy.build import BatchProfile, BuildResult, BuildSettings, engine_from_onnx
+from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildResult, BuildSettings, engine_from_onnx
 from vitslim.deploy.gate import GateVerdict, compare_results
 from vitslim.export.compact import compact_from_plan
 from vitslim.export.onnx_export import ExportResult, export_plan
@@ -67,18 +67,19 @@ def prune(model: nn.Module, data: DataSplits, method: str, **settings) -> PruneR
     return prune_model(method, chosen.config_type(**settings), _dense_plan_of(model), model, data)
 
 
-def compact(model: nn.Module, plan: SlimPlan, token_layout: str = "gather") -> nn.Module:
+def compact(model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather") -> nn.Module:
     """The physically slim module computing `plan` on `model` (which is left untouched)."""
-    return compact_from_plan(model, plan, token_layout)
+    return compact_from_plan(model, plan, token_layout, channel_layout)
 
 
 def export_onnx(model: nn.Module, plan: SlimPlan, path: str | Path, **options) -> ExportResult:
     """Slim ONNX + FILE.report.json/.md, parity-checked against the masked reference; `options`:
-    images, precision ('fp32' | 'fp16'), token_layout ('gather' | 'slice'), tolerance, passes."""
+    images, precision ('fp32' | 'fp16'), token_layout ('gather' | 'slice'), channel_layout ('gather' |
+    'masked'), tolerance, passes."""
     return export_plan(model, plan, path, **options)
 
 
-def build_engine(onnx_path: str | Path, path: str | Path, precision: str = "fp32", profiles: Sequence[str] = ("1:8:32",), **options) -> BuildResult:
+def build_engine(onnx_path: str | Path, path: str | Path, precision: str = "fp32", profiles: Sequence[str] = (str(DEFAULT_PROFILE),), **options) -> BuildResult:
     """A TensorRT (10/11) or TensorRT-RTX engine + manifest from an exported ONNX; `profiles` are
     'MIN:OPT:MAX' batch ranges; `options` are the other BuildSettings fields."""
     settings = BuildSettings(precision=precision, profiles=tuple(BatchProfile.parse(p) for p in profiles), **options)
@@ -88,7 +89,8 @@ def build_engine(onnx_path: str | Path, path: str | Path, precision: str = "fp32
 compare = compare_with_reference
 
 
-def gate(current: list[dict], baseline: list[dict], warn: float = 0.05, fail: float = 0.10, max_cov: float = 0.10) -> GateVerdict:
-    """Compare benchmark results (from `benchmark`) with a baseline: exit_code 0 pass, 1 regression, 2 not comparable."""
-    return compare_results(current, baseline, warn=warn, fail=fail, max_cov=max_cov)
+def gate(current: list[dict], baseline: list[dict], **thresholds) -> GateVerdict:
+    """Compare benchmark results (from `benchmark`) with a baseline: exit_code 0 pass, 1 regression,
+    2 not comparable; `thresholds`: warn, fail (fractions slower), max_cov (see deploy/gate.py)."""
+    return compare_results(current, baseline, **thresholds)
 

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from vitslim.errors import VitslimError
-from vitslim.precision import PRECISIONS, TOLERANCES, Tolerance
+from vitslim.precision import PRECISIONS, TOLERANCES
 from vitslim.pruning.errors import PruningError
 from vitslim.settings import help_of
 
@@ -67,8 +67,9 @@ def cmd_export(args) -> int:
         from .pipeline import data_for
 
         images = calibration_batch(data_for(model, args.data).val, 8)
-    tolerance = None if args.tolerance is None else Tolerance(max_abs_diff=args.tolerance)
-    result = export_plan(model, plan, args.out, images=images, tolerance=tolerance, token_layout=args.token_layout, precision=args.precision)
+    tolerance = args.tolerance  # a float replaces the fp32 bound of TOLERANCES
+    result = export_plan(model, plan, args.out, images=images, tolerance=tolerance, token_layout=args.token_layout,
+                         precision=args.precision, channel_layout=args.channel_layout)
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
@@ -136,10 +137,10 @@ def cmd_prune(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
+    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildSettings, engine_from_onnx
 
     settings = BuildSettings(
-        precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or ["1:8:32"]),
+        precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)]),
         workspace_mb=args.workspace, timing_cache=Path(args.timing_cache) if args.timing_cache else None, library=args.library,
     )
     result = engine_from_onnx(args.onnx, args.out, settings)
@@ -223,7 +224,8 @@ def cmd_gate(args) -> int:
         if verdict.exit_code != NOT_COMPARABLE or "coefficient of variation" not in verdict.message:
             break
         print(f"too noisy; measuring again ({attempt + 1}/{args.remeasure})")
-        current = remeasure(current, BenchSettings(max_cov=args.max_cov))
+        measured_with = {**current["results"][0]["settings"], "max_cov": args.max_cov}  # the bench's own timing settings
+        current = remeasure(current, BenchSettings(**measured_with))
         verdict = compare_results(current["results"], baselines(), args.warn, args.fail, args.max_cov)
     if verdict.rows:
         print(verdict.table())
@@ -255,11 +257,26 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose flags come from torch-side settings (methods, training, layouts): only they import
+# torch and timm while the parser is built, so build/bench/compare/gate start fast and work where
+# only numpy and TensorRT are installed.
+TORCH_COMMANDS = ("train", "prune", "export")
+
+
+def _layouts() -> dict[str, tuple[str, ...]]:
+    from vitslim.export.compact import CHANNEL_LAYOUTS
+    from vitslim.export.token_layout import TOKEN_LAYOUTS
+
+    return {"tokens": TOKEN_LAYOUTS, "channels": CHANNEL_LAYOUTS}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; the flags of `command` (one of TORCH_COMMANDS) are generated from its
+    settings dataclasses, the other commands' flags need no torch."""
     from vitslim.deploy.bench import BenchSettings
-    from vitslim.deploy.runners import TORCH_MODES
-    from vitslim.pruning.methods import METHODS, list_methods
-    from vitslim.pruning.train import TrainConfig
+    from vitslim.deploy.build import DEFAULT_PROFILE
+    from vitslim.deploy.gate import FAIL_ABOVE, WARN_ABOVE
+    from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES
 
     parser = argparse.ArgumentParser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -268,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a dense model and write a run directory")
     _add_model_args(train, required=True)
     train.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
-    add_settings_flags(train, "training settings", {"train": TrainConfig})
+    if command == "train":
+        from vitslim.pruning.train import TrainConfig
+
+        add_settings_flags(train, "training settings", {"train": TrainConfig})
     train.add_argument("--out", required=True, help="run directory to write")
     train.set_defaults(func=cmd_train)
 
@@ -276,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", nargs="?", help="run directory with plan.json and weights.safetensors")
     _add_model_args(export, required=False)
     export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
-    export.add_argument("--token-layout", choices=("gather", "slice"), default="gather",
+    layouts = _layouts() if command == "export" else {"tokens": None, "channels": None}
+    export.add_argument("--token-layout", choices=layouts["tokens"], default="gather",
                         help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
+    export.add_argument("--channel-layout", choices=layouts["channels"], default="gather",
+                        help="pruned LayerNorm-output channels (VTP's qkv_in, fc1_in) as a Gather before narrower Linears (smallest graph), "
+                        "or as zero columns of full-width Linears (no Gather: faster on GPUs at batch >= 64, see README)")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16: weights and activations in fp16, LayerNorm and Softmax in fp32 (for strongly typed TensorRT)")
     export.add_argument("--tolerance", type=float, help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})")
@@ -287,16 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
     prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
     _add_model_args(prune, required=False)
-    prune.add_argument("--method", required=True, help=" | ".join(list_methods()))
     prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
-    add_settings_flags(prune, "method settings (each applies to the methods whose defaults it lists)", {name: METHODS[name].config_type for name in list_methods()})
+    if command == "prune":
+        from vitslim.pruning.methods import METHODS, list_methods
+
+        prune.add_argument("--method", required=True, help=" | ".join(list_methods()))
+        add_settings_flags(prune, "method settings (each applies to the methods whose defaults it lists)", {name: METHODS[name].config_type for name in list_methods()})
     prune.add_argument("--out", required=True, help="run directory to write")
     prune.set_defaults(func=cmd_prune)
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
     build.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="a batch optimisation profile (repeat for several); default 1:8:32")
+    build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}")
     build.add_argument("--timing-cache", help="timing cache file, read if present and written back")
     build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
     build.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx")
@@ -312,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory")
     bench.add_argument("--torch-mode", choices=TORCH_MODES, default="eager",
                        help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart)")
-    bench.add_argument("--torch-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the PyTorch runners")
+    bench.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help="dtype of the PyTorch runners (must match the artifact's precision with --run)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--json", help="write results here (and a .md beside it)")
     add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
@@ -333,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("current", help="CURRENT.json from 'vitslim bench --json'")
     gate.add_argument("--baseline", help="BASELINE.json (a bench result)")
     gate.add_argument("--baseline-dir", help="directory of baselines keyed by fingerprint id")
-    gate.add_argument("--warn", type=float, default=0.05)
-    gate.add_argument("--fail", type=float, default=0.10)
+    gate.add_argument("--warn", type=float, default=WARN_ABOVE, help=f"warn when a median is slower by more than this fraction (default {WARN_ABOVE})")
+    gate.add_argument("--fail", type=float, default=FAIL_ABOVE, help=f"fail when a median is slower by more than this fraction (default {FAIL_ABOVE})")
     gate.add_argument("--max-cov", type=float, default=BenchSettings.max_cov, help="results noisier than this are re-measured, then refused")
     gate.add_argument("--remeasure", type=int, default=2, help="how often to re-measure noisy results")
     gate.add_argument("--accept", action="store_true", help="make CURRENT the baseline (atomically)")
@@ -349,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
     try:

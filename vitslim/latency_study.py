@@ -5,7 +5,8 @@
 
 For each model it builds, with random weights (latency does not depend on them), the structure
 each method produces: the dense plan (a check of the compact module's own overhead), VTP at 40 %
-of the gated dims with the hidden-heavy cut a trained run makes (rounded to 8 and to 64), a
+of the gated dims with the hidden-heavy cut a trained run makes (rounded to 8 and to 64, and
+in the masked channel layout, to see whether channel Gathers pay), a
 Patch-Slimming token pyramid (in the gather and the slice token layouts), and DGSSA (4 static blocks) + GLAD (pyramid at 7/12 and 10/12 of the
 depth). Each is timed in every mode and batch beside timm's own model run the same way in the same
 process; the report gives the speed-up over timm, the MAC-ideal speed-up and realised / ideal, and
@@ -16,13 +17,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitslim.deploy.bench import BenchSettings, benchmark, host_description
-from vitslim.deploy.runners import TORCH_MODES, TorchRunner
+from vitslim.deploy.bench import BenchSettings, benchmark, host_description, speedup_columns
+from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES, TorchRunner
 from vitslim.export.compact import compact_from_plan
 from vitslim.files import write_json_atomic, write_text_atomic
 from vitslim.pruning.macs import plan_macs
@@ -43,7 +45,7 @@ def hidden_heavy_gates(geometry: ViTGeometry, seed: int = 0) -> dict:
     40 % DeiT-B keeps 48 M params / 10.0 GMACs, which pruning mostly hidden units reproduces), the
     other spaces larger with a small overlap, so that a few of their dims fall too."""
     generator = torch.Generator().manual_seed(seed)
-    ranges = {"hidden": (0.0, 0.5), "qkv_in": (0.45, 1.0), "proj_in": (0.45, 1.0), "fc1_in": (0.45, 1.0)}
+    ranges = {"hidden": (0.0, 0.6), "qkv_in": (0.3, 1.0), "proj_in": (0.3, 1.0), "fc1_in": (0.3, 1.0)}
     return {
         (block, space): ranges[space][0] + (ranges[space][1] - ranges[space][0]) * torch.rand(geometry.channel_sizes[space], generator=generator)
         for block in range(geometry.depth) for space in CHANNEL_SPACES
@@ -70,24 +72,46 @@ def dgssa_glad_plan(model: torch.nn.Module, geometry: ViTGeometry, base: SlimPla
     return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
 
 
-def structure_plans(model: torch.nn.Module, spec: ModelSpec) -> dict[str, tuple[SlimPlan, str]]:
-    """Variant name -> (plan, token layout of its compact module)."""
+@dataclass(frozen=True)
+class Layout:
+    """How the compact module expresses the plan's selections (export/compact.py)."""
+
+    tokens: str = "gather"
+    channels: str = "gather"
+
+
+def structure_plans(model: torch.nn.Module, spec: ModelSpec) -> dict[str, tuple[SlimPlan, Layout]]:
+    """Variant name -> (plan, the layout of its compact module)."""
     geometry = geometry_of(model)
     dense = dense_plan(spec, geometry.depth)
     gates = hidden_heavy_gates(geometry)
     patch_slim = patch_slim_plan(geometry, dense)
+    vtp = plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=8))
     return {
-        "dense plan": (dense, "gather"),
-        "vtp 40% round 8": (plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=8)), "gather"),
-        "vtp 40% round 64": (plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=64)), "gather"),
-        "patch-slim gather": (patch_slim, "gather"),
-        "patch-slim slice": (patch_slim, "slice"),
-        "dgssa-glad": (dgssa_glad_plan(model, geometry, dense), "gather"),
+        "dense plan": (dense, Layout()),
+        "vtp 40% round 8": (vtp, Layout()),
+        "vtp 40% round 8 masked": (vtp, Layout(channels="masked")),
+        "vtp 40% round 64": (plan_from_gates(gates, geometry, dense, VTPConfig(prune_ratio=0.4, round_to=64)), Layout()),
+        "patch-slim gather": (patch_slim, Layout()),
+        "patch-slim slice": (patch_slim, Layout(tokens="slice")),
+        "dgssa-glad": (dgssa_glad_plan(model, geometry, dense), Layout()),
     }
 
 
+def _row(name: str, mode: str, variant: str, fraction: float, result: dict, baseline: str, baseline_ms: float) -> dict:
+    ratios = speedup_columns(baseline_ms, result["median_ms"], fraction)
+    print(f"{name} {mode} batch {result['batch']} {variant}: {result['median_ms']:.3f} ms, {ratios['speedup']:.2f}x {baseline} (ideal {ratios['mac_ideal']:.2f}x)", flush=True)
+    return {"model": name, "mode": mode, "batch": result["batch"], "variant": variant, "macs_fraction": fraction,
+            "median_ms": result["median_ms"], "p90_ms": result["p90_ms"], "p99_ms": result["p99_ms"], "cov": result["cov"],
+            "baseline": baseline, **ratios, "setup_seconds": result["setup_seconds"], "throughput_per_s": result["throughput_per_s"]}
+
+
+def _images(model: torch.nn.Module, batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 3, *model.patch_embed.img_size)).astype(np.float32)
+
+
 def time_model(name: str, device: str, dtype: str, modes: list[str], batches: list[int]) -> list[dict]:
-    """Every structure of `name` against timm's model, per mode and batch, in this process."""
+    """Every structure of `name` in PyTorch against timm's model, per mode and batch, in this process."""
     spec = ModelSpec(name)
     torch.manual_seed(0)
     model = create_model(spec)
@@ -95,21 +119,42 @@ def time_model(name: str, device: str, dtype: str, modes: list[str], batches: li
     dense_macs = plan_macs(dense_plan(spec, geometry.depth), geometry)["total"]
     modules = {"timm": (model, 1.0)}
     for variant, (plan, layout) in structure_plans(model, spec).items():
-        modules[variant] = (compact_from_plan(model, plan, layout), plan_macs(plan, geometry)["total"] / dense_macs)
+        modules[variant] = (compact_from_plan(model, plan, layout.tokens, layout.channels), plan_macs(plan, geometry)["total"] / dense_macs)
     rows = []
     for mode in modes:
         for batch in batches:
-            images = np.random.default_rng(0).standard_normal((batch, 3, *model.patch_embed.img_size)).astype(np.float32)
             timm_ms = None
             for variant, (module, fraction) in modules.items():
-                result = benchmark(TorchRunner(module, device, mode, dtype), images, dtype, None, SETTINGS, label=variant)
+                result = benchmark(TorchRunner(module, device, mode, dtype), _images(model, batch), dtype, None, SETTINGS, label=variant)
                 timm_ms = timm_ms or result["median_ms"]
-                speedup = timm_ms / result["median_ms"]
-                rows.append({"model": name, "mode": mode, "batch": batch, "variant": variant, "macs_fraction": fraction,
-                             "median_ms": result["median_ms"], "p90_ms": result["p90_ms"], "p99_ms": result["p99_ms"], "cov": result["cov"],
-                             "speedup_vs_timm": speedup, "mac_ideal": 1 / fraction, "realised_over_ideal": speedup * fraction,
-                             "setup_seconds": result["setup_seconds"], "throughput_per_s": result["throughput_per_s"]})
-                print(f"{name} {mode} batch {batch} {variant}: {result['median_ms']:.3f} ms, {speedup:.2f}x timm (ideal {1 / fraction:.2f}x)", flush=True)
+                rows.append(_row(name, mode, variant, fraction, result, "timm", timm_ms))
+    return rows
+
+
+def time_model_onnx(name: str, batches: list[int], directory: Path) -> list[dict]:
+    """Every structure of `name` exported to ONNX (fp32) and timed in onnxruntime on this CPU,
+    against the exported ONNX of the dense plan."""
+    from vitslim.deploy.runners import OnnxRuntimeRunner
+    from vitslim.export.onnx_export import export_plan
+
+    spec = ModelSpec(name)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    geometry = geometry_of(model)
+    dense_macs = plan_macs(dense_plan(spec, geometry.depth), geometry)["total"]
+    files = {}
+    for variant, (plan, layout) in structure_plans(model, spec).items():
+        path = directory / f"{name}-{variant.replace(' ', '_').replace('%', '')}.onnx"
+        export_plan(model, plan, path, token_layout=layout.tokens, channel_layout=layout.channels)
+        files[variant] = (path, plan_macs(plan, geometry)["total"] / dense_macs)
+    rows = []
+    for batch in batches:
+        dense_ms = None
+        for variant, (path, fraction) in files.items():
+            with OnnxRuntimeRunner(path) as runner:
+                result = benchmark(runner, _images(model, batch), "fp32", None, SETTINGS, label=variant)
+            dense_ms = dense_ms or result["median_ms"]
+            rows.append(_row(name, "onnxruntime", variant, fraction, result, "dense plan ONNX", dense_ms))
     return rows
 
 
@@ -122,14 +167,15 @@ def environment(device: str) -> dict:
 
 
 def markdown(rows: list[dict], env: dict, dtype: str) -> str:
-    lines = [f"# Latency: vitslim compact modules vs timm's own model ({dtype})", "",
-             f"{env['device']}, torch {env['torch']}, timm {env['timm']}, CUDA {env['cuda']}, {env['date']}. Medians of "
+    baseline = "the exported dense ONNX" if "onnxruntime" in env else "timm's own model"
+    lines = [f"# Latency: vitslim vs {baseline} ({dtype})", "",
+             f"{env['device']}, torch {env['torch']}, timm {env['timm']}, CUDA {env['cuda']}, onnxruntime {env.get('onnxruntime', '-')}, {env['date']}. Medians of "
              f"≥ {SETTINGS.min_iterations} iterations over ≥ {SETTINGS.min_seconds} s after {SETTINGS.warmup_seconds} s of warm-up; "
-             "speed-up = timm / variant in the same mode, batch and process; realised / ideal = speed-up / MAC-ideal.", "",
-             "| model | mode | batch | variant | MACs | median ms | p90 ms | speed-up vs timm | MAC-ideal | realised / ideal | setup s |",
+             f"speed-up = {baseline} / variant in the same mode, batch and process; realised / ideal = speed-up / MAC-ideal.", "",
+             "| model | mode | batch | variant | MACs | median ms | p90 ms | speed-up vs baseline | MAC-ideal | realised / ideal | setup s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {r['macs_fraction']:.1%} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-              f"{r['speedup_vs_timm']:.2f}x | {r['mac_ideal']:.2f}x | {r['realised_over_ideal']:.2f} | {r['setup_seconds'] or 0:.1f} |" for r in rows]
+              f"{r['speedup']:.2f}x | {r['mac_ideal']:.2f}x | {r['realised_over_ideal']:.2f} | {r['setup_seconds'] or 0:.1f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -139,14 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", help="timm model (repeat); default deit_small_patch16_224")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--mode", action="append", choices=TORCH_MODES, help="repeat; default cuda_graph")
-    parser.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--batch", type=int, action="append", help="repeat; default 1, 64 and 256")
+    parser.add_argument("--dtype", default="fp16", choices=tuple(TORCH_DTYPES))
+    parser.add_argument("--batch", type=int, action="append", help="repeat; default 1, 64 and 256 (1 and 8 with --onnxruntime)")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="export every structure to ONNX and time it in onnxruntime on this CPU against the dense ONNX (fp32)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     rows = []
     for name in args.model or ["deit_small_patch16_224"]:
-        rows += time_model(name, args.device, args.dtype, args.mode or ["cuda_graph"], args.batch or [1, 64, 256])
-    env = environment(args.device)
-    out = Path(args.out)
+        if args.onnxruntime:
+            rows += time_model_onnx(name, args.batch or [1, 8], out)
+        else:
+            rows += time_model(name, args.device, args.dtype, args.mode or ["cuda_graph"], args.batch or [1, 64, 256])
+    env = environment("cpu" if args.onnxruntime else args.device)
+    if args.onnxruntime:
+        import onnxruntime
+
+        env["onnxruntime"], args.dtype = onnxruntime.__version__, "fp32"
     write_json_atomic(out / "latency.json", {"environment": env, "dtype": args.dtype, "settings": SETTINGS.__dict__, "rows": rows})
     write_text_atomic(out / "latency.md", markdown(rows, env, args.dtype))
     print(markdown(rows, env, args.dtype))

@@ -10,12 +10,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark
+from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, speedup_columns
 from vitslim.deploy.errors import DeployError
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.precision import compare_outputs, tolerance_for
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_engine
 from vitslim.export.compact import compact_from_plan
+from vitslim.export.report import report_paths
 from vitslim.pruning.plan import dense_plan
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.run_dir import load_run
@@ -96,7 +97,10 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     macs_fraction = {label: _artifact_macs_fraction(spec)}
     if spec.run_dir:
         plan, model = load_run(spec.run_dir)
-        torch_device = spec.device if spec.device.startswith("cuda") else "cpu"
+        # like with like: an engine runs on the GPU, so do its PyTorch baselines; same precision
+        torch_device = "cuda" if spec.backend == "tensorrt" else spec.device
+        if spec.backend != "torch" and precision != spec.torch_dtype:
+            raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
         dense = dense_plan(plan.model, len(plan.blocks))
         macs_fraction.update({"torch:timm": 1.0, "torch:compact": macs_fraction_of(plan, model), "torch:dense": 1.0})
         # timm's own model is the baseline users already run; the compact module of the dense plan
@@ -119,10 +123,12 @@ def _artifact_macs_fraction(spec: BenchSpec) -> Optional[float]:
     if spec.backend == "torch":
         return macs_fraction_of(*load_run(artifact))
     onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(check_engine(artifact)["onnx"]["file"])
-    report = onnx_path.with_suffix(".report.json")
+    report = report_paths(onnx_path)[0]
     if not report.is_file():
         return None
     data = json.loads(report.read_text())
+    if data.get("onnx", {}).get("sha256") != sha256_of(onnx_path):
+        return None  # the report describes another export
     return data["macs"] / data["macs_dense"]
 
 
@@ -134,11 +140,8 @@ def latency_ratios(results: list[dict], macs_fraction: dict[str, Optional[float]
     for r in results:
         if r["batch"] not in base or r["label"] == baseline:
             continue
-        speedup = base[r["batch"]] / r["median_ms"]
-        fraction = macs_fraction.get(r["label"])
-        ideal = None if fraction is None else 1.0 / fraction
-        rows.append({"label": r["label"], "batch": r["batch"], "baseline": baseline, "speedup": speedup,
-                     "mac_ideal_speedup": ideal, "realised_over_ideal": None if ideal is None else speedup / ideal})
+        rows.append({"label": r["label"], "batch": r["batch"], "baseline": baseline,
+                     **speedup_columns(base[r["batch"]], r["median_ms"], macs_fraction.get(r["label"]))})
     return rows
 
 
@@ -147,12 +150,13 @@ def bench_markdown(report: dict) -> str:
     host = results[0]["fingerprint"]["host"] if results else {}
     lines = [
         f"# Latency: {report['spec']['artifact']} ({report['spec']['backend']}, {report['spec']['device']})", "",
-        f"Host: {host.get('cpu')} ({host.get('cores')} cores), GPU driver {host.get('gpu_driver')}", "",
-        "| label | batch | median ms | p90 | p95 | p99 | CoV | img/s | end-to-end ms |", "|---|---|---|---|---|---|---|---|---|",
+        f"Host: {host.get('cpu')} ({host.get('cores')} cores), GPU driver {host.get('gpu_driver')}. Setup = compilation or graph "
+        "capture of the PyTorch runners, not part of the latency.", "",
+        "| label | batch | median ms | p90 | p95 | p99 | CoV | img/s | end-to-end ms | setup s |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['label']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['cov']:.1%} | "
-        f"{r['throughput_per_s']:.0f} | {r['end_to_end_median_ms']:.3f} |"
+        f"{r['throughput_per_s']:.0f} | {r['end_to_end_median_ms']:.3f} | {'' if r.get('setup_seconds') is None else format(r['setup_seconds'], '.1f')} |"
         for r in results
     ]
     if report["ratios"]:
@@ -161,7 +165,7 @@ def bench_markdown(report: dict) -> str:
 
         lines += ["", f"Speed-up over {report['ratios'][0]['baseline']} (timm's own model, run the same way in the same process):", "",
                   "| label | batch | speed-up | MAC-ideal | realised / ideal |", "|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['batch']} | {r['speedup']:.2f}x | {ratio(r['mac_ideal_speedup'])}x | {ratio(r['realised_over_ideal'])} |" for r in report["ratios"]]
+        lines += [f"| {r['label']} | {r['batch']} | {r['speedup']:.2f}x | {ratio(r['mac_ideal'])}x | {ratio(r['realised_over_ideal'])} |" for r in report["ratios"]]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitslim.deploy.bench import BenchSettings
+from vitslim.deploy.bench import BenchSettings, speedup_columns
+from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from vitslim.files import write_text_atomic
 from vitslim.pruning.data import DataSplits, calibration_batch, load_data
@@ -199,16 +200,17 @@ def summary_markdown(title: str, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speedup = timm_ms / r["torch_ms"] if timm_ms and r.get("torch_ms") else None
+        ratios = speedup_columns(timm_ms, r["torch_ms"], r["macs_fraction"]) if timm_ms and r.get("torch_ms") else {}
         lines.append(
             f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
             f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {number(r.get('engine_mb'))} | "
             f"{number(r.get('onnxruntime_ms'))} ({number(r.get('onnxruntime_p90_ms'))}) | {number(r.get('torch_ms'))} ({number(r.get('torch_p90_ms'))}) | "
-            f"{number(speedup)}x | {1 / r['macs_fraction']:.2f}x | {number(None if speedup is None else speedup * r['macs_fraction'])} |"
+            f"{number(ratios.get('speedup'))}x | {1 / r['macs_fraction']:.2f}x | {number(ratios.get('realised_over_ideal'))} |"
         )
     engines = {r.get("engine_library") for r in rows} - {None}
     if engines:
-        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} (fp32, batch profile 1:8:32)."]
+        settings = BuildSettings()
+        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} ({settings.precision}, batch profile {', '.join(map(str, settings.profiles))})."]
     return "\n".join(lines) + "\n"
 
 

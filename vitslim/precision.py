@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import VitslimError
+
 # What an exported graph or engine computes in. The ONNX decides (fp16 is an fp16 export).
 PRECISIONS = ("fp32", "fp16")
 
@@ -36,7 +38,7 @@ TOLERANCES = {
 
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in TOLERANCES:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        raise VitslimError(f"precision {precision!r} is not one of {PRECISIONS}")
     return TOLERANCES[precision]
 
 
@@ -63,7 +65,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     if reference.shape != candidate.shape:
-        raise ValueError(f"output shapes differ: reference {reference.shape} vs candidate {candidate.shape}")
+        raise VitslimError(f"output shapes differ: reference {reference.shape} vs candidate {candidate.shape}: compare outputs of the same model and batch")
     flat_ref = reference.reshape(len(reference), -1)
     flat_cand = candidate.reshape(len(candidate), -1)
     norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_cand, axis=1)

@@ -10,6 +10,8 @@ from typing import Callable
 
 import onnx
 
+from ..errors import ExportError
+
 log = logging.getLogger(__name__)
 
 GraphPass = Callable[["object"], "object"]
@@ -33,7 +35,7 @@ def apply_passes(model: onnx.ModelProto, names: tuple[str, ...] = DEFAULT_PASSES
 
     unknown = [n for n in names if n not in GRAPH_PASSES]
     if unknown:
-        raise KeyError(f"unknown graph pass(es) {unknown}; registered: {sorted(GRAPH_PASSES)}")
+        raise ExportError(f"unknown graph pass(es) {unknown}; registered: {sorted(GRAPH_PASSES)}")
     graph = gs.import_onnx(model)
     for name in names:
         before = len(graph.nodes)

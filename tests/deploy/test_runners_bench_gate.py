@@ -14,7 +14,7 @@ from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, To
 from vitslim.deploy.tensorrt_lib import find_tensorrt
 from vitslim.export.compact import compact_from_plan
 from vitslim.export.onnx_export import export_plan
-from vitslim.precision import compare_outputs
+from vitslim.precision import TOLERANCES, compare_outputs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference
 
@@ -121,7 +121,7 @@ def test_benchmark_records_a_fingerprint(onnx_path):
 def test_torch_cuda_graph_runner_matches_eager():
     compact = compact_from_plan(MODEL, PLAN)
     with TorchRunner(compact, device="cuda", mode="cuda_graph") as graphed:
-        np.testing.assert_allclose(graphed.infer(IMAGES), reference(IMAGES), atol=1e-3)
+        np.testing.assert_allclose(graphed.infer(IMAGES), reference(IMAGES), atol=TOLERANCES["fp32"].max_abs_diff)
 
 
 @pytest.mark.gpu
@@ -139,6 +139,6 @@ def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
         pytest.skip(f"this GPU cannot run {trt.name} engines: {error}")
     try:
         for batch in (1, 8):
-            assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).max_abs_diff <= 1e-3
+            assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).passes(TOLERANCES["fp32"])
     finally:
         runner.deactivate()

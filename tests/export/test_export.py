@@ -12,6 +12,7 @@ from conftest import tiny_vit
 from vitslim.export.compact import slice_linear
 from vitslim.export.errors import ExportError
 from vitslim.export.onnx_export import export_plan, run_onnxruntime
+from vitslim.errors import VitslimError
 from vitslim.precision import Tolerance, compare_outputs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference
@@ -38,7 +39,7 @@ def test_compare_outputs():
     reference = torch.tensor([[1.0, 2.0], [3.0, 1.0]]).numpy()
     parity = compare_outputs(reference, reference + [[0.0, 0.5], [0.0, 3.0]])
     assert parity.max_abs_diff == 3.0 and parity.top1_agreement == 0.5 and parity.batch == 2
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(VitslimError, match="shapes differ"):
         compare_outputs(reference, reference[:1])
 
 
@@ -160,3 +161,16 @@ def test_dynamic_attention_exports_as_the_chain_tensorrt_fuses(tmp_path):
     for softmax in softmaxes:
         consumers = [node.op_type for node in graph.node if softmax.output[0] in node.input]
         assert producer[softmax.input[0]].op_type == "MatMul" and consumers == ["MatMul"]
+
+
+def test_masked_channel_layout_has_no_channel_gathers_and_keeps_parity(tmp_path):
+    """The masked layout reads pruned LayerNorm outputs through zero weight columns: no Gather,
+    full-width qkv and fc1, the same function."""
+    model = tiny_vit()
+    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(qkv_in=tuple(range(0, 32, 2)), fc1_in=tuple(range(8)), hidden=tuple(range(0, 128, 4))))
+    gathered = export_plan(model, plan, tmp_path / "gather.onnx", images=IMAGES).report
+    masked = export_plan(model, plan, tmp_path / "masked.onnx", images=IMAGES, channel_layout="masked").report
+    assert gathered["ops"].get("Gather", 0) - masked["ops"].get("Gather", 0) == 2
+    assert [w["shape"] for w in masked["weight_shapes"]].count([32, 96]) == 3  # block 1's qkv reads all 32 channels
+    assert [16, 96] in [w["shape"] for w in gathered["weight_shapes"]]
+    assert masked["parity"]["max_abs_diff"] <= 1e-4 and masked["macs"] == gathered["macs"]  # the plan's MACs, not the zeros'

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from conftest import tiny_vit
-from vitslim.export.compact import compact_from_plan
+from vitslim.export.compact import CHANNEL_LAYOUTS, compact_from_plan
 from vitslim.export.onnx_export import export_plan, run_onnxruntime
 from plans import random_plans
 from vitslim.pruning.reference import MaskedReference
@@ -20,12 +20,13 @@ IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 DYNAMIC_INDEX_OPS = {"TopK", "NonZero", "ScatterElements", "ScatterND", "GatherElements", "Where", "ArgMax"}
 
 
+@pytest.mark.parametrize("channel_layout", CHANNEL_LAYOUTS)
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=random_plans(GEOMETRY))
-def test_compact_module_matches_reference(plan):
+def test_compact_module_matches_reference(channel_layout, plan):
     with torch.no_grad():
         expected = MaskedReference(MODEL, plan)(IMAGES)
-        actual = compact_from_plan(MODEL, plan)(IMAGES)
+        actual = compact_from_plan(MODEL, plan, channel_layout=channel_layout)(IMAGES)
     assert (expected - actual).abs().max().item() <= 1e-4
 
 
