@@ -65,6 +65,13 @@ def test_packages_import_only_what_the_layering_allows():
     assert not problems, problems
 
 
+def test_leaf_modules_import_only_leaves():
+    modules = module_files()
+    problems = [f"{name} imports {imported}" for name in LEAVES - {"vitslim"} for imported in imported_modules(name, modules[name], top_level_only=False)
+                if imported in modules and imported not in LEAVES]
+    assert not problems, problems
+
+
 def test_no_import_cycles():
     modules = module_files()
     graph = {name: {m for m in imported_modules(name, path, top_level_only=True) if m in modules and m != name} for name, path in modules.items()}

@@ -142,3 +142,28 @@ def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
             assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).passes(TOLERANCES["fp32"])
     finally:
         runner.deactivate()
+
+
+def test_speed_ups_are_taken_against_the_baseline_beside_the_mac_ideal():
+    from vitslim.deploy.bench import speedup_columns
+    from vitslim.measure import latency_ratios
+
+    assert speedup_columns(10.0, 5.0, 0.4) == {"speedup": 2.0, "mac_ideal": 2.5, "realised_over_ideal": 0.8}
+    results = [{"label": "torch:timm", "batch": 8, "median_ms": 10.0}, {"label": "torch:compact", "batch": 8, "median_ms": 5.0},
+               {"label": "onnxruntime:m.onnx", "batch": 8, "median_ms": 4.0}, {"label": "torch:compact", "batch": 1, "median_ms": 1.0}]
+    rows = latency_ratios(results, {"torch:compact": 0.5, "onnxruntime:m.onnx": None})
+    # batch 1 has no baseline in the same run: no ratio; unknown MACs: no ideal
+    assert rows == [
+        {"label": "torch:compact", "batch": 8, "baseline": "torch:timm", "speedup": 2.0, "mac_ideal": 2.0, "realised_over_ideal": 1.0},
+        {"label": "onnxruntime:m.onnx", "batch": 8, "baseline": "torch:timm", "speedup": 2.5, "mac_ideal": None, "realised_over_ideal": None},
+    ]
+
+
+def test_bad_timing_settings_are_refused():
+    from vitslim.deploy.bench import BenchSettings
+    from vitslim.deploy.errors import DeployError
+
+    with pytest.raises(DeployError, match="max-rounds"):
+        BenchSettings(max_rounds=0)
+    with pytest.raises(DeployError, match="min-iterations"):
+        BenchSettings(min_iterations=0)
