@@ -67,8 +67,7 @@ def cmd_export(args) -> int:
         from .pipeline import data_for
 
         images = calibration_batch(data_for(model, args.data).val, 8)
-    tolerance = args.tolerance  # a float replaces the fp32 bound of TOLERANCES
-    result = export_plan(model, plan, args.out, images=images, tolerance=tolerance, token_layout=args.token_layout,
+    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
                          precision=args.precision, channel_layout=args.channel_layout)
     report = result.report
     print(

@@ -48,7 +48,7 @@ def _precision_of(artifact: Path, backend: str) -> str:
     return "fp32"
 
 
-def _input_shape(spec: BenchSpec) -> tuple[int, ...]:
+def _input_shape(spec: BenchSpec, run: Optional[tuple]) -> tuple[int, ...]:
     artifact = Path(spec.artifact)
     if spec.backend == "tensorrt":
         return tuple(check_engine(artifact)["input"]["shape"][1:])
@@ -57,17 +57,18 @@ def _input_shape(spec: BenchSpec) -> tuple[int, ...]:
 
         graph = onnx.load(str(artifact), load_external_data=False).graph
         return tuple(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
-    return input_shape_of(load_run(artifact)[1])
+    return input_shape_of(run[1])
 
 
-def artifact_runner(spec: BenchSpec) -> Runner:
+def artifact_runner(spec: BenchSpec, run: Optional[tuple]) -> Runner:
+    """The runner of the artifact; `run` is its (plan, model) for the torch backend."""
     artifact = Path(spec.artifact)
     if spec.backend == "onnxruntime":
         return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
     if spec.backend == "tensorrt":
         return TensorRTRunner(artifact)
     if spec.backend == "torch":
-        plan, model = load_run(artifact)
+        plan, model = run
         return TorchRunner(compact_from_plan(model, plan), device=spec.device, mode=spec.torch_mode, dtype=spec.torch_dtype)
     raise DeployError(f"unknown backend {spec.backend!r}: torch, onnxruntime or tensorrt")
 
@@ -83,24 +84,26 @@ def _measure(runner: Runner, label: str, batches, shape, precision, sha, setting
 
 
 def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dict:
-    """Bench the artifact (and, with run_dir, the PyTorch dense and compact models in the same run)."""
+    """Bench the artifact and, with run_dir, timm's own model (the baseline of every speed-up) and
+    the run's compact modules, in the same process, device and dtype."""
     artifact = Path(spec.artifact)
     if not artifact.exists():
         raise DeployError(f"artifact {artifact} does not exist")
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    shape = _input_shape(spec)
+    run = load_run(artifact) if spec.backend == "torch" else None
+    shape = _input_shape(spec, run)
     sha = sha256_of(artifact) if artifact.is_file() else None
     precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend)
+    if spec.run_dir and precision != spec.torch_dtype:
+        raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
     label = f"{spec.backend}:{artifact.name}"
-    results = _measure(artifact_runner(spec), label, spec.batches, shape, precision, sha, settings)
-    macs_fraction = {label: _artifact_macs_fraction(spec)}
+    results = _measure(artifact_runner(spec, run), label, spec.batches, shape, precision, sha, settings)
+    macs_fraction = {label: macs_fraction_of(*run) if run else _export_report_macs_fraction(spec)}
     if spec.run_dir:
         plan, model = load_run(spec.run_dir)
-        # like with like: an engine runs on the GPU, so do its PyTorch baselines; same precision
+        # like with like: an engine runs on the GPU, so do its PyTorch baselines
         torch_device = "cuda" if spec.backend == "tensorrt" else spec.device
-        if spec.backend != "torch" and precision != spec.torch_dtype:
-            raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
         dense = dense_plan(plan.model, len(plan.blocks))
         macs_fraction.update({"torch:timm": 1.0, "torch:compact": macs_fraction_of(plan, model), "torch:dense": 1.0})
         # timm's own model is the baseline users already run; the compact module of the dense plan
@@ -117,14 +120,13 @@ def macs_fraction_of(plan, model) -> float:
     return plan_macs(plan, geometry)["total"] / plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
 
 
-def _artifact_macs_fraction(spec: BenchSpec) -> Optional[float]:
-    """From the export report beside an ONNX (FILE.report.json) or the run directory; None if unknown."""
+def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
+    """From the export report beside the ONNX (FILE.report.json; for an engine, beside the ONNX its
+    manifest names); None if there is none or it describes another export."""
     artifact = Path(spec.artifact)
-    if spec.backend == "torch":
-        return macs_fraction_of(*load_run(artifact))
     onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(check_engine(artifact)["onnx"]["file"])
     report = report_paths(onnx_path)[0]
-    if not report.is_file():
+    if not report.is_file() or not onnx_path.is_file():
         return None
     data = json.loads(report.read_text())
     if data.get("onnx", {}).get("sha256") != sha256_of(onnx_path):
