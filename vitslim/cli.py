@@ -86,13 +86,15 @@ def _flag_type(field: dataclasses.Field) -> type:
     return _FLAG_TYPES[name]
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types: dict[str, type]) -> None:
-    """One --flag per settings field of `config_types` (owner -> frozen dataclass), with the
-    field's help text and default(s); a flag not given stays None, so the dataclass default holds."""
+def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types: dict[str, type], skip: tuple[str, ...] = ()) -> None:
+    """One --flag per settings field of `config_types` (owner -> frozen dataclass) but those in
+    `skip`, with the field's help text and default(s); a flag not given stays None, so the
+    dataclass default holds."""
     owners: dict[str, list] = {}
     for owner, config_type in config_types.items():
         for field in dataclasses.fields(config_type):
-            owners.setdefault(field.name, []).append((owner, field))
+            if field.name not in skip:
+                owners.setdefault(field.name, []).append((owner, field))
     group = parser.add_argument_group(title)
     for name, owned in owners.items():
         field = owned[0][1]
@@ -287,7 +289,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command == "train":
         from vitslim.pruning.train import TrainConfig
 
-        add_settings_flags(train, "training settings", {"train": TrainConfig})
+        # `train` has no teacher, so the distillation settings do not apply to it
+        add_settings_flags(train, "training settings", {"train": TrainConfig}, skip=("distill_weight", "distill_temperature"))
     train.add_argument("--out", required=True, help="run directory to write")
     train.set_defaults(func=cmd_train)
 
