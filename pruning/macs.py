@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import BlockPlan, SlimPlan, TokenCounts, token_counts
+from .plan import BlockPlan, SlimPlan, TokenCounts, dense_plan, token_counts
 from .timm_adapter import ViTGeometry
 
 
@@ -57,6 +57,11 @@ def block_macs(block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts) -> 
         macs["qk_proj"] = (n_out + n_in) * widths.qkv_in * heads * head_dim
         macs["qk_scores"] = heads * n_out * n_in * head_dim
     return macs
+
+
+def macs_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
+    """MACs of `plan` over the dense model's (1 / the MAC-ideal speed-up); plan must be valid."""
+    return plan_macs(plan, geometry)["total"] / plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
 
 
 def plan_macs(plan: SlimPlan, geometry: ViTGeometry) -> dict:

@@ -27,7 +27,7 @@ from vitslim.deploy.bench import BenchSettings, benchmark, host_description, spe
 from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES, TorchRunner
 from vitslim.export.compact import compact_from_plan
 from vitslim.files import write_json_atomic, write_text_atomic
-from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.macs import macs_fraction
 from vitslim.pruning.methods.dgssa_glad import pooling_matrix
 from vitslim.pruning.methods.patch_slimming import plan_from_token_sets
 from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates
@@ -110,16 +110,22 @@ def _images(model: torch.nn.Module, batch: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, 3, *model.patch_embed.img_size)).astype(np.float32)
 
 
-def time_model(name: str, device: str, dtype: str, modes: list[str], batches: list[int]) -> list[dict]:
-    """Every structure of `name` in PyTorch against timm's model, per mode and batch, in this process."""
+def _random_model_and_structures(name: str) -> tuple[torch.nn.Module, dict[str, tuple[SlimPlan, Layout, float]]]:
+    """timm's `name` with seeded random weights and its structures: variant -> (plan, layout, MACs fraction)."""
     spec = ModelSpec(name)
     torch.manual_seed(0)
     model = create_model(spec)
     geometry = geometry_of(model)
-    dense_macs = plan_macs(dense_plan(spec, geometry.depth), geometry)["total"]
+    structures = {variant: (plan, layout, macs_fraction(plan, geometry)) for variant, (plan, layout) in structure_plans(model, spec).items()}
+    return model, structures
+
+
+def time_model(name: str, device: str, dtype: str, modes: list[str], batches: list[int]) -> list[dict]:
+    """Every structure of `name` in PyTorch against timm's model, per mode and batch, in this process."""
+    model, structures = _random_model_and_structures(name)
     modules = {"timm": (model, 1.0)}
-    for variant, (plan, layout) in structure_plans(model, spec).items():
-        modules[variant] = (compact_from_plan(model, plan, layout.tokens, layout.channels), plan_macs(plan, geometry)["total"] / dense_macs)
+    for variant, (plan, layout, fraction) in structures.items():
+        modules[variant] = (compact_from_plan(model, plan, layout.tokens, layout.channels), fraction)
     rows = []
     for mode in modes:
         for batch in batches:
@@ -137,16 +143,12 @@ def time_model_onnx(name: str, batches: list[int], directory: Path) -> list[dict
     from vitslim.deploy.runners import OnnxRuntimeRunner
     from vitslim.export.onnx_export import export_plan
 
-    spec = ModelSpec(name)
-    torch.manual_seed(0)
-    model = create_model(spec)
-    geometry = geometry_of(model)
-    dense_macs = plan_macs(dense_plan(spec, geometry.depth), geometry)["total"]
+    model, structures = _random_model_and_structures(name)
     files = {}
-    for variant, (plan, layout) in structure_plans(model, spec).items():
+    for variant, (plan, layout, fraction) in structures.items():
         path = directory / f"{name}-{variant.replace(' ', '_').replace('%', '')}.onnx"
         export_plan(model, plan, path, token_layout=layout.tokens, channel_layout=layout.channels)
-        files[variant] = (path, plan_macs(plan, geometry)["total"] / dense_macs)
+        files[variant] = (path, fraction)
     rows = []
     for batch in batches:
         dense_ms = None

@@ -20,7 +20,7 @@ from vitslim.export.report import report_paths
 from vitslim.pruning.plan import dense_plan
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.run_dir import load_run
-from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.macs import macs_fraction
 from vitslim.pruning.timm_adapter import geometry_of, input_shape_of
 
 
@@ -99,25 +99,19 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
         raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
     label = f"{spec.backend}:{artifact.name}"
     results = _measure(artifact_runner(spec, run), label, spec.batches, shape, precision, sha, settings)
-    macs_fraction = {label: macs_fraction_of(*run) if run else _export_report_macs_fraction(spec)}
+    fractions = {label: macs_fraction(run[0], geometry_of(run[1])) if run else _export_report_macs_fraction(spec)}
     if spec.run_dir:
         plan, model = load_run(spec.run_dir)
         # like with like: an engine runs on the GPU, so do its PyTorch baselines
         torch_device = "cuda" if spec.backend == "tensorrt" else spec.device
         dense = dense_plan(plan.model, len(plan.blocks))
-        macs_fraction.update({"torch:timm": 1.0, "torch:compact": macs_fraction_of(plan, model), "torch:dense": 1.0})
+        fractions.update({"torch:timm": 1.0, "torch:compact": macs_fraction(plan, geometry_of(model)), "torch:dense": 1.0})
         # timm's own model is the baseline users already run; the compact module of the dense plan
         # is a second row that shows the compact module's own overhead.
         for torch_label, module in (("torch:timm", model), ("torch:compact", compact_from_plan(model, plan)), ("torch:dense", compact_from_plan(model, dense))):
             runner = TorchRunner(module, torch_device, spec.torch_mode, spec.torch_dtype)
             results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
-    return {"version": RESULT_VERSION, "spec": asdict(spec), "results": results, "ratios": latency_ratios(results, macs_fraction)}
-
-
-def macs_fraction_of(plan, model) -> float:
-    """MACs of `plan` over the dense model's MACs (1 / the MAC-ideal speed-up)."""
-    geometry = geometry_of(model)
-    return plan_macs(plan, geometry)["total"] / plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
+    return {"version": RESULT_VERSION, "spec": asdict(spec), "results": results, "ratios": latency_ratios(results, fractions)}
 
 
 def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
@@ -134,7 +128,7 @@ def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
     return data["macs"] / data["macs_dense"]
 
 
-def latency_ratios(results: list[dict], macs_fraction: dict[str, Optional[float]], baseline: str = "torch:timm") -> list[dict]:
+def latency_ratios(results: list[dict], fractions: dict[str, Optional[float]], baseline: str = "torch:timm") -> list[dict]:
     """Speed-up of every result over `baseline` (timm's own model, same device, dtype, mode and
     batch, same run), beside the MAC-ideal speed-up (dense MACs / its MACs) and realised / ideal."""
     base = {r["batch"]: r["median_ms"] for r in results if r["label"] == baseline}
@@ -143,7 +137,7 @@ def latency_ratios(results: list[dict], macs_fraction: dict[str, Optional[float]
         if r["batch"] not in base or r["label"] == baseline:
             continue
         rows.append({"label": r["label"], "batch": r["batch"], "baseline": baseline,
-                     **speedup_columns(base[r["batch"]], r["median_ms"], macs_fraction.get(r["label"]))})
+                     **speedup_columns(base[r["batch"]], r["median_ms"], fractions.get(r["label"]))})
     return rows
 
 

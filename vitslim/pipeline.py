@@ -151,7 +151,7 @@ SUMMARY_BENCH = BenchSettings(warmup_seconds=0.5, min_seconds=1.5, min_iteration
 
 def engine_columns(onnx_path: Path) -> dict:
     """Build an engine with whichever TensorRT is installed; say so in one line if none is."""
-    from vitslim.deploy.build import BuildSettings, engine_from_onnx
+    from vitslim.deploy.build import engine_from_onnx
     from vitslim.deploy.tensorrt_lib import find_tensorrt
 
     trt = find_tensorrt()

@@ -26,9 +26,9 @@ from vitslim.settings import setting
 
 from ..data import DataSplits, calibration_batch
 from ..errors import PruningError
-from ..macs import plan_macs
+from ..macs import macs_fraction
 from .base import MethodResult, dense_start, register_method
-from ..plan import BlockPlan, SlimPlan, dense_plan
+from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, blocks_of
 from ..train import TrainConfig, evaluate, fit
@@ -247,14 +247,13 @@ def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int)
 
 def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
     """Bisection on log ε: the smallest ε whose plan keeps at most target_macs of dense MACs."""
-    dense_macs = plan_macs(dense_plan(base.model, geometry.depth), geometry)["total"]
     low, high = math.log(1e-4), math.log(4.0)
     best = None
     for _ in range(config.search_iterations):
         epsilon = math.exp((low + high) / 2)
         search = make_search()
         token_sets, search_log = search.run(epsilon)
-        fraction = plan_macs(plan_from_token_sets(token_sets, base, geometry.num_tokens), geometry)["total"] / dense_macs
+        fraction = macs_fraction(plan_from_token_sets(token_sets, base, geometry.num_tokens), geometry)
         if fraction <= config.target_macs:
             high, best = math.log(epsilon), (epsilon, search, token_sets, search_log)
         else:
