@@ -85,6 +85,51 @@ def folder_splits(path: Path, in_chans: int, img_size: tuple[int, int]) -> DataS
     return DataSplits(Subset(dataset, train), Subset(dataset, val), len(dataset.classes), str(path))
 
 
+DEIT_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's RandAugment policy (timm's auto_augment string)
+AFFINE = "affine"  # small random rotations, shifts and scalings of image tensors (digits)
+
+
+class _Transformed(Dataset):
+    """`dataset` with `transform` applied to each image tensor (labels unchanged)."""
+
+    def __init__(self, dataset: Dataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def augmented_dataset(dataset: Dataset, policy: str) -> Dataset:
+    """The same training images, augmented. `policy` "affine": random rotation (±10°), shift
+    (±10 %) and scale (0.9-1.1) of the image tensors (any data; what digits uses). Otherwise a
+    timm RandAugment policy with timm's training transform on an ImageFolder (or a Subset of
+    one): random resized crop, flip, RandAugment, random erasing (DeiT's recipe). The dataset
+    itself keeps its deterministic transform, so calibration draws stay reproducible."""
+    import copy
+
+    from timm.data import create_transform
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    if policy == AFFINE:
+        fill = float(dataset[0][0].min())  # the background value of normalised images
+        return _Transformed(dataset, transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill))
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if not isinstance(base, ImageFolder):
+        raise PruningError(f"--augment {policy}: RandAugment needs image files (ImageFolder data); use --augment none")
+    channels, height, width = base[0][0].shape
+    if channels != 3:
+        raise PruningError(f"--augment {policy}: timm's training transform makes RGB images, the model reads {channels} channel(s); use --augment none")
+    augmented = copy.copy(base)
+    augmented.transform = create_transform((3, height, width), is_training=True, auto_augment=policy, interpolation="bicubic",
+                                           re_prob=0.25, mean=MEAN, std=STD)
+    return Subset(augmented, dataset.indices) if isinstance(dataset, Subset) else augmented
+
+
 def load_data(source: str, in_chans: int, img_size: tuple[int, int]) -> DataSplits:
     """`source` is 'digits' or an ImageFolder directory."""
     if source == "digits":
@@ -92,7 +137,51 @@ def load_data(source: str, in_chans: int, img_size: tuple[int, int]) -> DataSpli
     return folder_splits(Path(source), in_chans, img_size)
 
 
-def calibration_batch(dataset: Dataset, count: int) -> torch.Tensor:
-    """The first `count` images of `dataset` stacked as [count, C, H, W] (deterministic)."""
-    count = min(count, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(count)])
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every label of `dataset`, without decoding images where the dataset keeps them apart
+    (TensorDataset, ImageFolder and Subsets of either); otherwise by reading each item."""
+    if isinstance(dataset, Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return list(targets)
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Images drawn at random with a seed, stratified by class, and where they came from."""
+
+    images: torch.Tensor  # [count, C, H, W]
+    indices: tuple[int, ...]  # into the dataset they were drawn from
+    labels: tuple[int, ...]
+
+    @property
+    def class_histogram(self) -> dict[int, int]:
+        """class -> images drawn (what info.json records)."""
+        return {label: self.labels.count(label) for label in sorted(set(self.labels))}
+
+    def split(self, count: int) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """The first `count` images and the rest, disjoint; both stratified (the draw interleaves classes)."""
+        return (CalibrationSet(self.images[:count], self.indices[:count], self.labels[:count]),
+                CalibrationSet(self.images[count:], self.indices[count:], self.labels[count:]))
+
+
+def calibration_set(dataset: Dataset, count: int, seed: int = 0) -> CalibrationSet:
+    """`count` images of `dataset` (all of them if it is smaller) drawn at random with `seed`,
+    stratified by class: classes take turns, each in a seeded random order, so every class is
+    represented as evenly as its size allows and any prefix of the draw is stratified too."""
+    labels = dataset_labels(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index in torch.randperm(len(labels), generator=generator).tolist():
+        by_class.setdefault(labels[index], []).append(index)
+    order, depth = [], 0
+    while len(order) < min(count, len(labels)):
+        order += [members[depth] for _, members in sorted(by_class.items()) if depth < len(members)]
+        depth += 1
+    order = order[:count]
+    return CalibrationSet(torch.stack([dataset[i][0] for i in order]), tuple(order), tuple(labels[i] for i in order))

@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from vitslim.settings import setting
 
-from .data import DataSplits
+from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
 from .errors import PruningError
 
 
@@ -35,19 +35,30 @@ class TrainConfig:
     distill_temperature: float = setting(1.0, "temperature of the distillation term")
     seed: int = setting(0, "random seed (initial weights, data order)")
     amp: bool = setting(True, "bf16 autocast (CUDA only)")
-    num_workers: int = setting(0, "data-loader worker processes")
+    num_workers: Optional[int] = setting(None, "data-loader worker processes; default: none for digits (tensors in memory), "
+                                         "min(8, CPUs per process) for ImageFolder data (decoding and augmentation)")
+    augment: str = setting("auto", "training-image augmentation: a timm RandAugment policy (ImageFolder data), e.g. 'rand-m9-mstd0.5-inc1' (DeiT's); "
+                           "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits")
+    mixup: Optional[float] = setting(None, "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 on ImageFolder data, 0 on digits")
+    cutmix: Optional[float] = setting(None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 on ImageFolder data, 0 on digits")
+    label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
 
     def __post_init__(self) -> None:
+        if self.num_workers is not None and self.num_workers < 0:
+            raise PruningError(f"--num-workers {self.num_workers} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise PruningError(f"training needs epochs >= 0, batch_size >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
+        if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= self.label_smoothing < 1:
+            raise PruningError("--mixup and --cutmix must be >= 0 and --label-smoothing in [0, 1)")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise PruningError(f"distill_weight {self.distill_weight} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    history: tuple[dict, ...]  # one entry per epoch: epoch, loss, lr, val_top1, seconds
+    history: tuple[dict, ...]  # per epoch: epoch, loss, lr, val_top1, seconds, steps, train_images_per_s (all processes)
     val_top1: float
+    augmentation: Optional[dict] = None  # what was applied (TrainConfig's "auto" resolved)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,12 @@ def distributed_context() -> DistributedContext:
 def is_main_process() -> bool:
     """True outside DDP and on rank 0 inside it: the process that writes files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process of the group (a no-op outside DDP): rank 0 writes, the others read after."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_factor: float) -> float:
@@ -113,19 +130,22 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     model.eval()
     correct = total = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size):
-        predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
+        with torch.no_grad():
+            predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
         correct += int((predictions == labels).sum())
         total += len(labels)
     model.train(was_training)
     return 100.0 * correct / max(1, total)
 
 
-def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext) -> tuple[DataLoader, Optional[DistributedSampler]]:
+def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, files: bool) -> tuple[DataLoader, Optional[DistributedSampler]]:
+    workers = config.num_workers if config.num_workers is not None else (min(8, (os.cpu_count() or 1) // context.world_size) if files else 0)
     if context.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
-        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, drop_last=True), sampler
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True, persistent_workers=workers > 0), sampler
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers, drop_last=len(dataset) > config.batch_size)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=workers,
+                        drop_last=len(dataset) > config.batch_size, persistent_workers=workers > 0)
     return loader, None
 
 
@@ -142,10 +162,45 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _step_loss(model, teacher, images, labels, config: TrainConfig, device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Augmentation:
+    """What the training loop applies, with "auto" resolved for the data at hand."""
+
+    policy: Optional[str]  # RandAugment policy, None for none
+    mixup: float
+    cutmix: float
+    label_smoothing: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_augmentation(config: TrainConfig, data: DataSplits) -> Augmentation:
+    """DeiT's recipe (RandAugment, Mixup 0.8, CutMix 1.0) on ImageFolder data unless the settings
+    say otherwise; small affine jitter on digits (in-memory tensors: no image files to RandAugment)."""
+    images = data.source != "digits"
+    policy = (DEIT_AUGMENT if images else AFFINE) if config.augment == "auto" else (None if config.augment == "none" else config.augment)
+    mixup = config.mixup if config.mixup is not None else (0.8 if images else 0.0)
+    cutmix = config.cutmix if config.cutmix is not None else (1.0 if images else 0.0)
+    if (mixup or cutmix) and config.batch_size % 2:
+        raise PruningError(f"Mixup/CutMix pair images within a batch: --batch-size {config.batch_size} must be even (or --mixup 0 --cutmix 0)")
+    return Augmentation(policy, mixup, cutmix, config.label_smoothing)
+
+
+def _mixing(augmentation: Augmentation, num_classes: int):
+    """timm's Mixup/CutMix (it folds the label smoothing into its soft targets), or None."""
+    if not (augmentation.mixup or augmentation.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=augmentation.mixup, cutmix_alpha=augmentation.cutmix, label_smoothing=augmentation.label_smoothing, num_classes=num_classes)
+
+
+def _step_loss(model, teacher, images, labels, config: TrainConfig, device, smoothing: float = 0.0) -> torch.Tensor:
+    """Task loss on hard labels or on Mixup's soft targets [B, classes], plus distillation."""
     with _autocast(device, config.amp):
         logits = _logits(model(images))
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
         if teacher is not None and config.distill_weight > 0:
             with torch.no_grad():
                 teacher_logits = _logits(teacher(images)).float()
@@ -182,7 +237,10 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval()
     trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if context.world_size > 1 else model
-    loader, sampler = _train_loader(data.train, config, context)
+    augmentation = resolve_augmentation(config, data)
+    mixing = _mixing(augmentation, data.num_classes)
+    train_set = augmented_dataset(data.train, augmentation.policy) if augmentation.policy else data.train
+    loader, sampler = _train_loader(train_set, config, context, files=data.source != "digits")
     optimizer = torch.optim.AdamW(groups or parameter_groups(model, config.weight_decay), lr=config.lr)
     total_steps = max(1, config.epochs * len(loader))
     warmup = int(config.warmup_epochs * len(loader))
@@ -196,7 +254,11 @@ def fit(
                    disable=None if progress and context.is_main else True)  # None: only on a terminal
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = _step_loss(trained, teacher, images, labels, config, device)
+            if mixing is not None and len(images) % 2 == 0:  # soft targets; smoothing is inside them
+                images, targets = mixing(images, labels)
+                loss = _step_loss(trained, teacher, images, targets, config, device)
+            else:
+                loss = _step_loss(trained, teacher, images, labels, config, device, augmentation.label_smoothing)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             optimizer.zero_grad(set_to_none=True)
@@ -205,15 +267,20 @@ def fit(
             schedule.step()
             loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
             bar.set_postfix(loss=f"{loss_sum / batches:.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - started
         val_top1 = evaluate(model, data.val, device=device)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, batches), "lr": schedule.get_last_lr()[0], "val_top1": val_top1, "seconds": time.perf_counter() - started})
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, batches), "lr": schedule.get_last_lr()[0], "val_top1": val_top1,
+                        "seconds": time.perf_counter() - started, "steps": batches,
+                        "train_images_per_s": batches * config.batch_size * context.world_size / max(train_seconds, 1e-9)})
         if progress and context.is_main:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, val top-1 {val_top1:.2f} %")
         if checkpoint_path is not None and context.is_main:
             save_weights(weights_module or model, checkpoint_path)
     model.eval()
     final = history[-1]["val_top1"] if history else evaluate(model, data.val, device=device)
-    return TrainResult(history=tuple(history), val_top1=final)
+    return TrainResult(history=tuple(history), val_top1=final, augmentation=augmentation.to_dict())
 
 
 def config_dict(config: TrainConfig) -> dict:

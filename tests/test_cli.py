@@ -126,13 +126,14 @@ def test_readme_starts_with_the_two_commands():
 # Bounds for the default run that hold on any CPU. Training is deterministic on one machine but its
 # floating-point trajectory differs between CPUs and library versions, so no exact accuracy is
 # asserted: README ("What `make run` does") has the 5-seed spread these bounds were set from.
-DENSE_TOP1_FLOOR = 80.0  # 5 seeds here: 89.14-94.71 %; chance is 10 %
+DENSE_TOP1_FLOOR = 90.0  # 5 seeds here: 97.77-98.89 %; chance is 10 %
 # points a variant may fall below the dense model of its own seed; 5 seeds here, worst case:
-# VTP +0.28, Patch Slimming 0.00, DGSSA + GLAD -2.79
-VARIANT_DROP_LIMIT = {"vtp": 3.0, "patch-slim": 3.0, "dgssa-glad": 6.0}
-# fraction of dense MACs each method promises at most; 5 seeds here: VTP 0.604-0.622, Patch
-# Slimming 0.257-0.357 (its epsilon search depends on training), DGSSA + GLAD 0.389 (fixed structure)
-MACS_FRACTION_LIMIT = {"vtp": 0.70, "patch-slim": 0.55, "dgssa-glad": 0.40}
+# VTP -0.28, Patch Slimming -1.39, DGSSA + GLAD -0.28
+VARIANT_DROP_LIMIT = {"vtp": 3.0, "patch-slim": 4.0, "dgssa-glad": 4.0}
+# fraction of dense MACs each method promises at most; 5 seeds here: VTP 0.589-0.622, Patch
+# Slimming 0.284-0.408 (its epsilon search depends on training), DGSSA + GLAD 0.425-0.469 (its
+# pyramid is chosen for at most 0.5 by --pyramid auto)
+MACS_FRACTION_LIMIT = {"vtp": 0.70, "patch-slim": 0.55, "dgssa-glad": 0.50}
 
 
 @pytest.mark.slow

@@ -148,3 +148,14 @@ def test_wheel_holds_only_the_vitslim_package(tmp_path):
         assert archive.read(top_level).decode().split() == ["vitslim"]
     assert {n.split("/")[0] for n in names if not n.startswith("vitslim-")} == {"vitslim"}
     assert {"vitslim/pruning/plan.py", "vitslim/pruning/methods/vtp.py", "vitslim/export/passes/__init__.py", "vitslim/deploy/runners.py"} <= set(names)
+
+
+def test_the_package_never_imports_the_benchmarks():
+    """benchmarks/ imports vitslim (it measures it); vitslim must work without it (it is not installed)."""
+    offenders = []
+    for name, path in module_files().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{name} imports {n}" for n in names if n == "benchmarks" or n.startswith("benchmarks.")]
+    assert not offenders, offenders

@@ -59,14 +59,14 @@ def _plan_and_model(args):
 
 def cmd_export(args) -> int:
     from vitslim.export.onnx_export import export_plan
-    from vitslim.pruning.data import calibration_batch
+    from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
     images = None
     if args.data:
         from .pipeline import data_for
 
-        images = calibration_batch(data_for(model, args.data).val, 8)
+        images = calibration_set(data_for(model, args.data).val, 8).images
     result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
                          precision=args.precision, channel_layout=args.channel_layout)
     report = result.report
@@ -172,14 +172,14 @@ def cmd_bench(args) -> int:
 def cmd_compare(args) -> int:
     from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
     from vitslim.export.compact import compact_from_plan
-    from vitslim.pruning.data import calibration_batch
+    from vitslim.pruning.data import calibration_set
     from vitslim.pruning.run_dir import load_run
 
     from .measure import compare_with_reference
     from .pipeline import data_for
 
     plan, model = load_run(args.run_dir)
-    images = calibration_batch(data_for(model, args.data).val, max(args.batch or [8])).numpy()
+    images = calibration_set(data_for(model, args.data).val, max(args.batch or [8])).images.numpy()
     candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
     if args.onnx:
         candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
@@ -246,12 +246,16 @@ def cmd_run(args) -> int:
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, overrides=args.set or [])
     if args.out_dir:
         recipe = dataclasses.replace(recipe, out_dir=Path(args.out_dir))
+    if args.data:
+        recipe = dataclasses.replace(recipe, data=args.data)
     if args.seed is not None:
         recipe = recipe.with_seed(args.seed)
     summary = run_recipe(recipe)
+    if not summary:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     root = recipe.run_root
     print((root / "summary.md").read_text())
     print(f"done in {summary['seconds']:.0f} s; reports under {root}")
@@ -373,6 +377,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")
     run.add_argument("--out-dir", help="where runs/NAME goes (default: the recipe's out_dir, 'runs')")
     run.add_argument("--seed", type=int, help="seed of the dense training and of every method (default: the recipe's, 0)")
+    run.add_argument("--data", help="'digits' or an ImageFolder directory, instead of the recipe's data")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override one recipe value by its dotted key (YAML value), e.g. --set methods.vtp.finetune_epochs=1 (repeat)")
     run.set_defaults(func=cmd_run)
     return parser
 

@@ -15,7 +15,7 @@ from vitslim.deploy.bench import BenchSettings, speedup_columns
 from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from vitslim.files import write_text_atomic
-from vitslim.pruning.data import DataSplits, calibration_batch, load_data
+from vitslim.pruning.data import DataSplits, calibration_set, load_data
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.methods import get_method
@@ -23,7 +23,7 @@ from vitslim.pruning.models import model_from_checkpoint
 from vitslim.pruning.plan import ModelSpec, SlimPlan, dense_plan
 from vitslim.pruning.run_dir import load_run, save_run
 from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
-from vitslim.pruning.train import TrainConfig, config_dict, fit, is_main_process
+from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_main_process
 
 from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
@@ -46,7 +46,7 @@ def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path,
     model = model_from_checkpoint(spec, checkpoint, pretrained)
     data = data_for(model, data_source)
     result = fit(model, data, config, checkpoint_path=out / "checkpoint-last.safetensors")
-    info = {"model": spec.to_dict(), "data": data.source, "train": config_dict(config), "history": list(result.history), "val_top1": result.val_top1}
+    info = {"model": spec.to_dict(), "data": data.source, "train": config_dict(config), "augmentation": result.augmentation, "history": list(result.history), "val_top1": result.val_top1}
     if not is_main_process():
         return info
     save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
@@ -115,7 +115,7 @@ def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
     if report["method"] == "dgssa-glad":
         attention_analysis_png(report["analysis"], report["static_blocks"], out / "attention_analysis.png", f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}")
     if report["method"] == "patch-slim":
-        kept_patches_png(calibration_batch(data.val, 4), report["token_sets"], geometry.num_prefix_tokens, patch_grid(result.model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
+        kept_patches_png(calibration_set(data.val, 4).images, report["token_sets"], geometry.num_prefix_tokens, patch_grid(result.model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
 
 
 def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> dict:
@@ -220,12 +220,16 @@ def run_recipe(recipe: Recipe) -> dict:
     root = recipe.run_root
     dense_dir = root / "dense"
     info = train_run(recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained)
+    barrier()  # under torchrun rank 0 wrote the run directory; the others read it after
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
-    images = calibration_batch(data.val, 8)
     variants = [("dense", dense_dir, info["val_top1"])]
     for name, config in recipe.methods:
         variants.append((name, root / name, prune_run(name, config, plan, model, data, root / name)["top1"]))
+        barrier()
+    if not is_main_process():
+        return {}
+    images = calibration_set(data.val, 8).images
     exports, rows = {}, []
     for name, run_dir, top1 in variants:
         variant_plan, variant_model = load_run(run_dir)

@@ -23,8 +23,9 @@ from torch import nn
 
 from vitslim.settings import setting
 
-from ..data import DataSplits, calibration_batch
+from ..data import DataSplits, calibration_set
 from ..errors import PruningError
+from ..macs import macs_fraction
 from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import plan_applied, recorded_attention
@@ -32,20 +33,25 @@ from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
 from ..train import TrainConfig, evaluate, fit
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
+STATIC_INITS = ("mean-attention", "random")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class DGSSAGladConfig:
     static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
     similarity_threshold: Optional[float] = setting(None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S")
-    pyramid: str = setting("", "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; empty: none")
+    pyramid: str = setting("", "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; "
+                           "'auto': stages from the attention's effective rank, to --target-macs; empty: none")
+    target_macs: Optional[float] = setting(None, "GLAD with --pyramid auto: the fraction of dense MACs to keep, in (0, 1]")
     finetune_epochs: int = setting(10, "epochs of fine-tuning")
     lr: float = setting(5e-4, "learning rate of the weights")
     static_lr: float = setting(1e-2, "learning rate of the static-attention logits and aggregation matrices")
-    attention_weight: float = setting(1.0, "DGSSA: weight of the attention-distillation term toward the dense model's maps")
+    attention_weight: float = setting(1.0, "DGSSA: weight of the guidance term, the row-wise KL divergence from the dense model's maps on the batch to the static ones (0: initialisation only)")
+    static_init: str = setting("mean-attention", "DGSSA: initial static logits: 'mean-attention' (log of the dataset-mean maps) or 'random' (the ablation baseline)")
     distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
     batch_size: int = setting(64, "batch size")
-    calibration_images: int = setting(256, "training images used for the attention statistics")
+    calibration_images: int = setting(256, "training images (stratified by class, seeded) for the attention statistics")
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
@@ -57,7 +63,14 @@ class DGSSAGladConfig:
             raise PruningError(f"--similarity-threshold {self.similarity_threshold} is a cosine similarity, in [-1, 1]")
         if self.finetune_epochs < 0 or self.attention_weight < 0:
             raise PruningError("--finetune-epochs and the attention weight must be >= 0")
-        parse_pyramid(self.pyramid)
+        if self.static_init not in STATIC_INITS:
+            raise PruningError(f"--static-init {self.static_init!r} is not one of {STATIC_INITS}")
+        if (self.pyramid.strip() == AUTO) != (self.target_macs is not None):
+            raise PruningError("--pyramid auto and --target-macs F go together (F: the fraction of dense MACs to keep)")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise PruningError(f"--target-macs {self.target_macs} must be in (0, 1]")
+        if self.pyramid.strip() != AUTO:
+            parse_pyramid(self.pyramid)
 
 
 def parse_pyramid(text: str) -> tuple[tuple[int, int], ...]:
@@ -111,6 +124,18 @@ def attention_rank(maps: torch.Tensor, top: int) -> dict[str, torch.Tensor]:
     return {"effective_rank": effective.float(), "top_energy": top_energy.float()}
 
 
+def attention_divergence(static: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
+    """KL(dynamic row || static row) summed over keys, averaged over images, heads and query rows.
+
+    static [H, N_out, N_in] and dynamic [B, H, N_out, N_in] are row-stochastic. Its gradient on a
+    static logit is (static - mean dynamic) / (H · N_out), of the task loss's order away from the
+    dense maps (tests/pruning/test_dgssa_glad.py measures it); the mean squared error between the
+    maps used before was 1e-4 to 4e-6 of the task loss's gradient on digits and did nothing.
+    """
+    target = dynamic.clamp_min(1e-12)
+    return (target * (target.log() - static.clamp_min(1e-12).log().unsqueeze(0))).sum(dim=-1).mean()
+
+
 def pooling_matrix(grid: tuple[int, int], count: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """A [count, rows*cols] spatial average-pooling map and the output grid it produces.
 
@@ -156,7 +181,7 @@ class _Trainable(nn.Module):
         if self.training and self.logits:
             with torch.no_grad(), recorded_attention(self.teacher) as records:
                 self.teacher(images)
-            self.attention_loss = sum(F.mse_loss(plan.blocks[int(b)].static_attention.expand_as(records[int(b)]["attention"]), records[int(b)]["attention"]) for b in self.logits)
+            self.attention_loss = sum(attention_divergence(plan.blocks[int(b)].static_attention, records[int(b)]["attention"]) for b in self.logits)
         with plan_applied(self.model, plan, check=False):
             return self.model(images)
 
@@ -197,6 +222,66 @@ def static_block_count(config: DGSSAGladConfig, analysis: list[dict], depth: int
     return count
 
 
+def pyramid_for_ranks(ranks: list[float], static: int, kappa: float, grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """Stages for one scale `kappa`: block b (after the static ones) needs about kappa x its maps'
+    effective rank in patches; the count may only fall with depth, in halvings of the patch grid
+    (what average pooling makes cleanly), and a stage starts where it falls."""
+    patches = grid[0] * grid[1]
+    stages, level, current_grid = [], 0, grid
+    for block in range(static, len(ranks)):
+        needed = max(1.0, kappa * ranks[block])
+        wanted = max(level, int(math.floor(math.log2(patches / needed))) if needed < patches else 0)
+        while level < wanted:
+            count = patches >> (level + 1)
+            try:
+                _, next_grid = pooling_matrix(current_grid, count)
+            except PruningError:
+                break  # the grid cannot halve again
+            level, current_grid = level + 1, next_grid
+        if level and (not stages or stages[-1][1] != patches >> level):
+            if stages and stages[-1][0] == block:
+                stages[-1] = (block, patches >> level)
+            else:
+                stages.append((block, patches >> level))
+    return tuple(stages)
+
+
+def auto_pyramid(analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], macs_of, target: float) -> tuple[tuple[int, int], ...]:
+    """The GLAD stages from the effective-rank analysis whose MACs (`macs_of(stages)`, a fraction
+    of dense) are the largest not above `target`: bisection on kappa (more kappa, more tokens)."""
+    ranks = [row["effective_rank"] for row in analysis]
+    low, high = 0.0, float(geometry.num_patches)
+    if macs_of(pyramid_for_ranks(ranks, static, low, grid)) > target:
+        raise PruningError(f"--target-macs {target}: even the steepest pyramid the patch grid allows keeps more; "
+                           "raise the target or add static blocks")
+    for _ in range(30):
+        kappa = (low + high) / 2
+        if macs_of(pyramid_for_ranks(ranks, static, kappa, grid)) <= target:
+            low = kappa
+        else:
+            high = kappa
+    return pyramid_for_ranks(ranks, static, low, grid)
+
+
+def initial_logits(mean_map: torch.Tensor, config: DGSSAGladConfig) -> torch.Tensor:
+    """The dataset-mean attention's log (the guidance the method starts from) or, for the
+    ablation, seeded random logits of the same spread."""
+    if config.static_init == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        return torch.randn(mean_map.shape, generator=generator)
+    return (mean_map + LOG_FLOOR).log()
+
+
+def _macs_fraction(base: SlimPlan, stages, static: int, geometry: ViTGeometry, grid: tuple[int, int]) -> float:
+    """MACs of the structure (static blocks + stages) over the dense model's."""
+    blocks = list(base.blocks)
+    for b in range(static):
+        blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens))
+    for block, matrix in initial_aggregations(stages, grid).items():
+        blocks[block] = BlockPlan(token_aggregation=matrix)
+    return macs_fraction(SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad"), geometry)
+
+
 def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
     """Average-pooling matrices for each pyramid stage, each pooling the previous stage's grid."""
     matrices = {}
@@ -209,16 +294,20 @@ def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tenso
 def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
-    stages = parse_pyramid(config.pyramid)
+    auto = config.pyramid.strip() == AUTO
+    stages = () if auto else parse_pyramid(config.pyramid)
     check_pyramid(stages, geometry)
-    images = calibration_batch(data.train, config.calibration_images)
-    analysis, mean_maps = analyse_attention(model, images, config.batch_size)
+    calibration = calibration_set(data.train, config.calibration_images, config.seed)
+    analysis, mean_maps = analyse_attention(model, calibration.images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)
+    if auto:
+        stages = auto_pyramid(analysis, static, geometry, patch_grid(model), lambda candidate: _macs_fraction(base, candidate, static, geometry, patch_grid(model)), config.target_macs)
+        check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
         raise PruningError(f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks")
-    logits = {b: (mean_maps[b] + LOG_FLOOR).log() for b in range(static)}
+    logits = {b: initial_logits(mean_maps[b], config) for b in range(static)}
     trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, patch_grid(model)), copy.deepcopy(teacher))
-    report = {"config": asdict(config), "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
+    report = {"config": asdict(config), "pyramid_from": "effective rank (--pyramid auto)" if auto else "--pyramid", "calibration_classes": calibration.class_histogram, "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
     trainable.eval()
     report["top1_before_finetune"] = evaluate(trainable, data.val)
     constants = list(trainable.logits.parameters()) + list(trainable.aggregations.parameters())

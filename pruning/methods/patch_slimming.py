@@ -24,7 +24,7 @@ from torch import nn
 
 from vitslim.settings import setting
 
-from ..data import DataSplits, calibration_batch
+from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..macs import macs_fraction
 from .base import MethodResult, dense_start, register_method
@@ -47,7 +47,8 @@ class PatchSlimConfig:
     finetune_epochs: int = setting(10, "epochs of fine-tuning after the search")
     lr: float = setting(5e-4, "learning rate of the weights")
     batch_size: int = setting(64, "batch size")
-    calibration_images: int = setting(256, "training images used for the scores and the reconstruction check")
+    calibration_images: int = setting(256, "training images (stratified, seeded) that score tokens and check ε; the block tuning never sees them")
+    block_tuning_images: int = setting(256, "further training images (stratified, seeded) that the single-block fine-tuning uses")
     distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
     search_iterations: int = setting(8, "bisection steps on epsilon for target_macs")
     seed: int = setting(0, "random seed")
@@ -61,34 +62,40 @@ class PatchSlimConfig:
             raise PruningError(f"--target-macs {self.target_macs} must be in (0, 1]: the fraction of dense MACs to keep")
         if self.step < 1 or self.block_epochs < 0 or self.finetune_epochs < 0:
             raise PruningError("--step must be >= 1 and epoch counts >= 0")
+        if self.calibration_images < 1 or self.block_tuning_images < 1:
+            raise PruningError("--calibration-images and --block-tuning-images must be >= 1")
 
 
 # ------------------------------------------------------------------------------ pure score math
 
 
-def path_energy(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ over head paths π of ||A_π[:, i]||², by a backward recursion over the later blocks.
+def path_energy(attentions: Sequence[torch.Tensor], output_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ over head paths π of ||W A_π[:, i]||², by a backward recursion over the later blocks.
 
     attentions[j]: [B, H, N_out_j, N_in_j] (kept query rows of block t+1+j, all its key columns),
     with N_in_{j+1} = N_out_j. A_π is the product of one head per block. Returns [B, N_in_0].
-    K_{L} = I; K_l = Σ_h P_lᵀ K_{l+1} P_l; the answer is diag(K_{t+1}).
+    K_{L} = W² (W = diag(output_weights) over the last block's kept rows: how much each reaches
+    the head; the identity by default); K_l = Σ_h P_lᵀ K_{l+1} P_l; the answer is diag(K_{t+1}).
     """
     last = attentions[-1]
-    energy = torch.eye(last.shape[2], dtype=last.dtype, device=last.device).expand(last.shape[0], -1, -1)
+    if output_weights is None:
+        output_weights = torch.ones(last.shape[2], dtype=last.dtype, device=last.device)
+    energy = torch.diag(output_weights.to(last.dtype).pow(2)).expand(last.shape[0], -1, -1)
     for probs in reversed(attentions):
         energy = torch.einsum("bhoi,bop,bhpj->bij", probs, energy, probs)
     return torch.diagonal(energy, dim1=1, dim2=2)
 
 
-def path_energy_brute_force(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+def path_energy_brute_force(attentions: Sequence[torch.Tensor], output_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same sum by enumerating all H^(number of blocks) head paths (tests only)."""
     heads = attentions[0].shape[1]
+    weights = torch.ones(attentions[-1].shape[2]) if output_weights is None else output_weights
     total = 0
     for path in itertools.product(range(heads), repeat=len(attentions)):
         product = attentions[-1][:, path[-1]]
         for probs, head in zip(reversed(attentions[:-1]), reversed(path[:-1])):
             product = product @ probs[:, head]
-        total = total + product.pow(2).sum(dim=1)
+        total = total + (weights[None, :, None].to(product.dtype) * product).pow(2).sum(dim=1)
     return total
 
 
@@ -133,10 +140,26 @@ class _Search:
     student: nn.Module
     geometry: ViTGeometry
     base: SlimPlan
-    images: torch.Tensor
-    teacher_inputs: list[torch.Tensor]  # dense teacher: input of every block [B, N, C]
-    teacher_outputs: list[torch.Tensor]  # dense teacher: output of every block [B, N, C]
+    images: torch.Tensor  # calibration images: they score tokens and check ε
+    check: "_Features"  # the dense teacher on the calibration images
+    tuning: "_Features"  # the dense teacher on the block-tuning images (disjoint from the above)
     config: PatchSlimConfig
+
+    @property
+    def final_set(self) -> tuple[int, ...]:
+        """What the last block outputs: the prefix tokens when the head reads the class token;
+        every token when it pools the patch tokens (their weights start the recursion)."""
+        if self.geometry.pools_patch_tokens:
+            return tuple(range(self.geometry.num_tokens))
+        return tuple(range(self.geometry.num_prefix_tokens))
+
+    @property
+    def output_weights(self) -> Optional[torch.Tensor]:
+        """How much each token of the last block's output reaches the head (None: each kept row alike)."""
+        if not self.geometry.pools_patch_tokens:
+            return None
+        prefix = self.geometry.num_prefix_tokens
+        return torch.cat([torch.zeros(prefix), torch.full((self.geometry.num_patches,), 1.0 / self.geometry.num_patches)])
 
     def sets_with_dense_below(self, token_sets: TokenSets, t: int) -> TokenSets:
         """Blocks <= t keep every token (they are not decided yet)."""
@@ -152,7 +175,7 @@ class _Search:
             for chunk in self.images.split(self.config.batch_size):
                 self.student(chunk)
                 later = [records[b]["attention"][:, :, list(plan.blocks[b].kept_tokens or range(records[b]["attention"].shape[2]))] for b in range(t + 1, self.geometry.depth)]
-                score = path_energy(later) * feature_energy(records[t]["attention"], records[t]["input"])
+                score = path_energy(later, self.output_weights) * feature_energy(records[t]["attention"], records[t]["input"])
                 totals += score.sum(dim=0).double()
         return totals / len(self.images)
 
@@ -163,17 +186,16 @@ class _Search:
         return blocks[t], blocks[t + 1], (plan.blocks[t], plan.blocks[t + 1])
 
     def reconstruction(self, sets: TokenSets, t: int) -> float:
-        """Fine-tune block t so that block t+1 reproduces the teacher on its kept rows; return the
-        relative error afterwards."""
+        """Fine-tune block t on the tuning images so that block t+1 reproduces the teacher on its
+        kept rows; return the relative error on the calibration images (held out from the tuning)."""
         block_t, block_next, plans = self.two_blocks(sets, t)
-        target = self.teacher_outputs[t + 1][:, list(sets[t + 1])]
-        inputs = self.teacher_inputs[t]
+        rows = list(sets[t + 1])
         with blocks_applied([block_t, block_next], plans, self.geometry.num_prefix_tokens):
             if self.config.block_epochs > 0:
-                self._fit_block(block_t, block_next, inputs, target)
+                self._fit_block(block_t, block_next, self.tuning.inputs[t], self.tuning.outputs[t + 1][:, rows])
             with torch.no_grad():
-                estimate = torch.cat([block_next(block_t(x)) for x in inputs.split(self.config.batch_size)])
-        return relative_error(estimate, target)
+                estimate = torch.cat([block_next(block_t(x)) for x in self.check.inputs[t].split(self.config.batch_size)])
+        return relative_error(estimate, self.check.outputs[t + 1][:, rows])
 
     def _fit_block(self, block_t: nn.Module, block_next: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> None:
         for p in block_next.parameters():
@@ -212,9 +234,9 @@ class _Search:
         """The whole top-down search for one epsilon; returns token sets and a log per block."""
         from tqdm import tqdm
 
-        depth, prefix = self.geometry.depth, self.geometry.num_prefix_tokens
+        depth = self.geometry.depth
         token_sets: TokenSets = [tuple(range(self.geometry.num_tokens))] * depth
-        token_sets[depth - 1] = tuple(range(prefix))
+        token_sets[depth - 1] = self.final_set
         search_log = []
         for t in tqdm(range(depth - 2, -1, -1), desc=f"patch slimming (ε={epsilon:.3g})", leave=False, disable=None):
             token_sets[t], tried = self.choose_set(token_sets, t, epsilon)
@@ -223,7 +245,15 @@ class _Search:
         return token_sets, search_log
 
 
-def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+@dataclass(frozen=True)
+class _Features:
+    """The dense teacher's input and output of every block [B, N, C] on a set of images."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> _Features:
     """Every block's input and output on `images` in the dense teacher."""
     inputs: dict[int, list] = {}
     outputs: dict[int, list] = {}
@@ -242,7 +272,7 @@ def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int)
     for handle in handles:
         handle.remove()
     depth = len(blocks_of(teacher))
-    return [torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)]
+    return _Features([torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)])
 
 
 def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
@@ -269,14 +299,16 @@ def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, confi
 def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
-    if len(data.train) < config.batch_size or config.calibration_images < config.batch_size:
-        raise PruningError(f"calibration data ({min(len(data.train), config.calibration_images)} images) is smaller than one batch ({config.batch_size}): lower --batch-size")
+    needed = config.calibration_images + config.block_tuning_images
+    if len(data.train) < needed:
+        raise PruningError(f"Patch Slimming draws {config.calibration_images} calibration + {config.block_tuning_images} block-tuning images, "
+                           f"but the training data has {len(data.train)}: lower --calibration-images / --block-tuning-images")
     torch.manual_seed(config.seed)
-    images = calibration_batch(data.train, config.calibration_images)
-    teacher_inputs, teacher_outputs = _teacher_features(teacher, images, config.batch_size)
+    check, tuning = calibration_set(data.train, needed, config.seed).split(config.calibration_images)
+    check_features, tuning_features = (_teacher_features(teacher, s.images, config.batch_size) for s in (check, tuning))
 
     def make_search() -> _Search:
-        return _Search(copy.deepcopy(model).eval(), geometry, base, images, teacher_inputs, teacher_outputs, config)
+        return _Search(copy.deepcopy(model).eval(), geometry, base, check.images, check_features, tuning_features, config)
 
     if config.target_macs is not None:
         epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
@@ -285,7 +317,9 @@ def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimCo
         token_sets, search_log = search.run(epsilon)
     plan = plan_from_token_sets(token_sets, base, geometry.num_tokens)
     student = search.student
-    report = {"config": asdict(config), "epsilon": epsilon, "top1_dense": evaluate(model, data.val)}
+    report = {"config": asdict(config), "epsilon": epsilon, "top1_dense": evaluate(model, data.val),
+              "calibration_classes": check.class_histogram, "block_tuning_classes": tuning.class_histogram,
+              "calibration_indices": list(check.indices), "block_tuning_indices": list(tuning.indices)}
     masked = MaskedReference(student, plan)
     report["top1_after_search"] = evaluate(masked, data.val)
     train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)

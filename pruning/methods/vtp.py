@@ -38,7 +38,7 @@ class VTPConfig:
     gate_lr: float = setting(1e-2, "learning rate of the gates (they move much further than the weights)")
     batch_size: int = setting(64, "batch size")
     distill_weight: float = setting(0.0, "weight of logit distillation from the dense model, in [0, 1] (the paper uses none)")
-    round_to: int = setting(8, "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs aligned (64 removes fewer channels and measured no faster on an H100, README)")
+    round_to: int = setting(8, "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md)")
     per_module: bool = setting(False, "one threshold per gate instead of one global threshold")
     seed: int = setting(0, "random seed")
 

@@ -50,3 +50,19 @@ def test_unreadable_data_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PruningError, match="is not an ImageFolder"):
         load_data(str(tmp_path / "empty"), 3, (16, 16))
+
+
+def test_calibration_set_of_a_class_sorted_image_folder_holds_every_class(tmp_path):
+    """ImageFolder sorts by class: the first images are all class 0; the draw must not be."""
+    from vitslim.pruning.data import calibration_set
+
+    _write_images(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=6)
+    data = load_data(str(tmp_path / "data"), 3, (8, 8))
+    drawn = calibration_set(data.train, 8, seed=1)
+    assert sorted(drawn.class_histogram) == [0, 1, 2, 3] and sum(drawn.class_histogram.values()) == 8
+    assert max(drawn.class_histogram.values()) - min(drawn.class_histogram.values()) <= 1, "stratified"
+    assert drawn.indices == calibration_set(data.train, 8, seed=1).indices, "seeded"
+    assert drawn.indices != calibration_set(data.train, 8, seed=2).indices
+    first, rest = drawn.split(4)
+    assert len(set(first.class_histogram)) == 4 and not set(first.indices) & set(rest.indices)
+    torch.testing.assert_close(drawn.images[0], data.train[drawn.indices[0]][0])

@@ -18,7 +18,7 @@ from vitslim.pruning.plan import ModelSpec, dense_plan, validate
 from vitslim.pruning.timm_adapter import geometry_of
 
 DATA = digits_splits(3, (16, 16))
-FAST = dict(step=4, block_epochs=1, finetune_epochs=0, calibration_images=64, batch_size=32)
+FAST = dict(step=4, block_epochs=1, finetune_epochs=0, calibration_images=64, block_tuning_images=64, batch_size=32)
 
 
 def random_attention(generator, batch, heads, rows, cols):
@@ -32,6 +32,8 @@ def test_score_recursion_equals_brute_force(seed, heads, sizes):
     generator = torch.Generator().manual_seed(seed)
     attentions = [random_attention(generator, 2, heads, n_out, n_in).double() for n_in, n_out in zip(sizes, sizes[1:])]
     torch.testing.assert_close(path_energy(attentions), path_energy_brute_force(attentions))
+    weights = torch.rand(sizes[-1], generator=generator).double()  # a pooled head's weights over the last tokens
+    torch.testing.assert_close(path_energy(attentions, weights), path_energy_brute_force(attentions, weights))
 
 
 def test_feature_energy_shape_and_value():
@@ -54,7 +56,12 @@ def check_search_result(model, result):
     validate(result.plan, model)
     sets = result.report["token_sets"]
     prefix = tuple(range(geometry.num_prefix_tokens))
-    assert tuple(sets[-1]) == prefix, "the last block outputs only the prefix tokens"
+    if geometry.pools_patch_tokens:
+        assert tuple(sets[-1]) == tuple(range(geometry.num_tokens)), "a pooled head reads every token of the last block"
+    else:
+        assert tuple(sets[-1]) == prefix, "the last block outputs only the prefix tokens"
+    report = result.report
+    assert not set(report["calibration_indices"]) & set(report["block_tuning_indices"]), "ε is checked on images the block tuning never saw"
     for upper, lower in zip(sets[1:], sets[:-1]):
         assert set(upper) <= set(lower), "masks must be nested"
     assert all(tuple(s[: len(prefix)]) == prefix for s in sets), "prefix tokens are kept everywhere"
@@ -108,9 +115,21 @@ def test_bad_settings(kwargs, message):
         PatchSlimConfig(**kwargs)
 
 
-def test_calibration_smaller_than_a_batch_is_refused():
-    with pytest.raises(PruningError, match="smaller than one batch"):
-        prune_patch_slimming(tiny_vit(num_classes=10), DATA, PatchSlimConfig(epsilon=0.02, calibration_images=16, batch_size=32), dense_plan(ModelSpec("tiny"), 3))
+def test_more_calibration_images_than_training_data_is_refused():
+    with pytest.raises(PruningError, match="lower --calibration-images / --block-tuning-images"):
+        prune_patch_slimming(tiny_vit(num_classes=10), DATA, PatchSlimConfig(epsilon=0.02, calibration_images=1000, block_tuning_images=1000), dense_plan(ModelSpec("tiny"), 3))
+
+
+@pytest.mark.parametrize("overrides", [{"global_pool": "avg"}, {"global_pool": "avg", "class_token": False}])
+def test_average_pooled_and_class_token_free_models_are_slimmed(tmp_path, overrides):
+    """The recursion starts from the pooled head's weights (uniform over patch tokens); the last
+    block keeps every token, earlier blocks drop the ones that reach it least."""
+    model = tiny_vit(num_classes=10, **overrides)
+    result = prune_patch_slimming(model, DATA, PatchSlimConfig(epsilon=0.05, **FAST), dense_plan(ModelSpec("tiny", overrides), 3))
+    check_search_result(model, result)
+    assert len(result.report["token_sets"][0]) < geometry_of(model).num_tokens, "something was pruned"
+    report = export_plan(result.model, result.plan, tmp_path / "avg.onnx", images=torch.stack([DATA.val[i][0] for i in range(4)])).report
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["macs"] < report["macs_dense"]
 
 
 @pytest.mark.slow
@@ -122,7 +141,7 @@ def test_deit_small_distilled_keeps_both_prefix_tokens():
     torch.manual_seed(0)
     model = timm.create_model("deit_small_distilled_patch16_224", img_size=64, num_classes=10).eval()
     data = digits_splits(3, (64, 64))
-    config = PatchSlimConfig(epsilon=0.05, step=8, block_epochs=1, finetune_epochs=0, calibration_images=32, batch_size=32)
+    config = PatchSlimConfig(epsilon=0.05, step=8, block_epochs=1, finetune_epochs=0, calibration_images=32, block_tuning_images=32, batch_size=32)
     result = prune_patch_slimming(model, data, config, dense_plan(ModelSpec("deit_small_distilled_patch16_224", {"img_size": 64}), 12))
     check_search_result(model, result)
     assert result.report["token_sets"][-1] == [0, 1]

@@ -37,7 +37,7 @@ def test_short_training_learns_digits(tmp_path):
     data = digits_splits(3, (16, 16))
     model = tiny_vit(num_classes=10)
     before = evaluate(model, data.val)
-    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
+    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3, augment="none"), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
     assert len(result.history) == 10 and result.history[-1]["loss"] < result.history[0]["loss"]
     # Learning, not a trained accuracy (which moves by CPU): the loss falls by a third and top-1 is
     # well above chance (10 %).
@@ -57,7 +57,7 @@ def test_pure_distillation_moves_the_student_toward_the_teacher():
             return distillation_loss(student(images), teacher(images), 1.0).item()
 
     before = gap()
-    fit(student, data, TrainConfig(epochs=1, lr=1e-3, distill_weight=1.0), teacher=teacher, progress=False)
+    fit(student, data, TrainConfig(epochs=1, lr=1e-3, distill_weight=1.0, augment="none"), teacher=teacher, progress=False)
     assert gap() < 0.5 * before
 
 
@@ -73,3 +73,39 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert ranks[0][0] == ranks[1][0] == "2"
     assert ranks[0][2] == ranks[1][2], "DDP replicas diverged"
     assert ranks[0][1] != ranks[0][2], "weights did not change"
+
+
+def test_augmentation_defaults_follow_the_data(tmp_path):
+    """DeiT's recipe on ImageFolder data, affine jitter on digits; explicit settings win; Mixup needs even batches."""
+    import numpy as np
+    from PIL import Image
+
+    from vitslim.pruning.data import augmented_dataset, load_data
+    from vitslim.pruning.train import resolve_augmentation
+
+    digits = resolve_augmentation(TrainConfig(), digits_splits(3, (16, 16)))
+    assert (digits.policy, digits.mixup, digits.cutmix) == ("affine", 0.0, 0.0)
+    jittered = augmented_dataset(digits_splits(3, (16, 16)).train, "affine")
+    assert jittered[0][0].shape == (3, 16, 16) and jittered[0][1] == digits_splits(3, (16, 16)).train[0][1]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    folder = load_data(str(tmp_path), 3, (16, 16))
+    deit = resolve_augmentation(TrainConfig(), folder)
+    assert deit.policy == "rand-m9-mstd0.5-inc1" and (deit.mixup, deit.cutmix) == (0.8, 1.0)
+    assert resolve_augmentation(TrainConfig(augment="none", mixup=0, cutmix=0), folder).policy is None
+    augmented = augmented_dataset(folder.train, deit.policy)
+    assert len(augmented) == len(folder.train) and augmented[0][0].shape == folder.train[0][0].shape
+    assert torch.equal(folder.train[0][0], folder.train[0][0]), "the plain training set stays deterministic"
+    with pytest.raises(PruningError, match="must be even"):
+        resolve_augmentation(TrainConfig(batch_size=33), folder)
+    with pytest.raises(PruningError, match="needs image files"):
+        augmented_dataset(digits_splits(3, (16, 16)).train, deit.policy)
+
+
+def test_mixup_and_label_smoothing_train(tmp_path):
+    model = tiny_vit(num_classes=10)
+    result = fit(model, digits_splits(3, (16, 16)), TrainConfig(epochs=1, batch_size=32, augment="none", mixup=0.8, cutmix=1.0, label_smoothing=0.1), progress=False)
+    assert result.augmentation == {"policy": None, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}
+    assert all(torch.isfinite(p).all() for p in model.parameters())

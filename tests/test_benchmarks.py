@@ -1,0 +1,98 @@
+"""The benchmark harness on a tiny model on the CPU: its structures, its ToMe, its report (not speed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import timing
+from benchmarks.operating_points import DGSSA_LADDER, PATCH_SLIMMING_GMACS, operating_points
+from benchmarks.report import write_report
+from benchmarks.tome import ToMe, merge_tokens, schedule_for_macs, tome_macs
+from conftest import tiny_vit
+from vitslim.deploy.bench import BenchSettings
+from vitslim.pruning.macs import kept_channels, plan_macs
+from vitslim.pruning.models import create_model
+from vitslim.pruning.plan import ModelSpec, dense_plan, validate
+from vitslim.pruning.timm_adapter import geometry_of
+
+# deit_small by name, so that the layout variants and the DGSSA target rows exist; tiny by kwargs
+TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 2, "num_classes": 10}
+QUICK = BenchSettings(warmup_seconds=0, min_seconds=0, min_iterations=2, max_rounds=1)
+
+
+def test_tome_without_merging_is_timm_and_its_merge_keeps_mass():
+    model = tiny_vit(depth=4, embed_dim=64).eval()
+    images = torch.randn(3, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        assert torch.allclose(ToMe(model, [0] * 4)(images), model(images), atol=1e-5)
+        x, size, keys = torch.randn(2, 17, 8), torch.rand(2, 17, 1) + 0.5, torch.randn(2, 17, 4)
+        merged, new_size = merge_tokens(x, size, keys, 5, num_prefix=1)
+        assert merged.shape == (2, 12, 8) and new_size.shape == (2, 12, 1)
+        torch.testing.assert_close(new_size.sum(1), size.sum(1))  # sizes add
+        torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1))  # size-weighted averages
+        torch.testing.assert_close(merged[:, 0], x[:, 0])  # the class token never merges
+        one_hot, _ = merge_tokens(x, size, keys, 5, num_prefix=1, scatter=False)
+        torch.testing.assert_close(one_hot, merged)
+
+
+def test_tome_macs_count_like_vitslim_and_the_schedule_matches_a_target():
+    geometry = geometry_of(tiny_vit(depth=6, embed_dim=64))
+    dense = plan_macs(dense_plan(ModelSpec("tiny"), 6), geometry)["total"]
+    assert tome_macs([0] * 6, geometry) == dense
+    assert tome_macs([4] * 6, geometry) < tome_macs([2] * 6, geometry) < dense
+    schedule = schedule_for_macs(int(0.6 * dense), geometry)
+    assert abs(tome_macs(schedule, geometry) / dense - 0.6) < 0.03
+    with pytest.raises(ValueError, match="set A"):
+        tome_macs([40] * 6, geometry)
+
+
+def test_operating_points_land_on_the_papers_and_are_valid():
+    spec = ModelSpec("deit_small_patch16_224")
+    model = create_model(spec)
+    geometry = geometry_of(model)
+    points = {p.variant: p for p in operating_points(model, dense_plan(spec, geometry.depth), layouts=True)}
+    slim = points["patch-slim"]
+    assert PATCH_SLIMMING_GMACS["deit_small_patch16_224"] * 0.99 < slim.macs / 1e9 <= PATCH_SLIMMING_GMACS["deit_small_patch16_224"]
+    counts = slim.notes["patches_per_block"]
+    assert counts[0] == geometry.num_patches and counts[-1] == 0 and counts == sorted(counts, reverse=True)
+    assert abs(points["tome"].macs / slim.macs - 1) < 0.01 and points["tome r=13"].tome_schedule == (13,) * 12
+    for point in points.values():
+        if point.plan is not None:
+            validate(point.plan, geometry)
+    ladder = [points[s.name()].macs for s in DGSSA_LADDER]
+    assert ladder == sorted(ladder, reverse=True)  # ever stronger
+    vtp = points["vtp 40%"].plan
+    kept = [kept_channels(block, geometry) for block in vtp.blocks]
+    hidden_cut = sum(geometry.mlp_hidden - k["hidden"] for k in kept)
+    other_cut = sum(geometry.channel_sizes[s] - k[s] for k in kept for s in ("qkv_in", "proj_in", "fc1_in"))
+    assert hidden_cut > 3 * other_cut  # a trained VTP run prunes mostly MLP hidden units
+
+
+@pytest.mark.slow
+def test_harness_and_report_end_to_end_on_a_tiny_model(tmp_path):
+    variants = ["patch-slim", "vtp 40%", DGSSA_LADDER[-1].name(), "tome", "tome one-hot"]
+    gpu_rows = timing.time_gpu(["deit_small_patch16_224"], ["eager"], [2], [], dtype="fp32", device="cpu", settings=QUICK,
+                               progress=lambda _: None, model_kwargs=TINY, variants=variants)
+    assert [r["variant"] for r in gpu_rows] == ["dense", *variants]
+    assert gpu_rows[0]["speedup"] == 1.0 and all(r["median_ms"] > 0 and 0 < r["macs_fraction"] <= 1 for r in gpu_rows)
+    cpu_rows, sizes = timing.time_cpu(["deit_small_patch16_224"], [2], tmp_path / "onnx", settings=QUICK, progress=lambda _: None,
+                                      model_kwargs=TINY, variants=["patch-slim", "tome", "tome one-hot"])
+    by_variant = {s["variant"]: s for s in sizes}
+    assert by_variant["patch-slim"]["data_dependent_ops"] == {} and "engine_bytes" in by_variant["patch-slim"]
+    assert by_variant["tome"]["data_dependent_ops"]["ScatterElements"] > 0 and "engine_error" in by_variant["tome"]  # RTX refuses reduction add
+    assert "ScatterElements" not in by_variant["tome one-hot"]["data_dependent_ops"] and "engine_bytes" in by_variant["tome one-hot"]
+    assert by_variant["tome"]["parity"]["max_abs_diff"] < 1e-4 and by_variant["tome"]["tensors_with_dynamic_dims_besides_batch"] == 0
+    results = tmp_path / "results"
+    results.mkdir()
+    # the GPU rows stand in for a CUDA run: the report must not care where they were measured
+    for row in gpu_rows:
+        row.update(mode="cuda_graph", batch=256)
+    environment = timing.environment("cpu")
+    (results / "gpu.json").write_text(json.dumps({"environment": environment, "settings": {}, "rows": gpu_rows}))
+    (results / "cpu.json").write_text(json.dumps({"environment": environment, "settings": {}, "rows": cpu_rows, "sizes": sizes}))
+    out = write_report(results, tmp_path / "BENCHMARKS.md")
+    text = out.read_text()
+    assert "## Targets" in text and "DGSSA + GLAD ≥ 2.2× on DeiT-S" in text and "| tome |" in text
+    assert "(theirs, not measured here)" in text and (results / "gpu_speedup.png").stat().st_size > 0 and (results / "cpu_speedup.png").exists()
