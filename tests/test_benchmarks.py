@@ -41,7 +41,7 @@ def test_tome_macs_count_like_vitslim_and_the_schedule_matches_a_target():
     geometry = geometry_of(tiny_vit(depth=6, embed_dim=64))
     dense = plan_macs(dense_plan(ModelSpec("tiny"), 6), geometry)["total"]
     assert tome_macs([0] * 6, geometry) == dense
-    assert tome_macs([4] * 6, geometry) < tome_macs([2] * 6, geometry) < dense
+    assert tome_macs([2] * 6, geometry) < tome_macs([1] * 6, geometry) < dense
     schedule = schedule_for_macs(int(0.6 * dense), geometry)
     assert abs(tome_macs(schedule, geometry) / dense - 0.6) < 0.03
     with pytest.raises(ValueError, match="set A"):

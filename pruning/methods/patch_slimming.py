@@ -35,6 +35,10 @@ from ..train import TrainConfig, evaluate, fit
 
 log = logging.getLogger(__name__)
 TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
+# The search is top-down from the tokens the head reads: with a class token that is one token,
+# with a pooled head every token, and nested sets can then never drop one.
+POOLED_HEAD_REFUSAL = ("Patch Slimming needs a class-token head: the top-down search starts from the tokens the head reads, "
+                       "and an average-pooled head reads every token; create the model with global_pool='token' (and a class token)")
 
 
 @dataclass(frozen=True)
@@ -69,33 +73,29 @@ class PatchSlimConfig:
 # ------------------------------------------------------------------------------ pure score math
 
 
-def path_energy(attentions: Sequence[torch.Tensor], output_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Σ over head paths π of ||W A_π[:, i]||², by a backward recursion over the later blocks.
+def path_energy(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ over head paths π of ||A_π[:, i]||², by a backward recursion over the later blocks.
 
     attentions[j]: [B, H, N_out_j, N_in_j] (kept query rows of block t+1+j, all its key columns),
     with N_in_{j+1} = N_out_j. A_π is the product of one head per block. Returns [B, N_in_0].
-    K_{L} = W² (W = diag(output_weights) over the last block's kept rows: how much each reaches
-    the head; the identity by default); K_l = Σ_h P_lᵀ K_{l+1} P_l; the answer is diag(K_{t+1}).
+    K_{L} = I; K_l = Σ_h P_lᵀ K_{l+1} P_l; the answer is diag(K_{t+1}).
     """
     last = attentions[-1]
-    if output_weights is None:
-        output_weights = torch.ones(last.shape[2], dtype=last.dtype, device=last.device)
-    energy = torch.diag(output_weights.to(last.dtype).pow(2)).expand(last.shape[0], -1, -1)
+    energy = torch.eye(last.shape[2], dtype=last.dtype, device=last.device).expand(last.shape[0], -1, -1)
     for probs in reversed(attentions):
         energy = torch.einsum("bhoi,bop,bhpj->bij", probs, energy, probs)
     return torch.diagonal(energy, dim1=1, dim2=2)
 
 
-def path_energy_brute_force(attentions: Sequence[torch.Tensor], output_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def path_energy_brute_force(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     """The same sum by enumerating all H^(number of blocks) head paths (tests only)."""
     heads = attentions[0].shape[1]
-    weights = torch.ones(attentions[-1].shape[2]) if output_weights is None else output_weights
     total = 0
     for path in itertools.product(range(heads), repeat=len(attentions)):
         product = attentions[-1][:, path[-1]]
         for probs, head in zip(reversed(attentions[:-1]), reversed(path[:-1])):
             product = product @ probs[:, head]
-        total = total + (weights[None, :, None].to(product.dtype) * product).pow(2).sum(dim=1)
+        total = total + product.pow(2).sum(dim=1)
     return total
 
 
@@ -145,22 +145,6 @@ class _Search:
     tuning: "_Features"  # the dense teacher on the block-tuning images (disjoint from the above)
     config: PatchSlimConfig
 
-    @property
-    def final_set(self) -> tuple[int, ...]:
-        """What the last block outputs: the prefix tokens when the head reads the class token;
-        every token when it pools the patch tokens (their weights start the recursion)."""
-        if self.geometry.pools_patch_tokens:
-            return tuple(range(self.geometry.num_tokens))
-        return tuple(range(self.geometry.num_prefix_tokens))
-
-    @property
-    def output_weights(self) -> Optional[torch.Tensor]:
-        """How much each token of the last block's output reaches the head (None: each kept row alike)."""
-        if not self.geometry.pools_patch_tokens:
-            return None
-        prefix = self.geometry.num_prefix_tokens
-        return torch.cat([torch.zeros(prefix), torch.full((self.geometry.num_patches,), 1.0 / self.geometry.num_patches)])
-
     def sets_with_dense_below(self, token_sets: TokenSets, t: int) -> TokenSets:
         """Blocks <= t keep every token (they are not decided yet)."""
         everything = tuple(range(self.geometry.num_tokens))
@@ -175,7 +159,7 @@ class _Search:
             for chunk in self.images.split(self.config.batch_size):
                 self.student(chunk)
                 later = [records[b]["attention"][:, :, list(plan.blocks[b].kept_tokens or range(records[b]["attention"].shape[2]))] for b in range(t + 1, self.geometry.depth)]
-                score = path_energy(later, self.output_weights) * feature_energy(records[t]["attention"], records[t]["input"])
+                score = path_energy(later) * feature_energy(records[t]["attention"], records[t]["input"])
                 totals += score.sum(dim=0).double()
         return totals / len(self.images)
 
@@ -236,7 +220,7 @@ class _Search:
 
         depth = self.geometry.depth
         token_sets: TokenSets = [tuple(range(self.geometry.num_tokens))] * depth
-        token_sets[depth - 1] = self.final_set
+        token_sets[depth - 1] = tuple(range(self.geometry.num_prefix_tokens))
         search_log = []
         for t in tqdm(range(depth - 2, -1, -1), desc=f"patch slimming (ε={epsilon:.3g})", leave=False, disable=None):
             token_sets[t], tried = self.choose_set(token_sets, t, epsilon)
@@ -299,6 +283,8 @@ def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, confi
 def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
+    if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
+        raise PruningError(POOLED_HEAD_REFUSAL)
     needed = config.calibration_images + config.block_tuning_images
     if len(data.train) < needed:
         raise PruningError(f"Patch Slimming draws {config.calibration_images} calibration + {config.block_tuning_images} block-tuning images, "
