@@ -166,7 +166,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class Augmentation:
     """What the training loop applies, with "auto" resolved for the data at hand."""
 
-    policy: Optional[str]  # RandAugment policy, None for none
+    policy: Optional[str]  # a timm RandAugment policy, "affine", or None
     mixup: float
     cutmix: float
     label_smoothing: float

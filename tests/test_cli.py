@@ -12,6 +12,7 @@ import pytest
 from vitslim.files import sha256_of
 from vitslim.precision import TOLERANCES
 from vitslim.cli import main
+from vitslim.pruning.errors import PruningError
 from vitslim.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,3 +199,11 @@ def test_bench_then_gate(tmp_path, capsys):
     capsys.readouterr()
     assert main(["gate", str(tmp_path / "other.json"), "--baseline", str(current), "--max-cov", "100"]) == 2
     assert "not comparable" in capsys.readouterr().out
+
+
+def test_recipe_overrides_by_dotted_key():
+    recipe = load_recipe(None, ["train.epochs=3", "methods.vtp.prune_ratio=0.3", "model.kwargs.depth=4"])
+    assert recipe.train.epochs == 3 and dict(recipe.methods)["vtp"].prune_ratio == 0.3 and recipe.model.kwargs["depth"] == 4
+    for bad, message in (("train.epochs", "is not KEY=VALUE"), ("train.epochs.x=1", "'epochs' is not a mapping"), ("train.nope=1", "unknown key")):
+        with pytest.raises(PruningError, match=message):
+            load_recipe(None, [bad])

@@ -239,10 +239,7 @@ def pyramid_for_ranks(ranks: list[float], static: int, kappa: float, grid: tuple
                 break  # the grid cannot halve again
             level, current_grid = level + 1, next_grid
         if level and (not stages or stages[-1][1] != patches >> level):
-            if stages and stages[-1][0] == block:
-                stages[-1] = (block, patches >> level)
-            else:
-                stages.append((block, patches >> level))
+            stages.append((block, patches >> level))
     return tuple(stages)
 
 
