@@ -14,9 +14,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _merged(path: Path, new: dict, models: list[str]) -> dict:
-    """`new`, plus the rows (and sizes) of other models already in `path`: re-measuring one model
-    keeps the others' results."""
+def _merged(path: Path, new: dict) -> dict:
+    """`new`, plus the rows (and sizes) already in `path` for (model, variant) pairs it did not
+    measure: re-measuring one model or one variant keeps the other results (and their environment
+    is the one recorded beside them in the previous file)."""
     import json
 
     if not path.exists():
@@ -24,7 +25,10 @@ def _merged(path: Path, new: dict, models: list[str]) -> dict:
     old = json.loads(path.read_text())
     for key in ("rows", "sizes"):
         if key in new:
-            new[key] = [r for r in old.get(key, []) if r["model"] not in models] + new[key]
+            measured = {(r["model"], r["variant"]) for r in new[key]}
+            new[key] = [r for r in old.get(key, []) if (r["model"], r["variant"]) not in measured] + new[key]
+    if old.get("environment") != new.get("environment"):
+        new["earlier_environment"] = old.get("environment")
     return new
 
 
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--cpu", action="store_true", help="export every point, time it in onnxruntime on this CPU, build TensorRT-RTX engines")
     jobs.add_argument("--digits", action="store_true", help="accuracy on the digits model: ToMe against Patch Slimming, the DGSSA + GLAD point")
     jobs.add_argument("--report", action="store_true", help="write BENCHMARKS.md and the PNG plots from the JSON results")
-    parser.add_argument("--model", action="append", help="timm model (repeat); default DeiT-Ti, -S and -B; other models' rows already in the results are kept")
+    parser.add_argument("--model", action="append", help="timm model (repeat); default DeiT-Ti, -S and -B; results already there for what is not measured again are kept")
     parser.add_argument("--variant", action="append", help="only these operating points (repeat; dense is always timed); default all")
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeat); default 1, 64, 256 on the GPU and 1, 8 on the CPU")
     parser.add_argument("--mode", action="append", choices=("eager", "cuda_graph", "compile"), help="GPU modes (repeat); default cuda_graph and compile")
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         rows, sizes = timing.time_cpu(models, args.batch or [1, 8], args.work / "onnx", engines=not args.no_engines, variants=args.variant)
         write_json_atomic(args.results / "cpu.json", _merged(args.results / "cpu.json", {"environment": timing.environment("cpu"), "dtype": "fp32",
-                                                                                       "settings": timing.CPU_SETTINGS.__dict__, "rows": rows, "sizes": sizes}, models))
+                                                                                       "settings": timing.CPU_SETTINGS.__dict__, "rows": rows, "sizes": sizes}))
     if args.digits:
         from .digits import digits_study
 

@@ -138,6 +138,7 @@ def time_cpu(models: Iterable[str], batches: Iterable[int], directory: Path, set
         for point in points_of(model, spec, layouts=name == LAYOUT_MODEL, variants=variants):
             path = directory / f"{name}-{re.sub(r'[^A-Za-z0-9=.-]+', '_', point.variant)}.onnx"
             started = time.perf_counter()
+            path.unlink(missing_ok=True)  # a failed export must not leave an older file to be timed
             if point.tome_schedule is not None:
                 size = export_tome(model, point.tome_schedule, path, point.tome_scatter)
             else:

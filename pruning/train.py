@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ class TrainConfig:
     batch_size: int = setting(64, "batch size (per process under torchrun)")
     distill_weight: float = setting(0.0, "weight of the KL term toward a teacher's logits, in [0, 1]; 0 turns it off")
     distill_temperature: float = setting(1.0, "temperature of the distillation term")
-    seed: int = setting(0, "random seed (initial weights, data order)")
+    seed: int = setting(0, "random seed (initial weights, data order, augmentation; the same seed and loader worker count repeat a run)")
     amp: bool = setting(True, "bf16 autocast (CUDA only)")
     num_workers: Optional[int] = setting(None, "data-loader worker processes; default: none for digits (tensors in memory), "
                                          "min(8, CPUs per process) for ImageFolder data (decoding and augmentation)")
@@ -130,8 +132,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     model.eval()
     correct = total = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size):
-        with torch.no_grad():
-            predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
+        predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
         correct += int((predictions == labels).sum())
         total += len(labels)
     model.train(was_training)
@@ -232,6 +233,10 @@ def fit(
 
     context = distributed_context()
     torch.manual_seed(config.seed)
+    # timm's Mixup and its PIL transforms (in this process) draw from numpy's and Python's global
+    # generators; loader workers are seeded by torch from the loader's generator
+    np.random.seed(config.seed)
+    random.seed(config.seed)
     device = context.device
     model.to(device).train()
     if teacher is not None:

@@ -262,7 +262,7 @@ def auto_pyramid(analysis: list[dict], static: int, geometry: ViTGeometry, grid:
 
 def initial_logits(mean_map: torch.Tensor, config: DGSSAGladConfig) -> torch.Tensor:
     """The dataset-mean attention's log (the guidance the method starts from) or, for the
-    ablation, seeded random logits of the same spread."""
+    ablation, seeded standard-normal logits."""
     if config.static_init == "random":
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(mean_map.shape, generator=generator)
