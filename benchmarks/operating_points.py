@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from vitslim.pruning.macs import plan_macs
-from vitslim.pruning.methods.dgssa_glad import pooling_matrix
+from vitslim.pruning.methods.dgssa_glad import structure_plan
 from vitslim.pruning.methods.patch_slimming import plan_from_token_sets
 from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates
-from vitslim.pruning.plan import BlockPlan, SlimPlan, dense_plan, validate
+from vitslim.pruning.plan import SlimPlan, dense_plan, validate
 from vitslim.pruning.timm_adapter import CHANNEL_SPACES, ViTGeometry, patch_grid, supported_geometry
 
 from .tome import schedule_for_macs, tome_macs
@@ -135,16 +135,8 @@ def patch_slimming_pyramid(geometry: ViTGeometry, base: SlimPlan, target_macs: i
 
 
 def dgssa_plan(model: nn.Module, geometry: ViTGeometry, base: SlimPlan, structure: DGSSAStructure) -> SlimPlan:
-    """Uniform static attention in the early blocks, average-pooling aggregation at the stages
-    (what the method initialises to; fine-tuning changes values, not shapes)."""
-    blocks = list(base.blocks)
-    for b in range(structure.static_blocks(geometry)):
-        blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens))
-    grid = patch_grid(model)
-    for block, count in structure.pyramid(geometry):
-        matrix, grid = pooling_matrix(grid, count)
-        blocks[block] = BlockPlan(token_aggregation=matrix)  # stages start at or after the last static block
-    plan = SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
+    """The structure's plan as the method initialises it (dgssa_glad.structure_plan)."""
+    plan = structure_plan(base, structure.static_blocks(geometry), structure.pyramid(geometry), geometry, patch_grid(model))
     validate(plan, geometry)
     return plan
 

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import PruningError
 
+DIGITS = "digits"  # the built-in data set's name
 SPLIT_SEED = 0
 VAL_FRACTION = 0.2
 # ImageNet statistics: what timm's ViT/DeiT checkpoints expect.
@@ -23,6 +24,11 @@ class DataSplits:
     val: Dataset
     num_classes: int
     source: str
+
+    @property
+    def image_files(self) -> bool:
+        """Decoded from image files (an ImageFolder), not held in memory as tensors (digits)."""
+        return self.source != DIGITS
 
 
 def split_indices(n: int, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
@@ -46,7 +52,7 @@ def digits_images(in_chans: int, img_size: tuple[int, int]) -> tuple[torch.Tenso
 def digits_splits(in_chans: int, img_size: tuple[int, int]) -> DataSplits:
     images, labels = digits_images(in_chans, img_size)
     train, val = split_indices(len(labels))
-    return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10, "digits")
+    return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10, DIGITS)
 
 
 def _image_transform(in_chans: int, img_size: tuple[int, int]):
@@ -132,7 +138,7 @@ def augmented_dataset(dataset: Dataset, policy: str) -> Dataset:
 
 def load_data(source: str, in_chans: int, img_size: tuple[int, int]) -> DataSplits:
     """`source` is 'digits' or an ImageFolder directory."""
-    if source == "digits":
+    if source == DIGITS:
         return digits_splits(in_chans, img_size)
     return folder_splits(Path(source), in_chans, img_size)
 

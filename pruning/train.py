@@ -179,7 +179,7 @@ class Augmentation:
 def resolve_augmentation(config: TrainConfig, data: DataSplits) -> Augmentation:
     """DeiT's recipe (RandAugment, Mixup 0.8, CutMix 1.0) on ImageFolder data unless the settings
     say otherwise; small affine jitter on digits (in-memory tensors: no image files to RandAugment)."""
-    images = data.source != "digits"
+    images = data.image_files
     policy = (DEIT_AUGMENT if images else AFFINE) if config.augment == "auto" else (None if config.augment == "none" else config.augment)
     mixup = config.mixup if config.mixup is not None else (0.8 if images else 0.0)
     cutmix = config.cutmix if config.cutmix is not None else (1.0 if images else 0.0)
@@ -245,7 +245,7 @@ def fit(
     augmentation = resolve_augmentation(config, data)
     mixing = _mixing(augmentation, data.num_classes)
     train_set = augmented_dataset(data.train, augmentation.policy) if augmentation.policy else data.train
-    loader, sampler = _train_loader(train_set, config, context, files=data.source != "digits")
+    loader, sampler = _train_loader(train_set, config, context, files=data.image_files)
     optimizer = torch.optim.AdamW(groups or parameter_groups(model, config.weight_decay), lr=config.lr)
     total_steps = max(1, config.epochs * len(loader))
     warmup = int(config.warmup_epochs * len(loader))

@@ -269,14 +269,15 @@ def initial_logits(mean_map: torch.Tensor, config: DGSSAGladConfig) -> torch.Ten
     return (mean_map + LOG_FLOOR).log()
 
 
-def _macs_fraction(base: SlimPlan, stages, static: int, geometry: ViTGeometry, grid: tuple[int, int]) -> float:
-    """MACs of the structure (static blocks + stages) over the dense model's."""
+def structure_plan(base: SlimPlan, static: int, stages, geometry: ViTGeometry, grid: tuple[int, int]) -> SlimPlan:
+    """The plan's shape for `static` blocks and pyramid `stages`: uniform static attention and
+    average-pooling aggregation (fine-tuning changes these values, never the shapes or the MACs)."""
     blocks = list(base.blocks)
     for b in range(static):
         blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens))
     for block, matrix in initial_aggregations(stages, grid).items():
-        blocks[block] = BlockPlan(token_aggregation=matrix)
-    return macs_fraction(SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad"), geometry)
+        blocks[block] = BlockPlan(token_aggregation=matrix)  # stages start at or after the last static block
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
 
 
 def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
@@ -297,13 +298,14 @@ def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig
     calibration = calibration_set(data.train, config.calibration_images, config.seed)
     analysis, mean_maps = analyse_attention(model, calibration.images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)
+    grid = patch_grid(model)
     if auto:
-        stages = auto_pyramid(analysis, static, geometry, patch_grid(model), lambda candidate: _macs_fraction(base, candidate, static, geometry, patch_grid(model)), config.target_macs)
+        stages = auto_pyramid(analysis, static, geometry, grid, lambda candidate: macs_fraction(structure_plan(base, static, candidate, geometry, grid), geometry), config.target_macs)
         check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
         raise PruningError(f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks")
     logits = {b: initial_logits(mean_maps[b], config) for b in range(static)}
-    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, patch_grid(model)), copy.deepcopy(teacher))
+    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, grid), copy.deepcopy(teacher))
     report = {"config": asdict(config), "pyramid_from": "effective rank (--pyramid auto)" if auto else "--pyramid", "calibration_classes": calibration.class_histogram, "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
     trainable.eval()
     report["top1_before_finetune"] = evaluate(trainable, data.val)
