@@ -304,10 +304,10 @@ number below is read from the JSON in `{results}/` by `python -m benchmarks --re
 also judges the targets; nothing is typed in by hand.
 
 ```sh
-python -m benchmarks --gpu      # on a CUDA machine (one call, about 7.5 min on an H100): results/gpu.json
+python -m benchmarks --gpu      # on a CUDA machine (one call, 6 min 50 s on an H100): results/gpu.json
 python -m benchmarks.profile > benchmarks/results/gpu_profile.md   # kernel time by category (same machine)
 python -m benchmarks --cpu      # this CPU machine (about 20 min): results/cpu.json, ONNX + engines in runs/benchmarks
-python -m benchmarks --digits   # this CPU machine (about 10 min): results/digits.json (needs gpu.json)
+python -m benchmarks --digits   # this CPU machine (about 7 min): results/digits.json (needs gpu.json)
 python -m benchmarks --report   # this file and the PNGs
 ```
 
