@@ -60,7 +60,7 @@ def speedup_columns(baseline_ms: float, median_ms: float, macs_fraction: Optiona
     return {"speedup": speedup, "mac_ideal": ideal, "realised_over_ideal": None if ideal is None else speedup / ideal}
 
 
-def _device_timer(runner: Runner):
+def device_timer(runner: Runner):
     """A function timing one `run_prepared` in ms: CUDA events on GPUs, perf_counter on CPUs."""
     if runner.device.startswith("cuda"):
         import torch
@@ -88,7 +88,7 @@ def _device_timer(runner: Runner):
 def measure_round(runner: Runner, images: np.ndarray, settings: BenchSettings) -> list[float]:
     """One round: warm up for warmup_seconds, then time until min_seconds and min_iterations."""
     prepared = runner.prepare(images)
-    timed = _device_timer(runner)
+    timed = device_timer(runner)
     deadline = time.perf_counter() + settings.warmup_seconds
     while time.perf_counter() < deadline:
         timed(prepared)
@@ -116,23 +116,45 @@ def host_description() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
-    driver = None
+    gpu = driver = None
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout
+        gpu, driver = (part.strip() for part in query.splitlines()[0].split(",", 1))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu_driver": driver}
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu": gpu, "gpu_driver": driver}
 
 
 def fingerprint(runner: Runner, precision: str, batch: int, artifact_sha256: Optional[str], label: str = "") -> dict:
-    """What must match for two latencies to be compared: host, runner (device, library versions),
-    precision, batch, the artifact's bytes and what was measured (label)."""
+    """What was measured and where: host, runner (device, library versions), precision, batch,
+    label, and the artifact's bytes (for information: see `comparison_key`)."""
     return {"host": host_description(), "runner": runner.description, "precision": precision, "batch": batch, "artifact_sha256": artifact_sha256, "label": label}
 
 
+# Digests of the measured files: kept in results for information, but a re-export of the same
+# model (another token layout, say) must stay comparable with its baseline, so they never decide.
+ARTIFACT_DIGESTS = ("artifact_sha256", "onnx_sha256", "engine_sha256")
+
+
+def comparison_key(fingerprint_: dict) -> dict:
+    """The fingerprint's fields that must match for two latencies to be compared, flattened to
+    dotted names ('runner.onnxruntime', 'host.cpu', 'batch'): everything but ARTIFACT_DIGESTS."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif prefix.rsplit(".", 1)[-1] not in ARTIFACT_DIGESTS:
+            flat[prefix] = value
+
+    walk("", fingerprint_)
+    return flat
+
+
 def fingerprint_id(fingerprint_: dict) -> str:
-    """A short stable hash of a fingerprint: results compare only within one id."""
-    return hashlib.sha256(json.dumps(fingerprint_, sort_keys=True).encode()).hexdigest()[:16]
+    """A short stable hash of the comparison key: results compare only within one id."""
+    return hashlib.sha256(json.dumps(comparison_key(fingerprint_), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def benchmark(runner: Runner, images: np.ndarray, precision: str = "fp32", artifact_sha256: Optional[str] = None,

@@ -64,15 +64,21 @@ class BuildSettings:
             raise DeployError("give at least one --batch MIN:OPT:MAX profile")
 
 
-def onnx_precision(onnx_path: Path) -> str:
-    """fp16 if the graph holds float16 weights (an fp16 export), else fp32."""
+def read_onnx(onnx_path: Path):
+    """The ONNX ModelProto of `onnx_path`, or a one-line error for a missing or unreadable file."""
     import onnx
 
+    if not Path(onnx_path).is_file():
+        raise DeployError(f"ONNX file {onnx_path} does not exist: export one with 'vitslim export'")
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf raises several decode error types
-        raise DeployError(f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it") from None
-    return graph_precision(model)
+        raise DeployError(f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it with 'vitslim export'") from None
+
+
+def onnx_precision(onnx_path: Path) -> str:
+    """fp16 if the graph holds float16 weights (an fp16 export), else fp32."""
+    return graph_precision(read_onnx(onnx_path))
 
 
 def _network(trt: TensorRT, builder, onnx_path: Path):

@@ -1,12 +1,37 @@
-"""Latency-regression gate: compare medians of results with the same fingerprint only."""
+"""Latency-regression gates.
+
+Two ways to decide whether a candidate is slower than its baseline:
+
+- **Paired A/B** (`paired_ab`): both artifacts are timed in one process, interleaved inference by
+  inference on identical inputs, so that background load and machine drift hit both alike. The
+  decision is taken on the ratio of their latencies with a confidence interval. This is
+  the gate for shared CI runners.
+- **Stored baseline** (`compare_results`): a bench result against one stored earlier. Results are
+  matched by what was measured (label, batch, precision, runner and library versions, host), never
+  by the artifact's bytes, and a mismatch names the field that differs. It needs a quiet machine.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
-from .bench import BenchSettings
+import numpy as np
 
-PASS, REGRESSION, NOT_COMPARABLE = 0, 1, 2
-WARN_ABOVE, FAIL_ABOVE = 0.05, 0.10  # fractions by which a median may be slower before a warning / a failure
+from vitslim.settings import setting
+
+from .bench import BenchSettings, comparison_key, device_timer
+from .errors import DeployError
+from .runners import Runner
+
+# Exit codes of every gate (documented in README "Errors and recovery").
+PASS, REGRESSION, UNDECIDED = 0, 1, 2
+NOT_COMPARABLE = UNDECIDED  # a stored baseline that cannot be compared leaves the question undecided
+WARN_ABOVE, FAIL_ABOVE = 0.05, 0.10  # fractions by which a candidate may be slower before a warning / a failure
+
+
+# ---------------------------------------------------------------- stored baselines
 
 
 @dataclass(frozen=True)
@@ -35,22 +60,45 @@ def noisy_results(results: list[dict], max_cov: float) -> list[dict]:
     return [r for r in results if r["cov"] > max_cov]
 
 
+def first_difference(current: dict, baseline: dict) -> Optional[str]:
+    """'FIELD is X here but Y in the baseline' for the first measured field that differs, or None."""
+    here, there = comparison_key(current["fingerprint"]), comparison_key(baseline["fingerprint"])
+    for name in sorted(set(here) | set(there)):
+        if here.get(name) != there.get(name):
+            return f"{name} is {here.get(name)!r} here but {there.get(name)!r} in the baseline"
+    return None
+
+
+def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """The baseline result measured like `result` (same label and batch, no field of the
+    comparison key different) and None, or None and one line saying why there is none."""
+    same_point = [b for b in baseline if b.get("label", "") == result.get("label", "") and b["batch"] == result["batch"]]
+    what = f"{result.get('label') or 'result'} at batch {result['batch']}"
+    if not same_point:
+        known = ", ".join(sorted({f"{b.get('label') or 'result'} at batch {b['batch']}" for b in baseline})) or "nothing"
+        return None, f"no baseline for {what} (the baseline has {known})"
+    differences = [first_difference(result, candidate) for candidate in same_point]
+    if None in differences:
+        return same_point[differences.index(None)], None
+    return None, f"{what}: {differences[0]}"
+
+
 def compare_results(current: list[dict], baseline: list[dict], warn: float = WARN_ABOVE, fail: float = FAIL_ABOVE,
                     max_cov: float = BenchSettings.max_cov) -> GateVerdict:
-    """Pair results by fingerprint id; any current result without a baseline twin, or too noisy to
-    judge, makes the comparison not comparable (exit 2); a median slower by more than `fail` fails."""
-    by_id = {r["fingerprint_id"]: r for r in baseline}
-    missing = [r for r in current if r["fingerprint_id"] not in by_id]
-    if missing:
-        first = missing[0]
-        return GateVerdict(NOT_COMPARABLE, f"not comparable: no baseline with the fingerprint of {first.get('label') or 'result'} at batch {first['batch']} "
-                           f"({first['fingerprint_id']}); fingerprints differ (host, GPU, driver, library versions, precision, batch or artifact)")
-    noisy = noisy_results(current, max_cov) + noisy_results([by_id[r["fingerprint_id"]] for r in current], max_cov)
-    if noisy:
-        return GateVerdict(NOT_COMPARABLE, f"not comparable: coefficient of variation {noisy[0]['cov']:.1%} > {max_cov:.0%}; re-measure on a quieter machine")
-    rows = []
+    """Pair each current result with its baseline twin; a result without one, or too noisy to
+    judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1)."""
+    pairs = []
     for result in current:
-        reference = by_id[result["fingerprint_id"]]
+        twin, why = baseline_twin(result, baseline)
+        if twin is None:
+            return GateVerdict(NOT_COMPARABLE, f"not comparable: {why}")
+        pairs.append((result, twin))
+    noisy = noisy_results([r for pair in pairs for r in pair], max_cov)
+    if noisy:
+        return GateVerdict(NOT_COMPARABLE, f"not comparable: coefficient of variation {noisy[0]['cov']:.1%} > {max_cov:.0%}; "
+                           "re-measure on a quieter machine or use the paired gate (vitslim gate --ab)")
+    rows = []
+    for result, reference in pairs:
         change = result["median_ms"] / reference["median_ms"] - 1.0
         verdict = "fail" if change > fail else "warn" if change > warn else "ok"
         rows.append(GateRow(result.get("label", ""), result["batch"], reference["median_ms"], result["median_ms"], change, verdict))
@@ -59,3 +107,109 @@ def compare_results(current: list[dict], baseline: list[dict], warn: float = WAR
         return GateVerdict(REGRESSION, f"regression: {len(failed)} result(s) slower than the baseline by more than {fail:.0%}", tuple(rows))
     warned = sum(r.verdict == "warn" for r in rows)
     return GateVerdict(PASS, f"pass ({warned} warning(s) above {warn:.0%})" if warned else "pass", tuple(rows))
+
+
+# ---------------------------------------------------------------- paired A/B
+
+
+@dataclass(frozen=True)
+class ABSettings:
+    fail: float = setting(FAIL_ABOVE, "fail when the candidate is slower than the baseline by more than this fraction")
+    confidence: float = setting(0.95, "two-sided confidence of the interval on the latency ratio")
+    pairs_per_round: int = setting(10, "timed inferences of each artifact per round, alternating baseline and candidate")
+    min_rounds: int = setting(20, "rounds before the first decision")
+    max_seconds: float = setting(45.0, "measure until decided or this long (then: undecided, exit 2)")
+    warmup_seconds: float = setting(1.0, "warm-up of each artifact before timing")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fail < 10 or not 0.5 <= self.confidence < 1:
+            raise DeployError(f"A/B settings: need 0 < --fail < 10 and 0.5 <= --confidence < 1 (got {self.fail}, {self.confidence})")
+        if self.pairs_per_round < 1 or self.min_rounds < 6 or self.max_seconds <= 0 or self.warmup_seconds < 0:
+            raise DeployError("A/B settings: need --pairs-per-round >= 1, --min-rounds >= 6, --max-seconds > 0, --warmup-seconds >= 0")
+
+
+def median_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median of `values` (one per round): the order
+    statistics x_(k) and x_(n+1-k) with the largest k for which P(Binomial(n, 1/2) < k) <= (1 -
+    confidence) / 2. Exact whatever the distribution; the median, not the mean, because on a
+    loaded machine a burst of preemption can hit one side of a whole round and make its ratio 0.3
+    or 3 (seen on the 2-core VM with two busy loops). With fewer than 6 rounds no interval exists."""
+    ordered, n = np.sort(values), len(values)
+    alpha, k, below = (1 - confidence) / 2, 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= alpha:  # P(Bin < k + 1) = P(Bin < k) + P(Bin = k)
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return -math.inf, math.inf
+    return float(ordered[k - 1]), float(ordered[n - k])
+
+
+@dataclass(frozen=True)
+class ABResult:
+    exit_code: int
+    message: str
+    ratio: float  # candidate / baseline latency: the median over rounds of each round's median pair ratio
+    interval: tuple[float, float]  # confidence interval of the ratio
+    rounds: int
+    seconds: float
+    baseline_median_ms: float
+    candidate_median_ms: float
+    settings: dict
+    round_ratios: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _verdict(low: float, high: float, limit: float, settings: ABSettings) -> Optional[tuple[int, str]]:
+    """Decide once the interval lies on one side of the limit (1 + fail); None while it straddles."""
+    interval = f"ratio {settings.confidence:.0%} interval [{low:.3f}, {high:.3f}]"
+    if high < limit:
+        return PASS, f"pass: {interval} lies below {limit:.2f}"
+    if low > limit:
+        return REGRESSION, f"regression: {interval} lies above {limit:.2f} (candidate slower by more than {settings.fail:.0%})"
+    return None
+
+
+def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings: ABSettings = ABSettings(), progress=None) -> ABResult:
+    """Time `baseline` and `candidate` on the same `images`, alternating inference by inference
+    (the order flips every pair, so a trend within a pair cancels), in rounds of
+    `pairs_per_round`. Each round gives the median of its pairs' ratios (candidate / baseline); the
+    decision is on the median over rounds with its order-statistic interval: pass when the whole
+    interval is below 1 + fail, regression when it is above, otherwise measure another round until
+    `max_seconds`, then undecided. Runners must be active (inside `with`)."""
+    started = time.perf_counter()
+    prepared = {"a": baseline.prepare(images), "b": candidate.prepare(images)}
+    timers = {"a": device_timer(baseline), "b": device_timer(candidate)}
+    for key in ("a", "b"):
+        deadline = time.perf_counter() + settings.warmup_seconds
+        timers[key](prepared[key])
+        while time.perf_counter() < deadline:
+            timers[key](prepared[key])
+    limit = 1.0 + settings.fail
+    log_ratios: list[float] = []
+    medians = {"a": [], "b": []}
+    decision, low, high = None, 0.0, math.inf
+    while decision is None:
+        samples = {"a": [], "b": []}
+        for pair in range(settings.pairs_per_round):
+            for key in ("a", "b") if pair % 2 == 0 else ("b", "a"):
+                samples[key].append(timers[key](prepared[key]))
+        for key in ("a", "b"):
+            medians[key].append(float(np.median(samples[key])))
+        # neighbours share the machine's state best: the ratio within each pair, then the round's median
+        log_ratios.append(float(np.median(np.log(np.asarray(samples["b"]) / np.asarray(samples["a"])))))
+        if len(log_ratios) >= settings.min_rounds:
+            low, high = (math.exp(v) for v in median_interval(np.asarray(log_ratios), settings.confidence))
+            decision = _verdict(low, high, limit, settings)
+            if progress is not None:
+                progress(len(log_ratios), math.exp(float(np.median(log_ratios))), low, high)
+        if decision is None and time.perf_counter() - started > settings.max_seconds:
+            decision = (UNDECIDED, f"undecided: after {len(log_ratios)} rounds in {settings.max_seconds:.0f} s the ratio interval "
+                        f"[{low:.3f}, {high:.3f}] still contains {limit:.2f}; raise --max-seconds or quieten the machine")
+    return ABResult(
+        exit_code=decision[0], message=decision[1], ratio=math.exp(float(np.median(log_ratios))), interval=(low, high),
+        rounds=len(log_ratios), seconds=time.perf_counter() - started,
+        baseline_median_ms=float(np.median(medians["a"])), candidate_median_ms=float(np.median(medians["b"])),
+        settings=asdict(settings), round_ratios=tuple(math.exp(v) for v in log_ratios),
+    )

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .build import manifest_path_of
+from .build import MANIFEST_VERSION, manifest_path_of
 from .errors import DeployError
 from vitslim.files import sha256_of
 from .tensorrt_lib import require_tensorrt
@@ -187,15 +187,42 @@ class OnnxRuntimeRunner(Runner):
         return {"backend": self.backend, "device": self.device, "onnxruntime": ort.__version__, "onnx_sha256": sha256_of(self.onnx_path)}
 
 
-def check_engine(engine_path: Path) -> dict:
-    """Refuse an engine whose manifest is missing, whose bytes changed, or that was built by another
-    library/version or for another GPU than the one here. Returns the manifest."""
+MANIFEST_FIELDS = ("manifest_version", "library", "version", "target", "precision", "profiles", "input", "onnx", "engine")
+
+
+def read_manifest(engine_path: Path) -> dict:
+    """The manifest beside `engine_path` (ENGINE.json), checked for its version and fields."""
     manifest_path = manifest_path_of(engine_path)
     if not engine_path.is_file():
         raise DeployError(f"engine {engine_path} does not exist: build it with 'vitslim build'")
     if not manifest_path.is_file():
         raise DeployError(f"engine {engine_path} has no manifest {manifest_path.name}: rebuild it with 'vitslim build'")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DeployError(f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'") from None
+    missing = [name for name in MANIFEST_FIELDS if not isinstance(manifest, dict) or name not in manifest]
+    if missing:
+        raise DeployError(f"engine manifest {manifest_path} lacks {', '.join(missing)}: rebuild the engine with 'vitslim build'")
+    if manifest["manifest_version"] != MANIFEST_VERSION:
+        raise DeployError(f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine")
+    return manifest
+
+
+def check_batches(engine_path: Path, batches) -> None:
+    """Refuse, before any work, a batch size that no optimisation profile of the engine holds."""
+    profiles = check_engine(engine_path)["profiles"]
+    for batch in batches:
+        if not any(p["min"] <= batch <= p["max"] for p in profiles):
+            ranges = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
+            raise DeployError(f"batch {batch} is outside every optimisation profile of {engine_path.name} ({ranges}): "
+                              f"use a batch in range or rebuild with --batch MIN:OPT:MAX")
+
+
+def check_engine(engine_path: Path) -> dict:
+    """Refuse an engine whose manifest is missing, whose bytes changed, or that was built by another
+    library/version or for another GPU than the one here. Returns the manifest."""
+    manifest = read_manifest(engine_path)
     if sha256_of(engine_path) != manifest["engine"]["sha256"]:
         raise DeployError(f"engine {engine_path} changed since it was built (sha256 differs from its manifest): rebuild it")
     trt = require_tensorrt(manifest["library"])

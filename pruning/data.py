@@ -65,11 +65,23 @@ def _image_transform(in_chans: int, img_size: tuple[int, int]):
     return transforms.Compose(steps)
 
 
+def read_image(path: str):
+    """ImageFolder's loader, with a one-line error naming an unreadable file (module level: loader
+    workers pickle it)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, ValueError) as error:
+        raise PruningError(f"image {path} cannot be read ({type(error).__name__}): remove or replace it") from None
+
+
 def _image_folder(path: Path, transform):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, OSError) as error:
         raise PruningError(f"data directory {path} is not an ImageFolder ({error}): use DIR/CLASS/IMAGE.jpg") from None
 

@@ -66,6 +66,8 @@ def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch checkpoint (loaded with weights_only=True)."""
     path = Path(path)
+    if path.is_dir():
+        raise PruningError(f"checkpoint {path} is a directory: pass a .safetensors or .pth file")
     if not path.is_file():
         raise PruningError(f"checkpoint {path} does not exist: pass a .safetensors or .pth file")
     try:

@@ -248,6 +248,8 @@ def _read_json(path: Path) -> dict:
 
 
 def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
+    if not isinstance(data, dict):
+        raise PruningError(f"plan JSON is malformed (a {type(data).__name__}, not a mapping): re-create the plan")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise PruningError(f"plan schema version {version!r} is not {SCHEMA_VERSION}: re-create the plan with this vitslim")

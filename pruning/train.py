@@ -21,6 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from vitslim.settings import setting
 
+from .checkpoints import generator_states, load_state, restore_generators, save_state, weights_digest
 from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
 from .errors import PruningError
 
@@ -216,20 +217,18 @@ def fit(
     config: TrainConfig,
     teacher: Optional[nn.Module] = None,
     checkpoint_path: Optional[Path] = None,
-    weights_module: Optional[nn.Module] = None,
     extra_loss=None,
     groups: Optional[list[dict]] = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune `model` in place on data.train and return per-epoch history and final val top-1.
 
-    `weights_module` is what gets checkpointed (default `model`); `extra_loss()` is added to the
+    With `checkpoint_path`, the whole training state is written there after every epoch and a
+    state found there is resumed from (see pruning.checkpoints); `extra_loss()` is added to the
     task loss each step (e.g. a sparsity penalty); `groups` replaces the default optimizer
     parameter groups (e.g. to give gates their own learning rate).
     """
     from tqdm import tqdm
-
-    from .models import save_weights
 
     context = distributed_context()
     torch.manual_seed(config.seed)
@@ -251,7 +250,19 @@ def fit(
     warmup = int(config.warmup_epochs * len(loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr))
     history = []
-    for epoch in range(config.epochs):
+    # what a saved state must have been made with to be resumed here
+    resumable = {"train": config_dict(config), "steps_per_epoch": len(loader), "world_size": context.world_size,
+                 "start": weights_digest(model)}
+    saved = load_state(checkpoint_path, resumable)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        history = list(saved["history"])
+        restore_generators(saved["generators"], loader.generator)
+        if progress and context.is_main:
+            tqdm.write(f"resuming from {checkpoint_path} after epoch {len(history)}/{config.epochs}")
+    for epoch in range(len(history), config.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         started, loss_sum, batches = time.perf_counter(), 0.0, 0
@@ -282,7 +293,8 @@ def fit(
         if progress and context.is_main:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, val top-1 {val_top1:.2f} %")
         if checkpoint_path is not None and context.is_main:
-            save_weights(weights_module or model, checkpoint_path)
+            save_state(checkpoint_path, resumable, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                                    "history": history, "generators": generator_states(loader.generator)})
     model.eval()
     final = history[-1]["val_top1"] if history else evaluate(model, data.val, device=device)
     return TrainResult(history=tuple(history), val_top1=final, augmentation=augmentation.to_dict())

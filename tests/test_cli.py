@@ -1,4 +1,4 @@
-"""The CLI as a user runs it: one-line errors with exit 2 and no partial files; train -> export."""
+"""The CLI as a user runs it: train -> prune -> export, bench -> gate, recipes (bad input: test_bad_input.py)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from vitslim.files import sha256_of
 from vitslim.precision import TOLERANCES
 from vitslim.cli import main
+from vitslim.errors import EXIT_BAD_INPUT
 from vitslim.pruning.errors import PruningError
 from vitslim.recipe import load_recipe
 
@@ -29,59 +30,11 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["export", "--model", "deit_nano", "--out", "{tmp}/x.onnx"], "unknown timm model 'deit_nano'"),
-        (["export", "{tmp}/no_run", "--out", "{tmp}/x.onnx"], "is not a run directory"),
-        (["export", "--model", "deit_tiny_patch16_224", "--checkpoint", "{tmp}/missing.pth", "--out", "{tmp}/x.onnx"], "does not exist"),
-        (["export", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "{tmp}/no_data", "--out", "{tmp}/x.onnx"], "neither 'digits' nor a readable directory"),
-        (["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "--data", "digits", "--epochs", "1", "--out", "{tmp}/run"], "model has 1000 classes but data 'digits' has 10"),
-        (["run", "{tmp}/missing.yaml"], "cannot read recipe"),
-        (["prune", "--method", "vtp", "--model", "deit_tiny_patch16_224", "--prune-ratio", "1.5", "--out", "{tmp}/run"], "--prune-ratio 1.5 must be in (0, 1)"),
-        (["prune", "--method", "vtp", "--model", "deit_tiny_patch16_224", "--l1", "-1", "--out", "{tmp}/run"], "--l1 -1.0 must be >= 0"),
-        (["prune", "--method", "vtp", "--model", "resnet18", "--out", "{tmp}/run"], "is not a timm VisionTransformer"),
-        (["prune", "--method", "magic", "--model", "deit_tiny_patch16_224", "--out", "{tmp}/run"], "unknown method 'magic'"),
-        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0", "--out", "{tmp}/run"], "--epsilon 0.0 must be > 0"),
-        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--target-macs", "2", "--out", "{tmp}/run"], "--target-macs 2.0 must be in (0, 1]"),
-        (["prune", "--method", "patch-slim", "--model", "deit_tiny_patch16_224", "--epsilon", "0.1", "--prune-ratio", "0.4", "--out", "{tmp}/run"], "--prune-ratio does not apply to method 'patch-slim'"),
-        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--static-blocks", "5", "--out", "{tmp}/run"], "--static-blocks 5 is larger than the model's depth 2"),
-        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "1:8,1:4", "--out", "{tmp}/run"], "increasing blocks"),
-        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "0:8,1:12", "--out", "{tmp}/run"], "a pyramid that grows is refused"),
-        (["prune", "--method", "dgssa-glad", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--pyramid", "9:8", "--out", "{tmp}/run"], "out of range"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, args, message):
-    code = main([a.format(tmp=tmp_path) for a in args])
-    assert code == 2
-    line = error_line(capsys)
-    assert message in line and line.startswith("vitslim ")
-    assert not any(p.suffix in (".onnx", ".json", ".safetensors") for p in tmp_path.rglob("*"))
-
-
-def test_corrupt_checkpoint_and_wrong_shape(tmp_path, capsys):
-    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    assert main(["export", "--model", "deit_tiny_patch16_224", "--checkpoint", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "unreadable or corrupt" in error_line(capsys)
-
-
-def test_invalid_plan_in_run_dir(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "0", "--out", str(run)]) == 0
-    capsys.readouterr()
-    plan = json.loads((run / "plan.json").read_text())
-    plan["blocks"][0]["kept_tokens"] = [0, 99]
-    (run / "plan.json").write_text(json.dumps(plan))
-    assert main(["export", str(run), "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "block 0 field kept_tokens: index 99 out of range [0, 17)" in error_line(capsys)
-    assert not (tmp_path / "x.onnx").exists()
-
-
 @pytest.mark.slow
 def test_vtp_prune_then_export(tmp_path):
     dense, slim = tmp_path / "dense", tmp_path / "vtp"
-    assert run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "1", "--out", str(dense)).returncode == 0
-    pruned = run_cli("prune", str(dense), "--method", "vtp", "--prune-ratio", "0.4", "--sparsity-epochs", "1", "--finetune-epochs", "1", "--round-to", "8", "--out", str(slim))
+    assert run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "digits", "--epochs", "1", "--out", str(dense)).returncode == 0
+    pruned = run_cli("prune", str(dense), "--method", "vtp", "--data", "digits", "--prune-ratio", "0.4", "--sparsity-epochs", "1", "--finetune-epochs", "1", "--round-to", "8", "--out", str(slim))
     assert pruned.returncode == 0, pruned.stderr[-2000:]
     assert {"plan.json", "weights.safetensors", "info.json", "prune_report.md", "kept_dims.png"} <= {p.name for p in slim.iterdir()}
     info = json.loads((slim / "info.json").read_text())
@@ -92,22 +45,16 @@ def test_vtp_prune_then_export(tmp_path):
     assert json.loads((tmp_path / "vtp.report.json").read_text())["parity"]["max_abs_diff"] <= 1e-4
 
 
-def test_recipe_errors_name_the_key(tmp_path, capsys):
-    (tmp_path / "r.yaml").write_text("model: {name: deit_tiny_patch16_224}\ntrain: {epochz: 3}\n")
-    assert main(["run", str(tmp_path / "r.yaml")]) == 2
-    assert "recipe train: unknown key(s) ['epochz']" in error_line(capsys)
-
-
 def test_pretrained_without_network_says_use_checkpoint(tmp_path):
     completed = run_cli("export", "--model", "deit_tiny_patch16_224", "--pretrained", "--out", str(tmp_path / "x.onnx"), env={"HF_HUB_OFFLINE": "1"})
-    assert completed.returncode == 2
+    assert completed.returncode == EXIT_BAD_INPUT
     assert "pass --checkpoint FILE" in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
 def test_train_then_export_run_dir(tmp_path):
     run = tmp_path / "run"
-    trained = run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "2", "--out", str(run))
+    trained = run_cli("train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "digits", "--epochs", "2", "--out", str(run))
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert {"plan.json", "plan.safetensors", "weights.safetensors", "info.json", "training.png"} <= {p.name for p in run.iterdir()}
     exported = run_cli("export", str(run), "--data", "digits", "--out", str(tmp_path / "model.onnx"))
@@ -174,7 +121,7 @@ def test_default_run_meets_its_targets(tmp_path):
 
 def test_bench_then_gate(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--epochs", "0", "--out", str(run)]) == 0
+    assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", *TINY_KWARGS, "--data", "digits", "--epochs", "0", "--out", str(run)]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     current = tmp_path / "current.json"
     assert main(["bench", str(tmp_path / "m.onnx"), "--backend", "onnxruntime", "--batch", "2", "--run", str(run), "--json", str(current),
@@ -192,13 +139,32 @@ def test_bench_then_gate(tmp_path, capsys):
     assert main(["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100", "--accept"]) == 0
     assert len(list(baselines.glob("*.json"))) == 4
     assert main(["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100"]) == 0
+    # a re-export of the same model (other bytes) is still comparable; another CPU is not, by name
+    reexported = json.loads(current.read_text())
+    for result in reexported["results"]:
+        result["fingerprint"]["artifact_sha256"] = "0" * 64
+    (tmp_path / "reexported.json").write_text(json.dumps(reexported))
+    assert main(["gate", str(tmp_path / "reexported.json"), "--baseline", str(current), "--max-cov", "100"]) == 0
     other = json.loads(current.read_text())
     for result in other["results"]:
-        result["fingerprint_id"] = "another-machine"
+        result["fingerprint"]["host"]["cpu"] = "another CPU"
     (tmp_path / "other.json").write_text(json.dumps(other))
     capsys.readouterr()
     assert main(["gate", str(tmp_path / "other.json"), "--baseline", str(current), "--max-cov", "100"]) == 2
-    assert "not comparable" in capsys.readouterr().out
+    assert "host.cpu is 'another CPU' here but" in capsys.readouterr().out
+    # --accept stores a passing result and says what it replaced; a regression only with --force
+    slower = json.loads(current.read_text())
+    for result in slower["results"]:
+        result["median_ms"] *= 1.5
+    (tmp_path / "slower.json").write_text(json.dumps(slower))
+    stored = current.read_bytes()
+    assert main(["gate", str(tmp_path / "slower.json"), "--baseline", str(current), "--max-cov", "100", "--accept"]) == 1
+    assert "--accept refused" in capsys.readouterr().out and current.read_bytes() == stored
+    assert main(["gate", str(tmp_path / "slower.json"), "--baseline", str(current), "--max-cov", "100", "--accept", "--force"]) == 0
+    assert "replaces" in capsys.readouterr().out and json.loads(current.read_text()) == slower
+    # no baseline yet: an error naming the path, unless --accept creates it
+    assert main(["gate", str(current), "--baseline", str(tmp_path / "new.json")]) == EXIT_BAD_INPUT
+    assert main(["gate", str(current), "--baseline", str(tmp_path / "new.json"), "--accept"]) == 0 and (tmp_path / "new.json").is_file()
 
 
 def test_recipe_overrides_by_dotted_key():

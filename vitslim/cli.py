@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Optional
 
-from vitslim.errors import VitslimError
+from vitslim.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, VitslimError
 from vitslim.precision import PRECISIONS, TOLERANCES
 from vitslim.pruning.errors import PruningError
-from vitslim.settings import help_of
+from vitslim.settings import help_of, value_type
 
 TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
 
@@ -37,7 +39,7 @@ def cmd_train(args) -> int:
     from .pipeline import train_run
 
     config = settings_from_args(TrainConfig, args)
-    info = train_run(_spec(args), args.data, config, Path(args.out), args.checkpoint, args.pretrained)
+    info = train_run(_spec(args), args.data, config, Path(args.out), args.checkpoint, args.pretrained, restart=args.restart)
     print(f"trained {args.model}: val top-1 {info['val_top1']:.2f} %; run directory {args.out}")
     return 0
 
@@ -77,15 +79,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _flag_type(field: dataclasses.Field) -> type:
-    """The argparse type of a settings field from its annotation ('Optional[float]' -> float)."""
-    name = str(field.type).removeprefix("Optional[").removesuffix("]")
-    return _FLAG_TYPES[name]
-
-
 def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types: dict[str, type], skip: tuple[str, ...] = ()) -> None:
     """One --flag per settings field of `config_types` (owner -> frozen dataclass) but those in
     `skip`, with the field's help text and default(s); a flag not given stays None, so the
@@ -103,7 +96,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types
         else:
             defaults = "; ".join(f"{owner} {f.default!r}" for owner, f in owned)
         text = f"{help_of(field)} (default: {defaults})".replace("%", "%%")
-        flag, kind = "--" + name.replace("_", "-"), _flag_type(field)
+        flag, kind = "--" + name.replace("_", "-"), value_type(field)[0]
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -131,7 +124,7 @@ def cmd_prune(args) -> int:
     others = tuple(m.config_type for m in METHODS.values() if m.name != method.name)
     config = settings_from_args(method.config_type, args, others, owner=method.name)
     plan, model = _plan_and_model(args)
-    report = prune_run(method.name, config, plan, model, data_for(model, args.data), Path(args.out))
+    report = prune_run(method.name, config, plan, model, data_for(model, args.data), Path(args.out), restart=args.restart)
     stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
     print(f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, {report['params'] / report['params_dense']:.1%} of params; top-1 {stages}; run directory {args.out}")
     return 0
@@ -175,15 +168,20 @@ def cmd_compare(args) -> int:
     from vitslim.pruning.data import calibration_set
     from vitslim.pruning.run_dir import load_run
 
-    from .measure import compare_with_reference
+    from vitslim.pruning.timm_adapter import input_shape_of
+
+    from .measure import check_batch_sizes, check_onnx_inputs, compare_with_reference
     from .pipeline import data_for
 
     plan, model = load_run(args.run_dir)
-    images = calibration_set(data_for(model, args.data).val, max(args.batch or [8])).images.numpy()
+    batches = list(args.batch or [1, 8])
+    check_batch_sizes(batches)
+    if args.onnx:
+        check_onnx_inputs(Path(args.onnx), input_shape_of(model))
+    images = calibration_set(data_for(model, args.data).val, max(batches)).images.numpy()
     candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
     if args.onnx:
         candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
-    batches = list(args.batch or [1, 8])
     if args.engine:
         from vitslim.deploy.runners import check_engine
 
@@ -201,45 +199,95 @@ def cmd_compare(args) -> int:
     return 0 if all(r["passed"] for r in rows) else 1
 
 
+def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
+    """(where the baseline is stored, its results); results None when nothing is stored there yet."""
+    from vitslim.deploy.errors import DeployError
+
+    from .measure import load_baseline_result, load_results
+
+    if args.baseline:
+        path = Path(args.baseline)
+        if path.is_dir():
+            raise DeployError(f"--baseline {path} is a directory: use --baseline-dir {path}")
+        return path, load_results(path)["results"] if path.exists() else None
+    directory = Path(args.baseline_dir)
+    if directory.exists() and not directory.is_dir():
+        raise DeployError(f"--baseline-dir {directory} is a file: use --baseline {directory}")
+    return directory, [load_baseline_result(p) for p in sorted(directory.glob("*.json"))] if directory.is_dir() else None
+
+
+def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
+    """Store `current` as the baseline (atomically) and say what it replaced."""
+    from vitslim.deploy.gate import baseline_twin
+    from vitslim.files import write_json_atomic
+
+    for result in current["results"]:
+        twin = baseline_twin(result, stored or [])[0] if stored else None
+        old = f"replaces {twin['median_ms']:.3f} ms" if twin else "new"
+        print(f"baseline: {result.get('label') or 'result'} at batch {result['batch']}: {result['median_ms']:.3f} ms ({old})")
+    if args.baseline:
+        write_json_atomic(args.baseline, current)
+    else:
+        for result in current["results"]:
+            write_json_atomic(Path(args.baseline_dir) / f"{result['fingerprint_id']}.json", result)
+    print(f"baseline updated: {args.baseline or args.baseline_dir}")
+
+
+def _gate_ab(args) -> int:
+    from vitslim.deploy.gate import ABSettings
+
+    from .measure import ab_markdown, run_ab
+
+    settings = dataclasses.replace(settings_from_args(ABSettings, args), fail=args.fail)
+    report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings)
+    print(ab_markdown(report))
+    if args.json:
+        from vitslim.files import write_bytes_atomic, write_json_atomic
+
+        write_json_atomic(args.json, report)
+        write_bytes_atomic(Path(args.json).with_suffix(".md"), ab_markdown(report).encode())
+    print(f"gate: {report['message']}")
+    return report["exit_code"]
+
+
 def cmd_gate(args) -> int:
     from vitslim.deploy.bench import BenchSettings
-    from vitslim.files import write_json_atomic
     from vitslim.deploy.errors import DeployError
-    from vitslim.deploy.gate import NOT_COMPARABLE, compare_results
+    from vitslim.deploy.gate import NOT_COMPARABLE, PASS, compare_results
 
     from .measure import load_results, remeasure
 
-    if (args.baseline is None) == (args.baseline_dir is None):
-        raise DeployError("give --baseline FILE or --baseline-dir DIR")
+    if args.ab:
+        if args.current or args.baseline or args.baseline_dir or args.accept:
+            raise DeployError("--ab BASELINE CANDIDATE measures both artifacts itself: give no CURRENT.json, --baseline, --baseline-dir or --accept")
+        return _gate_ab(args)
+    if args.current is None or (args.baseline is None) == (args.baseline_dir is None):
+        raise DeployError("give CURRENT.json and one of --baseline FILE or --baseline-dir DIR (or --ab BASELINE CANDIDATE)")
     current = load_results(Path(args.current))
-
-    def baselines() -> list[dict]:
-        if args.baseline:
-            return load_results(Path(args.baseline))["results"] if Path(args.baseline).is_file() else []
-        directory = Path(args.baseline_dir)
-        found = [directory / f"{r['fingerprint_id']}.json" for r in current["results"]]
-        return [json.loads(p.read_text()) for p in found if p.is_file()]
-
-    verdict = compare_results(current["results"], baselines(), args.warn, args.fail, args.max_cov)
+    where, stored = _stored_baseline(args)
+    if stored is None:
+        if not args.accept:
+            raise DeployError(f"no baseline at {where}: check the path, or store CURRENT there with --accept")
+        _accept(args, current, None)
+        return 0
+    verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     for attempt in range(args.remeasure):
         if verdict.exit_code != NOT_COMPARABLE or "coefficient of variation" not in verdict.message:
             break
         print(f"too noisy; measuring again ({attempt + 1}/{args.remeasure})")
         measured_with = {**current["results"][0]["settings"], "max_cov": args.max_cov}  # the bench's own timing settings
         current = remeasure(current, BenchSettings(**measured_with))
-        verdict = compare_results(current["results"], baselines(), args.warn, args.fail, args.max_cov)
+        verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     if verdict.rows:
         print(verdict.table())
     print(f"gate: {verdict.message}")
-    if args.accept:
-        if args.baseline:
-            write_json_atomic(args.baseline, current)
-        else:
-            for result in current["results"]:
-                write_json_atomic(Path(args.baseline_dir) / f"{result['fingerprint_id']}.json", result)
-        print("baseline updated")
-        return 0
-    return verdict.exit_code
+    if not args.accept:
+        return verdict.exit_code
+    if verdict.exit_code != PASS and not args.force:
+        print("gate: --accept refused: this result does not pass the gate; pass --force to store it anyway")
+        return verdict.exit_code
+    _accept(args, current, stored)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -253,7 +301,7 @@ def cmd_run(args) -> int:
         recipe = dataclasses.replace(recipe, data=args.data)
     if args.seed is not None:
         recipe = recipe.with_seed(args.seed)
-    summary = run_recipe(recipe)
+    summary = run_recipe(recipe, restart=args.restart)
     if not summary:  # a torchrun process other than rank 0: rank 0 reports
         return 0
     root = recipe.run_root
@@ -280,22 +328,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     settings dataclasses, the other commands' flags need no torch."""
     from vitslim.deploy.bench import BenchSettings
     from vitslim.deploy.build import DEFAULT_PROFILE
-    from vitslim.deploy.gate import FAIL_ABOVE, WARN_ABOVE
+    from vitslim.deploy.gate import FAIL_ABOVE, WARN_ABOVE, ABSettings
     from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES
 
-    parser = argparse.ArgumentParser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
+    parser = _Parser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a dense model and write a run directory")
     _add_model_args(train, required=True)
-    train.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
+    train.add_argument("--data", required=True, help="'digits' (built in) or an ImageFolder directory")
     if command == "train":
         from vitslim.pruning.train import TrainConfig
 
         # `train` has no teacher, so the distillation settings do not apply to it
         add_settings_flags(train, "training settings", {"train": TrainConfig}, skip=("distill_weight", "distill_temperature"))
     train.add_argument("--out", required=True, help="run directory to write")
+    train.add_argument("--restart", action="store_true", help="start over instead of resuming from the checkpoints of an interrupted run")
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="export a run directory (or a dense model) to a slim ONNX + report")
@@ -317,13 +367,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
     prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
     _add_model_args(prune, required=False)
-    prune.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory")
+    prune.add_argument("--data", required=True, help="'digits' (built in) or an ImageFolder directory")
     if command == "prune":
         from vitslim.pruning.methods import METHODS, list_methods
 
         prune.add_argument("--method", required=True, help=" | ".join(list_methods()))
         add_settings_flags(prune, "method settings (each applies to the methods whose defaults it lists)", {name: METHODS[name].config_type for name in list_methods()})
     prune.add_argument("--out", required=True, help="run directory to write")
+    prune.add_argument("--restart", action="store_true", help="start over instead of resuming from the checkpoints of an interrupted run")
     prune.set_defaults(func=cmd_prune)
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
@@ -355,22 +406,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("run_dir")
     compare.add_argument("--onnx", help="exported ONNX of the run")
     compare.add_argument("--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch")
-    compare.add_argument("--data", default="digits")
+    compare.add_argument("--data", required=True, help="'digits' or an ImageFolder directory: the comparison's images come from its validation split")
     compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
     compare.add_argument("--precision", choices=PRECISIONS, default="fp32", help=f"tolerance by precision: {TOLERANCES_TEXT}")
     compare.add_argument("--device", default="cpu")
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
 
-    gate = commands.add_parser("gate", help="latency-regression gate: exit 0 pass, 1 regression, 2 not comparable")
-    gate.add_argument("current", help="CURRENT.json from 'vitslim bench --json'")
+    gate = commands.add_parser("gate", help="latency-regression gate, paired A/B or against a stored baseline: exit 0 pass, 1 regression, 2 undecided")
+    gate.add_argument("current", nargs="?", help="CURRENT.json from 'vitslim bench --json' (with --baseline or --baseline-dir)")
+    gate.add_argument("--ab", nargs=2, metavar=("BASELINE", "CANDIDATE"),
+                      help="paired A/B: time two artifacts (.onnx, .engine or run directories) interleaved in this process and decide on their "
+                      "latency ratio's confidence interval; for shared, noisy machines")
     gate.add_argument("--baseline", help="BASELINE.json (a bench result)")
-    gate.add_argument("--baseline-dir", help="directory of baselines keyed by fingerprint id")
-    gate.add_argument("--warn", type=float, default=WARN_ABOVE, help=f"warn when a median is slower by more than this fraction (default {WARN_ABOVE})")
-    gate.add_argument("--fail", type=float, default=FAIL_ABOVE, help=f"fail when a median is slower by more than this fraction (default {FAIL_ABOVE})")
-    gate.add_argument("--max-cov", type=float, default=BenchSettings.max_cov, help="results noisier than this are re-measured, then refused")
-    gate.add_argument("--remeasure", type=int, default=2, help="how often to re-measure noisy results")
-    gate.add_argument("--accept", action="store_true", help="make CURRENT the baseline (atomically)")
+    gate.add_argument("--baseline-dir", help="directory of baselines, one result per file")
+    gate.add_argument("--warn", type=float, default=WARN_ABOVE, help=f"stored baseline: warn when a median is slower by more than this fraction (default {WARN_ABOVE})")
+    gate.add_argument("--fail", type=float, default=FAIL_ABOVE, help=f"fail when slower by more than this fraction (default {FAIL_ABOVE})")
+    gate.add_argument("--max-cov", type=float, default=BenchSettings.max_cov, help="stored baseline: results noisier than this are re-measured, then refused")
+    gate.add_argument("--remeasure", type=int, default=2, help="stored baseline: how often to re-measure noisy results")
+    gate.add_argument("--accept", action="store_true", help="store CURRENT as the baseline (atomically) if it passes, or if there is none yet")
+    gate.add_argument("--force", action="store_true", help="with --accept: store CURRENT even if it does not pass")
+    gate.add_argument("--batch", type=int, default=1, help="--ab: batch size (default 1)")
+    gate.add_argument("--device", default="cpu", help="--ab: cpu or cuda")
+    gate.add_argument("--threads", type=int, help="--ab: CPU threads for torch and onnxruntime")
+    gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
+    add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
@@ -380,8 +440,39 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--data", help="'digits' or an ImageFolder directory, instead of the recipe's data")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one recipe value by its dotted key (YAML value), e.g. --set methods.vtp.finetune_epochs=1 (repeat)")
+    run.add_argument("--restart", action="store_true", help="run every stage again: neither skip finished stages nor resume interrupted ones")
     run.set_defaults(func=cmd_run)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with vitslim's exit code for bad input (argparse's own is 2, the gate's 'undecided'),
+    and no abbreviated flags (a typo such as --epoch must not pass for --epochs)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` as one line. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its message; the original message is its last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    last = lines[-1]
+    if len(lines) > 1 and last.startswith("vitslim.") and ": " in last:
+        return last.split(": ", 1)[1]
+    return last if len(lines) > 1 else lines[0]
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that `finally` blocks (temporary files) run as on Ctrl-C."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,11 +481,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    resume = " (rerun the same command to resume from the last checkpoint)" if args.command in ("train", "prune", "run") else ""
     try:
         return args.func(args)
     except VitslimError as error:
-        print(f"vitslim {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        print(f"vitslim {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"vitslim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"vitslim {args.command}: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print(f"vitslim {args.command}: terminated{resume}", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

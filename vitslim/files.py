@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from vitslim.errors import VitslimError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -23,7 +25,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (safetensors, onnx, PNG writers) behave the same.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise VitslimError(f"cannot write {target}: a part of {target.parent} is a file, not a directory; choose another path") from None
+    if target.is_dir():
+        raise VitslimError(f"cannot write {target}: it is a directory; choose a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -10,11 +10,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, speedup_columns
+from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, host_description, speedup_columns
+from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.errors import DeployError
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.precision import compare_outputs, tolerance_for
-from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_engine
+from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
 from vitslim.export.compact import compact_from_plan
 from vitslim.export.report import report_paths
 from vitslim.pruning.plan import dense_plan
@@ -38,6 +39,49 @@ class BenchSpec:
     threads: Optional[int] = None
 
 
+ARTIFACT_KINDS = {"onnxruntime": "an ONNX file (.onnx)", "tensorrt": "a TensorRT engine (.engine)", "torch": "a run directory"}
+
+
+def check_batch_sizes(batches) -> None:
+    for batch in batches:
+        if batch < 1:
+            raise DeployError(f"--batch {batch} must be >= 1")
+
+
+def artifact_backend(artifact: Path) -> str:
+    """The backend that runs `artifact`, from what it is: a directory -> torch, .engine ->
+    tensorrt, anything else -> onnxruntime (its bytes are checked when it is read)."""
+    if artifact.is_dir():
+        return "torch"
+    return "tensorrt" if artifact.suffix in (".engine", ".plan", ".trt") else "onnxruntime"
+
+
+def check_artifact(artifact: Path, backend: str) -> None:
+    """A one-line error for a missing artifact or one given to the wrong backend."""
+    if backend not in ARTIFACT_KINDS:
+        raise DeployError(f"unknown backend {backend!r}: torch, onnxruntime or tensorrt")
+    if not artifact.exists():
+        raise DeployError(f"artifact {artifact} does not exist: give an exported .onnx, a built .engine or a run directory")
+    kind = artifact_backend(artifact)
+    if kind != backend:
+        raise DeployError(f"{artifact} is {ARTIFACT_KINDS[kind]}, not {ARTIFACT_KINDS[backend]}: use --backend {kind}")
+
+
+def onnx_input_shape(onnx_path: Path) -> tuple[int, ...]:
+    """The per-image input shape (C, H, W) of an ONNX file."""
+    from vitslim.deploy.build import read_onnx
+
+    graph = read_onnx(onnx_path).graph
+    return tuple(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
+
+
+def check_onnx_inputs(onnx_path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse an ONNX file that takes other images than the run's model."""
+    found = onnx_input_shape(onnx_path)
+    if found != tuple(shape):
+        raise DeployError(f"{onnx_path} takes inputs of shape {found} but the run's model takes {tuple(shape)}: export this run with 'vitslim export RUN_DIR'")
+
+
 def _precision_of(artifact: Path, backend: str) -> str:
     if backend == "tensorrt":
         return check_engine(artifact)["precision"]
@@ -53,24 +97,20 @@ def _input_shape(spec: BenchSpec, run: Optional[tuple]) -> tuple[int, ...]:
     if spec.backend == "tensorrt":
         return tuple(check_engine(artifact)["input"]["shape"][1:])
     if spec.backend == "onnxruntime":
-        import onnx
-
-        graph = onnx.load(str(artifact), load_external_data=False).graph
-        return tuple(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
+        return onnx_input_shape(artifact)
     return input_shape_of(run[1])
 
 
 def artifact_runner(spec: BenchSpec, run: Optional[tuple]) -> Runner:
     """The runner of the artifact; `run` is its (plan, model) for the torch backend."""
     artifact = Path(spec.artifact)
+    check_artifact(artifact, spec.backend)
     if spec.backend == "onnxruntime":
         return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
     if spec.backend == "tensorrt":
         return TensorRTRunner(artifact)
-    if spec.backend == "torch":
-        plan, model = run
-        return TorchRunner(compact_from_plan(model, plan), device=spec.device, mode=spec.torch_mode, dtype=spec.torch_dtype)
-    raise DeployError(f"unknown backend {spec.backend!r}: torch, onnxruntime or tensorrt")
+    plan, model = run
+    return TorchRunner(compact_from_plan(model, plan), device=spec.device, mode=spec.torch_mode, dtype=spec.torch_dtype)
 
 
 def _measure(runner: Runner, label: str, batches, shape, precision, sha, settings) -> list[dict]:
@@ -87,8 +127,10 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     """Bench the artifact and, with run_dir, timm's own model (the baseline of every speed-up) and
     the run's compact modules, in the same process, device and dtype."""
     artifact = Path(spec.artifact)
-    if not artifact.exists():
-        raise DeployError(f"artifact {artifact} does not exist")
+    check_artifact(artifact, spec.backend)
+    check_batch_sizes(spec.batches)
+    if spec.backend == "tensorrt":
+        check_batches(artifact, spec.batches)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     run = load_run(artifact) if spec.backend == "torch" else None
@@ -196,13 +238,82 @@ def remeasure(report: dict, settings: BenchSettings) -> dict:
 
 
 def load_results(path: Path) -> dict:
+    """A 'vitslim bench --json' result file, checked field by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'")
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DeployError(f"cannot read benchmark results {path} ({error}): write them with 'vitslim bench --json'") from None
-    if data.get("version") != RESULT_VERSION or "results" not in data:
-        raise DeployError(f"{path} is not a vitslim benchmark result (version {RESULT_VERSION})")
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DeployError(f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'") from None
+    if not isinstance(data, dict) or data.get("version") != RESULT_VERSION or not isinstance(data.get("results"), list):
+        raise DeployError(f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'")
+    for result in data["results"]:
+        _check_result(result, path)
     return data
 
 
+def _ab_side(artifact: Path, device: str, threads: Optional[int]) -> tuple[Runner, tuple[int, ...]]:
+    """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
+    backend = artifact_backend(artifact)
+    check_artifact(artifact, backend)
+    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads)
+    run = load_run(artifact) if backend == "torch" else None
+    return artifact_runner(spec, run), _input_shape(spec, run)
 
+
+def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu", threads: Optional[int] = None,
+           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None) -> dict:
+    """The paired A/B gate of two artifacts on the same seeded random images; `runners` replaces
+    the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
+    baseline, candidate = Path(baseline), Path(candidate)
+    check_batch_sizes([batch])
+    if threads:
+        torch.set_num_threads(threads)
+    (base_runner, base_shape), (cand_runner, cand_shape) = _ab_side(baseline, device, threads), _ab_side(candidate, device, threads)
+    if base_shape != cand_shape:
+        raise DeployError(f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model")
+    if runners is not None:
+        base_runner, cand_runner = runners
+    images = np.random.default_rng(0).standard_normal((batch, *base_shape)).astype(np.float32)
+
+    def progress(rounds: int, ratio: float, low: float, high: float) -> None:
+        print(f"gate --ab: round {rounds}: ratio {ratio:.3f} [{low:.3f}, {high:.3f}]", flush=True)
+
+    with base_runner, cand_runner:
+        result = paired_ab(base_runner, cand_runner, images, settings, progress)
+    return {"version": RESULT_VERSION, "kind": "ab", "baseline": str(baseline), "candidate": str(candidate), "batch": batch, "device": device,
+            "threads": threads, "host": host_description(), "baseline_runner": base_runner.description, "candidate_runner": cand_runner.description,
+            "method": "paired, interleaved inference by inference; per round the median of the pair ratios; the median over rounds with its distribution-free (binomial order-statistic) interval", **result.to_dict()}
+
+
+def ab_markdown(report: dict) -> str:
+    low, high = report["interval"]
+    host = report["host"]
+    return "\n".join([
+        f"# Paired A/B latency gate: {Path(report['candidate']).name} vs {Path(report['baseline']).name}", "",
+        f"Verdict: **{report['message']}** (exit {report['exit_code']}).", "",
+        f"Host: {host.get('cpu')} ({host.get('cores')} cores), device {report['device']}, batch {report['batch']}, threads {report['threads'] or 'default'}.", "",
+        "| baseline median ms | candidate median ms | ratio (candidate / baseline) | interval | rounds | seconds |", "|---|---|---|---|---|---|",
+        f"| {report['baseline_median_ms']:.3f} | {report['candidate_median_ms']:.3f} | {report['ratio']:.3f} | [{low:.3f}, {high:.3f}] | {report['rounds']} | {report['seconds']:.1f} |",
+        "", f"Method: {report['method']}; {report['settings']['confidence']:.0%} interval; "
+        f"pass when it lies below {1 + report['settings']['fail']:.2f}, regression when above.", "",
+    ])
+
+
+RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
+
+
+def _check_result(result, path: Path) -> dict:
+    if not isinstance(result, dict) or any(key not in result for key in RESULT_FIELDS):
+        raise DeployError(f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'")
+    return result
+
+
+def load_baseline_result(path: Path) -> dict:
+    """One result of a --baseline-dir (written there by 'vitslim gate --accept')."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DeployError(f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept") from None
+    return _check_result(data, path)

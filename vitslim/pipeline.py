@@ -1,7 +1,9 @@
 """Orchestration for the CLI: train a run directory, export it, and run a whole recipe."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from vitslim.deploy.bench import BenchSettings, speedup_columns
 from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from vitslim.files import write_text_atomic
+from vitslim.pruning.checkpoints import CHECKPOINT_DIR, phase_path
 from vitslim.pruning.data import DataSplits, calibration_set, load_data
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
@@ -40,19 +43,33 @@ def data_for(model: nn.Module, source: str) -> DataSplits:
     return data
 
 
-def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path, checkpoint: Optional[str] = None, pretrained: bool = False) -> dict:
-    """Fine-tune the dense model and write a run directory (dense plan + weights + info + curve)."""
+def checkpoint_dir(out: Path, restart: bool) -> Path:
+    """The run directory's checkpoint directory, emptied first with `restart`."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PruningError(f"--out {out} is a file: give a run directory (new or an earlier run's)")
+    directory = Path(out) / CHECKPOINT_DIR
+    if restart and is_main_process():
+        shutil.rmtree(directory, ignore_errors=True)
+    barrier()
+    return directory
+
+
+def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path, checkpoint: Optional[str] = None, pretrained: bool = False,
+              restart: bool = False) -> dict:
+    """Fine-tune the dense model and write a run directory (dense plan + weights + info + curve).
+    An interrupted run resumes from its last epoch when rerun (`restart`: start over)."""
     torch.manual_seed(config.seed)  # the initial weights too, so that a run is reproducible
     model = model_from_checkpoint(spec, checkpoint, pretrained)
     data = data_for(model, data_source)
-    result = fit(model, data, config, checkpoint_path=out / "checkpoint-last.safetensors")
+    checkpoints = checkpoint_dir(out, restart)
+    result = fit(model, data, config, checkpoint_path=phase_path(checkpoints, "train"))
     info = {"model": spec.to_dict(), "data": data.source, "train": config_dict(config), "augmentation": result.augmentation, "history": list(result.history), "val_top1": result.val_top1}
     if not is_main_process():
         return info
     save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
     if result.history:
         training_curve_png(list(result.history), out / "training.png", f"{spec.name} on {data.source}")
-    (out / "checkpoint-last.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run directory is complete
     return info
 
 
@@ -90,11 +107,12 @@ class PruneResult:
     report: dict
 
 
-def prune_model(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits) -> PruneResult:
-    """Run a registered method on `model` (dense `plan`) and measure what it removed."""
+def prune_model(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, checkpoints: Optional[Path] = None) -> PruneResult:
+    """Run a registered method on `model` (dense `plan`) and measure what it removed; with
+    `checkpoints` its phases are written there and resumed from there."""
     from vitslim.export.compact import compact_from_plan
 
-    result = get_method(method_name).run(model, data, config, plan)
+    result = get_method(method_name).run(model, data, config, plan, checkpoints=checkpoints)
     geometry = geometry_of(model)
     report = {
         "model": plan.model.to_dict(), "method": method_name, "data": data.source,
@@ -118,11 +136,14 @@ def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
         kept_patches_png(calibration_set(data.val, 4).images, report["token_sets"], geometry.num_prefix_tokens, patch_grid(result.model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
 
 
-def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> dict:
-    """Run a registered method and write its run directory (on the main process); return the report."""
-    result = prune_model(method_name, config, plan, model, data)
+def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path, restart: bool = False) -> dict:
+    """Run a registered method and write its run directory (on the main process); return the
+    report. An interrupted run resumes from its last checkpoint when rerun (`restart`: start over)."""
+    checkpoints = checkpoint_dir(out, restart)
+    result = prune_model(method_name, config, plan, model, data, checkpoints)
     if is_main_process():
         write_prune_run(result, data, out)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return result.report
 
 
@@ -214,19 +235,51 @@ def summary_markdown(title: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_recipe(recipe: Recipe) -> dict:
-    """Train the dense model, export it with parity checked, and write the summary under runs/NAME."""
+STAGE_FILE = "recipe_stage.json"  # in each stage's run directory: the settings it was made with
+
+
+def _finished_stage(directory: Path, stage: dict) -> Optional[dict]:
+    """info.json of a stage that finished earlier with exactly these settings, else None."""
+    try:
+        if json.loads((directory / STAGE_FILE).read_text()) == stage and (directory / "plan.json").is_file():
+            return json.loads((directory / "info.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> dict:
+    """`run()` (which writes `directory` and returns its info) unless the stage finished earlier
+    with the same settings; then its info is reused."""
+    info = None if restart else _finished_stage(directory, stage)
+    if info is not None:
+        print(f"{name}: finished earlier with the same settings ({directory}); skipped", flush=True)
+        return info
+    info = run()
+    if is_main_process():
+        write_text_atomic(directory / STAGE_FILE, json.dumps(stage, indent=1))
+    barrier()
+    return info
+
+
+def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
+    """Train the dense model, run each method, export every variant with parity checked, and write
+    the summary under runs/NAME. Stages that finished earlier with the same settings are skipped,
+    interrupted ones resume (`restart`: everything from the start)."""
     started = time.perf_counter()
     root = recipe.run_root
     dense_dir = root / "dense"
-    info = train_run(recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained)
-    barrier()  # under torchrun rank 0 wrote the run directory; the others read it after
+    dense_stage = {"model": recipe.model.to_dict(), "data": recipe.data, "train": config_dict(recipe.train),
+                   "checkpoint": recipe.checkpoint, "pretrained": recipe.pretrained}
+    info = _run_stage("dense", dense_dir, dense_stage, restart,
+                      lambda: train_run(recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained, restart))
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
     variants = [("dense", dense_dir, info["val_top1"])]
     for name, config in recipe.methods:
-        variants.append((name, root / name, prune_run(name, config, plan, model, data, root / name)["top1"]))
-        barrier()
+        stage = {"method": name, "config": dataclasses.asdict(config), "dense": dense_stage}
+        report = _run_stage(name, root / name, stage, restart, lambda: prune_run(name, config, plan, model, data, root / name, restart))
+        variants.append((name, root / name, report["top1"]))
     if not is_main_process():
         return {}
     images = calibration_set(data.val, 8).images

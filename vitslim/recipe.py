@@ -8,6 +8,7 @@ from typing import Any, Optional
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import ModelSpec
 from vitslim.pruning.train import TrainConfig
+from vitslim.settings import check_value
 
 DEFAULT_RECIPE_YAML = """\
 # The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
@@ -58,6 +59,19 @@ def _check_keys(where: str, given: dict, allowed: set) -> None:
         raise PruningError(f"recipe {where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _settings(where: str, config_type: type, given) -> Any:
+    """`config_type` from a recipe mapping, refusing unknown keys and values of the wrong type by name."""
+    if not isinstance(given, dict):
+        raise PruningError(f"recipe {where}: a mapping of setting -> value, not {type(given).__name__}")
+    known = {f.name: f for f in fields(config_type)}
+    _check_keys(where, given, set(known))
+    for key, value in given.items():
+        expected = check_value(known[key], value)
+        if expected:
+            raise PruningError(f"recipe {where}.{key}: {value!r} is not {expected}")
+    return config_type(**given)
+
+
 def _method_configs(methods) -> tuple[tuple[str, Any], ...]:
     from vitslim.pruning.methods import get_method
 
@@ -65,9 +79,7 @@ def _method_configs(methods) -> tuple[tuple[str, Any], ...]:
         raise PruningError("recipe methods: a mapping of method name -> settings, e.g. {vtp: {prune_ratio: 0.4}}")
     configs = []
     for name, settings in methods.items():
-        method = get_method(name)
-        _check_keys(f"methods.{name}", settings or {}, {f.name for f in fields(method.config_type)})
-        configs.append((name, method.config_type(**(settings or {}))))
+        configs.append((name, _settings(f"methods.{name}", get_method(name).config_type, settings or {})))
     return tuple(configs)
 
 
@@ -79,13 +91,14 @@ def recipe_from_dict(data: dict) -> Recipe:
     _check_keys("model", model, _MODEL_KEYS)
     if "name" not in model:
         raise PruningError("recipe model: 'name' (a timm model name) is required")
-    train = data.get("train") or {}
-    _check_keys("train", train, {f.name for f in fields(TrainConfig)})
+    if not isinstance(model, dict) or not isinstance(model.get("kwargs") or {}, dict):
+        raise PruningError("recipe model: a mapping with name and kwargs (a mapping of timm keyword arguments)")
+    train = _settings("train", TrainConfig, data.get("train") or {})
     return Recipe(
         name=str(data.get("name", "run")),
         model=ModelSpec(name=model["name"], kwargs=dict(model.get("kwargs") or {})),
         data=str(data.get("data", "digits")),
-        train=TrainConfig(**train),
+        train=train,
         out_dir=Path(data.get("out_dir", "runs")),
         checkpoint=model.get("checkpoint"),
         pretrained=bool(model.get("pretrained", False)),
@@ -120,15 +133,17 @@ def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe
     """The recipe at `path` (the built-in default when None), with dotted `overrides` applied."""
     import yaml
 
+    where = "the built-in recipe" if path is None else f"recipe {path}"
     if path is None:
-        return recipe_from_dict(apply_overrides(yaml.safe_load(DEFAULT_RECIPE_YAML), list(overrides)))
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise PruningError(f"cannot read recipe {path} ({error.strerror})") from None
+        text = DEFAULT_RECIPE_YAML
+    else:
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise PruningError(f"cannot read recipe {path} ({getattr(error, 'strerror', None) or type(error).__name__}): give a readable YAML file") from None
     try:
         return recipe_from_dict(apply_overrides(yaml.safe_load(text), list(overrides)))
     except yaml.YAMLError as error:
-        raise PruningError(f"recipe {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        raise PruningError(f"{where} (with --set overrides) is not valid YAML ({str(error).splitlines()[0]})") from None
     except TypeError as error:
-        raise PruningError(f"recipe {path}: {error}") from None
+        raise PruningError(f"{where}: {error}") from None

@@ -6,7 +6,7 @@ The CLI flags, the recipe keys and the reports are generated from these dataclas
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002 (argparse's name for it)
@@ -16,3 +16,27 @@ def setting(default: Any, help: str) -> Any:  # noqa: A002 (argparse's name for 
 
 def help_of(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def value_type(field: dataclasses.Field) -> tuple[type, bool]:
+    """(the type of a settings field's values, whether None is allowed), from its annotation
+    ('Optional[float]' -> (float, True))."""
+    name = str(field.type)
+    optional = name.startswith("Optional[")
+    return _TYPES[name.removeprefix("Optional[").removesuffix("]")], optional
+
+
+def check_value(field: dataclasses.Field, value: Any) -> Optional[str]:
+    """None if `value` suits the field, else what was expected ('an integer', ...)."""
+    kind, optional = value_type(field)
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        return None
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind] + (" or null" if optional else "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,6 +31,7 @@ from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
+from ..checkpoints import phase_path
 from ..train import TrainConfig, evaluate, fit
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
@@ -289,7 +291,8 @@ def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tenso
 
 
 @register_method("dgssa-glad", DGSSAGladConfig)
-def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
+                     checkpoints: Optional[Path] = None) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
     auto = config.pyramid.strip() == AUTO
@@ -312,7 +315,8 @@ def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig
     constants = list(trainable.logits.parameters()) + list(trainable.aggregations.parameters())
     groups = [{"params": [p for p in trainable.model.parameters() if p.requires_grad], "weight_decay": 0.0}, {"params": constants, "lr": config.static_lr, "weight_decay": 0.0}]
     train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
-    finetune = fit(trainable, data, train, teacher=teacher, groups=groups, extra_loss=lambda: config.attention_weight * trainable.attention_loss)
+    finetune = fit(trainable, data, train, teacher=teacher, groups=groups, extra_loss=lambda: config.attention_weight * trainable.attention_loss,
+                   checkpoint_path=phase_path(checkpoints, "finetune"))
     with torch.no_grad():
         plan = trainable.plan()
         plan = SlimPlan(model=plan.model, blocks=tuple(BlockPlan(token_aggregation=None if b.token_aggregation is None else b.token_aggregation.detach().clone(), static_attention=None if b.static_attention is None else b.static_attention.detach().clone()) for b in plan.blocks), method="dgssa-glad")

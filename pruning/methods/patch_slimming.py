@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +32,8 @@ from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, blocks_of
-from ..train import TrainConfig, evaluate, fit
+from ..checkpoints import load_state, phase_path, save_state, weights_digest
+from ..train import TrainConfig, evaluate, fit, is_main_process
 
 log = logging.getLogger(__name__)
 TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
@@ -280,7 +282,8 @@ def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, confi
 
 
 @register_method("patch-slim", PatchSlimConfig)
-def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
+                         checkpoints: Optional[Path] = None) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
@@ -296,20 +299,29 @@ def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimCo
     def make_search() -> _Search:
         return _Search(copy.deepcopy(model).eval(), geometry, base, check.images, check_features, tuning_features, config)
 
-    if config.target_macs is not None:
-        epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
+    search_path, search_settings = phase_path(checkpoints, "search"), {"config": asdict(config), "start": weights_digest(model)}
+    found = load_state(search_path, search_settings)
+    if found is not None:  # the search of an interrupted run: its tuned weights and token sets
+        student = copy.deepcopy(model).eval()
+        student.load_state_dict(found["student"])
+        epsilon, token_sets, search_log = found["epsilon"], tuple(tuple(s) for s in found["token_sets"]), found["search_log"]
     else:
-        epsilon, search = config.epsilon, make_search()
-        token_sets, search_log = search.run(epsilon)
+        if config.target_macs is not None:
+            epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
+        else:
+            epsilon, search = config.epsilon, make_search()
+            token_sets, search_log = search.run(epsilon)
+        student = search.student
+        if search_path is not None and is_main_process():
+            save_state(search_path, search_settings, {"student": student.state_dict(), "epsilon": epsilon, "token_sets": [list(s) for s in token_sets], "search_log": search_log})
     plan = plan_from_token_sets(token_sets, base, geometry.num_tokens)
-    student = search.student
     report = {"config": asdict(config), "epsilon": epsilon, "top1_dense": evaluate(model, data.val),
               "calibration_classes": check.class_histogram, "block_tuning_classes": tuning.class_histogram,
               "calibration_indices": list(check.indices), "block_tuning_indices": list(tuning.indices)}
     masked = MaskedReference(student, plan)
     report["top1_after_search"] = evaluate(masked, data.val)
     train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
-    finetune = fit(masked, data, train, teacher=teacher)
+    finetune = fit(masked, data, train, teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_search"],
         kept_tokens=[len(s) for s in token_sets],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
@@ -23,6 +24,7 @@ from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, scaled_channels
 from ..timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
+from ..checkpoints import phase_path
 from ..train import TrainConfig, evaluate, fit, parameter_groups
 
 GateKey = tuple[int, str]  # (block index, channel space)
@@ -174,7 +176,8 @@ def pruned_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
 
 
 @register_method("vtp", VTPConfig)
-def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimPlan, teacher: Optional[nn.Module] = None) -> MethodResult:
+def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
+              checkpoints: Optional[Path] = None) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "VTP")
     teacher = teacher if config.distill_weight > 0 else None
@@ -182,13 +185,14 @@ def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimP
     gates = VTPGates(geometry)
     gated = GatedModel(copy.deepcopy(model), gates)
     groups = parameter_groups(gated.model, TrainConfig.weight_decay) + [{"params": list(gates.parameters()), "lr": config.gate_lr, "weight_decay": 0.0}]
-    sparsity = fit(gated, data, _train_config(config, config.sparsity_epochs), teacher=teacher, extra_loss=lambda: config.l1 * gates.l1(), groups=groups)
+    sparsity = fit(gated, data, _train_config(config, config.sparsity_epochs), teacher=teacher, extra_loss=lambda: config.l1 * gates.l1(), groups=groups,
+                   checkpoint_path=phase_path(checkpoints, "sparsity"))
     report["top1_after_sparsity_training"] = sparsity.val_top1
     plan = plan_from_gates(gates.as_dict(), geometry, base, config)
     folded = fold_gates(gated.model, gates.as_dict())
     masked = MaskedReference(folded, plan)
     report["top1_after_pruning"] = evaluate(masked, data.val)
-    finetune = fit(masked, data, _train_config(config, config.finetune_epochs), teacher=teacher)
+    finetune = fit(masked, data, _train_config(config, config.finetune_epochs), teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_pruning"],
         pruned_fraction=pruned_fraction(plan, geometry),

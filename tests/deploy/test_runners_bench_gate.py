@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.gate_ab import SlowedRunner
 from conftest import tiny_vit
 from vitslim.deploy.bench import BenchSettings, benchmark, fingerprint_id, summarize
 from vitslim.deploy.gate import NOT_COMPARABLE, PASS, REGRESSION, compare_results
@@ -48,32 +49,6 @@ def test_summarize_statistics():
     assert stats["throughput_per_s"] == pytest.approx(4000.0) and stats["cov"] > 1.0
 
 
-class SlowedRunner(Runner):
-    """Injects a slowdown: after each inference, sleeps `fraction` of the time it took."""
-
-    def __init__(self, inner: Runner, fraction: float) -> None:
-        self.inner, self.fraction = inner, fraction
-        self.device, self.backend = inner.device, inner.backend
-
-    def activate(self) -> None:
-        self.inner.activate()
-
-    def deactivate(self) -> None:
-        self.inner.deactivate()
-
-    def infer(self, images):
-        return self.inner.infer(images)
-
-    def run_prepared(self, prepared) -> None:
-        started = time.perf_counter()
-        self.inner.run_prepared(prepared)
-        time.sleep((time.perf_counter() - started) * self.fraction)
-
-    @property
-    def description(self) -> dict:
-        return self.inner.description  # the same environment: only the speed changed
-
-
 class SteadyRunner(Runner):
     """A stand-in backend whose inference takes a fixed 40 ms of wall time, so that a 15 % change
     stands far above the load swings of a shared CI machine (a real model's CPU time does not)."""
@@ -97,14 +72,16 @@ def test_gate_passes_itself_fails_a_15_percent_slowdown_and_refuses_other_finger
     assert slowed["fingerprint_id"] == baseline["fingerprint_id"]
     verdict = compare_results([slowed], [baseline], warn=0.05, fail=0.10, max_cov=10.0)
     assert verdict.exit_code == REGRESSION, verdict.table()
-    other = {**baseline, "fingerprint": {**baseline["fingerprint"], "batch": 64}}
+    other = {**baseline, "fingerprint": {**baseline["fingerprint"], "precision": "fp16"}}
     other["fingerprint_id"] = fingerprint_id(other["fingerprint"])
     refused = compare_results([other], [baseline], max_cov=10.0)
-    assert refused.exit_code == NOT_COMPARABLE and "fingerprints differ" in refused.message
+    assert refused.exit_code == NOT_COMPARABLE and "precision is 'fp16' here but 'fp32' in the baseline" in refused.message
+    missing = compare_results([{**baseline, "batch": 64}], [baseline], max_cov=10.0)
+    assert missing.exit_code == NOT_COMPARABLE and "no baseline for steady at batch 64 (the baseline has steady at batch 32)" in missing.message
 
 
 def test_gate_refuses_noisy_results():
-    result = {"fingerprint_id": "x", "batch": 1, "median_ms": 1.0, "cov": 0.5, "label": "a"}
+    result = {"fingerprint_id": "x", "fingerprint": {"batch": 1}, "batch": 1, "median_ms": 1.0, "cov": 0.5, "label": "a"}
     verdict = compare_results([result], [result], max_cov=0.1)
     assert verdict.exit_code == NOT_COMPARABLE and "re-measure" in verdict.message
 

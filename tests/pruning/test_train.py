@@ -37,14 +37,34 @@ def test_short_training_learns_digits(tmp_path):
     data = digits_splits(3, (16, 16))
     model = tiny_vit(num_classes=10)
     before = evaluate(model, data.val)
-    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3, augment="none"), checkpoint_path=tmp_path / "ckpt.safetensors", progress=False)
+    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3, augment="none"), checkpoint_path=tmp_path / "train.pt", progress=False)
     assert len(result.history) == 10 and result.history[-1]["loss"] < result.history[0]["loss"]
     # Learning, not a trained accuracy (which moves by CPU): the loss falls by a third and top-1 is
     # well above chance (10 %).
     assert result.history[-1]["loss"] < 0.67 * result.history[0]["loss"]
     assert result.val_top1 > max(before, 25.0)
-    assert (tmp_path / "ckpt.safetensors").is_file()
+    assert (tmp_path / "train.pt").is_file()
     assert not model.training
+
+
+def test_fit_resumes_where_it_was_interrupted_with_identical_weights(tmp_path):
+    data = digits_splits(3, (16, 16))
+    config = TrainConfig(epochs=3, batch_size=128, augment="affine")  # affine: the torch generator matters
+    reference = tiny_vit(num_classes=10)
+    fit(reference, data, config, progress=False)
+    steps = iter(range(10**6))
+
+    def interrupt_in_epoch_2():
+        if next(steps) == 15:  # 11 steps per epoch
+            raise KeyboardInterrupt
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_vit(num_classes=10), data, config, checkpoint_path=tmp_path / "train.pt", extra_loss=interrupt_in_epoch_2, progress=False)
+    resumed = tiny_vit(num_classes=10)
+    result = fit(resumed, data, config, checkpoint_path=tmp_path / "train.pt", progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_pure_distillation_moves_the_student_toward_the_teacher():
