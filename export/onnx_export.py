@@ -117,8 +117,11 @@ def export_plan(
     token_layout: str = "gather",
     precision: str = "fp32",
     channel_layout: str = "gather",
+    images_source: Optional[str] = None,
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
+
+    `images_source` says where `images` came from (recorded in the report's parity entry).
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
     graph (LayerNorm and Softmax stay fp32). Parity against the masked reference is held to
@@ -162,7 +165,8 @@ def export_plan(
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
         "precision": precision,
-        "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU"},
+        "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU",
+                   "images": f"{len(inputs)} " + (images_source or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images"))},
         "blocks": block_rows(plan, geometry),
         "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": OPSET, "io": io_shapes(exported)},
         "export_seconds": time.perf_counter() - started, "versions": _versions(),

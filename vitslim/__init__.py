@@ -15,6 +15,8 @@ _PUBLIC = {
     )},
     "benchmark": "vitslim.deploy.bench",
     "BenchSettings": "vitslim.deploy.bench",
+    "paired_ab": "vitslim.deploy.gate",
+    "ABSettings": "vitslim.deploy.gate",
     "TorchRunner": "vitslim.deploy.runners",
     "OnnxRuntimeRunner": "vitslim.deploy.runners",
     "TensorRTRunner": "vitslim.deploy.runners",

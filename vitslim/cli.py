@@ -64,17 +64,18 @@ def cmd_export(args) -> int:
     from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
-    images = None
+    images, source = None, None
     if args.data:
         from .pipeline import data_for
 
-        images = calibration_set(data_for(model, args.data).val, 8).images
+        data = data_for(model, args.data)
+        images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
     result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
-                         precision=args.precision, channel_layout=args.channel_layout)
+                         precision=args.precision, channel_layout=args.channel_layout, images_source=source)
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
-        f"max abs diff {report['parity']['max_abs_diff']:.1e}); report {result.report_path}"
+        f"max abs diff {report['parity']['max_abs_diff']:.1e} on {report['parity']['images']}); report {result.report_path}"
     )
     return 0
 

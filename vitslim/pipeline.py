@@ -286,7 +286,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     exports, rows = {}, []
     for name, run_dir, top1 in variants:
         variant_plan, variant_model = load_run(run_dir)
-        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images)
+        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}")
         row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
         row.update(engine_columns(exports[name].onnx_path))
         row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense"))
