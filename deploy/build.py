@@ -1,10 +1,14 @@
 """Engines from ONNX: a loader that builds, a manifest that describes, atomic writes.
 
-Works with full TensorRT (10: builder precision flags; 11: strongly typed) and TensorRT-RTX
-(strongly typed; builds ahead of time on a machine without a GPU).
+One precision rule for full TensorRT 10 and 11 and TensorRT-RTX: every network is built strongly
+typed, so the ONNX decides (an fp16 export builds an fp16 engine, LayerNorm and Softmax stay in
+the fp32 the export kept them in); a `precision` that differs from the ONNX's is refused. TF32
+is off for fp32 unless asked for, and then recorded. Every build option lands in the manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,11 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DeployError
+from .gpu import gpu_info
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.metadata import preprocessing_of
 from vitslim.precision import PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: strongly typed everywhere, build_options, tolerance, timing_cache
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 
@@ -49,19 +55,44 @@ class BatchProfile:
 DEFAULT_PROFILE = BatchProfile(1, 8, 32)
 
 
+HARDWARE_COMPATIBILITY = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: str = "fp32"
+    precision: Optional[str] = None  # None: the ONNX's; any other value than the ONNX's is refused
     profiles: tuple[BatchProfile, ...] = (DEFAULT_PROFILE,)
     workspace_mb: Optional[int] = None
     timing_cache: Optional[Path] = None
     library: Optional[str] = None  # "tensorrt" or "tensorrt_rtx"; None picks the installed one
+    tf32: bool = False  # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
+    optimization_level: Optional[int] = None  # builder optimisation level 0-5 (TensorRT's default: 3)
+    hardware_compatibility: str = "none"  # none | ampere+ | same-compute-capability (TensorRT 10+, RTX)
+    version_compatible: bool = False  # an engine later TensorRT versions can run (lean runtime inside)
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("SM86", "SM89"); () = its portable default
+    dla_core: Optional[int] = None  # Jetson Orin: build for this DLA core
+    gpu_fallback: bool = True  # with dla_core: layers DLA cannot run go to the GPU
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise DeployError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if not self.profiles:
             raise DeployError("give at least one --batch MIN:OPT:MAX profile")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise DeployError(f"--optimization-level {self.optimization_level} must be in 0..5")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise DeployError(f"--hardware-compatibility {self.hardware_compatibility!r} is not one of {tuple(HARDWARE_COMPATIBILITY)}")
+        if self.dla_core is not None and self.dla_core < 0:
+            raise DeployError(f"--dla-core {self.dla_core} must be >= 0")
+        if self.workspace_mb is not None and self.workspace_mb < 1:
+            raise DeployError(f"--workspace {self.workspace_mb} must be >= 1 (MB)")
+
+    def options(self) -> dict:
+        """What the manifest records of these settings (the build options)."""
+        return {"tf32": self.tf32, "optimization_level": self.optimization_level, "hardware_compatibility": self.hardware_compatibility,
+                "version_compatible": self.version_compatible, "compute_capabilities": list(self.compute_capabilities),
+                "dla_core": self.dla_core, "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
+                "workspace_mb": self.workspace_mb}
 
 
 def read_onnx(onnx_path: Path):
@@ -82,9 +113,9 @@ def onnx_precision(onnx_path: Path) -> str:
 
 
 def _network(trt: TensorRT, builder, onnx_path: Path):
-    # No creation flags: explicit batch is the only mode since TensorRT 10; TensorRT 10 networks are
-    # then weakly typed (builder precision flags apply), TensorRT 11 and RTX strongly typed.
-    network = builder.create_network(0)
+    # Strongly typed on every library: tensor types come from the ONNX, so TensorRT 10 cannot move
+    # the LayerNorm/Softmax an fp16 export keeps in fp32 (weak typing is deprecated from 10.12).
+    network = builder.create_network(1 << int(trt.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.module.OnnxParser(network, trt.logger())
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
@@ -92,47 +123,103 @@ def _network(trt: TensorRT, builder, onnx_path: Path):
     return network, parser
 
 
+def _require(trt: TensorRT, owner, attribute: str, option: str):
+    """`owner.attribute`, or a one-line error saying this library lacks the option."""
+    if not hasattr(owner, attribute):
+        raise DeployError(f"{option} is not available in {trt.name} {trt.version}: leave it out or use another TensorRT")
+    return getattr(owner, attribute)
+
+
 def _config(trt: TensorRT, builder, network, settings: BuildSettings):
-    config = builder.create_builder_config()
+    module, config = trt.module, builder.create_builder_config()
+    if hasattr(module, "ProfilingVerbosity"):  # layer types and tactics for 'vitslim inspect' (names only by default)
+        config.profiling_verbosity = module.ProfilingVerbosity.DETAILED
     if settings.workspace_mb:
-        config.set_memory_pool_limit(trt.module.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    if settings.precision == "fp16" and not trt.strongly_typed:
-        config.set_flag(trt.module.BuilderFlag.FP16)
-    if settings.precision == "fp32" and hasattr(trt.module.BuilderFlag, "TF32"):
-        # TensorRT enables TF32 by default; an fp32 engine is held to IEEE fp32 parity (1e-4)
-        config.clear_flag(trt.module.BuilderFlag.TF32)
+        config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    if hasattr(module.BuilderFlag, "TF32"):
+        # TensorRT enables TF32 by default; an fp32 engine is held to IEEE fp32 parity (1e-4) unless asked
+        (config.set_flag if settings.tf32 else config.clear_flag)(module.BuilderFlag.TF32)
+    if settings.optimization_level is not None:
+        _require(trt, config, "builder_optimization_level", "--optimization-level")
+        config.builder_optimization_level = settings.optimization_level
+    if settings.hardware_compatibility != "none":
+        levels = _require(trt, module, "HardwareCompatibilityLevel", "--hardware-compatibility")
+        config.hardware_compatibility_level = getattr(levels, HARDWARE_COMPATIBILITY[settings.hardware_compatibility])
+    if settings.version_compatible:
+        if trt.name == "tensorrt_rtx":  # its builder asks for libnvinfer_lean, which TensorRT-RTX does not ship (seen with 1.7)
+            raise DeployError("--version-compatible is for full TensorRT (TensorRT-RTX has no lean runtime): leave it out")
+        config.set_flag(_require(trt, module.BuilderFlag, "VERSION_COMPATIBLE", "--version-compatible"))
+    if settings.compute_capabilities:
+        if trt.name != "tensorrt_rtx":
+            raise DeployError("--compute-capability targets TensorRT-RTX builds; full TensorRT builds for the GPU it runs on")
+        known = module.ComputeCapability.__members__
+        unknown = [c for c in settings.compute_capabilities if c not in known]
+        if unknown:
+            raise DeployError(f"--compute-capability {unknown[0]} is not one of {[c for c in known if c.startswith('SM')]}")
+        config.num_compute_capabilities = len(settings.compute_capabilities)
+        for index, capability in enumerate(settings.compute_capabilities):
+            config.set_compute_capability(known[capability], index)
+    if settings.dla_core is not None:
+        config.default_device_type = module.DeviceType.DLA
+        config.DLA_core = settings.dla_core
+        if settings.gpu_fallback:
+            config.set_flag(module.BuilderFlag.GPU_FALLBACK)
     source = network.get_input(0)
     features = tuple(source.shape)[1:]
     for batch in settings.profiles:
         profile = builder.create_optimization_profile()
         profile.set_shape(source.name, (batch.min, *features), (batch.opt, *features), (batch.max, *features))
         config.add_optimization_profile(profile)
-    cache = None
-    if settings.timing_cache is not None and hasattr(config, "create_timing_cache"):
-        existing = settings.timing_cache.read_bytes() if settings.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(existing)
+    return config
+
+
+def timing_cache_key(trt: TensorRT) -> dict:
+    """What a timing cache was measured on: library, version and GPU (timings do not transfer)."""
+    return {"library": trt.name, "version": trt.version, "gpu": gpu_description()}
+
+
+def _timing_cache(trt: TensorRT, config, path: Optional[Path]) -> tuple[object, dict]:
+    """Attach the timing cache at `path` when it was made here (same library, version, GPU; its
+    key is in PATH.json) and report what happened; a cache from elsewhere is not used, and the
+    new one replaces it."""
+    if path is None:
+        return None, {"file": None}
+    if not hasattr(config, "create_timing_cache"):
+        return None, {"file": str(path), "used": False, "reason": f"{trt.name} has no timing cache"}
+    key, key_path = timing_cache_key(trt), Path(str(path) + ".json")
+    existing, reason = b"", "no cache yet"
+    if path.is_file():
+        try:
+            stored = json.loads(key_path.read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored == key:
+            existing, reason = path.read_bytes(), None
+        else:
+            reason = f"made for {stored or 'an unknown GPU/library (no key file)'}, not {key}: starting a new cache"
+    cache = config.create_timing_cache(existing)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        reason = f"{trt.name} rejected {path}: starting a new cache"
+        cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    return config, cache
+    return cache, {"file": str(path), "used": reason is None, "reason": reason, "key": key}
 
 
 def gpu_description() -> Optional[dict]:
-    """Name and compute capability of CUDA device 0, via torch if it is installed with CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    """Name and compute capability of GPU 0 (deploy.gpu, no torch), or None without a GPU."""
+    info = gpu_info()
+    return None if info is None else {"name": info["name"], "compute_capability": info["compute_capability"]}
 
 
-def engine_target(trt: TensorRT) -> dict:
-    """What the engine runs on: the build GPU for full TensorRT, the portable list for RTX AOT."""
+def engine_target(trt: TensorRT, settings: BuildSettings) -> dict:
+    """What the engine runs on: for RTX the compute capabilities it was built for; for full
+    TensorRT the build GPU, or any Ampere+ GPU / the same compute capability with a hardware
+    compatibility level; a DLA core on Jetson."""
     if trt.name == "tensorrt_rtx":
-        return {"kind": "portable (ahead of time)", "compute_capabilities": RTX_DEFAULT_TARGETS, "build_gpu": gpu_description()}
-    gpu = gpu_description()
-    return {"kind": "device-specific", "gpu": gpu}
+        targets = list(settings.compute_capabilities) or RTX_DEFAULT_TARGETS
+        return {"kind": "portable (ahead of time)", "compute_capabilities": targets, "build_gpu": gpu_description()}
+    kind = {"none": "device-specific", "ampere+": "any Ampere or later GPU", "same-compute-capability": "same compute capability"}[settings.hardware_compatibility]
+    return {"kind": kind, "gpu": gpu_description(), "dla_core": settings.dla_core}
 
 
 @dataclass(frozen=True)
@@ -153,19 +240,21 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     an fp16 export.
     """
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    if not onnx_path.is_file():
-        raise DeployError(f"ONNX file {onnx_path} does not exist: export one with 'vitslim export'")
     trt = require_tensorrt(settings.library)
-    graph_precision = onnx_precision(onnx_path)
-    if trt.strongly_typed and settings.precision != graph_precision:
-        raise DeployError(
-            f"{trt.name} {trt.version} is strongly typed: the ONNX is {graph_precision}, so it builds a {graph_precision} engine; "
-            f"export with --precision {settings.precision} instead of asking the builder"
-        )
+    source = read_onnx(onnx_path)
+    precision = graph_precision(source)
+    if settings.precision not in (None, precision):
+        raise DeployError(f"the ONNX is {precision} and every build is strongly typed (the ONNX decides): export with --precision {settings.precision} "
+                          f"or leave --precision out")
+    if settings.tf32 and precision != "fp32":
+        raise DeployError(f"--tf32 applies to fp32 graphs; this ONNX is {precision}")
     started = time.perf_counter()
     builder = trt.module.Builder(trt.logger())
     network, _parser = _network(trt, builder, onnx_path)
-    config, cache = _config(trt, builder, network, settings)
+    config = _config(trt, builder, network, settings)
+    cache, cache_report = _timing_cache(trt, config, settings.timing_cache)
+    if cache_report.get("reason") and cache_report["file"]:
+        print(f"timing cache {cache_report['file']}: {cache_report['reason']}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise DeployError(f"{trt.name} failed to build {onnx_path} (see its log above); no engine written")
@@ -174,11 +263,16 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     write_bytes_atomic(out_path, engine_bytes)
     if cache is not None:
         write_bytes_atomic(settings.timing_cache, bytes(cache.serialize()))
+        write_json_atomic(Path(str(settings.timing_cache) + ".json"), cache_report["key"])
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "library": trt.name, "version": trt.version,
-        "target": engine_target(trt),
-        "precision": settings.precision,
+        "target": engine_target(trt, settings),
+        "precision": precision,
+        "tolerance": "tf32" if settings.tf32 else precision,
+        "preprocessing": preprocessing_of(source),  # the vitslim.precision.TOLERANCES entry compare holds it to
+        "build_options": settings.options(),
+        "timing_cache": cache_report,
         "profiles": [asdict(p) for p in settings.profiles],
         "input": {"name": network.get_input(0).name, "shape": list(network.get_input(0).shape)},
         "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path)},
@@ -188,3 +282,38 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     }
     manifest_path = write_json_atomic(manifest_path_of(out_path), manifest)
     return BuildResult(engine_path=out_path, manifest_path=manifest_path, manifest=manifest)
+
+
+def engine_cache_key(onnx_path: Path, trt: TensorRT, settings: BuildSettings) -> str:
+    """What decides an engine's bytes: the ONNX bytes, library and version, GPU, precision,
+    profiles and build options (a short sha256 of them)."""
+    key = {"onnx": sha256_of(onnx_path), "library": trt.name, "version": trt.version, "gpu": gpu_description(), "precision": settings.precision,
+           "profiles": [asdict(p) for p in settings.profiles], "options": settings.options()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _copy_engine(source: Path, target: Path) -> dict:
+    """Copy an engine and its manifest (atomically each); the manifest names the new file."""
+    manifest = json.loads(manifest_path_of(source).read_text())
+    manifest["engine"]["file"] = target.name
+    write_bytes_atomic(target, source.read_bytes())
+    write_json_atomic(manifest_path_of(target), manifest)
+    return manifest
+
+
+def cached_engine(onnx_path: str | Path, out_path: str | Path, settings: BuildSettings, cache: str | Path) -> tuple[BuildResult, bool]:
+    """The engine for `onnx_path` at `out_path`, copied from `cache` when an engine with the same
+    engine_cache_key was built before (its bytes checked against its manifest), else built and
+    stored there. Returns (result, whether it came from the cache)."""
+    onnx_path, out_path, cache = Path(onnx_path), Path(out_path), Path(cache)
+    read_onnx(onnx_path)  # a one-line error for a missing or unreadable file before anything else
+    trt = require_tensorrt(settings.library)
+    cached = cache / f"{onnx_path.stem}-{engine_cache_key(onnx_path, trt, settings)}.engine"
+    if cached.is_file() and manifest_path_of(cached).is_file():
+        manifest = json.loads(manifest_path_of(cached).read_text())
+        if manifest.get("engine", {}).get("sha256") == sha256_of(cached):
+            manifest = _copy_engine(cached, out_path)
+            return BuildResult(engine_path=out_path, manifest_path=manifest_path_of(out_path), manifest=manifest), True
+    result = engine_from_onnx(onnx_path, out_path, settings)
+    _copy_engine(out_path, cached)
+    return result, False

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .build import MANIFEST_VERSION, manifest_path_of
+from .build import MANIFEST_VERSION, gpu_description, manifest_path_of
 from .errors import DeployError
 from vitslim.files import sha256_of
 from .tensorrt_lib import require_tensorrt
@@ -213,10 +213,41 @@ def check_batches(engine_path: Path, batches) -> None:
     """Refuse, before any work, a batch size that no optimisation profile of the engine holds."""
     profiles = check_engine(engine_path)["profiles"]
     for batch in batches:
-        if not any(p["min"] <= batch <= p["max"] for p in profiles):
-            ranges = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
-            raise DeployError(f"batch {batch} is outside every optimisation profile of {engine_path.name} ({ranges}): "
-                              f"use a batch in range or rebuild with --batch MIN:OPT:MAX")
+        profile_for(profiles, batch, engine_path.name)
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
+def check_target(target: dict, here: Optional[dict]) -> None:
+    """Refuse an engine built for another GPU than `here` (gpu_description()), by the manifest's
+    target: device-specific and same-compute-capability engines need the build GPU's compute
+    capability, Ampere+ engines compute capability 8.0 or later, RTX engines one of their targets."""
+    kind, built = target.get("kind"), (target.get("gpu") or {}).get("compute_capability")
+    if kind in ("device-specific", "same compute capability"):
+        if built is None:
+            raise DeployError("the engine's manifest does not say which GPU it was built for (built without a visible GPU?): rebuild it on the GPU that runs it")
+        if here is None or _capability(here["compute_capability"]) != _capability(built):
+            raise DeployError(f"engine was built for {target['gpu']} but this machine has {here or 'no NVIDIA GPU'}: rebuild it here")
+    elif kind == "any Ampere or later GPU":
+        if here is None or _capability(here["compute_capability"]) < (8, 0):
+            raise DeployError(f"engine was built for Ampere or later GPUs but this machine has {here or 'no NVIDIA GPU'}")
+    elif kind == "portable (ahead of time)" and here is not None:
+        targets = target.get("compute_capabilities") or []
+        capability = _capability(here["compute_capability"])
+        covered = any(capability == _sm(t) or (t.endswith(" and later") and capability >= _sm(t)) for t in targets)
+        if not covered:
+            sm = "SM{}{}".format(*capability)
+            raise DeployError(f"engine was built for {targets} but this GPU ({here['name']}) is {sm}: rebuild for it "
+                              f"(--compute-capability {sm} where TensorRT-RTX supports it) or use full TensorRT")
+
+
+def _sm(target: str) -> tuple[int, int]:
+    """'SM86' -> (8, 6), 'SM120 and later' -> (12, 0)."""
+    digits = target.split()[0].removeprefix("SM")
+    return int(digits[:-1]), int(digits[-1])
 
 
 def check_engine(engine_path: Path) -> dict:
@@ -228,75 +259,159 @@ def check_engine(engine_path: Path) -> dict:
     trt = require_tensorrt(manifest["library"])
     if trt.version != manifest["version"]:
         raise DeployError(f"engine was built with {manifest['library']} {manifest['version']} but {trt.version} is installed: rebuild it")
-    target = manifest["target"]
-    if target.get("kind") == "device-specific" and target.get("gpu"):
-        from .build import gpu_description
-
-        here = gpu_description()
-        if here is None or here["compute_capability"] != target["gpu"]["compute_capability"]:
-            raise DeployError(f"engine was built for {target['gpu']} but this machine has {here or 'no CUDA GPU'}: rebuild it here")
+    check_target(manifest["target"], gpu_description())
     return manifest
 
 
+def import_polygraphy(library: str):
+    """Polygraphy's TensorRT backend for `library`. Polygraphy picks TensorRT-RTX over TensorRT by
+    an environment variable read at its import, so one process runs engines of one library."""
+    import os
+    import sys
+
+    wanted = "1" if library == "tensorrt_rtx" else "0"
+    if "polygraphy" in sys.modules and os.environ.get("POLYGRAPHY_USE_TENSORRT_RTX", "0") != wanted:
+        raise DeployError(f"this process already loaded Polygraphy for another TensorRT library: run {library} engines in a process of their own")
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = wanted
+    try:
+        from polygraphy import cuda
+        from polygraphy.backend.trt import TrtRunner
+    except ImportError:
+        raise DeployError("the TensorRT runner uses Polygraphy: pip install polygraphy") from None
+    return cuda, TrtRunner
+
+
+def profile_for(profiles: list[dict], batch: int, engine_name: str = "the engine") -> int:
+    """The index of the first optimisation profile whose [min, max] holds `batch`."""
+    for index, profile in enumerate(profiles):
+        if profile["min"] <= batch <= profile["max"]:
+            return index
+    ranges = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
+    raise DeployError(f"batch {batch} is outside every optimisation profile of {engine_name} ({ranges}): "
+                      f"use a batch in range or rebuild with --batch MIN:OPT:MAX")
+
+
 class TensorRTRunner(Runner):
-    """A TensorRT engine, with torch CUDA tensors as its input and output buffers."""
+    """A TensorRT 10/11 or TensorRT-RTX engine, run by Polygraphy's TrtRunner (no torch needed):
+    Polygraphy finds the IO tensors by mode, allocates buffers of each tensor's dtype, sets shapes
+    and addresses and checks every boolean TensorRT returns, all on its own CUDA stream. This
+    class adds what Polygraphy leaves to its user: the manifest checks, the optimisation profile
+    whose range holds each batch (a batch outside every profile is refused before any work),
+    TensorRT-RTX's eager kernel specialisation for dynamic shapes (so timed runs never mix kernel
+    sets compiled in the background), and device-resident inputs for timing."""
 
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | Path, profile: int = 0) -> None:
-        self.engine_path, self.profile = Path(engine_path), profile
+    def __init__(self, engine_path: str | Path) -> None:
+        self.engine_path = Path(engine_path)
         self.manifest = check_engine(self.engine_path)
+        self.runner = self.engine = self.context = None
 
     def activate(self) -> None:
-        import torch
+        from .gpu import gpu_info
 
-        if not torch.cuda.is_available():
-            raise DeployError("the TensorRT runner needs a CUDA GPU")
-        self.torch = torch
-        self.trt = require_tensorrt(self.manifest["library"])
-        runtime = self.trt.module.Runtime(self.trt.logger())
+        if gpu_info() is None:
+            raise DeployError("the TensorRT runner needs an NVIDIA GPU (nvidia-smi sees none): run it on the GPU machine, e.g. 'vitslim selftest'")
+        cuda, TrtRunner = import_polygraphy(self.manifest["library"])
+        self.cuda, trt = cuda, require_tensorrt(self.manifest["library"])
+        runtime = trt.module.Runtime(trt.logger())
+        if self.manifest["build_options"].get("version_compatible"):
+            runtime.engine_host_code_allowed = True  # a version-compatible plan carries its lean runtime
         blob = self.engine_path.read_bytes()
-        if hasattr(runtime, "get_engine_validity"):  # the library's own check, before deserialising
+        if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX only: its own check before deserialising
             validity, diagnostics = runtime.get_engine_validity(blob)
             if validity.name == "INVALID":
-                raise DeployError(f"{self.trt.name} reports {self.engine_path.name} invalid on this GPU (diagnostics {diagnostics}): rebuild it here")
-        self.engine = runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            raise DeployError(f"{self.trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self.context.set_optimization_profile_async(self.profile, self.stream.cuda_stream)
-        self.input_name = self.engine.get_tensor_name(0)
-        self.output_name = self.engine.get_tensor_name(1)
+                raise DeployError(f"{trt.name} reports {self.engine_path.name} invalid on this GPU (diagnostics {diagnostics}): rebuild it here")
+            if validity.name == "SUBOPTIMAL":
+                print(f"{trt.name}: {self.engine_path.name} runs on this GPU but suboptimally (diagnostics {diagnostics}); rebuild it here for full speed")
+        engine = runtime.deserialize_cuda_engine(blob)
+        if engine is None:
+            raise DeployError(f"{trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
+        context = self._context(trt, engine)
+        self.trt, self.engine, self.context = trt, engine, context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.OUTPUT)
+        self.input_dtype = np.dtype(trt.module.nptype(engine.get_tensor_dtype(self.input_name)))
+        self.runner = TrtRunner(context)
+        self.runner.activate()
+        self.profile = 0
+
+    @staticmethod
+    def _context(trt, engine):
+        if not hasattr(engine, "create_runtime_config"):
+            return engine.create_execution_context()
+        config = engine.create_runtime_config()
+        strategies = getattr(trt.module, "DynamicShapesKernelSpecializationStrategy", None)
+        if strategies is not None:
+            config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
+        return engine.create_execution_context(config)
 
     def deactivate(self) -> None:
-        self.context = self.engine = None
+        if self.runner is not None:
+            self.runner.deactivate()
+        self.runner = self.engine = self.context = None
 
-    def prepare(self, images: np.ndarray):
-        torch = self.torch
-        batch = torch.as_tensor(np.ascontiguousarray(images), device="cuda", dtype=torch.float32)
-        self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        shape = tuple(self.context.get_tensor_shape(self.output_name))
-        output = torch.empty(shape, device="cuda", dtype=torch.float32)
-        self.context.set_tensor_address(self.input_name, batch.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
-        return batch, output
+    def layer_information(self) -> list:
+        """TensorRT's engine inspector: one entry per layer (a dict with LayerType, inputs, outputs
+        and tactic for engines built with detailed profiling verbosity, as vitslim builds them)."""
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self.context
+        information = json.loads(inspector.get_engine_information(self.trt.module.LayerInformationFormat.JSON))
+        return information.get("Layers", []) if isinstance(information, dict) else information
 
-    def run_prepared(self, prepared) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise DeployError("TensorRT execution failed")
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
+    def _use_profile_for(self, batch: int) -> None:
+        index = profile_for(self.manifest["profiles"], batch, self.engine_path.name)
+        if index != self.profile:
+            self.runner.set_profile(index)  # Polygraphy checks TensorRT's boolean
+            self.profile = index
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        prepared = self.prepare(images)
-        self.run_prepared(prepared)
-        self.synchronize()
-        return prepared[1].cpu().numpy()
+        if self.runner is None:
+            raise DeployError("use the TensorRT runner inside 'with'")
+        self._use_profile_for(len(images))
+        outputs = self.runner.infer({self.input_name: np.ascontiguousarray(images, dtype=self.input_dtype)})
+        return np.asarray(outputs[self.output_name], dtype=np.float32)
+
+    def prepare(self, images: np.ndarray):
+        """The batch copied to the GPU once (a Polygraphy DeviceArray), in the engine's input dtype."""
+        self._use_profile_for(len(images))
+        host = np.ascontiguousarray(images, dtype=self.input_dtype)
+        device = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
+        device.copy_from(host, self.runner.stream)
+        return {self.input_name: device}
+
+    def run_prepared(self, prepared) -> None:
+        self.runner.infer(prepared, copy_outputs_to_host=False)
+
+    def synchronize(self) -> None:
+        self.runner.stream.synchronize()
+
+    def time_ms(self, prepared) -> float:
+        """One `run_prepared` timed by CUDA events on the runner's stream (cudart through the
+        library Polygraphy already loaded), as the PyTorch runners are timed."""
+        import ctypes
+
+        cudart, stream = self.cuda.wrapper().handle, ctypes.c_void_p(self.runner.stream.ptr)
+        start, end, elapsed = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_float()
+        for event in (start, end):
+            self.cuda.wrapper().check(cudart.cudaEventCreate(ctypes.byref(event)))
+        try:
+            self.cuda.wrapper().check(cudart.cudaEventRecord(start, stream))
+            self.run_prepared(prepared)
+            self.cuda.wrapper().check(cudart.cudaEventRecord(end, stream))
+            self.cuda.wrapper().check(cudart.cudaEventSynchronize(end))
+            self.cuda.wrapper().check(cudart.cudaEventElapsedTime(ctypes.byref(elapsed), start, end))
+        finally:
+            for event in (start, end):
+                cudart.cudaEventDestroy(event)
+        return float(elapsed.value)
 
     @property
     def description(self) -> dict:
+        from .gpu import gpu_info
+
         return {"backend": self.backend, "device": "cuda", "library": self.manifest["library"], "version": self.manifest["version"],
-                "engine_sha256": self.manifest["engine"]["sha256"], "onnx_sha256": self.manifest["onnx"]["sha256"], "precision": self.manifest["precision"]}
+                "gpu": gpu_info(), "engine_sha256": self.manifest["engine"]["sha256"], "onnx_sha256": self.manifest["onnx"]["sha256"],
+                "precision": self.manifest["precision"], "build_options": self.manifest["build_options"]}

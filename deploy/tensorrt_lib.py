@@ -22,11 +22,6 @@ class TensorRT:
     def major(self) -> int:
         return int(self.version.split(".")[0])
 
-    @property
-    def strongly_typed(self) -> bool:
-        """TensorRT 11 and TensorRT-RTX take precisions from the ONNX; TensorRT 10 has builder flags."""
-        return self.name == "tensorrt_rtx" or self.major >= 11
-
     def logger(self):
         return self.module.Logger(self.module.Logger.WARNING)
 

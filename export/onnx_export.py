@@ -6,6 +6,7 @@ LayerNormalization and plain MatMul/Softmax/Gather, which TensorRT parses.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from vitslim.metadata import PREPROCESSING_KEY
 from vitslim.files import atomic_path
 from vitslim.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
 from vitslim.pruning.macs import block_widths, plan_macs
@@ -118,10 +120,13 @@ def export_plan(
     precision: str = "fp32",
     channel_layout: str = "gather",
     images_source: Optional[str] = None,
+    preprocessing: Optional[dict] = None,
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
-    `images_source` says where `images` came from (recorded in the report's parity entry).
+    `images_source` says where `images` came from (recorded in the report's parity entry);
+    `preprocessing` (pruning.data.preprocessing) travels in the ONNX metadata as
+    PREPROCESSING_KEY and in the report.
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
     graph (LayerNorm and Softmax stay fp32). Parity against the masked reference is held to
@@ -149,6 +154,9 @@ def export_plan(
         if precision == "fp16":
             exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
         _check_graph(exported)
+        if preprocessing is not None:
+            entry = exported.metadata_props.add()
+            entry.key, entry.value = PREPROCESSING_KEY, json.dumps(preprocessing, sort_keys=True)
         onnx.save(exported, str(tmp))
         parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
         if not parity.passes(tolerance):
@@ -164,7 +172,7 @@ def export_plan(
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
-        "precision": precision,
+        "precision": precision, "preprocessing": preprocessing,
         "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU",
                    "images": f"{len(inputs)} " + (images_source or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images"))},
         "blocks": block_rows(plan, geometry),

@@ -38,15 +38,29 @@ def split_indices(n: int, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def preprocessing(source: str, in_chans: int, img_size: tuple[int, int]) -> dict:
+    """How a raw image of `source` becomes the model's input: what the transforms below do, and
+    what an exported model and its engine carry (ONNX metadata, engine manifest) so that whoever
+    feeds them prepares images the same way."""
+    height, width = img_size
+    common = {"layout": "NCHW", "dtype": "float32", "channels": in_chans, "resize": [height, width], "crop": [height, width]}
+    if source == DIGITS:
+        return {**common, "source": DIGITS, "input": "8x8 grayscale, values 0..16", "scale": 1 / 16, "interpolation": "bilinear",
+                "channel_order": "gray" if in_chans == 1 else f"gray repeated to {in_chans} channels", "mean": [0.5] * in_chans, "std": [0.5] * in_chans}
+    return {**common, "source": "image files", "input": "8-bit RGB (PIL)", "scale": 1 / 255, "interpolation": "bilinear (antialiased)",
+            "channel_order": "gray" if in_chans == 1 else "RGB", "mean": list(MEAN[:in_chans]), "std": list(STD[:in_chans])}
+
+
 def digits_images(in_chans: int, img_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 8x8 digits as [N, in_chans, H, W] normalised images and [N] labels."""
     from sklearn.datasets import load_digits
 
+    steps = preprocessing(DIGITS, in_chans, img_size)
     digits = load_digits()
-    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) * steps["scale"]  # [N, 1, 8, 8] in [0, 1]
     images = torch.nn.functional.interpolate(pixels, size=img_size, mode="bilinear", align_corners=False)
-    images = (images - 0.5) / 0.5
-    return images.expand(-1, in_chans, -1, -1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
+    images = (images.expand(-1, in_chans, -1, -1) - torch.tensor(steps["mean"]).view(1, -1, 1, 1)) / torch.tensor(steps["std"]).view(1, -1, 1, 1)
+    return images.contiguous(), torch.tensor(digits.target, dtype=torch.long)
 
 
 def digits_splits(in_chans: int, img_size: tuple[int, int]) -> DataSplits:
@@ -58,11 +72,12 @@ def digits_splits(in_chans: int, img_size: tuple[int, int]) -> DataSplits:
 def _image_transform(in_chans: int, img_size: tuple[int, int]):
     from torchvision import transforms
 
-    steps = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
-    if in_chans == 1:
-        steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Normalize(MEAN[:in_chans], STD[:in_chans])]
-    return transforms.Compose(steps)
+    steps = preprocessing("image files", in_chans, img_size)
+    pipeline = [transforms.Resize(steps["resize"]), transforms.CenterCrop(steps["crop"])]
+    if steps["channel_order"] == "gray":
+        pipeline.append(transforms.Grayscale(1))
+    pipeline += [transforms.ToTensor(), transforms.Normalize(steps["mean"], steps["std"])]
+    return transforms.Compose(pipeline)
 
 
 def read_image(path: str):

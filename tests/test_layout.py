@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # installed name -> folder in the repository (pyproject.toml's package-dir)
 PACKAGES = {"vitslim": ROOT / "vitslim", "vitslim.pruning": ROOT / "pruning", "vitslim.export": ROOT / "export", "vitslim.deploy": ROOT / "deploy"}
 # modules of vitslim/ that every package may import: no heavy dependencies, no vitslim package below them
-LEAVES = {"vitslim", "vitslim.errors", "vitslim.files", "vitslim.precision", "vitslim.settings"}
+LEAVES = {"vitslim", "vitslim.errors", "vitslim.files", "vitslim.metadata", "vitslim.precision", "vitslim.settings"}
 # what each package may import from vitslim, at module level or inside functions
 ALLOWED = {
     "vitslim.pruning": ("vitslim.pruning",),

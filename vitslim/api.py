@@ -79,7 +79,7 @@ def export_onnx(model: nn.Module, plan: SlimPlan, path: str | Path, **options) -
     return export_plan(model, plan, path, **options)
 
 
-def build_engine(onnx_path: str | Path, path: str | Path, precision: str = "fp32", profiles: Sequence[str] = (str(DEFAULT_PROFILE),), **options) -> BuildResult:
+def build_engine(onnx_path: str | Path, path: str | Path, precision: Optional[str] = None, profiles: Sequence[str] = (str(DEFAULT_PROFILE),), **options) -> BuildResult:
     """A TensorRT (10/11) or TensorRT-RTX engine + manifest from an exported ONNX; `profiles` are
     'MIN:OPT:MAX' batch ranges; `options` are the other BuildSettings fields."""
     settings = BuildSettings(precision=precision, profiles=tuple(BatchProfile.parse(p) for p in profiles), **options)

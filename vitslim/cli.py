@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -64,14 +65,15 @@ def cmd_export(args) -> int:
     from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
+    from .pipeline import data_for, preprocessing_for, run_data_source
+
     images, source = None, None
     if args.data:
-        from .pipeline import data_for
-
         data = data_for(model, args.data)
         images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
     result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
-                         precision=args.precision, channel_layout=args.channel_layout, images_source=source)
+                         precision=args.precision, channel_layout=args.channel_layout, images_source=source,
+                         preprocessing=preprocessing_for(model, args.data or run_data_source(args.run_dir)))
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
@@ -132,17 +134,23 @@ def cmd_prune(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildSettings, engine_from_onnx
+    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildSettings, cached_engine, engine_from_onnx
 
     settings = BuildSettings(
         precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)]),
         workspace_mb=args.workspace, timing_cache=Path(args.timing_cache) if args.timing_cache else None, library=args.library,
+        tf32=args.tf32, optimization_level=args.optimization_level, hardware_compatibility=args.hardware_compatibility,
+        version_compatible=args.version_compatible, compute_capabilities=tuple(args.compute_capability or ()),
+        dla_core=args.dla_core, gpu_fallback=not args.no_gpu_fallback,
     )
-    result = engine_from_onnx(args.onnx, args.out, settings)
+    if args.cache:
+        result, reused = cached_engine(args.onnx, args.out, settings, args.cache)
+    else:
+        result, reused = engine_from_onnx(args.onnx, args.out, settings), False
     manifest = result.manifest
     print(
-        f"built {result.engine_path} with {manifest['library']} {manifest['version']} ({manifest['precision']}, "
-        f"profiles {', '.join(str(p) for p in settings.profiles)}): {manifest['engine']['bytes'] / 1e6:.1f} MB in "
+        f"{'copied from the engine cache' if reused else 'built'} {result.engine_path} with {manifest['library']} {manifest['version']} ({manifest['precision']}{', TF32' if settings.tf32 else ''}, "
+        f"profiles {', '.join(str(p) for p in settings.profiles)}, target {manifest['target']['kind']}): {manifest['engine']['bytes'] / 1e6:.1f} MB in "
         f"{manifest['build_seconds']:.1f} s; manifest {result.manifest_path}"
     )
     return 0
@@ -164,35 +172,42 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+    from vitslim.deploy.build import onnx_precision, read_onnx
+    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner, check_engine
     from vitslim.export.compact import compact_from_plan
+    from vitslim.metadata import preprocessing_of
     from vitslim.pruning.data import calibration_set
     from vitslim.pruning.run_dir import load_run
-
     from vitslim.pruning.timm_adapter import input_shape_of
 
-    from .measure import check_batch_sizes, check_onnx_inputs, compare_with_reference
-    from .pipeline import data_for
+    from .measure import check_batch_sizes, check_onnx_inputs, check_preprocessing, compare_with_reference
+    from .pipeline import data_for, preprocessing_for
 
     plan, model = load_run(args.run_dir)
     batches = list(args.batch or [1, 8])
     check_batch_sizes(batches)
+    candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
+    precisions = {"torch:compact": "fp32"}
+    recorded = {}
     if args.onnx:
         check_onnx_inputs(Path(args.onnx), input_shape_of(model))
-    images = calibration_set(data_for(model, args.data).val, max(batches)).images.numpy()
-    candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
-    if args.onnx:
+        recorded[args.onnx] = preprocessing_of(read_onnx(Path(args.onnx)))
         candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
+        precisions["onnxruntime"] = args.precision or onnx_precision(Path(args.onnx))
     if args.engine:
-        from vitslim.deploy.runners import check_engine
-
         manifest = check_engine(Path(args.engine))
+        recorded[args.engine] = manifest["preprocessing"]
         candidates["tensorrt"] = TensorRTRunner(args.engine)
+        precisions["tensorrt"] = args.precision or manifest["tolerance"]  # the engine's own precision (tf32 if built so)
         batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
-    rows = compare_with_reference(model, plan, candidates, images, batches, args.precision)
-    print("| candidate | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|")
+    data = data_for(model, args.data)
+    for artifact, steps in recorded.items():
+        check_preprocessing(artifact, steps, preprocessing_for(model, data.source))
+    images = calibration_set(data.val, max(batches)).images.numpy()
+    rows = compare_with_reference(model, plan, candidates, images, batches, precisions)
+    print("| candidate | precision | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['candidate']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |")
+        print(f"| {r['candidate']} | {r['precision']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |")
     if args.json:
         from vitslim.files import write_json_atomic
 
@@ -311,6 +326,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_selftest(args) -> int:
+    from . import selftest
+
+    if args.prepare:
+        selftest.prepare(Path(args.prepare))
+        print(f"selftest: tiny model and reference logits in {args.prepare}; run 'vitslim selftest --prepared {args.prepare}' on the GPU machine")
+        return 0
+    code, checks = selftest.run(Path(args.work) if args.work else None, args.library, Path(args.prepared) if args.prepared else None)
+    print(selftest.table(checks))
+    if args.json:
+        from vitslim.files import write_json_atomic
+
+        write_json_atomic(args.json, {"exit_code": code, "checks": selftest.to_dict(checks)})
+    print({selftest.PASS: "selftest: every check passed", selftest.FAIL: "selftest: a check FAILED (see the table)",
+           selftest.NO_GPU: "selftest: no NVIDIA GPU here: builds checked, nothing run (exit 2); run it on the GPU machine"}[code])
+    return code
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import describe, to_text
+
+    description = describe(args.artifact, layers=not args.no_layers)
+    print(json.dumps(description, indent=1, default=str) if args.json else to_text(description))
+    return 0
+
+
 # Commands whose flags come from torch-side settings (methods, training, layouts): only they import
 # torch and timm while the parser is built, so build/bench/compare/gate start fast and work where
 # only numpy and TensorRT are installed.
@@ -380,11 +421,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    build.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    build.add_argument("--precision", choices=PRECISIONS, help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's")
     build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}")
-    build.add_argument("--timing-cache", help="timing cache file, read if present and written back")
+    build.add_argument("--timing-cache", help="timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back")
     build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
     build.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx")
+    build.add_argument("--tf32", action="store_true", help="let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)")
+    build.add_argument("--optimization-level", type=int, metavar="0-5", help="builder optimisation level (TensorRT's default 3)")
+    build.add_argument("--hardware-compatibility", choices=("none", "ampere+", "same-compute-capability"), default="none",
+                       help="full TensorRT: an engine for any Ampere+ GPU or any GPU of the build GPU's compute capability")
+    build.add_argument("--version-compatible", action="store_true", help="an engine later TensorRT versions can run (carries its lean runtime)")
+    build.add_argument("--compute-capability", action="append", metavar="SMxy", help="TensorRT-RTX: a target GPU architecture, e.g. SM86 (repeat); default its portable set")
+    build.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
+    build.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail instead of running layers DLA cannot on the GPU")
+    build.add_argument("--cache", metavar="DIR", help="engine cache: reuse an engine built before for the same ONNX bytes, TensorRT version, GPU, "
+                       "precision, profiles and options (the Docker runtime image keeps it in a volume)")
     build.add_argument("--out", required=True, help="MODEL.engine; the manifest goes to MODEL.engine.json")
     build.set_defaults(func=cmd_build)
 
@@ -409,7 +460,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch")
     compare.add_argument("--data", required=True, help="'digits' or an ImageFolder directory: the comparison's images come from its validation split")
     compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
-    compare.add_argument("--precision", choices=PRECISIONS, default="fp32", help=f"tolerance by precision: {TOLERANCES_TEXT}")
+    compare.add_argument("--precision", choices=tuple(TOLERANCES), help=f"tolerance by precision (default: each artifact's own: the ONNX's, "
+                         f"the engine manifest's; fp32 for PyTorch): {TOLERANCES_TEXT}")
     compare.add_argument("--device", default="cpu")
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
@@ -433,6 +485,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)
+
+    selftest = commands.add_parser("selftest", help="on a GPU machine: build a tiny model with each installed TensorRT, run it in and out of "
+                                   "its profiles, check parity, time it (exit 0 pass, 1 a check failed, 2 no GPU)")
+    selftest.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="only this TensorRT (default: each installed)")
+    selftest.add_argument("--work", help="keep the ONNX files and engines here (default: a temporary directory)")
+    selftest.add_argument("--prepare", metavar="DIR", help="only export the tiny model and its reference logits into DIR (needs torch; no GPU)")
+    selftest.add_argument("--prepared", metavar="DIR", help="check the files --prepare wrote (needs no torch: the Docker runtime image)")
+    selftest.add_argument("--json", help="write the checks here")
+    selftest.set_defaults(func=cmd_selftest)
+
+    inspect = commands.add_parser("inspect", help="what an .onnx, .engine or run directory is: IO, precision, preprocessing, profiles, build options, layers")
+    inspect.add_argument("artifact")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--no-layers", action="store_true", help="engines: skip TensorRT's per-layer information (needs the GPU)")
+    inspect.set_defaults(func=cmd_inspect)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")

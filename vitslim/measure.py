@@ -1,5 +1,7 @@
 """Orchestration of compare / bench / gate for the CLI: builds the runners (from pruning/export
-artifacts) that deploy/ then compares and times."""
+artifacts) that deploy/ then compares and times. torch, timm and pruning/export are imported only
+where a PyTorch model is involved, so that benchmarking and gating engines or ONNX files works
+where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jetson)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, host_description, speedup_columns
 from vitslim.deploy.gate import ABSettings, paired_ab
@@ -16,13 +17,6 @@ from vitslim.deploy.errors import DeployError
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.precision import compare_outputs, tolerance_for
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
-from vitslim.export.compact import compact_from_plan
-from vitslim.export.report import report_paths
-from vitslim.pruning.plan import dense_plan
-from vitslim.pruning.reference import MaskedReference
-from vitslim.pruning.run_dir import load_run
-from vitslim.pruning.macs import macs_fraction
-from vitslim.pruning.timm_adapter import geometry_of, input_shape_of
 
 
 @dataclass(frozen=True)
@@ -82,6 +76,17 @@ def check_onnx_inputs(onnx_path: Path, shape: tuple[int, ...]) -> None:
         raise DeployError(f"{onnx_path} takes inputs of shape {found} but the run's model takes {tuple(shape)}: export this run with 'vitslim export RUN_DIR'")
 
 
+def check_preprocessing(artifact, recorded: Optional[dict], expected: Optional[dict]) -> None:
+    """Refuse to compare an artifact on data prepared otherwise than the data it was made for
+    (the preprocessing its ONNX metadata / engine manifest records); None on either side: nothing
+    to check (an ONNX exported without knowing its data)."""
+    if recorded is None or expected is None or recorded == expected:
+        return
+    field = next(key for key in sorted(set(recorded) | set(expected)) if recorded.get(key) != expected.get(key))
+    raise DeployError(f"{artifact} was made for {field} = {recorded.get(field)!r} but this data is prepared with {expected.get(field)!r}: "
+                      f"compare on the data it was exported for (its preprocessing: 'vitslim inspect {artifact}')")
+
+
 def _precision_of(artifact: Path, backend: str) -> str:
     if backend == "tensorrt":
         return check_engine(artifact)["precision"]
@@ -98,6 +103,8 @@ def _input_shape(spec: BenchSpec, run: Optional[tuple]) -> tuple[int, ...]:
         return tuple(check_engine(artifact)["input"]["shape"][1:])
     if spec.backend == "onnxruntime":
         return onnx_input_shape(artifact)
+    from vitslim.pruning.timm_adapter import input_shape_of
+
     return input_shape_of(run[1])
 
 
@@ -109,6 +116,8 @@ def artifact_runner(spec: BenchSpec, run: Optional[tuple]) -> Runner:
         return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
     if spec.backend == "tensorrt":
         return TensorRTRunner(artifact)
+    from vitslim.export.compact import compact_from_plan
+
     plan, model = run
     return TorchRunner(compact_from_plan(model, plan), device=spec.device, mode=spec.torch_mode, dtype=spec.torch_dtype)
 
@@ -131,9 +140,11 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     check_batch_sizes(spec.batches)
     if spec.backend == "tensorrt":
         check_batches(artifact, spec.batches)
-    if spec.threads:
+    if spec.threads and (spec.backend == "torch" or spec.run_dir):
+        import torch
+
         torch.set_num_threads(spec.threads)
-    run = load_run(artifact) if spec.backend == "torch" else None
+    run = _load_run(artifact) if spec.backend == "torch" else None
     shape = _input_shape(spec, run)
     sha = sha256_of(artifact) if artifact.is_file() else None
     precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend)
@@ -141,19 +152,41 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
         raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
     label = f"{spec.backend}:{artifact.name}"
     results = _measure(artifact_runner(spec, run), label, spec.batches, shape, precision, sha, settings)
-    fractions = {label: macs_fraction(run[0], geometry_of(run[1])) if run else _export_report_macs_fraction(spec)}
+    fractions = {label: _macs_fraction(*run) if run else _export_report_macs_fraction(spec)}
     if spec.run_dir:
-        plan, model = load_run(spec.run_dir)
-        # like with like: an engine runs on the GPU, so do its PyTorch baselines
-        torch_device = "cuda" if spec.backend == "tensorrt" else spec.device
-        dense = dense_plan(plan.model, len(plan.blocks))
-        fractions.update({"torch:timm": 1.0, "torch:compact": macs_fraction(plan, geometry_of(model)), "torch:dense": 1.0})
-        # timm's own model is the baseline users already run; the compact module of the dense plan
-        # is a second row that shows the compact module's own overhead.
-        for torch_label, module in (("torch:timm", model), ("torch:compact", compact_from_plan(model, plan)), ("torch:dense", compact_from_plan(model, dense))):
-            runner = TorchRunner(module, torch_device, spec.torch_mode, spec.torch_dtype)
-            results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
+        more_results, more_fractions = _torch_baselines(spec, shape, settings)
+        results, fractions = results + more_results, {**fractions, **more_fractions}
     return {"version": RESULT_VERSION, "spec": asdict(spec), "results": results, "ratios": latency_ratios(results, fractions)}
+
+
+def _load_run(directory):
+    from vitslim.pruning.run_dir import load_run
+
+    return load_run(directory)
+
+
+def _macs_fraction(plan, model) -> float:
+    from vitslim.pruning.macs import macs_fraction
+    from vitslim.pruning.timm_adapter import geometry_of
+
+    return macs_fraction(plan, geometry_of(model))
+
+
+def _torch_baselines(spec: BenchSpec, shape: tuple[int, ...], settings: BenchSettings) -> tuple[list[dict], dict]:
+    """timm's own model (the baseline users already run), the run's compact module, and the compact
+    module of the dense plan (the compact module's own overhead), each timed like the artifact."""
+    from vitslim.export.compact import compact_from_plan
+    from vitslim.pruning.plan import dense_plan
+
+    plan, model = _load_run(spec.run_dir)
+    torch_device = "cuda" if spec.backend == "tensorrt" else spec.device  # like with like: an engine runs on the GPU, so do its baselines
+    dense = dense_plan(plan.model, len(plan.blocks))
+    fractions = {"torch:timm": 1.0, "torch:compact": _macs_fraction(plan, model), "torch:dense": 1.0}
+    results = []
+    for torch_label, module in (("torch:timm", model), ("torch:compact", compact_from_plan(model, plan)), ("torch:dense", compact_from_plan(model, dense))):
+        runner = TorchRunner(module, torch_device, spec.torch_mode, spec.torch_dtype)
+        results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
+    return results, fractions
 
 
 def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
@@ -161,6 +194,8 @@ def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
     manifest names); None if there is none or it describes another export."""
     artifact = Path(spec.artifact)
     onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(check_engine(artifact)["onnx"]["file"])
+    from vitslim.export.report import report_paths
+
     report = report_paths(onnx_path)[0]
     if not report.is_file() or not onnx_path.is_file():
         return None
@@ -213,21 +248,28 @@ def write_bench(report: dict, json_path: Path) -> None:
     write_bytes_atomic(json_path.with_suffix(".md"), bench_markdown(report).encode())
 
 
-def compare_with_reference(model, plan, candidates: dict[str, Runner], images: np.ndarray, batches: Optional[list[int]] = None, precision: str = "fp32") -> list[dict]:
+def compare_with_reference(model, plan, candidates: dict[str, Runner], images: np.ndarray, batches: Optional[list[int]] = None,
+                           precision: str | dict[str, str] = "fp32") -> list[dict]:
     """Every candidate runner vs the masked PyTorch reference of (`model`, `plan`), at each batch
     size (default: len(images)); one row per candidate and batch, with `passed` by the precision's
-    tolerance (vitslim.precision.TOLERANCES)."""
+    tolerance (vitslim.precision.TOLERANCES); `precision` is one for all or one per candidate."""
+    import torch
+
+    from vitslim.pruning.reference import MaskedReference
+
     batches = batches or [len(images)]
     reference_model = MaskedReference(model, plan).eval()
-    rows, tolerance = [], tolerance_for(precision)
+    rows = []
     for name, runner in candidates.items():
+        candidate_precision = precision if isinstance(precision, str) else precision.get(name, "fp32")
+        tolerance = tolerance_for(candidate_precision)
         with runner:
             for batch in batches:
                 batch_images = np.resize(images, (batch, *images.shape[1:])).astype(np.float32)
                 with torch.no_grad():
                     expected = reference_model(torch.from_numpy(batch_images)).numpy()
                 parity = compare_outputs(expected, runner.infer(batch_images))
-                rows.append({"candidate": name, **parity.to_dict(), "precision": precision, "tolerance": tolerance.to_dict(), "passed": parity.passes(tolerance)})
+                rows.append({"candidate": name, **parity.to_dict(), "precision": candidate_precision, "tolerance": tolerance.to_dict(), "passed": parity.passes(tolerance)})
     return rows
 
 
@@ -258,7 +300,7 @@ def _ab_side(artifact: Path, device: str, threads: Optional[int]) -> tuple[Runne
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
     spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads)
-    run = load_run(artifact) if backend == "torch" else None
+    run = _load_run(artifact) if backend == "torch" else None
     return artifact_runner(spec, run), _input_shape(spec, run)
 
 
@@ -269,6 +311,8 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
     baseline, candidate = Path(baseline), Path(candidate)
     check_batch_sizes([batch])
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     (base_runner, base_shape), (cand_runner, cand_shape) = _ab_side(baseline, device, threads), _ab_side(candidate, device, threads)
     if base_shape != cand_shape:

@@ -18,7 +18,7 @@ from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
 from vitslim.files import write_text_atomic
 from vitslim.pruning.checkpoints import CHECKPOINT_DIR, phase_path
-from vitslim.pruning.data import DataSplits, calibration_set, load_data
+from vitslim.pruning.data import DIGITS, DataSplits, calibration_set, load_data, preprocessing
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.methods import get_method
@@ -41,6 +41,22 @@ def data_for(model: nn.Module, source: str) -> DataSplits:
             f"pass --model-kwargs num_classes={data.num_classes}"
         )
     return data
+
+
+def preprocessing_for(model: nn.Module, source: Optional[str]) -> Optional[dict]:
+    """How images of `source` ('digits' or an ImageFolder) are prepared for `model`; None if unknown."""
+    if source is None:
+        return None
+    in_chans, height, width = input_shape_of(model)
+    return preprocessing(DIGITS if source == DIGITS else "image files", in_chans, (height, width))
+
+
+def run_data_source(run_dir: Optional[str | Path]) -> Optional[str]:
+    """The data a run directory was trained or pruned on (its info.json), if it says."""
+    try:
+        return json.loads((Path(run_dir) / "info.json").read_text()).get("data") if run_dir else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def checkpoint_dir(out: Path, restart: bool) -> Path:
@@ -286,7 +302,8 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     exports, rows = {}, []
     for name, run_dir, top1 in variants:
         variant_plan, variant_model = load_run(run_dir)
-        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}")
+        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}",
+                                    preprocessing=preprocessing_for(variant_model, data.source))
         row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
         row.update(engine_columns(exports[name].onnx_path))
         row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense"))

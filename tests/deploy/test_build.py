@@ -80,11 +80,66 @@ def test_failed_build_leaves_no_engine(tmp_path):
 
 
 @needs_builder
-def test_strongly_typed_library_refuses_fp16_flag_on_fp32_graph(tmp_path, onnx_files):
-    if not TRT.strongly_typed:
-        pytest.skip("TensorRT 10 builds fp16 from a builder flag")
-    with pytest.raises(DeployError, match="strongly typed: the ONNX is fp32"):
+def test_the_onnx_decides_the_precision(tmp_path, onnx_files):
+    """Strongly typed on every library: asking for another precision than the ONNX's is refused,
+    TF32 only for fp32 graphs."""
+    with pytest.raises(DeployError, match="the ONNX is fp32 and every build is strongly typed"):
         engine_from_onnx(onnx_files["dense"], tmp_path / "x.engine", BuildSettings(precision="fp16"))
+    assert not list(tmp_path.iterdir())
+
+
+@needs_builder
+def test_build_options_land_in_the_manifest(tmp_path, onnx_files):
+    full = TRT.name == "tensorrt"
+    settings = BuildSettings(tf32=True, optimization_level=2, version_compatible=full, hardware_compatibility="ampere+" if full else "none",
+                             compute_capabilities=("SM86", "SM89") if TRT.name == "tensorrt_rtx" else ())
+    manifest = engine_from_onnx(onnx_files["channel"], tmp_path / "x.engine", settings).manifest
+    assert manifest["manifest_version"] == 2 and manifest["precision"] == "fp32" and manifest["tolerance"] == "tf32"
+    assert manifest["build_options"] == settings.options() and manifest["build_options"]["tf32"] and manifest["build_options"]["optimization_level"] == 2
+    if not full:
+        assert manifest["target"]["compute_capabilities"] == ["SM86", "SM89"]
+        with pytest.raises(DeployError, match="--version-compatible is for full TensorRT"):
+            engine_from_onnx(onnx_files["channel"], tmp_path / "z.engine", BuildSettings(version_compatible=True))
+    default = engine_from_onnx(onnx_files["channel"], tmp_path / "y.engine").manifest
+    assert default["tolerance"] == "fp32" and default["build_options"]["tf32"] is False
+
+
+def test_bad_build_options_are_refused():
+    for options, message in ((dict(optimization_level=7), "must be in 0..5"), (dict(hardware_compatibility="volta"), "is not one of"),
+                             (dict(dla_core=-1), "must be >= 0"), (dict(precision="int4"), "is not one of"), (dict(workspace_mb=0), "must be >= 1")):
+        with pytest.raises(DeployError, match=message):
+            BuildSettings(**options)
+
+
+@needs_builder
+def test_timing_cache_from_elsewhere_is_not_used_and_says_why(tmp_path, onnx_files, capsys):
+    if TRT.name == "tensorrt_rtx" and not hasattr(TRT.module.Builder(TRT.logger()).create_builder_config(), "create_timing_cache"):
+        pytest.skip("no timing cache in this library")
+    cache = tmp_path / "timing.cache"
+    first = engine_from_onnx(onnx_files["dense"], tmp_path / "a.engine", BuildSettings(timing_cache=cache)).manifest
+    assert first["timing_cache"]["used"] is False and first["timing_cache"]["reason"] == "no cache yet" and cache.is_file()
+    second = engine_from_onnx(onnx_files["dense"], tmp_path / "b.engine", BuildSettings(timing_cache=cache)).manifest
+    assert second["timing_cache"]["used"] is True
+    key = json.loads((tmp_path / "timing.cache.json").read_text())
+    (tmp_path / "timing.cache.json").write_text(json.dumps({**key, "gpu": {"name": "another GPU", "compute_capability": "7.5"}}))
+    capsys.readouterr()
+    third = engine_from_onnx(onnx_files["dense"], tmp_path / "c.engine", BuildSettings(timing_cache=cache)).manifest
+    assert third["timing_cache"]["used"] is False and "another GPU" in third["timing_cache"]["reason"]
+    assert "timing cache" in capsys.readouterr().out and json.loads((tmp_path / "timing.cache.json").read_text()) == key
+
+
+@needs_builder
+def test_engine_cache_reuses_an_engine_built_for_the_same_inputs(tmp_path, onnx_files):
+    from vitslim.deploy.build import cached_engine
+
+    settings = BuildSettings(profiles=(BatchProfile(1, 2, 4),))
+    first, reused = cached_engine(onnx_files["tokens"], tmp_path / "a.engine", settings, tmp_path / "cache")
+    assert not reused and len(list((tmp_path / "cache").glob("*.engine"))) == 1
+    second, reused = cached_engine(onnx_files["tokens"], tmp_path / "b.engine", settings, tmp_path / "cache")
+    assert reused and (tmp_path / "b.engine").read_bytes() == (tmp_path / "a.engine").read_bytes()
+    assert second.manifest["engine"]["file"] == "b.engine"
+    other, reused = cached_engine(onnx_files["tokens"], tmp_path / "c.engine", BuildSettings(profiles=(BatchProfile(1, 4, 8),)), tmp_path / "cache")
+    assert not reused and len(list((tmp_path / "cache").glob("*.engine"))) == 2
 
 
 @pytest.mark.parametrize("text", ["8:4:16", "a:b:c", "0:1:2", "1:2"])
@@ -101,14 +156,12 @@ def test_missing_onnx(tmp_path):
 
 @needs_builder
 def test_fp16_export_builds_a_smaller_engine(tmp_path):
-    if not TRT.strongly_typed:
-        pytest.skip("TensorRT 10 takes fp16 from a builder flag")
     model = tiny_vit(embed_dim=256, num_heads=4, depth=2)
     plan = dense_plan(SPEC, 2)
     sizes = {}
     for precision in ("fp32", "fp16"):
         onnx_path = export_plan(model, plan, tmp_path / f"{precision}.onnx", images=IMAGES, precision=precision).onnx_path
-        sizes[precision] = engine_from_onnx(onnx_path, tmp_path / f"{precision}.engine", BuildSettings(precision=precision)).manifest
+        sizes[precision] = engine_from_onnx(onnx_path, tmp_path / f"{precision}.engine").manifest
     assert sizes["fp16"]["precision"] == "fp16" and sizes["fp16"]["engine"]["bytes"] < sizes["fp32"]["engine"]["bytes"]
 
 
@@ -127,6 +180,11 @@ def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
     engine.write_bytes(engine.read_bytes()[:-1] + b"x")
     with pytest.raises(DeployError, match="changed since it was built"):
         check_engine(engine)
+    for broken, message in (('{"engine": {', "is unreadable"), (json.dumps({"library": "tensorrt_rtx"}), "lacks manifest_version"),
+                            (json.dumps({**manifest, "manifest_version": 1}), "has version 1, this vitslim reads 2")):
+        manifest_path.write_text(broken)
+        with pytest.raises(DeployError, match=message):
+            check_engine(engine)
     manifest_path.unlink()
     with pytest.raises(DeployError, match="has no manifest"):
         check_engine(engine)

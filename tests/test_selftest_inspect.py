@@ -1,0 +1,80 @@
+"""`vitslim selftest` where no GPU is present (builds checked, exit 2), its verdict rules, and
+`vitslim inspect` with the preprocessing that travels in the ONNX metadata and engine manifest."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vitslim import selftest
+from vitslim.cli import main
+from vitslim.deploy.errors import DeployError
+
+TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+
+
+def test_verdicts():
+    gpu, no_gpu = selftest.Check("GPU present", "-", True, "H100"), selftest.Check("GPU present", "-", None, "none")
+    ok, bad, skipped = (selftest.Check("x", "lib", value, "") for value in (True, False, None))
+    assert selftest.exit_code([gpu, ok]) == selftest.PASS
+    assert selftest.exit_code([gpu, ok, bad]) == selftest.FAIL
+    assert selftest.exit_code([no_gpu, ok, skipped]) == selftest.NO_GPU
+    assert selftest.exit_code([no_gpu, bad]) == selftest.FAIL
+    assert "| x | lib | skipped |" in selftest.table([no_gpu, skipped])
+
+
+def test_the_tiny_plan_is_valid_and_uses_every_selection():
+    from vitslim.pruning.plan import validate
+
+    model, plan = selftest.tiny_model_and_plan()
+    validate(plan, model)
+    used = {field for block in plan.blocks for field in ("kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden") if getattr(block, field) is not None}
+    assert used == {"kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden"}
+
+
+def test_selftest_without_a_gpu_checks_the_builds_and_exits_2(tmp_path, capsys):
+    from vitslim.deploy.gpu import gpu_info
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
+
+    if gpu_info() is not None or find_tensorrt() is None:
+        pytest.skip("for a machine with TensorRT(-RTX) installed and no GPU")
+    code = main(["selftest", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "checks.json")])
+    out = capsys.readouterr().out
+    assert code == 2 and "no NVIDIA GPU here" in out
+    checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
+    builds = [c for c in checks if "builds strongly typed" in c["check"]]
+    assert len(builds) == 2 and all(c["passed"] for c in builds)
+    assert all(c["passed"] is None for c in checks if c["check"].endswith("runs"))
+
+
+def test_prepared_selftest_needs_its_reference(tmp_path):
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
+
+    if find_tensorrt() is None:
+        pytest.skip("no TensorRT installed")
+    with pytest.raises(DeployError, match="holds no reference.npz"):
+        selftest.run_checks(tmp_path)
+
+
+def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0  # the run's data (digits) from its info.json
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m.onnx"), "--json"]) == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["preprocessing"]["source"] == "digits" and description["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert description["inputs"][0]["shape"] == ["batch", 3, 16, 16] and description["export_report"]["macs"] > 0
+    assert main(["inspect", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs_fraction"] == 1.0
+    # an ImageFolder of 16x16 images is prepared with ImageNet statistics: not what this model was exported for
+    from PIL import Image
+
+    for label in ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (16, 16), (index * 90, 20, 0)).save(tmp_path / "data" / label / f"{index}.png")
+    assert main(["compare", str(run), "--onnx", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "data")]) == 3
+    assert "was made for" in capsys.readouterr().err
+    assert main(["compare", str(run), "--onnx", str(tmp_path / "m.onnx"), "--data", "digits", "--batch", "2"]) == 0
+    assert "| onnxruntime | fp32 | 2 |" in capsys.readouterr().out
