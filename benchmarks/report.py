@@ -194,7 +194,7 @@ def profile_summary(rows: dict[str, dict[str, float]], gpu: dict) -> str:
 
 def _environment_line(env: dict) -> str:
     host = env.get("host", {})
-    device = f"{env['gpu']} (compute capability {env['compute_capability']}, {env['sm_count']} SMs, driver {host.get('gpu_driver')}, CUDA {env['cuda']})" if "gpu" in env else f"{host.get('cpu')} ({host.get('cores')} cores)"
+    device = f"{env['gpu']} (compute capability {env['compute_capability']}, {env['sm_count']} SMs, driver {host.get('gpu_driver') or (host.get('gpu') or {}).get('driver')}, CUDA {env['cuda']})" if "gpu" in env else f"{host.get('cpu')} ({host.get('cores')} cores)"
     return f"{device}; torch {env['torch']}, timm {env['timm']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; measured {env['date']}"
 
 

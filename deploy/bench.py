@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -114,19 +113,17 @@ def end_to_end_ms(runner: Runner, images: np.ndarray, iterations: int = 20) -> f
 
 
 def host_description() -> dict:
+    """The machine a latency was measured on: CPU model and cores, system, Python, and the GPU
+    (deploy.gpu: name, compute capability, SM count, memory, max clocks, driver) where one is visible."""
+    from .gpu import gpu_info
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
-    gpu = driver = None
-    try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout
-        gpu, driver = (part.strip() for part in query.splitlines()[0].split(",", 1))
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu": gpu, "gpu_driver": driver}
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu": gpu_info()}
 
 
 def fingerprint(runner: Runner, precision: str, batch: int, artifact_sha256: Optional[str], label: str = "") -> dict:

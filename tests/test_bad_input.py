@@ -267,6 +267,8 @@ CASES = [
     ("run-set-not-key-value", None, ["run", "--set", "train.epochs"], "is not KEY=VALUE"),
     ("run-set-unknown-key", None, ["run", "--set", "train.nope=1"], "unknown key"),
     ("run-missing-data", None, ["run", "--data", "{tmp}/nowhere", "--out-dir", "{tmp}/runs"], "neither 'digits' nor a readable directory"),
+    ("run-deploy-unquoted-profile", text("r.yaml", "model: {name: deit_tiny_patch16_224}\ndeploy: {profiles: 1:8:32}\n"), ["run", "{tmp}/r.yaml"], "quote it"),
+    ("run-deploy-precision", None, ["run", "--set", "deploy.precision=int8"], "recipe deploy.precision 'int8' is not one of"),
     ("run-no-model-name", text("r.yaml", "model: {kwargs: {depth: 2}}\n"), ["run", "{tmp}/r.yaml"], "'name' (a timm model name) is required"),
     ("unknown-command", None, ["shrink"], "invalid choice: 'shrink'"),
 ]

@@ -173,3 +173,10 @@ def test_recipe_overrides_by_dotted_key():
     for bad, message in (("train.epochs", "is not KEY=VALUE"), ("train.epochs.x=1", "'epochs' is not a mapping"), ("train.nope=1", "unknown key")):
         with pytest.raises(PruningError, match=message):
             load_recipe(None, [bad])
+
+
+def test_recipe_deploy_settings_reach_the_build():
+    recipe = load_recipe(None, ["deploy.precision=fp16", "deploy.profiles='1:2:4,8:8:16'", "deploy.tf32=true", "deploy.optimization_level=2"])
+    settings = recipe.deploy.build_settings()
+    assert recipe.deploy.precision == "fp16" and [str(p) for p in settings.profiles] == ["1:2:4", "8:8:16"]
+    assert settings.tf32 and settings.optimization_level == 2 and load_recipe(None).deploy.build_settings().profiles[0].opt == 8

@@ -72,4 +72,4 @@ def test_entrypoint_builds_caches_and_runs_the_command(tmp_path):
     assert main(["selftest", "--prepare", str(tmp_path / "selftest")]) == 0
     selftest = _entrypoint(tmp_path, "selftest", "--prepared", str(tmp_path / "selftest"))
     assert selftest.returncode == 2, selftest.stdout[-2000:] + selftest.stderr[-2000:]  # no GPU here: builds checked, nothing run
-    assert "fp16 engine: builds strongly typed, manifest right" in selftest.stdout and "| FAIL |" not in selftest.stdout
+    assert "tiny-fp16: builds strongly typed, manifest right" in selftest.stdout and "| FAIL |" not in selftest.stdout

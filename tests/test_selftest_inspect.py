@@ -52,7 +52,7 @@ def test_prepared_selftest_needs_its_reference(tmp_path):
 
     if find_tensorrt() is None:
         pytest.skip("no TensorRT installed")
-    with pytest.raises(DeployError, match="holds no reference.npz"):
+    with pytest.raises(DeployError, match="holds no kit.json"):
         selftest.run_checks(tmp_path)
 
 
@@ -78,3 +78,23 @@ def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, ca
     assert "was made for" in capsys.readouterr().err
     assert main(["compare", str(run), "--onnx", str(tmp_path / "m.onnx"), "--data", "digits", "--batch", "2"]) == 0
     assert "| onnxruntime | fp32 | 2 |" in capsys.readouterr().out
+
+
+def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_path, capsys):
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
+
+    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["kit", str(tmp_path / "m.onnx"), "--batch", "1:2:4", "--dla-core", "0", "--out", str(tmp_path / "kit")]) == 0
+    kit = json.loads((tmp_path / "kit" / "kit.json").read_text())
+    assert kit["build"] == {"dla_core": 0, "gpu_fallback": True}
+    assert kit["models"][0]["profiles"] == ["1:2:4"] and kit["models"][0]["inside"] == [2] and kit["models"][0]["outside"] == 5
+    script = (tmp_path / "kit" / "run_on_device.sh").read_text()
+    assert "vitslim selftest --prepared ." in script and (tmp_path / "kit" / "m.onnx").is_file()
+    if find_tensorrt() is None:
+        return
+    assert main(["kit", str(tmp_path / "m.onnx"), "--batch", "1:2:4", "--out", str(tmp_path / "kit-gpu")]) == 0
+    capsys.readouterr()
+    code = main(["selftest", "--prepared", str(tmp_path / "kit-gpu")])
+    out = capsys.readouterr().out
+    assert code == 2 and "| m: builds strongly typed, manifest right | tensorrt_rtx" in out and "FAIL" not in out

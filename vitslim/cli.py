@@ -344,6 +344,26 @@ def cmd_selftest(args) -> int:
     return code
 
 
+def cmd_kit(args) -> int:
+    import subprocess
+
+    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile
+
+    from .selftest import make_kit
+
+    profiles = tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)])
+    build = {"dla_core": args.dla_core, "gpu_fallback": not args.no_gpu_fallback} if args.dla_core is not None else {}
+    out = make_kit(Path(args.onnx), Path(args.out), profiles, build)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # a source checkout: put vitslim's wheel in the kit
+        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(root)],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            print(f"kit: could not build vitslim's wheel ({built.stderr.strip().splitlines()[-1:]}); add one with 'pip wheel --no-deps -w {out} .'")
+    print(f"kit in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; on the device run {out / 'run_on_device.sh'}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspection import describe, to_text
 
@@ -491,9 +511,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     selftest.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="only this TensorRT (default: each installed)")
     selftest.add_argument("--work", help="keep the ONNX files and engines here (default: a temporary directory)")
     selftest.add_argument("--prepare", metavar="DIR", help="only export the tiny model and its reference logits into DIR (needs torch; no GPU)")
-    selftest.add_argument("--prepared", metavar="DIR", help="check the files --prepare wrote (needs no torch: the Docker runtime image)")
+    selftest.add_argument("--prepared", metavar="DIR", help="check the files --prepare or 'vitslim kit' wrote (needs no torch: the Docker runtime image, a Jetson)")
     selftest.add_argument("--json", help="write the checks here")
     selftest.set_defaults(func=cmd_selftest)
+
+    kit = commands.add_parser("kit", help="a build kit for another device (a Jetson): the ONNX, reference outputs and run_on_device.sh, "
+                              "which builds and checks the engine there with the device's own TensorRT")
+    kit.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
+    kit.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="batch optimisation profile (repeat); default 1:8:32")
+    kit.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
+    kit.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: no GPU fallback for layers DLA cannot run")
+    kit.add_argument("--out", required=True, help="the kit's directory")
+    kit.set_defaults(func=cmd_kit)
 
     inspect = commands.add_parser("inspect", help="what an .onnx, .engine or run directory is: IO, precision, preprocessing, profiles, build options, layers")
     inspect.add_argument("artifact")

@@ -218,12 +218,18 @@ def latency_ratios(results: list[dict], fractions: dict[str, Optional[float]], b
     return rows
 
 
+def describe_gpu(gpu: Optional[dict]) -> str:
+    if not gpu:
+        return "none"
+    return f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu['sm_count']} SMs, max SM clock {gpu['sm_clock_max_mhz']} MHz, driver {gpu['driver']})"
+
+
 def bench_markdown(report: dict) -> str:
     results = report["results"]
     host = results[0]["fingerprint"]["host"] if results else {}
     lines = [
         f"# Latency: {report['spec']['artifact']} ({report['spec']['backend']}, {report['spec']['device']})", "",
-        f"Host: {host.get('cpu')} ({host.get('cores')} cores), GPU driver {host.get('gpu_driver')}. Setup = compilation or graph "
+        f"Host: {host.get('cpu')} ({host.get('cores')} cores), GPU {describe_gpu(host.get('gpu'))}. Setup = compilation or graph "
         "capture of the PyTorch runners, not part of the latency.", "",
         "| label | batch | median ms | p90 | p95 | p99 | CoV | img/s | end-to-end ms | setup s |", "|---|---|---|---|---|---|---|---|---|---|",
     ]

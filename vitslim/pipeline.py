@@ -177,7 +177,7 @@ def summary_row(variant: str, export: ExportResult, pytorch_top1: Optional[float
     report = export.report
     return {
         "variant": variant, "method": report["method"], "macs": report["macs"], "macs_fraction": report["macs"] / report["macs_dense"],
-        "params": report["params"], "pytorch_top1": pytorch_top1, "onnx_top1": onnx_top1_value,
+        "params": report["params"], "precision": report["precision"], "pytorch_top1": pytorch_top1, "onnx_top1": onnx_top1_value,
         "max_abs_diff": report["parity"]["max_abs_diff"], "onnx_mb": report["onnx"]["bytes"] / 1e6, "onnx": str(export.onnx_path),
     }
 
@@ -186,7 +186,7 @@ SUMMARY_BATCH = 8
 SUMMARY_BENCH = BenchSettings(warmup_seconds=0.5, min_seconds=1.5, min_iterations=20, max_rounds=2)
 
 
-def engine_columns(onnx_path: Path) -> dict:
+def engine_columns(onnx_path: Path, settings: BuildSettings) -> dict:
     """Build an engine with whichever TensorRT is installed; say so in one line if none is."""
     from vitslim.deploy.build import engine_from_onnx
     from vitslim.deploy.tensorrt_lib import find_tensorrt
@@ -195,7 +195,7 @@ def engine_columns(onnx_path: Path) -> dict:
     if trt is None:
         print(f"no TensorRT installed: skipping the engine for {onnx_path.name} (pip install tensorrt-rtx)")
         return {"engine_mb": None, "engine_library": None}
-    result = engine_from_onnx(onnx_path, onnx_path.with_suffix(".engine"), BuildSettings())
+    result = engine_from_onnx(onnx_path, onnx_path.with_suffix(".engine"), settings)
     return {"engine_mb": result.manifest["engine"]["bytes"] / 1e6, "engine_library": f"{trt.name} {trt.version}", "engine": str(result.engine_path)}
 
 
@@ -220,7 +220,7 @@ def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm
     return columns
 
 
-def summary_markdown(title: str, rows: list[dict]) -> str:
+def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = BuildSettings()) -> str:
     def pct(value):
         return "n/a" if value is None else f"{value:.2f}"
 
@@ -246,8 +246,9 @@ def summary_markdown(title: str, rows: list[dict]) -> str:
         )
     engines = {r.get("engine_library") for r in rows} - {None}
     if engines:
-        settings = BuildSettings()
-        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} ({settings.precision}, batch profile {', '.join(map(str, settings.profiles))})."]
+        precisions = ", ".join(sorted({r["precision"] for r in rows}))
+        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} ({precisions}{', TF32' if settings.tf32 else ''}, "
+                  f"batch profiles {', '.join(map(str, settings.profiles))})."]
     return "\n".join(lines) + "\n"
 
 
@@ -303,13 +304,15 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     for name, run_dir, top1 in variants:
         variant_plan, variant_model = load_run(run_dir)
         exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}",
-                                    preprocessing=preprocessing_for(variant_model, data.source))
+                                    preprocessing=preprocessing_for(variant_model, data.source), precision=recipe.deploy.precision,
+                                    token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout)
         row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
-        row.update(engine_columns(exports[name].onnx_path))
+        if recipe.deploy.engines:
+            row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
         row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense"))
         rows.append(row)
     summary = {"recipe": recipe.name, "data": data.source, "seed": recipe.train.seed, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
-    write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows))
+    write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows, recipe.deploy.build_settings()))
     block_macs_png({name: e.report["blocks"] for name, e in exports.items()}, root / "block_macs.png", f"{recipe.name}: MACs per block")
     return summary

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import ModelSpec
 from vitslim.pruning.train import TrainConfig
-from vitslim.settings import check_value
+from vitslim.settings import check_value, setting
 
 DEFAULT_RECIPE_YAML = """\
 # The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
@@ -28,7 +28,43 @@ methods:
 out_dir: runs
 """
 
-_TOP_KEYS = {"name", "model", "data", "train", "methods", "out_dir"}
+_TOP_KEYS = {"name", "model", "data", "train", "methods", "deploy", "out_dir"}
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """How a recipe exports and builds every variant (the `deploy:` key)."""
+
+    precision: str = setting("fp32", "export precision: fp32, or fp16 (an fp16 ONNX, LayerNorm/Softmax kept fp32, and so an fp16 engine)")
+    token_layout: str = setting("gather", "token selection as a Gather per block, or one permutation then Slices ('slice')")
+    channel_layout: str = setting("gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('zeros')")
+    engines: bool = setting(True, "build a TensorRT(-RTX) engine of every variant where one is installed")
+    profiles: str = setting("1:8:32", "batch optimisation profiles of the engines, MIN:OPT:MAX, comma-separated")
+    tf32: bool = setting(False, "let fp32 engines use TF32 (recorded; held to the tf32 tolerance)")
+    optimization_level: Optional[int] = setting(None, "builder optimisation level 0-5 (TensorRT's default 3)")
+    hardware_compatibility: str = setting("none", "full TensorRT: none, ampere+ or same-compute-capability")
+    version_compatible: bool = setting(False, "full TensorRT: engines later versions can run")
+    compute_capabilities: str = setting("", "TensorRT-RTX targets, comma-separated (e.g. SM86,SM89); empty: its portable set")
+
+    def __post_init__(self) -> None:
+        from vitslim.precision import PRECISIONS
+
+        from vitslim.export.compact import CHANNEL_LAYOUTS
+        from vitslim.export.token_layout import TOKEN_LAYOUTS
+
+        for name, value, allowed in (("precision", self.precision, PRECISIONS), ("token_layout", self.token_layout, TOKEN_LAYOUTS),
+                                     ("channel_layout", self.channel_layout, CHANNEL_LAYOUTS)):
+            if value not in allowed:
+                raise PruningError(f"recipe deploy.{name} {value!r} is not one of {tuple(allowed)}")
+        self.build_settings()  # refuses bad profiles and options by name
+
+    def build_settings(self):
+        from vitslim.deploy.build import BatchProfile, BuildSettings
+
+        return BuildSettings(profiles=tuple(BatchProfile.parse(p.strip()) for p in self.profiles.split(",") if p.strip()), tf32=self.tf32,
+                             optimization_level=self.optimization_level, hardware_compatibility=self.hardware_compatibility,
+                             version_compatible=self.version_compatible,
+                             compute_capabilities=tuple(c.strip() for c in self.compute_capabilities.split(",") if c.strip()))
 _MODEL_KEYS = {"name", "kwargs", "checkpoint", "pretrained"}
 
 
@@ -42,6 +78,7 @@ class Recipe:
     checkpoint: Optional[str] = None
     pretrained: bool = False
     methods: tuple[tuple[str, Any], ...] = ()  # (method name, its config), in run order
+    deploy: DeploySettings = DeploySettings()
 
     @property
     def run_root(self) -> Path:
@@ -68,7 +105,8 @@ def _settings(where: str, config_type: type, given) -> Any:
     for key, value in given.items():
         expected = check_value(known[key], value)
         if expected:
-            raise PruningError(f"recipe {where}.{key}: {value!r} is not {expected}")
+            hint = " (quote it: YAML reads 1:8:32 as a base-60 number)" if expected.startswith("a string") and isinstance(value, int) else ""
+            raise PruningError(f"recipe {where}.{key}: {value!r} is not {expected}{hint}")
     return config_type(**given)
 
 
@@ -103,6 +141,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         checkpoint=model.get("checkpoint"),
         pretrained=bool(model.get("pretrained", False)),
         methods=_method_configs(data.get("methods") or {}),
+        deploy=_settings("deploy", DeploySettings, data.get("deploy") or {}),
     )
 
 

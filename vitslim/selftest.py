@@ -37,9 +37,10 @@ from vitslim.precision import Parity, compare_outputs, tolerance_for
 
 PASS, FAIL, NO_GPU = 0, 1, 2
 PROFILES = (BatchProfile(1, 2, 4), BatchProfile(8, 8, 16))
-INSIDE, OUTSIDE = (2, 16), 32  # a batch in each profile, and one in neither
+INSIDE, OUTSIDE = [2, 16], 32  # a batch in each profile, and one in neither
 MODEL = ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "num_classes": 10})
-REFERENCE = "reference.npz"  # seeded images and the masked reference's logits, per batch in INSIDE
+REFERENCE = "reference.npz"  # per model and checked batch: seeded images and the reference logits
+KIT = "kit.json"  # what a prepared directory holds: models, their profiles, the batches to check, build options
 FP16_MIN_COSINE = 0.999
 
 
@@ -70,8 +71,20 @@ def tiny_model_and_plan():
     return model, SlimPlan(model=ModelSpec(*MODEL), blocks=blocks, method="selftest")
 
 
+def write_kit(directory: Path, models: list[dict], arrays: dict, build: Optional[dict] = None) -> Path:
+    """A prepared directory: kit.json (each model's ONNX file, precision, profiles, the batches to
+    check inside them and one outside) and reference.npz ('NAME/images_B', 'NAME/logits_B')."""
+    from vitslim.files import atomic_path, write_json_atomic
+
+    with atomic_path(directory / REFERENCE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+    write_json_atomic(directory / KIT, {"kind": "vitslim kit", "version": 1, "models": models, "build": build or {}})
+    return directory
+
+
 def prepare(work: Path, progress=print) -> Path:
-    """Export the tiny model (fp32, fp16) into `work` with the reference logits beside (torch)."""
+    """Export the tiny model (fp32, fp16) into `work` with the masked reference's logits (torch)."""
     import torch
 
     from vitslim.export.onnx_export import export_plan
@@ -79,17 +92,68 @@ def prepare(work: Path, progress=print) -> Path:
 
     work.mkdir(parents=True, exist_ok=True)
     model, plan = tiny_model_and_plan()
+    reference, arrays, models = MaskedReference(model, plan).eval(), {}, []
     for precision in ("fp32", "fp16"):
         progress(f"selftest: exporting the tiny model ({precision})")
-        export_plan(model, plan, work / f"tiny-{precision}.onnx", precision=precision)
-    reference, arrays = MaskedReference(model, plan).eval(), {}
+        name = f"tiny-{precision}"
+        export_plan(model, plan, work / f"{name}.onnx", precision=precision)
+        models.append({"name": name, "onnx": f"{name}.onnx", "precision": precision, "profiles": [str(p) for p in PROFILES],
+                       "inside": list(INSIDE), "outside": OUTSIDE, "input": [3, 32, 32]})
     for batch in INSIDE:
         images = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         with torch.no_grad():
-            arrays[f"logits_{batch}"] = reference(torch.from_numpy(images)).numpy()
-        arrays[f"images_{batch}"] = images
-    np.savez(work / REFERENCE, **arrays)
-    return work
+            logits = reference(torch.from_numpy(images)).numpy()
+        for entry in models:
+            arrays[f"{entry['name']}/images_{batch}"], arrays[f"{entry['name']}/logits_{batch}"] = images, logits
+    return write_kit(work, models, arrays)
+
+
+def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], build: Optional[dict] = None) -> Path:
+    """A kit for `onnx_path` (e.g. for a Jetson): the ONNX, onnxruntime's logits on seeded images
+    at each profile's opt batch, one batch outside every profile, build options (e.g. dla_core),
+    and run_on_device.sh, which builds and checks the engine on the device with its own TensorRT
+    (vitslim selftest --prepared)."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from vitslim.deploy.build import onnx_precision, read_onnx
+
+    graph = read_onnx(onnx_path).graph
+    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
+    out.mkdir(parents=True, exist_ok=True)
+    name = onnx_path.stem
+    shutil.copyfile(onnx_path, out / onnx_path.name)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    source = session.get_inputs()[0]
+    dtype = np.float16 if "float16" in source.type else np.float32
+    inside = sorted({p.opt for p in profiles})
+    arrays = {}
+    for batch in inside:
+        images = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        arrays[f"{name}/images_{batch}"] = images
+        arrays[f"{name}/logits_{batch}"] = session.run(None, {source.name: images.astype(dtype)})[0].astype(np.float32)
+    model = {"name": name, "onnx": onnx_path.name, "precision": onnx_precision(onnx_path), "profiles": [str(p) for p in profiles],
+             "inside": inside, "outside": max(p.max for p in profiles) + 1, "input": shape, "reference": "onnxruntime (CPU) on the export machine"}
+    write_kit(out, [model], arrays, build)
+    script = out / "run_on_device.sh"
+    script.write_text(RUN_ON_DEVICE)
+    script.chmod(0o755)
+    return out
+
+
+RUN_ON_DEVICE = """#!/bin/sh
+# Build this kit's engine on this device with its own TensorRT (JetPack's on a Jetson) and check
+# it against the reference outputs made on the export machine: vitslim selftest --prepared.
+# Needs python3 with numpy and TensorRT's Python package (JetPack has both); installs vitslim
+# (the wheel in this kit, built with 'pip wheel --no-deps -w KIT .' from a vitslim checkout) and
+# what its deploy side imports.
+set -eu
+cd "$(dirname "$0")"
+python3 -m pip install --user --no-deps ./vitslim-*.whl
+python3 -m pip install --user "polygraphy>=0.49" "onnx>=1.17" "pyyaml>=6"
+exec python3 -m vitslim selftest --prepared .
+"""
 
 
 def parity_passes(parity: Parity, precision: str) -> tuple[bool, str]:
@@ -99,27 +163,29 @@ def parity_passes(parity: Parity, precision: str) -> tuple[bool, str]:
     return parity.passes(tolerance), str(tolerance.to_dict())
 
 
-def runtime_checks(engine: Path, library: str, precision: str, reference: dict) -> list[Check]:
+def runtime_checks(engine: Path, library: str, model: dict, reference: dict) -> list[Check]:
     """Load, profile choice, parity inside each profile, refusal outside, timing (needs a GPU)."""
-    checks, name = [], f"{precision} engine"
+    checks, name, precision = [], model["name"], model["precision"]
     try:
         runner = TensorRTRunner(engine)
         with runner:
             checks.append(Check(f"{name}: loads on this GPU", library, True, str(runner.description["gpu"]["name"])))
-            for batch in INSIDE:
-                parity = compare_outputs(reference[f"logits_{batch}"], runner.infer(reference[f"images_{batch}"]))
+            for batch in model["inside"]:
+                parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"]))
                 passed, criterion = parity_passes(parity, precision)
                 checks.append(Check(f"{name}: batch {batch} matches the reference", library, passed,
                                     f"profile {runner.profile}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f}, "
                                     f"top-1 agreement {parity.top1_agreement:.0%} (needs {criterion})"))
+            outside = model["outside"]
             try:
-                runner.infer(np.zeros((OUTSIDE, 3, 32, 32), dtype=np.float32))
-                checks.append(Check(f"{name}: batch {OUTSIDE} (outside both profiles) refused", library, False, "it ran"))
+                runner.infer(np.zeros((outside, *model["input"]), dtype=np.float32))
+                checks.append(Check(f"{name}: batch {outside} (outside every profile) refused", library, False, "it ran"))
             except DeployError as error:
-                checks.append(Check(f"{name}: batch {OUTSIDE} (outside both profiles) refused", library, "outside every optimisation profile" in str(error), str(error)))
-            timing = benchmark(runner, np.zeros((8, 3, 32, 32), dtype=np.float32), precision,
-                               settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label="selftest")
-            checks.append(Check(f"{name}: timed at batch 8 (CUDA events)", library, timing["median_ms"] > 0,
+                checks.append(Check(f"{name}: batch {outside} (outside every profile) refused", library, "outside every optimisation profile" in str(error), str(error)))
+            batch = model["inside"][-1]
+            timing = benchmark(runner, np.zeros((batch, *model["input"]), dtype=np.float32), precision,
+                               settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
+            checks.append(Check(f"{name}: timed at batch {batch} (CUDA events)", library, timing["median_ms"] > 0,
                                 f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
     except VitslimError as error:
         checks.append(Check(f"{name}: runs", library, False, str(error)))
@@ -128,40 +194,54 @@ def runtime_checks(engine: Path, library: str, precision: str, reference: dict) 
     return checks
 
 
+def read_kit(prepared: Path) -> tuple[dict, dict]:
+    import json
+
+    if not (prepared / KIT).is_file() or not (prepared / REFERENCE).is_file():
+        raise DeployError(f"{prepared} holds no {KIT} and {REFERENCE}: make them with 'vitslim selftest --prepare {prepared}' or 'vitslim kit'")
+    try:
+        kit = json.loads((prepared / KIT).read_text())
+        return kit, dict(np.load(prepared / REFERENCE))
+    except (OSError, ValueError) as error:
+        raise DeployError(f"{prepared / KIT} or {REFERENCE} is unreadable ({type(error).__name__}): prepare the directory again") from None
+
+
 def run_checks(prepared: Path, library: Optional[str] = None, progress=print) -> list[Check]:
-    """Every check on the files `prepare` wrote, for `library` or each installed TensorRT (each
-    library's runtime checks in a process of their own: Polygraphy serves one TensorRT per process)."""
+    """Every check on a prepared directory (selftest --prepare, or vitslim kit), for `library` or
+    each installed TensorRT (each library's runtime checks in a process of their own: Polygraphy
+    serves one TensorRT per process)."""
     gpu = gpu_info()
     libraries = [library] if library else [name for name in LIBRARIES if find_tensorrt(name) is not None]
     checks = [Check("GPU present", "-", True if gpu else None, f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu['sm_count']} SMs, "
                     f"driver {gpu['driver']})" if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped")]
     if not libraries:
         return checks + [Check("TensorRT installed", "-", False, "neither tensorrt nor tensorrt_rtx imports: pip install tensorrt (or tensorrt-rtx)")]
-    if not (prepared / REFERENCE).is_file():
-        raise DeployError(f"{prepared} holds no {REFERENCE}: make it with 'vitslim selftest --prepare {prepared}'")
-    reference = dict(np.load(prepared / REFERENCE))
-    for index, name in enumerate(libraries):
+    kit, reference = read_kit(prepared)
+    for index, library_name in enumerate(libraries):
         if gpu is not None and index > 0:
-            checks += _in_subprocess(name, prepared)
+            checks += _in_subprocess(library_name, prepared)
             continue
-        trt = find_tensorrt(name)
-        for precision in ("fp32", "fp16"):
-            engine = prepared / f"tiny-{precision}-{name}.engine"
-            progress(f"selftest: building {engine.name} with {name} {trt.version}")
+        trt = find_tensorrt(library_name)
+        label = f"{library_name} {trt.version}"
+        for model in kit["models"]:
+            engine = prepared / f"{model['name']}-{library_name}.engine"
+            profiles = tuple(BatchProfile.parse(p) for p in model["profiles"])
+            progress(f"selftest: building {engine.name} with {label}")
             try:
                 started = time.perf_counter()
-                manifest = engine_from_onnx(prepared / f"tiny-{precision}.onnx", engine, BuildSettings(profiles=PROFILES, library=name)).manifest
-                built = manifest["precision"] == precision and [(p["min"], p["max"]) for p in manifest["profiles"]] == [(1, 4), (8, 16)]
-                checks.append(Check(f"{precision} engine: builds strongly typed, manifest right", f"{name} {trt.version}", built,
+                settings = BuildSettings(profiles=profiles, library=library_name, **kit.get("build", {}))
+                manifest = engine_from_onnx(prepared / model["onnx"], engine, settings).manifest
+                built = manifest["precision"] == model["precision"] and [str(BatchProfile(**p)) for p in manifest["profiles"]] == model["profiles"]
+                checks.append(Check(f"{model['name']}: builds strongly typed, manifest right", label, built,
                                     f"{time.perf_counter() - started:.1f} s, {manifest['engine']['bytes'] / 1e6:.1f} MB, target {manifest['target']['kind']}"))
             except VitslimError as error:
-                checks.append(Check(f"{precision} engine: builds", f"{name} {trt.version}", False, str(error)))
+                checks.append(Check(f"{model['name']}: builds", label, False, str(error)))
                 continue
             if gpu is None:
-                checks.append(Check(f"{precision} engine: runs", f"{name} {trt.version}", None, "not run: no GPU"))
+                checks.append(Check(f"{model['name']}: runs", label, None, "not run: no GPU"))
             else:
                 progress(f"selftest: running {engine.name}")
-                checks += runtime_checks(engine, f"{name} {trt.version}", precision, reference)
+                checks += runtime_checks(engine, label, model, reference)
     return checks
 
 
