@@ -19,7 +19,7 @@ from .errors import DeployError
 from .gpu import gpu_info
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.metadata import preprocessing_of
-from vitslim.precision import PRECISIONS, graph_precision
+from vitslim.precision import GRAPH_PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
 MANIFEST_VERSION = 2  # 2: strongly typed everywhere, build_options, tolerance, timing_cache
@@ -74,8 +74,8 @@ class BuildSettings:
     gpu_fallback: bool = True  # with dla_core: layers DLA cannot run go to the GPU
 
     def __post_init__(self) -> None:
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise DeployError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.precision is not None and self.precision not in GRAPH_PRECISIONS:
+            raise DeployError(f"precision {self.precision!r} is not one of {GRAPH_PRECISIONS}")
         if not self.profiles:
             raise DeployError("give at least one --batch MIN:OPT:MAX profile")
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:

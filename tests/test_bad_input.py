@@ -144,6 +144,22 @@ def fresh_vtp_run(tmp: Path, art: Path) -> None:
     run_copy(plan_edit=block0(hidden=list(range(64))))(tmp, art)
 
 
+def quantized_copy(tmp: Path, art: Path) -> None:
+    import numpy as np
+
+    from vitslim.export.quantize import quantize_int8
+
+    quantize_int8(art / "model.onnx", tmp / "q.onnx", np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+
+
+def plain_onnx(tmp: Path, art: Path) -> None:
+    import onnx
+
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    onnx.save(onnx.helper.make_model(graph), str(tmp / "plain.onnx"))
+
+
 CASES = [
     # train
     ("train-no-data", None, ["train", *TINY, "--out", "{tmp}/r"], "the following arguments are required: --data"),
@@ -255,6 +271,14 @@ CASES = [
     ("gate-ab-with-baseline", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--baseline", "{art}/results.json"], "measures both artifacts itself"),
     ("gate-ab-confidence", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--confidence", "2"], "--confidence"),
     ("gate-ab-random-onnx", random_bytes("m.onnx"), ["gate", "--ab", "{art}/model.onnx", "{tmp}/m.onnx"], "is not a valid ONNX file"),
+    # quantize
+    ("quantize-no-data", None, ["quantize", "{art}/model.onnx", "--out", "{tmp}/q.onnx"], "the following arguments are required: --data"),
+    ("quantize-no-calibration-images", None, ["quantize", "{art}/model.onnx", "--data", "digits", "--calibration-images", "0", "--out", "{tmp}/q.onnx"],
+     "needs at least one calibration image"),
+    ("quantize-already-quantized", quantized_copy, ["quantize", "{tmp}/q.onnx", "--data", "digits", "--out", "{tmp}/q2.onnx"], "is already quantized"),
+    ("quantize-not-a-vitslim-onnx", plain_onnx, ["quantize", "{tmp}/plain.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"], "not a ViT exported by vitslim"),
+    ("quantize-random-onnx", random_bytes("m.onnx"), ["quantize", "{tmp}/m.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"], "is not a valid ONNX file"),
+    ("quantize-other-data", None, ["quantize", "{art}/model.onnx", "--data", "{tmp}/nowhere", "--out", "{tmp}/q.onnx"], "neither 'digits' nor a readable directory"),
     # run (recipes)
     ("run-missing-recipe", None, ["run", "{tmp}/none.yaml"], "cannot read recipe"),
     ("run-binary-recipe", random_bytes("r.yaml"), ["run", "{tmp}/r.yaml"], "recipe"),

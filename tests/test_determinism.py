@@ -1,4 +1,5 @@
-"""The same recipe and seed on the same machine give byte-identical plans, weights and ONNX files;
+"""The same recipe and seed on the same machine give byte-identical plans, weights and ONNX files
+(fp32, fp16 and the INT8 quantization);
 a rerun skips the stages that finished with the same settings."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ methods:
   vtp: {prune_ratio: 0.4, sparsity_epochs: 1, finetune_epochs: 1, round_to: 1}
   patch-slim: {epsilon: 0.05, finetune_epochs: 1, calibration_images: 32, block_tuning_images: 32}
   dgssa-glad: {static_blocks: 1, pyramid: "1:8", finetune_epochs: 1}
+deploy: {engines: false}
 """
 
 
@@ -34,7 +36,7 @@ def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stag
     for out in ("a", "b"):
         assert main(["run", str(tmp_path / "tiny.yaml"), "--out-dir", str(tmp_path / out), "--seed", "3"]) == 0
     first, second = _artifacts(tmp_path / "a" / "tiny"), _artifacts(tmp_path / "b" / "tiny")
-    assert len(first) == 4 * 3 + 4  # 4 run directories with 3 files each, 4 ONNX files
+    assert len(first) == 4 * 3 + 4 * 3  # 4 run directories with 3 files each; fp32, fp16 and int8 ONNX of each variant
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
     # rerun with one method's setting changed: only that stage runs again

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from vitslim.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, VitslimError
-from vitslim.precision import PRECISIONS, TOLERANCES
+from vitslim.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
 from vitslim.pruning.errors import PruningError
 from vitslim.settings import help_of, value_type
 
@@ -326,6 +326,41 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from vitslim.deploy.build import read_onnx
+    from vitslim.export.errors import ExportError
+    from vitslim.pruning.data import load_data
+
+    from .measure import check_onnx_inputs, onnx_input_shape
+    from .quantization import quantize_and_measure, reference_logits
+
+    if args.calibration_images < 1:
+        raise ExportError(f"--calibration-images {args.calibration_images}: INT8 needs at least one calibration image")
+    onnx_path = Path(args.onnx)
+    from vitslim.export.quantize import check_quantizable
+
+    check_quantizable(read_onnx(onnx_path), onnx_path)  # already quantized, fp16, not a vitslim ViT: refused before any work
+    shape = onnx_input_shape(onnx_path)
+    classes = read_onnx(onnx_path).graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    data = load_data(args.data, shape[0], tuple(shape[1:]))
+    if classes != data.num_classes:
+        raise ExportError(f"{onnx_path} has {classes} classes but data {data.source!r} has {data.num_classes}: calibrate on the data it was trained on")
+    reference = None
+    if args.run:
+        from vitslim.pruning.run_dir import load_run
+        from vitslim.pruning.timm_adapter import input_shape_of
+
+        plan, model = load_run(args.run)
+        check_onnx_inputs(onnx_path, input_shape_of(model))
+        reference = reference_logits(model, plan, data.val)
+    report = quantize_and_measure(onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed)
+    from .quantization import quantize_markdown, report_path
+
+    print(quantize_markdown(report))
+    print(f"wrote {args.out} and {report_path(Path(args.out)).name} (+ .md)")
+    return 0 if all(r["passed"] for r in report["rows"]) else 1
+
+
 def cmd_selftest(args) -> int:
     from . import selftest
 
@@ -441,7 +476,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    build.add_argument("--precision", choices=PRECISIONS, help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's")
+    build.add_argument("--precision", choices=GRAPH_PRECISIONS, help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's")
     build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}")
     build.add_argument("--timing-cache", help="timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back")
     build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
@@ -505,6 +540,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)
+
+    quantize = commands.add_parser("quantize", help="INT8 ONNX with explicit Q/DQ (Linear layers) from an fp32 export, calibrated on the data, with an accuracy report")
+    quantize.add_argument("onnx", help="an fp32 MODEL.onnx from 'vitslim export'")
+    quantize.add_argument("--precision", choices=("int8",), default="int8", help="int8 (FP8: see README)")
+    quantize.add_argument("--data", required=True, help="'digits' or an ImageFolder directory: calibration from its training split, accuracy on its validation split")
+    quantize.add_argument("--calibration-images", type=int, default=256, help="images drawn (stratified, seeded) from the training split (default 256)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    quantize.add_argument("--run", help="the run directory the ONNX was exported from: parity against its masked PyTorch reference (default: against the fp32 ONNX)")
+    quantize.add_argument("--out", required=True, help="MODEL.int8.onnx; the report goes to MODEL.int8.report.json/.md")
+    quantize.set_defaults(func=cmd_quantize)
 
     selftest = commands.add_parser("selftest", help="on a GPU machine: build a tiny model with each installed TensorRT, run it in and out of "
                                    "its profiles, check parity, time it (exit 0 pass, 1 a check failed, 2 no GPU)")

@@ -199,10 +199,10 @@ def engine_columns(onnx_path: Path, settings: BuildSettings) -> dict:
     return {"engine_mb": result.manifest["engine"]["bytes"] / 1e6, "engine_library": f"{trt.name} {trt.version}", "engine": str(result.engine_path)}
 
 
-def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm: bool = False) -> dict:
-    """Median latency at SUMMARY_BATCH on this machine's CPU: onnxruntime on the ONNX and PyTorch
-    on the compact module, and with `with_timm` timm's own model (`model`, the baseline of every
-    speed-up), measured in the same run."""
+def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm: bool = False, int8_path: Optional[Path] = None) -> dict:
+    """Median latency at SUMMARY_BATCH on this machine's CPU: onnxruntime on the ONNX (and on its
+    INT8 version) and PyTorch on the compact module, and with `with_timm` timm's own model
+    (`model`, the baseline of every speed-up), measured in the same run."""
     from vitslim.deploy.bench import benchmark
     from vitslim.deploy.runners import OnnxRuntimeRunner, TorchRunner
     from vitslim.export.compact import compact_from_plan
@@ -210,6 +210,8 @@ def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm
     images = np.random.default_rng(0).standard_normal((SUMMARY_BATCH, *input_shape_of(model))).astype(np.float32)
     columns = {}
     runners = [("onnxruntime", OnnxRuntimeRunner(onnx_path)), ("torch", TorchRunner(compact_from_plan(model, plan)))]
+    if int8_path is not None:
+        runners.append(("int8", OnnxRuntimeRunner(int8_path)))
     if with_timm:
         runners.append(("timm", TorchRunner(model)))
     for name, runner in runners:
@@ -218,6 +220,37 @@ def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm
         columns[f"{name}_ms"] = result["median_ms"]
         columns[f"{name}_p90_ms"] = result["p90_ms"]
     return columns
+
+
+def int8_columns(name: str, onnx_path: Path, plan: SlimPlan, model: nn.Module, data: DataSplits, root: Path, images: torch.Tensor, seed: int) -> dict:
+    """The variant's fp16 export and INT8 Q/DQ version (vitslim.quantization), measured on the
+    validation split against the masked reference: the summary's INT8 table."""
+    from .quantization import quantize_and_measure, reference_logits
+
+    fp16 = export_plan(model, plan, root / f"{name}.fp16.onnx", images=images, precision="fp16", images_source=f"validation images of {data.source}",
+                       preprocessing=preprocessing_for(model, data.source)).onnx_path
+    report = quantize_and_measure(onnx_path, data, root / f"{name}.int8.onnx", reference_logits(model, plan, data.val), fp16_path=fp16, seed=seed)
+    by_precision = {r["precision"]: r for r in report["rows"]}
+    int8 = by_precision["int8"]
+    return {"fp16_top1": by_precision["fp16"]["top1"], "int8_top1": int8["top1"], "int8_agreement": int8["agreement"], "int8_cosine": int8["cosine"],
+            "int8_passed": int8["passed"], "int8_mb": int8["mb"], "int8_onnx": str(root / f"{name}.int8.onnx")}
+
+
+def int8_markdown(rows: list[dict]) -> str:
+    from .quantization import CALIBRATION_IMAGES
+
+    lines = ["", f"INT8 (`vitslim quantize`: Q/DQ on the Linear layers, calibrated on {CALIBRATION_IMAGES} training images; details in "
+             "VARIANT.int8.report.md): top-1 on the validation split in onnxruntime, agreement and cosine against the fp32 masked reference, "
+             f"onnxruntime CPU latency at batch {SUMMARY_BATCH} against the fp32 ONNX in the same run.", "",
+             "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min cosine | MB fp32 → int8 | fp32 ms | int8 ms | int8 speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "int8_top1" not in r:
+            continue
+        speedup = r["onnxruntime_ms"] / r["int8_ms"] if r.get("int8_ms") else None
+        lines.append(f"| {r['variant']} | {r['onnx_top1']:.2f} | {r['fp16_top1']:.2f} | {r['int8_top1']:.2f} | {r['int8_agreement']:.1%} | {r['int8_cosine']:.4f} | "
+                     f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {r['onnxruntime_ms']:.2f} | {r['int8_ms']:.2f} | {speedup:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = BuildSettings()) -> str:
@@ -249,7 +282,8 @@ def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = Bui
         precisions = ", ".join(sorted({r["precision"] for r in rows}))
         lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} ({precisions}{', TF32' if settings.tf32 else ''}, "
                   f"batch profiles {', '.join(map(str, settings.profiles))})."]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + int8_markdown(rows) if any("int8_top1" in r for r in rows) else text
 
 
 STAGE_FILE = "recipe_stage.json"  # in each stage's run directory: the settings it was made with
@@ -307,9 +341,12 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
                                     preprocessing=preprocessing_for(variant_model, data.source), precision=recipe.deploy.precision,
                                     token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout)
         row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
+        if recipe.deploy.int8 and recipe.deploy.precision == "fp32":  # INT8 quantizes fp32 exports
+            row.update(int8_columns(name, exports[name].onnx_path, variant_plan, variant_model, data, root, images, recipe.train.seed))
         if recipe.deploy.engines:
             row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
-        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense"))
+        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense",
+                                   int8_path=Path(row["int8_onnx"]) if "int8_onnx" in row else None))
         rows.append(row)
     summary = {"recipe": recipe.name, "data": data.source, "seed": recipe.train.seed, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
