@@ -1,7 +1,8 @@
 """INT8 on the digits models of several seeds of the default recipe: for every variant and seed,
 `vitslim quantize` (Q/DQ on the Linear layers, 256 calibration images) against its fp32 ONNX and
 masked PyTorch reference, plus onnxruntime CPU latency of int8 against fp32 at batch 1 and 8,
-timed interleaved in one process on this machine (paired A/B, as `gate --ab` does).
+timed interleaved in one process on this machine (paired A/B, as `gate --ab` does) on the first
+run's models.
 
     python -m benchmarks.int8 --runs runs/seeds/s0/digits-vit runs/seeds/s1/digits-vit ...
 
@@ -49,11 +50,11 @@ def main() -> None:
                 out = Path(work) / f"{root.parent.name}-{variant}.int8.onnx"
                 report = quantize_and_measure(root / f"{variant}.onnx", data, out, reference_logits(model, plan, data.val))
                 fp32, int8 = report["rows"][0], report["rows"][-1]
+                timed = root == Path(args.runs[0])  # latency on the first run's models only (the models differ by seed, not by size)
                 rows.append({"run": str(root), "variant": variant, "fp32_top1": fp32["top1"], "int8_top1": int8["top1"], "agreement": int8["agreement"],
                              "cosine": int8["cosine"], "fp32_mb": fp32["mb"], "int8_mb": int8["mb"],
-                             "latency": [latency_ratio(root / f"{variant}.onnx", out, batch) for batch in (1, 8)]})
-                print(f"{root} {variant}: fp32 {fp32['top1']:.2f} int8 {int8['top1']:.2f} agreement {int8['agreement']:.1%} "
-                      f"latency int8/fp32 b1 {rows[-1]['latency'][0]['ratio']:.2f} b8 {rows[-1]['latency'][1]['ratio']:.2f}", flush=True)
+                             "latency": [latency_ratio(root / f"{variant}.onnx", out, batch) for batch in (1, 8)] if timed else None})
+                print(f"{root} {variant}: fp32 {fp32['top1']:.2f} int8 {int8['top1']:.2f} agreement {int8['agreement']:.1%}", flush=True)
     data = {"host": host_description(), "rows": rows}
     write_json_atomic(RESULTS / "int8.json", data)
     write_text_atomic(RESULTS / "int8.md", markdown(data))
@@ -72,7 +73,7 @@ def markdown(data: dict) -> str:
         if not rows:
             continue
         deltas = [r["int8_top1"] - r["fp32_top1"] for r in rows]
-        ratio = {b: statistics.median(r["latency"][i]["ratio"] for r in rows) for i, b in enumerate((1, 8))}
+        ratio = {b: next(r["latency"][i]["ratio"] for r in rows if r["latency"]) for i, b in enumerate((1, 8))}
         lines.append(f"| {variant} | {len(rows)} | {statistics.mean(r['fp32_top1'] for r in rows):.2f} | {statistics.mean(r['int8_top1'] for r in rows):.2f} | "
                      f"{statistics.mean(deltas):+.2f} ({min(deltas):+.2f} to {max(deltas):+.2f}) | {min(r['agreement'] for r in rows):.1%} | "
                      f"{statistics.mean(r['fp32_mb'] for r in rows):.2f} → {statistics.mean(r['int8_mb'] for r in rows):.2f} | {ratio[1]:.2f} | {ratio[8]:.2f} |")
