@@ -310,8 +310,11 @@ def cached_engine(onnx_path: str | Path, out_path: str | Path, settings: BuildSe
     trt = require_tensorrt(settings.library)
     cached = cache / f"{onnx_path.stem}-{engine_cache_key(onnx_path, trt, settings)}.engine"
     if cached.is_file() and manifest_path_of(cached).is_file():
-        manifest = json.loads(manifest_path_of(cached).read_text())
-        if manifest.get("engine", {}).get("sha256") == sha256_of(cached):
+        try:
+            manifest = json.loads(manifest_path_of(cached).read_text())
+        except (OSError, ValueError):
+            manifest = {}  # a damaged cache entry is rebuilt (and replaced)
+        if isinstance(manifest, dict) and manifest.get("engine", {}).get("sha256") == sha256_of(cached):
             manifest = _copy_engine(cached, out_path)
             return BuildResult(engine_path=out_path, manifest_path=manifest_path_of(out_path), manifest=manifest), True
     result = engine_from_onnx(onnx_path, out_path, settings)

@@ -163,7 +163,7 @@ class ABResult:
 
 def _verdict(low: float, high: float, limit: float, settings: ABSettings) -> Optional[tuple[int, str]]:
     """Decide once the interval lies on one side of the limit (1 + fail); None while it straddles."""
-    interval = f"ratio {settings.confidence:.0%} interval [{low:.3f}, {high:.3f}]"
+    interval = f"ratio interval [{low:.3f}, {high:.3f}] (overall confidence {settings.confidence:.0%})"
     if high < limit:
         return PASS, f"pass: {interval} lies below {limit:.2f}"
     if low > limit:
@@ -175,9 +175,11 @@ def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings:
     """Time `baseline` and `candidate` on the same `images`, alternating inference by inference
     (the order flips every pair, so a trend within a pair cancels), in rounds of
     `pairs_per_round`. Each round gives the median of its pairs' ratios (candidate / baseline); the
-    decision is on the median over rounds with its order-statistic interval: pass when the whole
-    interval is below 1 + fail, regression when it is above, otherwise measure another round until
-    `max_seconds`, then undecided. Runners must be active (inside `with`)."""
+    decision is on the median over rounds with its order-statistic interval, looked at after
+    min_rounds, twice as many, and so on (the k-th look at level alpha / 2^k, so that the error rate
+    over all looks stays within 1 - confidence): pass when the whole interval is below 1 + fail,
+    regression when it is above, otherwise measure on until `max_seconds`, then undecided. Runners
+    must be active (inside `with`)."""
     started = time.perf_counter()
     prepared = {"a": baseline.prepare(images), "b": candidate.prepare(images)}
     timers = {"a": device_timer(baseline), "b": device_timer(candidate)}
@@ -189,7 +191,7 @@ def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings:
     limit = 1.0 + settings.fail
     log_ratios: list[float] = []
     medians = {"a": [], "b": []}
-    decision, low, high = None, 0.0, math.inf
+    decision, low, high, looks, next_look = None, 0.0, math.inf, 0, settings.min_rounds
     while decision is None:
         samples = {"a": [], "b": []}
         for pair in range(settings.pairs_per_round):
@@ -199,12 +201,18 @@ def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings:
             medians[key].append(float(np.median(samples[key])))
         # neighbours share the machine's state best: the ratio within each pair, then the round's median
         log_ratios.append(float(np.median(np.log(np.asarray(samples["b"]) / np.asarray(samples["a"])))))
-        if len(log_ratios) >= settings.min_rounds:
-            low, high = (math.exp(v) for v in median_interval(np.asarray(log_ratios), settings.confidence))
+        out_of_time = time.perf_counter() - started > settings.max_seconds
+        if len(log_ratios) >= next_look or (out_of_time and len(log_ratios) >= settings.min_rounds):
+            # Looking again and again would spend the error rate many times over: look at 20, 40,
+            # 80, ... rounds (and once at the time limit), the k-th look at level alpha / 2^k, so
+            # that all looks together stay within alpha = 1 - confidence.
+            looks, next_look = looks + 1, 2 * next_look
+            confidence = 1 - (1 - settings.confidence) / 2**looks
+            low, high = (math.exp(v) for v in median_interval(np.asarray(log_ratios), confidence))
             decision = _verdict(low, high, limit, settings)
             if progress is not None:
                 progress(len(log_ratios), math.exp(float(np.median(log_ratios))), low, high)
-        if decision is None and time.perf_counter() - started > settings.max_seconds:
+        if decision is None and out_of_time:
             decision = (UNDECIDED, f"undecided: after {len(log_ratios)} rounds in {settings.max_seconds:.0f} s the ratio interval "
                         f"[{low:.3f}, {high:.3f}] still contains {limit:.2f}; raise --max-seconds or quieten the machine")
     return ABResult(

@@ -5,6 +5,7 @@ fingerprints. Every field is None where it cannot be read (no GPU, no driver, a 
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from functools import lru_cache
 from typing import Optional
@@ -16,10 +17,17 @@ SMI_FIELDS = {  # our name -> nvidia-smi --query-gpu field
 CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 
 
+def _smi_id(index: int) -> str:
+    """nvidia-smi's id of the `index`-th GPU CUDA sees: nvidia-smi ignores CUDA_VISIBLE_DEVICES,
+    which renumbers (and may name by UUID) the GPUs TensorRT and CUDA run on."""
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 def _smi(index: int) -> Optional[dict]:
     query = ",".join(SMI_FIELDS.values())
     try:
-        completed = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={index}"],
+        completed = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={_smi_id(index)}"],
                                    capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None

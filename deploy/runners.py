@@ -16,7 +16,7 @@ import numpy as np
 from .build import MANIFEST_VERSION, gpu_description, manifest_path_of
 from .errors import DeployError
 from vitslim.files import sha256_of
-from .tensorrt_lib import require_tensorrt
+from .tensorrt_lib import LIBRARIES, require_tensorrt
 
 
 class Runner:
@@ -204,6 +204,8 @@ def read_manifest(engine_path: Path) -> dict:
     missing = [name for name in MANIFEST_FIELDS if not isinstance(manifest, dict) or name not in manifest]
     if missing:
         raise DeployError(f"engine manifest {manifest_path} lacks {', '.join(missing)}: rebuild the engine with 'vitslim build'")
+    if manifest["library"] not in LIBRARIES:
+        raise DeployError(f"engine manifest {manifest_path} names library {manifest['library']!r}, not one of {LIBRARIES}: rebuild the engine with 'vitslim build'")
     if manifest["manifest_version"] != MANIFEST_VERSION:
         raise DeployError(f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine")
     return manifest
@@ -336,7 +338,7 @@ class TensorRTRunner(Runner):
         self.input_dtype = np.dtype(trt.module.nptype(engine.get_tensor_dtype(self.input_name)))
         self.runner = TrtRunner(context)
         self.runner.activate()
-        self.profile = 0
+        self.profile, self._device_arrays = 0, []
 
     @staticmethod
     def _context(trt, engine):
@@ -349,6 +351,9 @@ class TensorRTRunner(Runner):
         return engine.create_execution_context(config)
 
     def deactivate(self) -> None:
+        for device in getattr(self, "_device_arrays", []):
+            device.free()
+        self._device_arrays = []
         if self.runner is not None:
             self.runner.deactivate()
         self.runner = self.engine = self.context = None
@@ -380,10 +385,11 @@ class TensorRTRunner(Runner):
         host = np.ascontiguousarray(images, dtype=self.input_dtype)
         device = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
         device.copy_from(host, self.runner.stream)
+        self._device_arrays.append(device)  # freed on deactivate (Polygraphy's arrays are not freed by the garbage collector)
         return {self.input_name: device}
 
     def run_prepared(self, prepared) -> None:
-        self.runner.infer(prepared, copy_outputs_to_host=False)
+        self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
 
     def synchronize(self) -> None:
         self.runner.stream.synchronize()

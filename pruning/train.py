@@ -144,10 +144,12 @@ def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedCon
     workers = config.num_workers if config.num_workers is not None else (min(8, (os.cpu_count() or 1) // context.world_size) if files else 0)
     if context.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
-        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True, persistent_workers=workers > 0), sampler
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True), sampler
     generator = torch.Generator().manual_seed(config.seed)
+    # Workers are started again each epoch (not persistent): each epoch then draws its workers'
+    # seed and its order from the restored generators, so a resumed run repeats the same epochs.
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=workers,
-                        drop_last=len(dataset) > config.batch_size, persistent_workers=workers > 0)
+                        drop_last=len(dataset) > config.batch_size)
     return loader, None
 
 
@@ -252,7 +254,7 @@ def fit(
     history = []
     # what a saved state must have been made with to be resumed here
     resumable = {"train": config_dict(config), "steps_per_epoch": len(loader), "world_size": context.world_size,
-                 "start": weights_digest(model)}
+                 "data": data.source, "train_images": len(data.train), "start": weights_digest(model)}
     saved = load_state(checkpoint_path, resumable)
     if saved is not None:
         model.load_state_dict(saved["model"])

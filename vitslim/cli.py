@@ -1,4 +1,6 @@
-"""`python -m vitslim COMMAND ...`: train, export, run. Each command is a few lines over pipeline.py."""
+"""`python -m vitslim COMMAND ...`: train, prune, export, quantize, build, bench, compare, gate,
+selftest, kit, inspect, run. Each command is a few lines over pipeline.py, measure.py and the
+packages; errors are one line and an exit code (vitslim.errors)."""
 from __future__ import annotations
 
 import argparse
@@ -281,7 +283,7 @@ def cmd_gate(args) -> int:
         raise DeployError("give CURRENT.json and one of --baseline FILE or --baseline-dir DIR (or --ab BASELINE CANDIDATE)")
     current = load_results(Path(args.current))
     where, stored = _stored_baseline(args)
-    if stored is None:
+    if not stored:  # no file, or an empty directory: nothing to gate against yet
         if not args.accept:
             raise DeployError(f"no baseline at {where}: check the path, or store CURRENT there with --accept")
         _accept(args, current, None)
@@ -329,19 +331,19 @@ def cmd_run(args) -> int:
 def cmd_quantize(args) -> int:
     from vitslim.deploy.build import read_onnx
     from vitslim.export.errors import ExportError
+    from vitslim.export.quantize import check_quantizable
     from vitslim.pruning.data import load_data
 
     from .measure import check_onnx_inputs, onnx_input_shape
-    from .quantization import quantize_and_measure, reference_logits
+    from .quantization import quantize_and_measure, quantize_markdown, reference_logits, report_path
 
     if args.calibration_images < 1:
         raise ExportError(f"--calibration-images {args.calibration_images}: INT8 needs at least one calibration image")
     onnx_path = Path(args.onnx)
-    from vitslim.export.quantize import check_quantizable
-
-    check_quantizable(read_onnx(onnx_path), onnx_path)  # already quantized, fp16, not a vitslim ViT: refused before any work
+    graph = read_onnx(onnx_path)
+    check_quantizable(graph, onnx_path)  # already quantized, fp16, not a vitslim ViT: refused before any work
     shape = onnx_input_shape(onnx_path)
-    classes = read_onnx(onnx_path).graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    classes = graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     data = load_data(args.data, shape[0], tuple(shape[1:]))
     if classes != data.num_classes:
         raise ExportError(f"{onnx_path} has {classes} classes but data {data.source!r} has {data.num_classes}: calibrate on the data it was trained on")
@@ -354,8 +356,6 @@ def cmd_quantize(args) -> int:
         check_onnx_inputs(onnx_path, input_shape_of(model))
         reference = reference_logits(model, plan, data.val)
     report = quantize_and_measure(onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed)
-    from .quantization import quantize_markdown, report_path
-
     print(quantize_markdown(report))
     print(f"wrote {args.out} and {report_path(Path(args.out)).name} (+ .md)")
     return 0 if all(r["passed"] for r in report["rows"]) else 1

@@ -148,7 +148,7 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     shape = _input_shape(spec, run)
     sha = sha256_of(artifact) if artifact.is_file() else None
     precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend)
-    if spec.run_dir and precision != spec.torch_dtype:
+    if spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32"):  # int8 against fp32 baselines
         raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
     label = f"{spec.backend}:{artifact.name}"
     results = _measure(artifact_runner(spec, run), label, spec.batches, shape, precision, sha, settings)
@@ -316,7 +316,7 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
     baseline, candidate = Path(baseline), Path(candidate)
     check_batch_sizes([batch])
-    if threads:
+    if threads and (baseline.is_dir() or candidate.is_dir()):  # PyTorch sides; onnxruntime takes `threads` itself
         import torch
 
         torch.set_num_threads(threads)
@@ -357,6 +357,9 @@ RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerpri
 def _check_result(result, path: Path) -> dict:
     if not isinstance(result, dict) or any(key not in result for key in RESULT_FIELDS):
         raise DeployError(f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'")
+    if not all(isinstance(result[key], (int, float)) and not isinstance(result[key], bool) for key in ("batch", "median_ms", "cov")) \
+            or result["median_ms"] <= 0 or not isinstance(result["fingerprint"], dict):
+        raise DeployError(f"{path} holds a result whose batch, median_ms, cov or fingerprint is not what 'vitslim bench --json' writes: measure again")
     return result
 
 

@@ -306,6 +306,9 @@ def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> d
     if info is not None:
         print(f"{name}: finished earlier with the same settings ({directory}); skipped", flush=True)
         return info
+    if is_main_process():
+        (directory / STAGE_FILE).unlink(missing_ok=True)  # until this run of the stage finishes, its directory describes no settings
+    barrier()
     info = run()
     if is_main_process():
         write_text_atomic(directory / STAGE_FILE, json.dumps(stage, indent=1))

@@ -113,9 +113,9 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     at each profile's opt batch, one batch outside every profile, build options (e.g. dla_core),
     and run_on_device.sh, which builds and checks the engine on the device with its own TensorRT
     (vitslim selftest --prepared)."""
-    import shutil
-
     import onnxruntime as ort
+
+    from vitslim.files import write_bytes_atomic, write_text_atomic
 
     from vitslim.deploy.build import onnx_precision, read_onnx
 
@@ -123,7 +123,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
     out.mkdir(parents=True, exist_ok=True)
     name = onnx_path.stem
-    shutil.copyfile(onnx_path, out / onnx_path.name)
+    write_bytes_atomic(out / onnx_path.name, onnx_path.read_bytes())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     source = session.get_inputs()[0]
     dtype = np.float16 if "float16" in source.type else np.float32
@@ -136,8 +136,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     model = {"name": name, "onnx": onnx_path.name, "precision": onnx_precision(onnx_path), "profiles": [str(p) for p in profiles],
              "inside": inside, "outside": max(p.max for p in profiles) + 1, "input": shape, "reference": "onnxruntime (CPU) on the export machine"}
     write_kit(out, [model], arrays, build)
-    script = out / "run_on_device.sh"
-    script.write_text(RUN_ON_DEVICE)
+    script = write_text_atomic(out / "run_on_device.sh", RUN_ON_DEVICE)
     script.chmod(0o755)
     return out
 
@@ -201,9 +200,14 @@ def read_kit(prepared: Path) -> tuple[dict, dict]:
         raise DeployError(f"{prepared} holds no {KIT} and {REFERENCE}: make them with 'vitslim selftest --prepare {prepared}' or 'vitslim kit'")
     try:
         kit = json.loads((prepared / KIT).read_text())
-        return kit, dict(np.load(prepared / REFERENCE))
-    except (OSError, ValueError) as error:
-        raise DeployError(f"{prepared / KIT} or {REFERENCE} is unreadable ({type(error).__name__}): prepare the directory again") from None
+        reference = dict(np.load(prepared / REFERENCE))
+        fields = ("name", "onnx", "precision", "profiles", "inside", "outside", "input")
+        if not isinstance(kit.get("models"), list) or not all(isinstance(m, dict) and all(f in m for f in fields) for m in kit["models"]):
+            raise ValueError("models")
+        BuildSettings(**kit.get("build", {}))  # unknown or bad build options: a one-line error here
+        return kit, reference
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise DeployError(f"{prepared / KIT} or {REFERENCE} is unreadable or incomplete ({type(error).__name__}): prepare the directory again") from None
 
 
 def run_checks(prepared: Path, library: Optional[str] = None, progress=print) -> list[Check]:

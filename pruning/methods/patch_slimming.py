@@ -299,7 +299,7 @@ def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimCo
     def make_search() -> _Search:
         return _Search(copy.deepcopy(model).eval(), geometry, base, check.images, check_features, tuning_features, config)
 
-    search_path, search_settings = phase_path(checkpoints, "search"), {"config": asdict(config), "start": weights_digest(model)}
+    search_path, search_settings = phase_path(checkpoints, "search"), {"config": asdict(config), "data": data.source, "start": weights_digest(model)}
     found = load_state(search_path, search_settings)
     if found is not None:  # the search of an interrupted run: its tuned weights and token sets
         student = copy.deepcopy(model).eval()

@@ -53,7 +53,7 @@ class FakeTrtRunner:
     def set_profile(self, index):
         self.log.append(("profile", index))
 
-    def infer(self, feed, copy_outputs_to_host=True):
+    def infer(self, feed, check_inputs=True, copy_outputs_to_host=True):
         (name, images), = feed.items()
         self.log.append(("infer", name, len(images), images.dtype))
         return {"logits": np.zeros((len(images), 10), dtype=np.float32)}
