@@ -10,15 +10,13 @@ TensorRT fuses them in float), the residual Adds, the token Gathers/Slices, the 
 Conv, and the two activation-by-activation MatMuls of each attention (Q·Kᵀ and attention·V), so
 that the MatMul → Softmax → MatMul chain keeps the float form TensorRT's attention fusion matches.
 
-Why onnxruntime's quantizer rather than NVIDIA Model Optimizer: it is installed already (vitslim
-runs onnxruntime everywhere), it writes standard Q/DQ that onnxruntime itself can run on the CPU
-(so accuracy is measured here, on the run's data), its node selection is explicit, and the
-TensorRT-RTX build of the result is tested here. Model Optimizer's ONNX PTQ adds a large
-dependency and chooses placements by its own patterns (for example quantizing attention's
-MatMuls for fused-MHA kernels); it was not compared on accuracy here. FP8: onnxruntime's
-quantizer writes FP8 Q/DQ (QuantType.QFLOAT8E4M3FN) but its CPU provider cannot run those models,
-so FP8 accuracy cannot be measured on this machine, and TensorRT-RTX 1.7 on a CPU cannot tell;
-it is not offered.
+Why onnxruntime's quantizer rather than NVIDIA Model Optimizer (compared in README, "INT8",
+with benchmarks/modelopt_int8.py): equal or better accuracy on the digits models, the placement
+this module wants (Model Optimizer also quantizes attention's MatMuls, LayerNorm inputs and the
+residual Adds), half the file size, it runs in onnxruntime on the CPU so the accuracy is measured
+here, and it is installed already (Model Optimizer brings torch and CuPy). FP8: onnxruntime's
+quantizer writes FP8 Q/DQ, but its CPU provider cannot run them, so FP8 accuracy cannot be
+measured on this machine; it is not offered.
 """
 from __future__ import annotations
 
