@@ -22,6 +22,7 @@ from vitslim.metadata import preprocessing_of
 from vitslim.precision import GRAPH_PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # what vitslim takes for a serialized engine
 MANIFEST_VERSION = 2  # 2: strongly typed everywhere, build_options, tolerance, timing_cache
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]

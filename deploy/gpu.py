@@ -50,6 +50,14 @@ def _sm_count(index: int) -> Optional[int]:
     return count.value
 
 
+def describe(info: Optional[dict]) -> str:
+    """One line for people: name, compute capability, SMs, max SM clock, driver."""
+    if not info:
+        return "none"
+    return (f"{info['name']} (compute capability {info['compute_capability']}, {info['sm_count']} SMs, "
+            f"max SM clock {info['sm_clock_max_mhz']} MHz, driver {info['driver']})")
+
+
 @lru_cache(maxsize=None)
 def gpu_info(index: int = 0) -> Optional[dict]:
     """Name, compute capability ('9.0'), driver, memory, max clocks and SM count of GPU `index`,

@@ -84,7 +84,9 @@ def describe(path: str | Path, layers: bool = True) -> dict:
         return describe_run(path)
     if not path.exists():
         raise DeployError(f"{path} does not exist: give an .onnx, an .engine or a run directory")
-    if path.suffix in (".engine", ".plan", ".trt"):
+    from vitslim.deploy.build import ENGINE_SUFFIXES
+
+    if path.suffix in ENGINE_SUFFIXES:
         return describe_engine(path, layers)
     return describe_onnx(path)
 

@@ -13,9 +13,11 @@ import numpy as np
 
 from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, host_description, speedup_columns
 from vitslim.deploy.gate import ABSettings, paired_ab
+from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.errors import DeployError
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.precision import compare_outputs, tolerance_for
+from vitslim.deploy.build import ENGINE_SUFFIXES
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
 
 
@@ -47,7 +49,7 @@ def artifact_backend(artifact: Path) -> str:
     tensorrt, anything else -> onnxruntime (its bytes are checked when it is read)."""
     if artifact.is_dir():
         return "torch"
-    return "tensorrt" if artifact.suffix in (".engine", ".plan", ".trt") else "onnxruntime"
+    return "tensorrt" if artifact.suffix in ENGINE_SUFFIXES else "onnxruntime"
 
 
 def check_artifact(artifact: Path, backend: str) -> None:
@@ -216,12 +218,6 @@ def latency_ratios(results: list[dict], fractions: dict[str, Optional[float]], b
         rows.append({"label": r["label"], "batch": r["batch"], "baseline": baseline,
                      **speedup_columns(base[r["batch"]], r["median_ms"], fractions.get(r["label"]))})
     return rows
-
-
-def describe_gpu(gpu: Optional[dict]) -> str:
-    if not gpu:
-        return "none"
-    return f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu['sm_count']} SMs, max SM clock {gpu['sm_clock_max_mhz']} MHz, driver {gpu['driver']})"
 
 
 def bench_markdown(report: dict) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from vitslim.deploy.bench import BenchSettings, benchmark
 from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
 from vitslim.deploy.errors import DeployError
+from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.gpu import gpu_info
 from vitslim.deploy.runners import TensorRTRunner
 from vitslim.deploy.tensorrt_lib import LIBRARIES, find_tensorrt
@@ -216,8 +217,7 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
     serves one TensorRT per process)."""
     gpu = gpu_info()
     libraries = [library] if library else [name for name in LIBRARIES if find_tensorrt(name) is not None]
-    checks = [Check("GPU present", "-", True if gpu else None, f"{gpu['name']} (compute capability {gpu['compute_capability']}, {gpu['sm_count']} SMs, "
-                    f"driver {gpu['driver']})" if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped")]
+    checks = [Check("GPU present", "-", True if gpu else None, describe_gpu(gpu) if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped")]
     if not libraries:
         return checks + [Check("TensorRT installed", "-", False, "neither tensorrt nor tensorrt_rtx imports: pip install tensorrt (or tensorrt-rtx)")]
     kit, reference = read_kit(prepared)
