@@ -15,7 +15,7 @@ from torch import nn
 
 from vitslim.deploy.bench import BenchSettings, speedup_columns
 from vitslim.deploy.build import BuildSettings
-from vitslim.export.onnx_export import ExportResult, export_plan, run_onnxruntime
+from vitslim.export.onnx_export import ExportResult, export_plan
 from vitslim.files import write_text_atomic
 from vitslim.pruning.checkpoints import CHECKPOINT_DIR, phase_path
 from vitslim.pruning.data import DIGITS, DataSplits, calibration_set, load_data, preprocessing
@@ -28,6 +28,7 @@ from vitslim.pruning.run_dir import load_run, save_run
 from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
 from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_main_process
 
+from .quantization import onnx_logits, top1_of
 from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
 from .recipe import Recipe
 
@@ -163,16 +164,6 @@ def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: 
     return result.report
 
 
-def onnx_top1(onnx_path: Path, dataset, batch_size: int = 128) -> float:
-    """Top-1 (%) of an ONNX model on a labelled dataset, in onnxruntime."""
-    correct = total = 0
-    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        logits = run_onnxruntime(onnx_path, images.numpy())
-        correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
-        total += len(labels)
-    return 100.0 * correct / max(1, total)
-
-
 def summary_row(variant: str, export: ExportResult, pytorch_top1: Optional[float], onnx_top1_value: Optional[float]) -> dict:
     report = export.report
     return {
@@ -222,14 +213,15 @@ def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm
     return columns
 
 
-def int8_columns(name: str, onnx_path: Path, plan: SlimPlan, model: nn.Module, data: DataSplits, root: Path, images: torch.Tensor, seed: int) -> dict:
+def int8_columns(name: str, onnx_path: Path, plan: SlimPlan, model: nn.Module, data: DataSplits, root: Path, images: torch.Tensor, seed: int,
+                 fp32: tuple[np.ndarray, np.ndarray]) -> dict:
     """The variant's fp16 export and INT8 Q/DQ version (vitslim.quantization), measured on the
     validation split against the masked reference: the summary's INT8 table."""
     from .quantization import quantize_and_measure, reference_logits
 
     fp16 = export_plan(model, plan, root / f"{name}.fp16.onnx", images=images, precision="fp16", images_source=f"validation images of {data.source}",
                        preprocessing=preprocessing_for(model, data.source)).onnx_path
-    report = quantize_and_measure(onnx_path, data, root / f"{name}.int8.onnx", reference_logits(model, plan, data.val), fp16_path=fp16, seed=seed)
+    report = quantize_and_measure(onnx_path, data, root / f"{name}.int8.onnx", reference_logits(model, plan, data.val), fp16_path=fp16, seed=seed, fp32=fp32)
     by_precision = {r["precision"]: r for r in report["rows"]}
     int8 = by_precision["int8"]
     return {"fp16_top1": by_precision["fp16"]["top1"], "int8_top1": int8["top1"], "int8_agreement": int8["agreement"], "int8_cosine": int8["cosine"],
@@ -343,9 +335,10 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
         exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}",
                                     preprocessing=preprocessing_for(variant_model, data.source), precision=recipe.deploy.precision,
                                     token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout)
-        row = summary_row(name, exports[name], top1, onnx_top1(exports[name].onnx_path, data.val))
+        fp32 = onnx_logits(exports[name].onnx_path, data.val)  # one pass over the validation split: the summary's top-1 and the INT8 report's fp32 row
+        row = summary_row(name, exports[name], top1, top1_of(*fp32))
         if recipe.deploy.int8 and recipe.deploy.precision == "fp32":  # INT8 quantizes fp32 exports
-            row.update(int8_columns(name, exports[name].onnx_path, variant_plan, variant_model, data, root, images, recipe.train.seed))
+            row.update(int8_columns(name, exports[name].onnx_path, variant_plan, variant_model, data, root, images, recipe.train.seed, fp32))
         if recipe.deploy.engines:
             row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
         row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense",

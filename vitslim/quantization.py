@@ -31,6 +31,11 @@ def onnx_logits(onnx_path: Path, dataset, batch_size: int = 128) -> tuple[np.nda
     return np.concatenate(logits).astype(np.float32), np.concatenate(labels)
 
 
+def top1_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 (%) of [N, classes] logits against [N] labels."""
+    return 100.0 * float((np.argmax(logits, axis=1) == labels).mean()) if len(labels) else 0.0
+
+
 def reference_logits(model, plan, dataset, batch_size: int = 128) -> np.ndarray:
     """The fp32 masked PyTorch reference's logits over `dataset`."""
     from vitslim.pruning.reference import MaskedReference
@@ -45,18 +50,19 @@ def reference_logits(model, plan, dataset, batch_size: int = 128) -> np.ndarray:
 def precision_row(precision: str, path: Path, logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
     parity = compare_outputs(reference, logits)
     tolerance = tolerance_for(precision)
-    return {"precision": precision, "file": path.name, "mb": path.stat().st_size / 1e6, "top1": 100.0 * float((logits.argmax(1) == labels).mean()),
+    return {"precision": precision, "file": path.name, "mb": path.stat().st_size / 1e6, "top1": top1_of(logits, labels),
             "agreement": parity.top1_agreement, "cosine": parity.cosine, "max_abs_diff": parity.max_abs_diff,
             "tolerance": tolerance.to_dict(), "passed": parity.passes(tolerance)}
 
 
 def quantize_and_measure(onnx_path: Path, data: DataSplits, out: Path, reference: Optional[np.ndarray] = None, fp16_path: Optional[Path] = None,
-                         calibration_images: int = CALIBRATION_IMAGES, seed: int = 0) -> dict:
+                         calibration_images: int = CALIBRATION_IMAGES, seed: int = 0, fp32: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
     """Quantize `onnx_path` to `out` and write OUT.report.json/.md; `reference` is the masked
-    reference's logits on data.val (default: the fp32 ONNX's)."""
+    reference's logits on data.val (default: the fp32 ONNX's); `fp32` the fp32 ONNX's
+    (logits, labels) on data.val where the caller has them already (onnx_logits)."""
     calibration = calibration_set(data.train, calibration_images, seed)
     result = quantize_int8(onnx_path, out, calibration.images.numpy())
-    fp32_logits, labels = onnx_logits(onnx_path, data.val)
+    fp32_logits, labels = fp32 if fp32 is not None else onnx_logits(onnx_path, data.val)
     against = "fp32 masked PyTorch reference" if reference is not None else "fp32 ONNX (which matched the masked reference at export)"
     reference = fp32_logits if reference is None else reference
     rows = [precision_row("fp32", onnx_path, fp32_logits, labels, reference)]

@@ -250,11 +250,17 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
 
 
 def _in_subprocess(library: str, prepared: Path) -> list[Check]:
-    completed = subprocess.run([sys.executable, "-m", "vitslim", "selftest", "--library", library, "--prepared", str(prepared)],
-                               capture_output=True, text=True, timeout=900)
-    rows = [line.split("|") for line in completed.stdout.splitlines() if line.startswith("| ") and library in line]
-    return [Check(row[1].strip(), library, row[3].strip() == "pass", row[4].strip()) for row in rows] or \
-        [Check("runs", library, False, f"selftest --library {library} exited {completed.returncode}: {completed.stderr.strip()[-300:]}")]
+    """`library`'s checks from `vitslim selftest --library L --prepared DIR --json FILE` in a process
+    of its own (its GPU row is dropped: this process reports the GPU)."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="vitslim-selftest-") as directory:
+        result = Path(directory) / "checks.json"
+        completed = subprocess.run([sys.executable, "-m", "vitslim", "selftest", "--library", library, "--prepared", str(prepared), "--json", str(result)],
+                                   capture_output=True, text=True, timeout=900)
+        if not result.is_file():
+            return [Check("runs", library, False, f"selftest --library {library} exited {completed.returncode}: {completed.stderr.strip()[-300:]}")]
+        return [Check(**entry) for entry in json.loads(result.read_text())["checks"][1:]]
 
 
 def table(checks: list[Check]) -> str:
