@@ -234,7 +234,7 @@ def int8_markdown(rows: list[dict]) -> str:
     lines = ["", f"INT8 (`vitslim quantize`: Q/DQ on the Linear layers, calibrated on {CALIBRATION_IMAGES} training images; details in "
              "VARIANT.int8.report.md): top-1 on the validation split in onnxruntime, agreement and cosine against the fp32 masked reference, "
              f"onnxruntime CPU latency at batch {SUMMARY_BATCH} against the fp32 ONNX in the same run.", "",
-             "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min cosine | MB fp32 → int8 | fp32 ms | int8 ms | int8 speed-up |",
+             "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min cosine | MB fp32 → int8 | fp32 ms | int8 ms | fp32 time / int8 time (same variant) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "int8_top1" not in r:
