@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -293,6 +294,17 @@ def profile_for(profiles: list[dict], batch: int, engine_name: str = "the engine
                       f"use a batch in range or rebuild with --batch MIN:OPT:MAX")
 
 
+@dataclass
+class Binding:
+    """A batch bound to a TensorRT context for timing: its input, a fixed output buffer, what one
+    inference launches, and the captured CUDA graph where there is one."""
+
+    prepared: dict
+    output: object  # a Polygraphy DeviceArray
+    launch: Callable[[], None]
+    graph: Optional[object] = None  # a deploy.cuda_graph.CapturedGraph
+
+
 class TensorRTRunner(Runner):
     """A TensorRT 10/11 or TensorRT-RTX engine, run by Polygraphy's TrtRunner (no torch needed):
     Polygraphy finds the IO tensors by mode, allocates buffers of each tensor's dtype, sets shapes
@@ -300,17 +312,28 @@ class TensorRTRunner(Runner):
     class adds what Polygraphy leaves to its user: the manifest checks, the optimisation profile
     whose range holds each batch (a batch outside every profile is refused before any work),
     TensorRT-RTX's eager kernel specialisation for dynamic shapes (so timed runs never mix kernel
-    sets compiled in the background), and device-resident inputs for timing."""
+    sets compiled in the background), and timing on device-resident inputs.
+
+    Timing (`cuda_graph`, on by default, as trtexec --useCudaGraph): `prepare` binds the batch to
+    fixed input and output buffers, enqueues once (TensorRT asks for one enqueue before a capture;
+    RTX compiles its shape-specialised kernels there) and captures the enqueue in a CUDA graph that
+    `time_ms` replays between two CUDA events. TensorRT-RTX captures and replays by itself (its
+    runtime config's WHOLE_GRAPH_CAPTURE strategy: manual capture would need engines built with
+    REQUIRE_USER_ALLOCATION), so there `time_ms` times a bare enqueue. Without `cuda_graph`,
+    `time_ms` times Polygraphy's enqueue, host work included. `infer` goes through Polygraphy
+    either way and drops the binding, which the next `time_ms` makes again."""
 
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | Path) -> None:
-        self.engine_path = Path(engine_path)
+    def __init__(self, engine_path: str | Path, cuda_graph: bool = True) -> None:
+        self.engine_path, self.cuda_graph = Path(engine_path), cuda_graph
         self.manifest = check_engine(self.engine_path)
-        self.runner = self.engine = self.context = None
+        self.runner = self.engine = self.context = self._bound = self._timer = None
+        self.setup_seconds: dict[str, float] = {}
 
     def activate(self) -> None:
+        from .cuda_graph import CudaRuntime, EventTimer
         from .gpu import gpu_info
 
         if gpu_info() is None:
@@ -330,7 +353,7 @@ class TensorRTRunner(Runner):
         engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise DeployError(f"{trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
-        context = self._context(trt, engine)
+        context = self._context(trt, engine, self.cuda_graph)
         self.trt, self.engine, self.context = trt, engine, context
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.INPUT)
@@ -339,24 +362,32 @@ class TensorRTRunner(Runner):
         self.runner = TrtRunner(context)
         self.runner.activate()
         self.profile, self._device_arrays = 0, []
+        self.cudart = CudaRuntime.from_polygraphy(cuda)
+        self._timer = EventTimer(self.cudart, self.runner.stream.ptr)
 
     @staticmethod
-    def _context(trt, engine):
+    def _context(trt, engine, cuda_graph: bool):
         if not hasattr(engine, "create_runtime_config"):
             return engine.create_execution_context()
         config = engine.create_runtime_config()
         strategies = getattr(trt.module, "DynamicShapesKernelSpecializationStrategy", None)
         if strategies is not None:
             config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
+        graphs = getattr(trt.module, "CudaGraphStrategy", None)
+        if graphs is not None:  # TensorRT-RTX captures and replays its enqueue itself
+            config.cuda_graph_strategy = graphs.WHOLE_GRAPH_CAPTURE if cuda_graph else graphs.DISABLED
         return engine.create_execution_context(config)
 
     def deactivate(self) -> None:
+        self._unbind()
+        if self._timer is not None:
+            self._timer.free()
         for device in getattr(self, "_device_arrays", []):
             device.free()
         self._device_arrays = []
         if self.runner is not None:
             self.runner.deactivate()
-        self.runner = self.engine = self.context = None
+        self.runner = self.engine = self.context = self._timer = None
 
     def layer_information(self) -> list:
         """TensorRT's engine inspector: one entry per layer (a dict with LayerType, inputs, outputs
@@ -369,6 +400,7 @@ class TensorRTRunner(Runner):
     def _use_profile_for(self, batch: int) -> None:
         index = profile_for(self.manifest["profiles"], batch, self.engine_path.name)
         if index != self.profile:
+            self._unbind()  # a binding holds the old profile's shapes
             self.runner.set_profile(index)  # Polygraphy checks TensorRT's boolean
             self.profile = index
 
@@ -376,43 +408,91 @@ class TensorRTRunner(Runner):
         if self.runner is None:
             raise DeployError("use the TensorRT runner inside 'with'")
         self._use_profile_for(len(images))
+        self._unbind()  # Polygraphy rebinds the context to its own buffers
         outputs = self.runner.infer({self.input_name: np.ascontiguousarray(images, dtype=self.input_dtype)})
         return np.asarray(outputs[self.output_name], dtype=np.float32)
 
     def prepare(self, images: np.ndarray):
-        """The batch copied to the GPU once (a Polygraphy DeviceArray), in the engine's input dtype."""
+        """The batch copied to the GPU once (a Polygraphy DeviceArray), in the engine's input dtype;
+        with `cuda_graph`, bound and captured (its time in setup_seconds, not in any latency)."""
         self._use_profile_for(len(images))
         host = np.ascontiguousarray(images, dtype=self.input_dtype)
         device = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
         device.copy_from(host, self.runner.stream)
         self._device_arrays.append(device)  # freed on deactivate (Polygraphy's arrays are not freed by the garbage collector)
-        return {self.input_name: device}
+        prepared = {self.input_name: device}
+        if self.cuda_graph:
+            started = time.perf_counter()
+            self._bind(prepared)
+            self.setup_seconds[str(tuple(images.shape))] = time.perf_counter() - started
+        return prepared
+
+    def _check(self, succeeded, what: str) -> None:
+        if not succeeded:
+            raise DeployError(f"{self.trt.name} refused {what} for {self.engine_path.name} while binding it for timing: time it with --no-cuda-graph")
+
+    def _bind(self, prepared) -> None:
+        """Bind `prepared` and a fixed output buffer to the context (no output allocator: a graph
+        cannot call back into Python), enqueue once, and capture the enqueue (full TensorRT)."""
+        self._unbind()
+        try:
+            self._bind_and_capture(prepared)
+        except BaseException:
+            self._unbind()  # never leave a half-made binding that time_ms would take for a captured one
+            raise
+
+    def _bind_and_capture(self, prepared) -> None:
+        from .cuda_graph import CapturedGraph
+
+        context, stream, device = self.context, self.runner.stream.ptr, prepared[self.input_name]
+        self._check(context.set_input_shape(self.input_name, tuple(device.shape)), f"input shape {tuple(device.shape)}")
+        self._check(context.set_tensor_address(self.input_name, device.ptr), "the input address")
+        self._check(context.set_output_allocator(self.output_name, None), "unsetting the output allocator")
+        output = self.cuda.DeviceArray(shape=tuple(context.get_tensor_shape(self.output_name)),
+                                       dtype=np.dtype(self.trt.module.nptype(self.engine.get_tensor_dtype(self.output_name))))
+        self._bound = Binding(prepared=prepared, output=output, launch=self._enqueue)
+        self._check(context.set_tensor_address(self.output_name, output.ptr), "the output address")
+        self._enqueue()
+        self.runner.stream.synchronize()
+        if self.trt.name == "tensorrt":
+            if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(stream):
+                raise DeployError(f"{self.engine_path.name} cannot be captured in a CUDA graph on this GPU (TensorRT says so): time it with --no-cuda-graph")
+            self._bound.graph = CapturedGraph(self.cudart, stream, lambda: context.execute_async_v3(stream), self.engine_path.name)
+            self._bound.launch = self._bound.graph.launch
+
+    def _enqueue(self) -> None:
+        self._check(self.context.execute_async_v3(self.runner.stream.ptr), "execute_async_v3")
+
+    def _unbind(self) -> None:
+        if self._bound is not None:
+            self.runner.stream.synchronize()  # nothing in flight still reads the buffers
+            if self._bound.graph is not None:
+                self._bound.graph.free()
+            self._bound.output.free()
+            self._bound = None
+
+    def bound_output(self) -> np.ndarray:
+        """The output buffer of the bound batch, on the host (what the last graph replay wrote)."""
+        self.runner.stream.synchronize()
+        return np.asarray(self._bound.output.numpy(), dtype=np.float32)
 
     def run_prepared(self, prepared) -> None:
-        self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
+        if not self.cuda_graph:
+            self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
+            return
+        if self._bound is None or self._bound.prepared is not prepared:
+            self._bind(prepared)
+        self._bound.launch()
 
     def synchronize(self) -> None:
         self.runner.stream.synchronize()
 
     def time_ms(self, prepared) -> float:
-        """One `run_prepared` timed by CUDA events on the runner's stream (cudart through the
-        library Polygraphy already loaded), as the PyTorch runners are timed."""
-        import ctypes
-
-        cudart, stream = self.cuda.wrapper().handle, ctypes.c_void_p(self.runner.stream.ptr)
-        start, end, elapsed = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_float()
-        for event in (start, end):
-            self.cuda.wrapper().check(cudart.cudaEventCreate(ctypes.byref(event)))
-        try:
-            self.cuda.wrapper().check(cudart.cudaEventRecord(start, stream))
-            self.run_prepared(prepared)
-            self.cuda.wrapper().check(cudart.cudaEventRecord(end, stream))
-            self.cuda.wrapper().check(cudart.cudaEventSynchronize(end))
-            self.cuda.wrapper().check(cudart.cudaEventElapsedTime(ctypes.byref(elapsed), start, end))
-        finally:
-            for event in (start, end):
-                cudart.cudaEventDestroy(event)
-        return float(elapsed.value)
+        """One `run_prepared` (a graph replay with `cuda_graph`) timed by CUDA events on the
+        runner's stream, as the PyTorch runners are timed."""
+        if self.cuda_graph and (self._bound is None or self._bound.prepared is not prepared):
+            self._bind(prepared)  # outside the timed interval
+        return self._timer.time_ms(lambda: self.run_prepared(prepared))
 
     @property
     def description(self) -> dict:
@@ -420,4 +500,4 @@ class TensorRTRunner(Runner):
 
         return {"backend": self.backend, "device": "cuda", "library": self.manifest["library"], "version": self.manifest["version"],
                 "gpu": gpu_info(), "engine_sha256": self.manifest["engine"]["sha256"], "onnx_sha256": self.manifest["onnx"]["sha256"],
-                "precision": self.manifest["precision"], "build_options": self.manifest["build_options"]}
+                "precision": self.manifest["precision"], "build_options": self.manifest["build_options"], "cuda_graph": self.cuda_graph}

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from entrypoint import run_entrypoint
+from vitslim.deploy.build import onnx_precision
+from vitslim.deploy.runners import check_engine
 from vitslim.files import sha256_of
 from vitslim.precision import TOLERANCES
-from vitslim.cli import main
+from vitslim.cli import default_torch_mode, main
 from vitslim.errors import EXIT_BAD_INPUT
 from vitslim.pruning.errors import PruningError
 from vitslim.recipe import load_recipe
@@ -87,7 +91,8 @@ MACS_FRACTION_LIMIT = {"vtp": 0.70, "patch-slim": 0.55, "dgssa-glad": 0.50}
 @pytest.mark.slow
 def test_default_run_meets_its_targets(tmp_path):
     """`python -m vitslim run` with the built-in recipe: every stage ran, parity held, each method
-    cut the MACs it promised, and every variant stays within a seed-robust bound of its dense model."""
+    cut the MACs it promised, and every variant stays within a seed-robust bound of its dense model;
+    then the Docker runtime image's entry point builds and caches engines of its exports."""
     recipe = load_recipe(None)
     completed = run_cli("run", "--out-dir", str(tmp_path), timeout=1800)  # about 7 minutes alone; CI machines may be slower or busier
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -111,7 +116,6 @@ def test_default_run_meets_its_targets(tmp_path):
     assert (root / "patch-slim" / "kept_patches.png").is_file() and (root / "vtp" / "kept_dims.png").is_file()
     assert (root / "dgssa-glad" / "attention_analysis.png").is_file()
     # every exported variant was built into an engine (TensorRT-RTX here) whose manifest checks out
-    from vitslim.deploy.runners import check_engine
 
     for row in rows.values():
         assert row["engine_mb"] > 0 and row["onnxruntime_ms"] > 0 and row["torch_ms"] > 0
@@ -122,6 +126,23 @@ def test_default_run_meets_its_targets(tmp_path):
         assert row["int8_passed"] and row["int8_mb"] < 0.6 * row["onnx_mb"] and row["int8_ms"] > 0, name
         assert abs(row["int8_top1"] - row["onnx_top1"]) <= 2.6, name  # 98 % agreement: at most 7 of 359 images move
     assert (root / "summary.md").is_file() and (root / "block_macs.png").is_file() and (root / "vtp.int8.report.md").is_file()
+    # the Docker runtime image's entry point on what the export stage ships (every variant in fp32,
+    # one fp16 and one INT8 export), built with the recipe's profiles into the cache volume
+    docker, shipped = tmp_path / "docker", [root / f"{name}.onnx" for name in rows] + [root / "vtp.fp16.onnx", root / "vtp.int8.onnx"]
+    (docker / "models").mkdir(parents=True)
+    for onnx in shipped:
+        shutil.copy(onnx, docker / "models" / onnx.name)
+    build_args = " ".join(f"--batch {profile}" for profile in recipe.deploy.profiles.split(","))
+    started = run_entrypoint(docker, build_args, "inspect", str(docker / "engines" / "vtp.int8.engine"), "--no-layers")
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert started.stdout.count("built ") == len(shipped) and "int8" in started.stdout
+    for onnx in shipped:
+        manifest = check_engine(docker / "engines" / f"{onnx.stem}.engine")
+        assert manifest["onnx"]["sha256"] == sha256_of(onnx) and manifest["precision"] == onnx_precision(onnx)
+        assert [f"{p['min']}:{p['opt']}:{p['max']}" for p in manifest["profiles"]] == recipe.deploy.profiles.split(",")
+    assert {onnx_precision(onnx) for onnx in shipped} == {"fp32", "fp16", "int8"}
+    restarted = run_entrypoint(docker, build_args, "inspect", str(docker / "engines" / "dense.engine"), "--no-layers")
+    assert restarted.returncode == 0 and restarted.stdout.count("copied from the engine cache") == len(shipped), restarted.stdout[-3000:]
 
 
 def test_bench_then_gate(tmp_path, capsys):
@@ -137,6 +158,8 @@ def test_bench_then_gate(tmp_path, capsys):
     assert {r["baseline"] for r in report["ratios"]} == {"torch:timm"} and all(r["mac_ideal"] == 1.0 for r in report["ratios"])
     assert {"median_ms", "p90_ms", "p95_ms", "p99_ms", "cov", "throughput_per_s", "fingerprint"} <= set(report["results"][0])
     assert report["ratios"] and current.with_suffix(".md").is_file()
+    assert report["spec"]["torch_mode"] == "eager"  # beside onnxruntime; beside an engine replayed from a CUDA graph, cuda_graph:
+    assert default_torch_mode("tensorrt", no_cuda_graph=False) == "cuda_graph" and default_torch_mode("tensorrt", no_cuda_graph=True) == "eager"
     capsys.readouterr()
     assert main(["gate", str(current), "--baseline", str(current), "--max-cov", "100"]) == 0
     assert "gate: pass" in capsys.readouterr().out

@@ -1,10 +1,10 @@
 """The Docker images' contents, checked on the host: every COPY source exists, hadolint is clean,
 and the runtime image's entry point (docker/entrypoint.sh) runs end to end here with TensorRT-RTX
 standing in for the image's TensorRT: engines built into the cache volume and reused, then the
-command; its default command, the selftest on files the export image prepares."""
+command; its default command, the selftest on files the export image prepares. (The entry point
+on the default recipe's exported models: tests/test_cli.py::test_default_run_meets_its_targets.)"""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from entrypoint import run_entrypoint
 from vitslim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
 
 
@@ -48,12 +48,6 @@ def test_hadolint_is_clean():
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
-def _entrypoint(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VITSLIM_PYTHON": sys.executable, "VITSLIM_MODELS": str(tmp_path / "models"), "VITSLIM_ENGINES": str(tmp_path / "engines"),
-           "VITSLIM_ENGINE_CACHE": str(tmp_path / "cache"), "VITSLIM_BUILD_ARGS": "--batch 1:2:4"}
-    return subprocess.run(["sh", str(ENTRYPOINT), *command], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-
-
 @pytest.mark.slow
 def test_entrypoint_builds_caches_and_runs_the_command(tmp_path):
     from vitslim.deploy.tensorrt_lib import find_tensorrt
@@ -62,14 +56,14 @@ def test_entrypoint_builds_caches_and_runs_the_command(tmp_path):
         pytest.skip("no TensorRT here to build with (pip install tensorrt-rtx)")
     assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "tiny.onnx")]) == 0
-    first = _entrypoint(tmp_path, "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
+    first = run_entrypoint(tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "built " in first.stdout and "profiles" in first.stdout and "preprocessing" in first.stdout
     assert len(list((tmp_path / "cache").glob("tiny-*.engine"))) == 1
-    second = _entrypoint(tmp_path, "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
+    second = run_entrypoint(tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
     assert second.returncode == 0 and "copied from the engine cache" in second.stdout
     # the runtime image's default command on files the export image prepares
     assert main(["selftest", "--prepare", str(tmp_path / "selftest")]) == 0
-    selftest = _entrypoint(tmp_path, "selftest", "--prepared", str(tmp_path / "selftest"))
+    selftest = run_entrypoint(tmp_path, "--batch 1:2:4", "selftest", "--prepared", str(tmp_path / "selftest"))
     assert selftest.returncode == 2, selftest.stdout[-2000:] + selftest.stderr[-2000:]  # no GPU here: builds checked, nothing run
     assert "tiny-fp16: builds strongly typed, manifest right" in selftest.stdout and "| FAIL |" not in selftest.stdout

@@ -19,6 +19,8 @@ from vitslim.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
 from vitslim.pruning.errors import PruningError
 from vitslim.settings import help_of, value_type
 
+NO_CUDA_GRAPH_HELP = ("TensorRT engines: time each inference as a plain enqueue instead of a replayed CUDA graph (as trtexec without "
+                      "--useCudaGraph; host launch work is then in the latency, and the result is compared only with others timed so)")
 TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
 
 
@@ -158,13 +160,19 @@ def cmd_build(args) -> int:
     return 0
 
 
+def default_torch_mode(backend: str, no_cuda_graph: bool) -> str:
+    """PyTorch baselines beside an engine replayed from a CUDA graph are replayed from one too."""
+    return "cuda_graph" if backend == "tensorrt" and not no_cuda_graph else "eager"
+
+
 def cmd_bench(args) -> int:
     from vitslim.deploy.bench import BenchSettings
 
     from .measure import BenchSpec, bench_markdown, run_bench, write_bench
 
     spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
-                     run_dir=args.run, torch_mode=args.torch_mode, torch_dtype=args.torch_dtype, threads=args.threads)
+                     run_dir=args.run, torch_mode=args.torch_mode or default_torch_mode(args.backend, args.no_cuda_graph), torch_dtype=args.torch_dtype, threads=args.threads,
+                     tensorrt_cuda_graph=not args.no_cuda_graph)
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
     if args.json:
@@ -257,7 +265,8 @@ def _gate_ab(args) -> int:
     from .measure import ab_markdown, run_ab
 
     settings = dataclasses.replace(settings_from_args(ABSettings, args), fail=args.fail)
-    report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings)
+    report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings,
+                    tensorrt_cuda_graph=not args.no_cuda_graph)
     print(ab_markdown(report))
     if args.json:
         from vitslim.files import write_bytes_atomic, write_json_atomic
@@ -501,10 +510,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, action="append", help="batch size (repeat); default 1 and 8")
     bench.add_argument("--run", help="also time timm's own model (torch:timm, the baseline of every speed-up), the compact module "
                        "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory")
-    bench.add_argument("--torch-mode", choices=TORCH_MODES, default="eager",
-                       help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart)")
+    bench.add_argument("--torch-mode", choices=TORCH_MODES,
+                       help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart); "
+                       "default cuda_graph beside a TensorRT engine (like with like: the engine is replayed from a CUDA graph too), else eager")
     bench.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help="dtype of the PyTorch runners (must match the artifact's precision with --run)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
+    bench.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
     bench.add_argument("--json", help="write results here (and a .md beside it)")
     add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
     bench.set_defaults(func=cmd_bench)
@@ -537,6 +548,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gate.add_argument("--batch", type=int, default=1, help="--ab: batch size (default 1)")
     gate.add_argument("--device", default="cpu", help="--ab: cpu or cuda")
     gate.add_argument("--threads", type=int, help="--ab: CPU threads for torch and onnxruntime")
+    gate.add_argument("--no-cuda-graph", action="store_true", help="--ab: " + NO_CUDA_GRAPH_HELP)
     gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)

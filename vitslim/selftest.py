@@ -8,7 +8,8 @@ pruning and narrower value heads is exported in fp32 and fp16, with the masked r
 for seeded images (`prepare`, needs torch); each installed TensorRT builds both with two batch
 profiles (1:2:4 and 8:8:16). On a GPU each engine then runs at a batch inside each profile
 (parity against the reference logits), at a batch outside both (which must be refused with a
-one-line error before any work) and is timed (`run_checks`, needs only numpy, TensorRT and
+one-line error before any work), replays its enqueue from a CUDA graph (output against the
+reference again) and is timed so (`run_checks`, needs only numpy, TensorRT and
 Polygraphy: the Docker runtime image runs it on files prepared in the export image). fp32 engines
 are held to the fp32 tolerance; fp16 engines of this random-weight model to cosine >= 0.999
 (random logits lie too close together for a top-1 criterion). One table, one row per check.
@@ -164,7 +165,8 @@ def parity_passes(parity: Parity, precision: str) -> tuple[bool, str]:
 
 
 def runtime_checks(engine: Path, library: str, model: dict, reference: dict) -> list[Check]:
-    """Load, profile choice, parity inside each profile, refusal outside, timing (needs a GPU)."""
+    """Load, profile choice, parity inside each profile, refusal outside, CUDA-graph replay parity,
+    timing (needs a GPU)."""
     checks, name, precision = [], model["name"], model["precision"]
     try:
         runner = TensorRTRunner(engine)
@@ -183,9 +185,17 @@ def runtime_checks(engine: Path, library: str, model: dict, reference: dict) -> 
             except DeployError as error:
                 checks.append(Check(f"{name}: batch {outside} (outside every profile) refused", library, "outside every optimisation profile" in str(error), str(error)))
             batch = model["inside"][-1]
+            prepared = runner.prepare(reference[f"{name}/images_{batch}"])  # bound to fixed buffers, enqueue captured
+            for _ in range(3):  # TensorRT-RTX captures its own graph after the first enqueues
+                runner.run_prepared(prepared)
+            parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.bound_output())
+            passed, criterion = parity_passes(parity, precision)
+            how = "a replay of the captured enqueue" if runner.trt.name == "tensorrt" else "TensorRT-RTX's own graph replay"
+            checks.append(Check(f"{name}: CUDA-graph replay at batch {batch} matches the reference", library, passed,
+                                f"{how}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})"))
             timing = benchmark(runner, np.zeros((batch, *model["input"]), dtype=np.float32), precision,
                                settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
-            checks.append(Check(f"{name}: timed at batch {batch} (CUDA events)", library, timing["median_ms"] > 0,
+            checks.append(Check(f"{name}: timed at batch {batch} (CUDA graph, CUDA events)", library, timing["median_ms"] > 0,
                                 f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
     except VitslimError as error:
         checks.append(Check(f"{name}: runs", library, False, str(error)))

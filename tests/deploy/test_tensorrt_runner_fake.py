@@ -1,10 +1,14 @@
 """The TensorRT runner's own logic against a FAKE of TensorRT's runtime and Polygraphy's runner
 (no GPU here can run an engine): which optimisation profile each batch gets, refusal outside every
 profile before any work, IO tensors found by mode and the input dtype taken from the engine, the
-manifest and GPU checks. What only a GPU can show (that real engines load, compute the right
-numbers and are timed correctly) is `vitslim selftest`'s job on the user's machine."""
+manifest and GPU checks, and the order of the CUDA-graph binding and capture (against a fake of
+the CUDA runtime too). What only a GPU can show (that real engines load, compute the right
+numbers, capture into graphs whose replays compute them too, and are timed correctly) is
+`vitslim selftest`'s job on the user's machine; deploy/cuda_graph.py's CUDA calls themselves are
+checked on a real GPU by tests/deploy/test_cuda_graph_gpu.py."""
 from __future__ import annotations
 
+import ctypes
 import types
 
 import numpy as np
@@ -14,14 +18,41 @@ from vitslim.deploy import runners
 from vitslim.deploy.errors import DeployError
 
 
+class FakeContext:
+    """The execution-context calls the runner makes itself (binding a batch for timing)."""
+
+    def __init__(self, log, engine):
+        self.log, self.engine, self.shape = log, engine, None
+
+    def set_input_shape(self, name, shape):
+        self.shape = shape
+        self.log.append(("shape", name, shape))
+        return True
+
+    def set_tensor_address(self, name, pointer):
+        self.log.append(("address", name, pointer))
+        return True
+
+    def set_output_allocator(self, name, allocator):
+        self.log.append(("allocator", name, allocator))
+        return True
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0], 10)
+
+    def execute_async_v3(self, stream):
+        self.log.append("enqueue")
+        return self.engine.enqueue_succeeds.pop(0) if self.engine.enqueue_succeeds else True
+
+
 class FakeEngine:
     """Tensors listed output first (a real engine need not list the input at index 0)."""
 
     names = ("logits", "images")
 
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.num_io_tensors = 2
+    def __init__(self, dtype, log, rtx=False):
+        self.dtype, self.log, self.num_io_tensors, self.enqueue_succeeds = dtype, log, 2, []
+        self.config = types.SimpleNamespace() if rtx else None
 
     def get_tensor_name(self, index):
         return self.names[index]
@@ -32,17 +63,23 @@ class FakeEngine:
     def get_tensor_dtype(self, name):
         return self.dtype if name == "images" else "float32"
 
+    def __getattr__(self, name):
+        if name == "create_runtime_config" and self.config is not None:  # TensorRT-RTX engines only
+            return lambda: self.config
+        raise AttributeError(name)
+
     def create_execution_context(self, *config):
-        return "context"
+        return FakeContext(self.log, self)
 
 
 class FakeTrtRunner:
-    """Polygraphy's TrtRunner as the runner uses it: activate, set_profile, infer."""
+    """Polygraphy's TrtRunner as the runner uses it: activate, set_profile, infer, its stream."""
 
     log: list
 
     def __init__(self, context):
-        self.log, self.stream = [], types.SimpleNamespace(synchronize=lambda: None, ptr=0)
+        self.log = context.log
+        self.stream = types.SimpleNamespace(synchronize=lambda: None, ptr=7)
 
     def activate(self):
         self.log.append("activate")
@@ -55,25 +92,66 @@ class FakeTrtRunner:
 
     def infer(self, feed, check_inputs=True, copy_outputs_to_host=True):
         (name, images), = feed.items()
-        self.log.append(("infer", name, len(images), images.dtype))
-        return {"logits": np.zeros((len(images), 10), dtype=np.float32)}
+        self.log.append(("infer", name, len(images), images.dtype) if copy_outputs_to_host else ("infer on device", name))
+        return {"logits": np.zeros((images.shape[0], 10), dtype=np.float32)}
+
+
+class FakeCudart:
+    """libcudart as ctypes shows it: every function returns 0 (success) and is logged by name;
+    the ones that make a graph, executable or event write a handle through their pointer."""
+
+    def __init__(self, log):
+        self.log, self.failing = log, {}
+
+    def __getattr__(self, name):
+        def function(*arguments):
+            if name != "cudaGetErrorName":
+                self.log.append(name)
+            if name in ("cudaStreamEndCapture", "cudaGraphInstantiateWithFlags", "cudaEventCreate"):
+                pointer = arguments[1] if name == "cudaStreamEndCapture" else arguments[0]
+                pointer._obj.value = 1000 + len(self.log)
+            if name == "cudaGetErrorName":
+                return b"cudaErrorStreamCaptureInvalidated"
+            return self.failing.get(name, 0)
+
+        setattr(self, name, function)  # ctypes functions keep attributes (restype) like this
+        return function
+
+
+class FakeDeviceArray:
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.ptr = shape, dtype, 4096 + sum(shape)
+
+    def copy_from(self, host, stream):
+        pass
+
+    def free(self):
+        pass
+
+    def numpy(self):
+        return np.ones(self.shape, dtype=self.dtype)
 
 
 @pytest.fixture
 def fake(monkeypatch):
+    log = []
+    engine = FakeEngine("float16", log)
     module = types.SimpleNamespace(
-        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: FakeEngine("float16")),
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: engine),
         TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
         nptype=lambda dtype: np.float16 if dtype == "float16" else np.float32,
+        CudaGraphStrategy=types.SimpleNamespace(WHOLE_GRAPH_CAPTURE="whole graph", DISABLED="disabled"),
     )
     trt = types.SimpleNamespace(module=module, name="tensorrt", version="10.13", logger=lambda: None)
     manifest = {"library": "tensorrt", "version": "10.13", "profiles": [{"min": 1, "opt": 2, "max": 4}, {"min": 8, "opt": 8, "max": 16}],
                 "build_options": {"version_compatible": False}, "engine": {"sha256": "x"}, "onnx": {"sha256": "y"}, "precision": "fp16"}
+    cudart = FakeCudart(log)
+    cuda = types.SimpleNamespace(wrapper=lambda: types.SimpleNamespace(handle=cudart), DeviceArray=FakeDeviceArray)
     monkeypatch.setattr(runners, "check_engine", lambda path: manifest)
     monkeypatch.setattr(runners, "require_tensorrt", lambda library: trt)
-    monkeypatch.setattr(runners, "import_polygraphy", lambda library: (types.SimpleNamespace(), FakeTrtRunner))
+    monkeypatch.setattr(runners, "import_polygraphy", lambda library: (cuda, FakeTrtRunner))
     monkeypatch.setattr("vitslim.deploy.gpu.gpu_info", lambda index=0: {"name": "Fake GPU", "compute_capability": "9.0"})
-    return manifest
+    return types.SimpleNamespace(manifest=manifest, log=log, engine=engine, trt=trt, cudart=cudart)
 
 
 def test_each_batch_gets_the_profile_that_holds_it(tmp_path, fake):
@@ -83,6 +161,7 @@ def test_each_batch_gets_the_profile_that_holds_it(tmp_path, fake):
         for batch in (2, 16, 3, 8):
             assert runner.infer(np.zeros((batch, 3, 4, 4), dtype=np.float32)).shape == (batch, 10)
         log = runner.runner.log
+    log = [entry for entry in log if not str(entry).startswith("cudaEvent")]
     # profile 0 is active after activation; switching only when the batch needs another profile
     assert log == ["activate", ("infer", "images", 2, np.float16), ("profile", 1), ("infer", "images", 16, np.float16),
                    ("profile", 0), ("infer", "images", 3, np.float16), ("profile", 1), ("infer", "images", 8, np.float16), "deactivate"]
@@ -93,7 +172,7 @@ def test_a_batch_outside_every_profile_is_refused_before_any_work(tmp_path, fake
     with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
         with pytest.raises(DeployError, match=r"batch 5 is outside every optimisation profile of m.engine \(1..4, 8..16\)"):
             runner.infer(np.zeros((5, 3, 4, 4), dtype=np.float32))
-        assert runner.runner.log == ["activate"]
+        assert [entry for entry in runner.runner.log if not str(entry).startswith("cudaEvent")] == ["activate"]
 
 
 def test_no_gpu_is_a_one_line_error(tmp_path, fake, monkeypatch):
@@ -120,3 +199,67 @@ def test_engine_targets_against_the_gpu_here():
     runners.check_target(ampere, {"name": "L4", "compute_capability": "8.9"})
     with pytest.raises(DeployError, match="Ampere or later"):
         runners.check_target(ampere, {"name": "T4", "compute_capability": "7.5"})
+
+
+TIMING_EVENTS = ["cudaEventRecord", "cudaEventRecord", "cudaEventSynchronize", "cudaEventElapsedTime"]
+
+
+def test_timing_binds_fixed_buffers_and_replays_a_captured_graph(tmp_path, fake):
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
+        images = np.zeros((8, 3, 4, 4), dtype=np.float32)
+        del fake.log[:]
+        prepared = runner.prepare(images)
+        # fixed addresses and no output allocator, one enqueue (TensorRT flushes deferred updates
+        # there), then the capture of one enqueue on the runner's stream
+        assert fake.log == [("profile", 1), ("shape", "images", (8, 3, 4, 4)), ("address", "images", 4096 + 8 + 3 + 4 + 4),
+                            ("allocator", "logits", None), ("address", "logits", 4096 + 8 + 10), "enqueue",
+                            "cudaStreamBeginCapture", "enqueue", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags"]
+        assert str((8, 3, 4, 4)) in runner.setup_seconds
+        del fake.log[:]
+        runner.time_ms(prepared)
+        runner.time_ms(prepared)
+        assert fake.log == [TIMING_EVENTS[0], "cudaGraphLaunch", *TIMING_EVENTS[1:]] * 2  # replays only: no enqueue, no capture
+        assert runner.bound_output().shape == (8, 10)
+        del fake.log[:]
+        runner.infer(images)  # Polygraphy rebinds the context to its own buffers: the graph goes
+        assert fake.log == ["cudaGraphExecDestroy", "cudaGraphDestroy", ("infer", "images", 8, np.float16)]
+        del fake.log[:]
+        runner.time_ms(prepared)  # and is captured again, outside the timed interval
+        assert fake.log[-9:] == ["cudaStreamBeginCapture", "enqueue", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags",
+                                 TIMING_EVENTS[0], "cudaGraphLaunch", *TIMING_EVENTS[1:]]
+        assert runner.description["cuda_graph"] is True
+
+
+def test_a_failed_capture_is_a_one_line_error_and_leaves_no_binding(tmp_path, fake):
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
+        fake.engine.enqueue_succeeds[:] = [True, False]  # the warm-up enqueue works, the captured one does not
+        with pytest.raises(DeployError, match=r"^m.engine cannot be captured in a CUDA graph \(it could not be enqueued during stream capture\): time it with --no-cuda-graph$"):
+            runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
+        assert fake.log[-3:] == ["enqueue", "cudaStreamEndCapture", "cudaGraphDestroy"]  # capture ended, the partial graph freed
+        assert runner._bound is None
+        fake.cudart.failing["cudaStreamEndCapture"] = 901  # capture invalidated by an operation TensorRT cannot capture
+        with pytest.raises(DeployError, match=r"cannot be captured in a CUDA graph \(cudaErrorStreamCaptureInvalidated\)"):
+            runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
+
+
+def test_tensorrt_rtx_replays_its_own_graph_and_without_graphs_polygraphy_enqueues(tmp_path, fake, monkeypatch):
+    fake.engine.config = types.SimpleNamespace()
+    fake.manifest["library"], fake.trt.name = "tensorrt_rtx", "tensorrt_rtx"
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
+        assert fake.engine.config.cuda_graph_strategy == "whole graph"
+        prepared = runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
+        del fake.log[:]
+        runner.time_ms(prepared)
+        assert fake.log == [TIMING_EVENTS[0], "enqueue", *TIMING_EVENTS[1:]]  # a bare enqueue: RTX captures and replays inside
+    assert "cudaStreamBeginCapture" not in fake.log
+    fake.engine.config = types.SimpleNamespace()
+    with runners.TensorRTRunner(tmp_path / "m.engine", cuda_graph=False) as runner:
+        assert fake.engine.config.cuda_graph_strategy == "disabled"
+        prepared = runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
+        del fake.log[:]
+        runner.time_ms(prepared)
+        assert fake.log == [TIMING_EVENTS[0], ("infer on device", "images"), *TIMING_EVENTS[1:]]
+        assert runner.description["cuda_graph"] is False
