@@ -284,6 +284,14 @@ def import_polygraphy(library: str):
     return cuda, TrtRunner
 
 
+RUNTIME_CACHE_SUFFIX = ".rtx-runtime-cache"
+
+
+def runtime_cache_path(directory: Path, manifest: dict) -> Path:
+    """One runtime-cache file per engine in `directory`, named by the engine's bytes."""
+    return directory / f"{manifest['engine']['sha256'][:16]}{RUNTIME_CACHE_SUFFIX}"
+
+
 def profile_for(profiles: list[dict], batch: int, engine_name: str = "the engine") -> int:
     """The index of the first optimisation profile whose [min, max] holds `batch`."""
     for index, profile in enumerate(profiles):
@@ -326,10 +334,17 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | Path, cuda_graph: bool = True) -> None:
+    def __init__(self, engine_path: str | Path, cuda_graph: bool = True, runtime_cache: Optional[str | Path] = None) -> None:
+        """`runtime_cache`: a directory for TensorRT-RTX's runtime cache (the kernels it compiles
+        on this GPU), one file per engine, read at activation and written back at deactivation."""
         self.engine_path, self.cuda_graph = Path(engine_path), cuda_graph
         self.manifest = check_engine(self.engine_path)
-        self.runner = self.engine = self.context = self._bound = self._timer = None
+        self.runtime_cache_path = None if runtime_cache is None else runtime_cache_path(Path(runtime_cache), self.manifest)
+        if self.runtime_cache_path is not None and self.manifest["library"] != "tensorrt_rtx":
+            raise DeployError(f"--runtime-cache holds the kernels TensorRT-RTX compiles at run time, but {self.engine_path.name} was built by "
+                              f"{self.manifest['library']}, whose engines carry their kernels: drop --runtime-cache")
+        self.runtime_cache_loaded: Optional[bool] = None  # whether the cache file was read and accepted (None: none read)
+        self.runner = self.engine = self.context = self._bound = self._timer = self._runtime_cache = None
         self.setup_seconds: dict[str, float] = {}
 
     def activate(self) -> None:
@@ -353,8 +368,9 @@ class TensorRTRunner(Runner):
         engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise DeployError(f"{trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
-        context = self._context(trt, engine, self.cuda_graph)
-        self.trt, self.engine, self.context = trt, engine, context
+        self.trt = trt
+        context = self._context(engine)
+        self.engine, self.context = engine, context
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.OUTPUT)
@@ -365,23 +381,38 @@ class TensorRTRunner(Runner):
         self.cudart = CudaRuntime.from_polygraphy(cuda)
         self._timer = EventTimer(self.cudart, self.runner.stream.ptr)
 
-    @staticmethod
-    def _context(trt, engine, cuda_graph: bool):
+    def _context(self, engine):
         if not hasattr(engine, "create_runtime_config"):
             return engine.create_execution_context()
-        config = engine.create_runtime_config()
-        strategies = getattr(trt.module, "DynamicShapesKernelSpecializationStrategy", None)
+        module, config = self.trt.module, engine.create_runtime_config()
+        strategies = getattr(module, "DynamicShapesKernelSpecializationStrategy", None)
         if strategies is not None:
             config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
-        graphs = getattr(trt.module, "CudaGraphStrategy", None)
+        graphs = getattr(module, "CudaGraphStrategy", None)
         if graphs is not None:  # TensorRT-RTX captures and replays its enqueue itself
-            config.cuda_graph_strategy = graphs.WHOLE_GRAPH_CAPTURE if cuda_graph else graphs.DISABLED
+            config.cuda_graph_strategy = graphs.WHOLE_GRAPH_CAPTURE if self.cuda_graph else graphs.DISABLED
+        if self.runtime_cache_path is not None:
+            self._runtime_cache = config.create_runtime_cache()
+            if self.runtime_cache_path.is_file():
+                # TensorRT-RTX checks the blob against this GPU, driver and its own version itself
+                self.runtime_cache_loaded = bool(self._runtime_cache.deserialize(self.runtime_cache_path.read_bytes()))
+                if not self.runtime_cache_loaded:
+                    print(f"{self.trt.name}: runtime cache {self.runtime_cache_path} was made for another GPU, driver or version: "
+                          f"not used (replaced when this run ends)")
+            if not config.set_runtime_cache(self._runtime_cache):
+                raise DeployError(f"{self.trt.name} refused the runtime cache {self.runtime_cache_path}: delete it, or run without --runtime-cache")
         return engine.create_execution_context(config)
 
     def deactivate(self) -> None:
         self._unbind()
         if self._timer is not None:
             self._timer.free()
+        if self._runtime_cache is not None:  # written back with what this run compiled
+            from vitslim.files import write_bytes_atomic
+
+            self.runtime_cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.runtime_cache_path, bytes(self._runtime_cache.serialize()))
+            self._runtime_cache = None
         for device in getattr(self, "_device_arrays", []):
             device.free()
         self._device_arrays = []

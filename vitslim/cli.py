@@ -21,6 +21,8 @@ from vitslim.settings import help_of, value_type
 
 NO_CUDA_GRAPH_HELP = ("TensorRT engines: time each inference as a plain enqueue instead of a replayed CUDA graph (as trtexec without "
                       "--useCudaGraph; host launch work is then in the latency, and the result is compared only with others timed so)")
+RUNTIME_CACHE_HELP = ("TensorRT-RTX engines: keep the kernels it compiles on this GPU in DIR (one file per engine, checked by "
+                      "TensorRT-RTX against the GPU, driver and version) so that later runs start without compiling them")
 TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
 
 
@@ -172,7 +174,7 @@ def cmd_bench(args) -> int:
 
     spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
                      run_dir=args.run, torch_mode=args.torch_mode or default_torch_mode(args.backend, args.no_cuda_graph), torch_dtype=args.torch_dtype, threads=args.threads,
-                     tensorrt_cuda_graph=not args.no_cuda_graph)
+                     tensorrt_cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
     if args.json:
@@ -207,7 +209,7 @@ def cmd_compare(args) -> int:
     if args.engine:
         manifest = check_engine(Path(args.engine))
         recorded[args.engine] = manifest["preprocessing"]
-        candidates["tensorrt"] = TensorRTRunner(args.engine)
+        candidates["tensorrt"] = TensorRTRunner(args.engine, runtime_cache=args.runtime_cache)
         precisions["tensorrt"] = args.precision or manifest["tolerance"]  # the engine's own precision (tf32 if built so)
         batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
     data = data_for(model, args.data)
@@ -266,7 +268,7 @@ def _gate_ab(args) -> int:
 
     settings = dataclasses.replace(settings_from_args(ABSettings, args), fail=args.fail)
     report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings,
-                    tensorrt_cuda_graph=not args.no_cuda_graph)
+                    tensorrt_cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
     print(ab_markdown(report))
     if args.json:
         from vitslim.files import write_bytes_atomic, write_json_atomic
@@ -516,6 +518,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help="dtype of the PyTorch runners (must match the artifact's precision with --run)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
+    bench.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
     bench.add_argument("--json", help="write results here (and a .md beside it)")
     add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
     bench.set_defaults(func=cmd_bench)
@@ -529,6 +532,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--precision", choices=tuple(TOLERANCES), help=f"tolerance by precision (default: each artifact's own: the ONNX's, "
                          f"the engine manifest's; fp32 for PyTorch): {TOLERANCES_TEXT}")
     compare.add_argument("--device", default="cpu")
+    compare.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
 
@@ -549,6 +553,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gate.add_argument("--device", default="cpu", help="--ab: cpu or cuda")
     gate.add_argument("--threads", type=int, help="--ab: CPU threads for torch and onnxruntime")
     gate.add_argument("--no-cuda-graph", action="store_true", help="--ab: " + NO_CUDA_GRAPH_HELP)
+    gate.add_argument("--runtime-cache", metavar="DIR", help="--ab: " + RUNTIME_CACHE_HELP)
     gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)

@@ -34,6 +34,7 @@ class BenchSpec:
     torch_dtype: str = "fp32"
     threads: Optional[int] = None
     tensorrt_cuda_graph: bool = True  # replay TensorRT's enqueue from a CUDA graph (trtexec --useCudaGraph)
+    runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
 
 ARTIFACT_KINDS = {"onnxruntime": "an ONNX file (.onnx)", "tensorrt": "a TensorRT engine (.engine)", "torch": "a run directory"}
@@ -118,7 +119,7 @@ def artifact_runner(spec: BenchSpec, run: Optional[tuple]) -> Runner:
     if spec.backend == "onnxruntime":
         return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
     if spec.backend == "tensorrt":
-        return TensorRTRunner(artifact, cuda_graph=spec.tensorrt_cuda_graph)
+        return TensorRTRunner(artifact, cuda_graph=spec.tensorrt_cuda_graph, runtime_cache=spec.runtime_cache)
     from vitslim.export.compact import compact_from_plan
 
     plan, model = run
@@ -298,17 +299,19 @@ def load_results(path: Path) -> dict:
     return data
 
 
-def _ab_side(artifact: Path, device: str, threads: Optional[int], tensorrt_cuda_graph: bool) -> tuple[Runner, tuple[int, ...]]:
+def _ab_side(artifact: Path, device: str, threads: Optional[int], tensorrt_cuda_graph: bool, runtime_cache: Optional[str]) -> tuple[Runner, tuple[int, ...]]:
     """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
-    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, tensorrt_cuda_graph=tensorrt_cuda_graph)
+    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, tensorrt_cuda_graph=tensorrt_cuda_graph,
+                     runtime_cache=runtime_cache if backend == "tensorrt" else None)
     run = _load_run(artifact) if backend == "torch" else None
     return artifact_runner(spec, run), _input_shape(spec, run)
 
 
 def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu", threads: Optional[int] = None,
-           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None, tensorrt_cuda_graph: bool = True) -> dict:
+           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None, tensorrt_cuda_graph: bool = True,
+           runtime_cache: Optional[str] = None) -> dict:
     """The paired A/B gate of two artifacts on the same seeded random images; `runners` replaces
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
     baseline, candidate = Path(baseline), Path(candidate)
@@ -317,7 +320,7 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
         import torch
 
         torch.set_num_threads(threads)
-    (base_runner, base_shape), (cand_runner, cand_shape) = _ab_side(baseline, device, threads, tensorrt_cuda_graph), _ab_side(candidate, device, threads, tensorrt_cuda_graph)
+    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, device, threads, tensorrt_cuda_graph, runtime_cache) for side in (baseline, candidate))
     if base_shape != cand_shape:
         raise DeployError(f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model")
     if runners is not None:

@@ -9,7 +9,8 @@ for seeded images (`prepare`, needs torch); each installed TensorRT builds both 
 profiles (1:2:4 and 8:8:16). On a GPU each engine then runs at a batch inside each profile
 (parity against the reference logits), at a batch outside both (which must be refused with a
 one-line error before any work), replays its enqueue from a CUDA graph (output against the
-reference again) and is timed so (`run_checks`, needs only numpy, TensorRT and
+reference again) and is timed so; a TensorRT-RTX engine's runtime cache is written and must be
+accepted when the engine is loaded again (`run_checks`, needs only numpy, TensorRT and
 Polygraphy: the Docker runtime image runs it on files prepared in the export image). fp32 engines
 are held to the fp32 tolerance; fp16 engines of this random-weight model to cosine >= 0.999
 (random logits lie too close together for a top-1 criterion). One table, one row per check.
@@ -164,12 +165,13 @@ def parity_passes(parity: Parity, precision: str) -> tuple[bool, str]:
     return parity.passes(tolerance), str(tolerance.to_dict())
 
 
-def runtime_checks(engine: Path, library: str, model: dict, reference: dict) -> list[Check]:
+def runtime_checks(engine: Path, library: str, model: dict, reference: dict, runtime_cache: Optional[Path] = None) -> list[Check]:
     """Load, profile choice, parity inside each profile, refusal outside, CUDA-graph replay parity,
-    timing (needs a GPU)."""
+    timing, and (TensorRT-RTX, `runtime_cache`) the runtime cache written and accepted again on a
+    second load (needs a GPU)."""
     checks, name, precision = [], model["name"], model["precision"]
     try:
-        runner = TensorRTRunner(engine)
+        runner = TensorRTRunner(engine, runtime_cache=runtime_cache)
         with runner:
             checks.append(Check(f"{name}: loads on this GPU", library, True, str(runner.description["gpu"]["name"])))
             for batch in model["inside"]:
@@ -197,6 +199,12 @@ def runtime_checks(engine: Path, library: str, model: dict, reference: dict) -> 
                                settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
             checks.append(Check(f"{name}: timed at batch {batch} (CUDA graph, CUDA events)", library, timing["median_ms"] > 0,
                                 f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
+        if runtime_cache is not None:
+            with TensorRTRunner(engine, runtime_cache=runtime_cache) as again:
+                again.infer(reference[f"{name}/images_{model['inside'][0]}"])
+                checks.append(Check(f"{name}: runtime cache reloaded", library, again.runtime_cache_loaded is True,
+                                    f"{runner.runtime_cache_path.name}: {runner.runtime_cache_path.stat().st_size} bytes, "
+                                    f"{'accepted' if again.runtime_cache_loaded else 'rejected'} on the second load"))
     except VitslimError as error:
         checks.append(Check(f"{name}: runs", library, False, str(error)))
     except Exception as error:  # a crash is what this command exists to catch: report it as a failed check
@@ -255,7 +263,8 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
                 checks.append(Check(f"{model['name']}: runs", label, None, "not run: no GPU"))
             else:
                 progress(f"selftest: running {engine.name}")
-                checks += runtime_checks(engine, label, model, reference)
+                runtime_cache = prepared / "runtime-cache" if library_name == "tensorrt_rtx" else None
+                checks += runtime_checks(engine, label, model, reference, runtime_cache)
     return checks
 
 

@@ -1,8 +1,8 @@
 """The TensorRT runner's own logic against a FAKE of TensorRT's runtime and Polygraphy's runner
 (no GPU here can run an engine): which optimisation profile each batch gets, refusal outside every
 profile before any work, IO tensors found by mode and the input dtype taken from the engine, the
-manifest and GPU checks, and the order of the CUDA-graph binding and capture (against a fake of
-the CUDA runtime too). What only a GPU can show (that real engines load, compute the right
+manifest and GPU checks, the order of the CUDA-graph binding and capture (against a fake of the
+CUDA runtime too), and TensorRT-RTX's runtime cache read, checked and written back. What only a GPU can show (that real engines load, compute the right
 numbers, capture into graphs whose replays compute them too, and are timed correctly) is
 `vitslim selftest`'s job on the user's machine; deploy/cuda_graph.py's CUDA calls themselves are
 checked on a real GPU by tests/deploy/test_cuda_graph_gpu.py."""
@@ -263,3 +263,38 @@ def test_tensorrt_rtx_replays_its_own_graph_and_without_graphs_polygraphy_enqueu
         runner.time_ms(prepared)
         assert fake.log == [TIMING_EVENTS[0], ("infer on device", "images"), *TIMING_EVENTS[1:]]
         assert runner.description["cuda_graph"] is False
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's runtime cache: accepts only what this 'GPU' serialized."""
+
+    def deserialize(self, blob):
+        return bytes(blob) == b"kernels compiled on this GPU"
+
+    def serialize(self):
+        return b"kernels compiled on this GPU"
+
+
+def test_tensorrt_rtx_runtime_cache_is_read_checked_and_written_back(tmp_path, fake, capsys):
+    fake.manifest["library"], fake.trt.name = "tensorrt_rtx", "tensorrt_rtx"
+    fake.manifest["engine"]["sha256"] = "ab" * 32
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    cache_dir = tmp_path / "caches"
+    cache_file = cache_dir / ("ab" * 8 + runners.RUNTIME_CACHE_SUFFIX)
+
+    def load():
+        fake.engine.config = types.SimpleNamespace(create_runtime_cache=FakeRuntimeCache, set_runtime_cache=lambda cache: True)
+        with runners.TensorRTRunner(tmp_path / "m.engine", runtime_cache=cache_dir) as runner:
+            assert fake.engine.config.cuda_graph_strategy == "whole graph"
+        return runner
+
+    assert load().runtime_cache_loaded is None and cache_file.read_bytes() == b"kernels compiled on this GPU"  # none yet: written at the end
+    assert load().runtime_cache_loaded is True  # read back and accepted
+    cache_file.write_bytes(b"kernels of another GPU")
+    capsys.readouterr()
+    assert load().runtime_cache_loaded is False
+    assert "was made for another GPU, driver or version: not used" in capsys.readouterr().out
+    assert cache_file.read_bytes() == b"kernels compiled on this GPU"  # replaced
+    fake.manifest["library"] = "tensorrt"
+    with pytest.raises(DeployError, match="was built by tensorrt, whose engines carry their kernels: drop --runtime-cache"):
+        runners.TensorRTRunner(tmp_path / "m.engine", runtime_cache=cache_dir)
