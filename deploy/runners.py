@@ -465,6 +465,7 @@ class TensorRTRunner(Runner):
     def _bind(self, prepared) -> None:
         """Bind `prepared` and a fixed output buffer to the context (no output allocator: a graph
         cannot call back into Python), enqueue once, and capture the enqueue (full TensorRT)."""
+        self._use_profile_for(prepared[self.input_name].shape[0])  # another batch may have switched the profile since prepare()
         self._unbind()
         try:
             self._bind_and_capture(prepared)
@@ -504,6 +505,8 @@ class TensorRTRunner(Runner):
 
     def bound_output(self) -> np.ndarray:
         """The output buffer of the bound batch, on the host (what the last graph replay wrote)."""
+        if self._bound is None:
+            raise DeployError("no batch is bound: call prepare() and run_prepared() first (and no infer() in between)")
         self.runner.stream.synchronize()
         return np.asarray(self._bound.output.numpy(), dtype=np.float32)
 
@@ -523,6 +526,8 @@ class TensorRTRunner(Runner):
         runner's stream, as the PyTorch runners are timed."""
         if self.cuda_graph and (self._bound is None or self._bound.prepared is not prepared):
             self._bind(prepared)  # outside the timed interval
+        elif not self.cuda_graph:
+            self._use_profile_for(prepared[self.input_name].shape[0])
         return self._timer.time_ms(lambda: self.run_prepared(prepared))
 
     @property

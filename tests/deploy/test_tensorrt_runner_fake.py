@@ -298,3 +298,17 @@ def test_tensorrt_rtx_runtime_cache_is_read_checked_and_written_back(tmp_path, f
     fake.manifest["library"] = "tensorrt"
     with pytest.raises(DeployError, match="was built by tensorrt, whose engines carry their kernels: drop --runtime-cache"):
         runners.TensorRTRunner(tmp_path / "m.engine", runtime_cache=cache_dir)
+
+
+def test_timing_a_batch_prepared_before_another_profile_was_chosen_switches_back(tmp_path, fake):
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
+        small = runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))  # profile 0
+        runner.prepare(np.zeros((8, 3, 4, 4), dtype=np.float32))  # profile 1
+        del fake.log[:]
+        runner.time_ms(small)
+        assert fake.log[:3] == ["cudaGraphExecDestroy", "cudaGraphDestroy", ("profile", 0)]  # unbound, then back to the batch's profile
+        assert ("shape", "images", (2, 3, 4, 4)) in fake.log and fake.log[-4] == "cudaGraphLaunch"
+        runner.infer(np.zeros((2, 3, 4, 4), dtype=np.float32))
+        with pytest.raises(DeployError, match="no batch is bound"):
+            runner.bound_output()
