@@ -29,13 +29,22 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT as a terminal's Ctrl-C delivers it. A shell without job control starts background
+    commands with SIGINT ignored, and the ignore is inherited (so is Python's choice then not to
+    raise KeyboardInterrupt): a suite started with `make test &` would otherwise see the signal
+    vanish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(args: list[str], checkpoint: Path, signum: int) -> tuple[int, str]:
     """Start `vitslim ARGS`, wait for its first checkpoint, let the next epoch begin, send `signum`.
     A process that ended before the signal could be sent (this test process starved on a busy
     machine, or a fast one ran the remaining epochs first) proves nothing either way: it is run
     again from scratch, at most three times."""
     for _ in range(3):
-        process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   preexec_fn=_as_from_a_terminal)
         deadline = time.monotonic() + 300
         while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
