@@ -510,13 +510,21 @@ class TensorRTRunner(Runner):
         self.runner.stream.synchronize()
         return np.asarray(self._bound.output.numpy(), dtype=np.float32)
 
-    def run_prepared(self, prepared) -> None:
+    def _ready_for(self, prepared) -> None:
+        """What must hold before `prepared` runs (done outside any timed interval): its profile
+        active and, with `cuda_graph`, it bound and captured (another batch or infer() may have
+        intervened since prepare())."""
         if not self.cuda_graph:
-            self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
-            return
-        if self._bound is None or self._bound.prepared is not prepared:
+            self._use_profile_for(prepared[self.input_name].shape[0])
+        elif self._bound is None or self._bound.prepared is not prepared:
             self._bind(prepared)
-        self._bound.launch()
+
+    def run_prepared(self, prepared) -> None:
+        self._ready_for(prepared)
+        if self.cuda_graph:
+            self._bound.launch()
+        else:
+            self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
 
     def synchronize(self) -> None:
         self.runner.stream.synchronize()
@@ -524,10 +532,7 @@ class TensorRTRunner(Runner):
     def time_ms(self, prepared) -> float:
         """One `run_prepared` (a graph replay with `cuda_graph`) timed by CUDA events on the
         runner's stream, as the PyTorch runners are timed."""
-        if self.cuda_graph and (self._bound is None or self._bound.prepared is not prepared):
-            self._bind(prepared)  # outside the timed interval
-        elif not self.cuda_graph:
-            self._use_profile_for(prepared[self.input_name].shape[0])
+        self._ready_for(prepared)  # outside the timed interval
         return self._timer.time_ms(lambda: self.run_prepared(prepared))
 
     @property

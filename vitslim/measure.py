@@ -304,7 +304,7 @@ def _ab_side(artifact: Path, device: str, threads: Optional[int], tensorrt_cuda_
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
     spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, tensorrt_cuda_graph=tensorrt_cuda_graph,
-                     runtime_cache=runtime_cache if backend == "tensorrt" else None)
+                     runtime_cache=runtime_cache)  # only the TensorRT runner reads it
     run = _load_run(artifact) if backend == "torch" else None
     return artifact_runner(spec, run), _input_shape(spec, run)
 
