@@ -212,11 +212,10 @@ def read_manifest(engine_path: Path) -> dict:
     return manifest
 
 
-def check_batches(engine_path: Path, batches) -> None:
+def check_batches(manifest: dict, batches, engine_name: str) -> None:
     """Refuse, before any work, a batch size that no optimisation profile of the engine holds."""
-    profiles = check_engine(engine_path)["profiles"]
     for batch in batches:
-        profile_for(profiles, batch, engine_path.name)
+        profile_for(manifest["profiles"], batch, engine_name)
 
 
 def _capability(text: str) -> tuple[int, int]:
@@ -334,11 +333,14 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | Path, cuda_graph: bool = True, runtime_cache: Optional[str | Path] = None) -> None:
+    def __init__(self, engine_path: str | Path, cuda_graph: bool = True, runtime_cache: Optional[str | Path] = None,
+                 manifest: Optional[dict] = None) -> None:
         """`runtime_cache`: a directory for TensorRT-RTX's runtime cache (the kernels it compiles
-        on this GPU), one file per engine, read at activation and written back at deactivation."""
+        on this GPU), one file per engine, read at activation and written back at deactivation.
+        `manifest`: what check_engine returned for this engine, from a caller that checked it
+        already (checking hashes the whole engine); None: checked here."""
         self.engine_path, self.cuda_graph = Path(engine_path), cuda_graph
-        self.manifest = check_engine(self.engine_path)
+        self.manifest = check_engine(self.engine_path) if manifest is None else manifest
         self.runtime_cache_path = None if runtime_cache is None else runtime_cache_path(Path(runtime_cache), self.manifest)
         if self.runtime_cache_path is not None and self.manifest["library"] != "tensorrt_rtx":
             raise DeployError(f"--runtime-cache holds the kernels TensorRT-RTX compiles at run time, but {self.engine_path.name} was built by "

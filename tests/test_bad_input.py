@@ -271,6 +271,8 @@ CASES = [
     ("gate-ab-with-baseline", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--baseline", "{art}/results.json"], "measures both artifacts itself"),
     ("gate-ab-confidence", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--confidence", "2"], "--confidence"),
     ("gate-ab-random-onnx", random_bytes("m.onnx"), ["gate", "--ab", "{art}/model.onnx", "{tmp}/m.onnx"], "is not a valid ONNX file"),
+    ("gate-ab-engine-batch-outside-profiles", engine_copy(lambda tmp: None), ["gate", "--ab", "{tmp}/model.engine", "{tmp}/model.engine", "--batch", "16"],
+     "batch 16 is outside every optimisation profile of"),
     # quantize
     ("quantize-no-data", None, ["quantize", "{art}/model.onnx", "--out", "{tmp}/q.onnx"], "the following arguments are required: --data"),
     ("quantize-no-calibration-images", None, ["quantize", "{art}/model.onnx", "--data", "digits", "--calibration-images", "0", "--out", "{tmp}/q.onnx"],

@@ -3,6 +3,7 @@
 a rerun skips the stages that finished with the same settings."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ methods:
   vtp: {prune_ratio: 0.4, sparsity_epochs: 1, finetune_epochs: 1, round_to: 1}
   patch-slim: {epsilon: 0.05, finetune_epochs: 1, calibration_images: 32, block_tuning_images: 32}
   dgssa-glad: {static_blocks: 1, pyramid: "1:8", finetune_epochs: 1}
-deploy: {engines: false}
+deploy: {engines: false, latency: false}  # bytes, not timings: the summary's latency columns are left out
 """
 
 
@@ -39,6 +40,9 @@ def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stag
     assert len(first) == 4 * 3 + 4 * 3  # 4 run directories with 3 files each; fp32, fp16 and int8 ONNX of each variant
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
+    summary = json.loads((tmp_path / "a" / "tiny" / "summary.json").read_text())
+    assert [row for row in summary["rows"] if "torch_ms" in row or "int8_ms" in row] == []  # deploy.latency: false
+    assert "Latency: not measured" in (tmp_path / "a" / "tiny" / "summary.md").read_text()
     # rerun with one method's setting changed: only that stage runs again
     before = (tmp_path / "a" / "tiny" / "patch-slim" / "weights.safetensors").stat().st_mtime_ns
     capsys.readouterr()

@@ -91,9 +91,9 @@ def check_preprocessing(artifact, recorded: Optional[dict], expected: Optional[d
                       f"compare on the data it was exported for (its preprocessing: 'vitslim inspect {artifact}')")
 
 
-def _precision_of(artifact: Path, backend: str) -> str:
+def _precision_of(artifact: Path, backend: str, manifest: Optional[dict]) -> str:
     if backend == "tensorrt":
-        return check_engine(artifact)["precision"]
+        return manifest["precision"]
     if backend == "onnxruntime":
         from vitslim.deploy.build import onnx_precision
 
@@ -101,10 +101,10 @@ def _precision_of(artifact: Path, backend: str) -> str:
     return "fp32"
 
 
-def _input_shape(spec: BenchSpec, run: Optional[tuple]) -> tuple[int, ...]:
+def _input_shape(spec: BenchSpec, run: Optional[tuple], manifest: Optional[dict]) -> tuple[int, ...]:
     artifact = Path(spec.artifact)
     if spec.backend == "tensorrt":
-        return tuple(check_engine(artifact)["input"]["shape"][1:])
+        return tuple(manifest["input"]["shape"][1:])
     if spec.backend == "onnxruntime":
         return onnx_input_shape(artifact)
     from vitslim.pruning.timm_adapter import input_shape_of
@@ -112,14 +112,21 @@ def _input_shape(spec: BenchSpec, run: Optional[tuple]) -> tuple[int, ...]:
     return input_shape_of(run[1])
 
 
-def artifact_runner(spec: BenchSpec, run: Optional[tuple]) -> Runner:
-    """The runner of the artifact; `run` is its (plan, model) for the torch backend."""
+def _engine_manifest(spec: BenchSpec) -> Optional[dict]:
+    """The checked manifest of a TensorRT artifact (None for the other backends): checked once per
+    bench or gate side, since checking hashes the whole engine."""
+    return check_engine(Path(spec.artifact)) if spec.backend == "tensorrt" else None
+
+
+def artifact_runner(spec: BenchSpec, run: Optional[tuple], manifest: Optional[dict]) -> Runner:
+    """The runner of the artifact; `run` is its (plan, model) for the torch backend, `manifest`
+    the engine's checked manifest for the tensorrt backend."""
     artifact = Path(spec.artifact)
     check_artifact(artifact, spec.backend)
     if spec.backend == "onnxruntime":
         return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
     if spec.backend == "tensorrt":
-        return TensorRTRunner(artifact, cuda_graph=spec.tensorrt_cuda_graph, runtime_cache=spec.runtime_cache)
+        return TensorRTRunner(artifact, cuda_graph=spec.tensorrt_cuda_graph, runtime_cache=spec.runtime_cache, manifest=manifest)
     from vitslim.export.compact import compact_from_plan
 
     plan, model = run
@@ -142,21 +149,22 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     artifact = Path(spec.artifact)
     check_artifact(artifact, spec.backend)
     check_batch_sizes(spec.batches)
-    if spec.backend == "tensorrt":
-        check_batches(artifact, spec.batches)
+    manifest = _engine_manifest(spec)
+    if manifest is not None:
+        check_batches(manifest, spec.batches, artifact.name)
     if spec.threads and (spec.backend == "torch" or spec.run_dir):
         import torch
 
         torch.set_num_threads(spec.threads)
     run = _load_run(artifact) if spec.backend == "torch" else None
-    shape = _input_shape(spec, run)
-    sha = sha256_of(artifact) if artifact.is_file() else None
-    precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend)
+    shape = _input_shape(spec, run, manifest)
+    sha = manifest["engine"]["sha256"] if manifest else sha256_of(artifact) if artifact.is_file() else None
+    precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend, manifest)
     if spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32"):  # int8 against fp32 baselines
         raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
     label = f"{spec.backend}:{artifact.name}"
-    results = _measure(artifact_runner(spec, run), label, spec.batches, shape, precision, sha, settings)
-    fractions = {label: _macs_fraction(*run) if run else _export_report_macs_fraction(spec)}
+    results = _measure(artifact_runner(spec, run, manifest), label, spec.batches, shape, precision, sha, settings)
+    fractions = {label: _macs_fraction(*run) if run else _export_report_macs_fraction(spec, manifest)}
     if spec.run_dir:
         more_results, more_fractions = _torch_baselines(spec, shape, settings)
         results, fractions = results + more_results, {**fractions, **more_fractions}
@@ -193,11 +201,11 @@ def _torch_baselines(spec: BenchSpec, shape: tuple[int, ...], settings: BenchSet
     return results, fractions
 
 
-def _export_report_macs_fraction(spec: BenchSpec) -> Optional[float]:
+def _export_report_macs_fraction(spec: BenchSpec, manifest: Optional[dict]) -> Optional[float]:
     """From the export report beside the ONNX (FILE.report.json; for an engine, beside the ONNX its
     manifest names); None if there is none or it describes another export."""
     artifact = Path(spec.artifact)
-    onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(check_engine(artifact)["onnx"]["file"])
+    onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(manifest["onnx"]["file"])
     from vitslim.export.report import report_paths
 
     report = report_paths(onnx_path)[0]
@@ -299,14 +307,18 @@ def load_results(path: Path) -> dict:
     return data
 
 
-def _ab_side(artifact: Path, device: str, threads: Optional[int], tensorrt_cuda_graph: bool, runtime_cache: Optional[str]) -> tuple[Runner, tuple[int, ...]]:
+def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], tensorrt_cuda_graph: bool,
+             runtime_cache: Optional[str]) -> tuple[Runner, tuple[int, ...]]:
     """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
     spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, tensorrt_cuda_graph=tensorrt_cuda_graph,
                      runtime_cache=runtime_cache)  # only the TensorRT runner reads it
     run = _load_run(artifact) if backend == "torch" else None
-    return artifact_runner(spec, run), _input_shape(spec, run)
+    manifest = _engine_manifest(spec)
+    if manifest is not None:
+        check_batches(manifest, [batch], artifact.name)
+    return artifact_runner(spec, run, manifest), _input_shape(spec, run, manifest)
 
 
 def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu", threads: Optional[int] = None,
@@ -320,7 +332,7 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
         import torch
 
         torch.set_num_threads(threads)
-    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, device, threads, tensorrt_cuda_graph, runtime_cache) for side in (baseline, candidate))
+    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, batch, device, threads, tensorrt_cuda_graph, runtime_cache) for side in (baseline, candidate))
     if base_shape != cand_shape:
         raise DeployError(f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model")
     if runners is not None:

@@ -228,6 +228,10 @@ def int8_columns(name: str, onnx_path: Path, plan: SlimPlan, model: nn.Module, d
             "int8_passed": int8["passed"], "int8_mb": int8["mb"], "int8_onnx": str(root / f"{name}.int8.onnx")}
 
 
+def _number(value: Optional[float], unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.2f}{unit}"
+
+
 def int8_markdown(rows: list[dict]) -> str:
     from .quantization import CALIBRATION_IMAGES
 
@@ -239,25 +243,20 @@ def int8_markdown(rows: list[dict]) -> str:
     for r in rows:
         if "int8_top1" not in r:
             continue
-        speedup = r["onnxruntime_ms"] / r["int8_ms"] if r.get("int8_ms") else None
+        speedup = r["onnxruntime_ms"] / r["int8_ms"] if r.get("int8_ms") else None  # none without deploy.latency
         lines.append(f"| {r['variant']} | {r['onnx_top1']:.2f} | {r['fp16_top1']:.2f} | {r['int8_top1']:.2f} | {r['int8_agreement']:.1%} | {r['int8_cosine']:.4f} | "
-                     f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {r['onnxruntime_ms']:.2f} | {r['int8_ms']:.2f} | {speedup:.2f}x |")
+                     f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {_number(r.get('onnxruntime_ms'))} | {_number(r.get('int8_ms'))} | {_number(speedup, 'x')} |")
     return "\n".join(lines) + "\n"
 
 
 def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = BuildSettings()) -> str:
-    def pct(value):
-        return "n/a" if value is None else f"{value:.2f}"
-
-    def number(value, digits=2):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
     timm_ms = rows[0].get("timm_ms")
+    latency = (f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
+               f"dense model ({_number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
+               "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal." if timm_ms is not None else
+               "Latency: not measured (the recipe's deploy.latency is false). MAC-ideal = dense MACs / variant MACs.")
     lines = [
-        f"# {title}", "",
-        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
-        f"dense model ({number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
-        "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal.", "",
+        f"# {title}", "", latency, "",
         "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB | engine MB | onnxruntime ms | PyTorch ms | speed-up vs timm | MAC-ideal | realised / ideal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -265,9 +264,9 @@ def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = Bui
         ratios = speedup_columns(timm_ms, r["torch_ms"], r["macs_fraction"]) if timm_ms and r.get("torch_ms") else {}
         lines.append(
             f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
-            f"{pct(r['pytorch_top1'])} | {pct(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {number(r.get('engine_mb'))} | "
-            f"{number(r.get('onnxruntime_ms'))} ({number(r.get('onnxruntime_p90_ms'))}) | {number(r.get('torch_ms'))} ({number(r.get('torch_p90_ms'))}) | "
-            f"{number(ratios.get('speedup'))}x | {1 / r['macs_fraction']:.2f}x | {number(ratios.get('realised_over_ideal'))} |"
+            f"{_number(r['pytorch_top1'])} | {_number(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {_number(r.get('engine_mb'))} | "
+            f"{_number(r.get('onnxruntime_ms'))} ({_number(r.get('onnxruntime_p90_ms'))}) | {_number(r.get('torch_ms'))} ({_number(r.get('torch_p90_ms'))}) | "
+            f"{_number(ratios.get('speedup'), 'x')} | {1 / r['macs_fraction']:.2f}x | {_number(ratios.get('realised_over_ideal'))} |"
         )
     engines = {r.get("engine_library") for r in rows} - {None}
     if engines:
@@ -341,8 +340,9 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
             row.update(int8_columns(name, exports[name].onnx_path, variant_plan, variant_model, data, root, images, recipe.train.seed, fp32))
         if recipe.deploy.engines:
             row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
-        row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense",
-                                   int8_path=Path(row["int8_onnx"]) if "int8_onnx" in row else None))
+        if recipe.deploy.latency:
+            row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense",
+                                       int8_path=Path(row["int8_onnx"]) if "int8_onnx" in row else None))
         rows.append(row)
     summary = {"recipe": recipe.name, "data": data.source, "seed": recipe.train.seed, "rows": rows, "seconds": time.perf_counter() - started}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))

@@ -40,6 +40,8 @@ class DeploySettings:
     channel_layout: str = setting("gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('zeros')")
     engines: bool = setting(True, "build a TensorRT(-RTX) engine of every variant where one is installed")
     int8: bool = setting(True, "also quantize every fp32 variant to INT8 (vitslim quantize) and report fp16/int8 accuracy, parity and latency")
+    latency: bool = setting(True, "time every variant on this machine's CPU for the summary (onnxruntime, PyTorch, INT8 and timm's own model); "
+                                  "off where timings mean nothing, e.g. a shared build machine")
     profiles: str = setting("1:8:32", "batch optimisation profiles of the engines, MIN:OPT:MAX, comma-separated")
     tf32: bool = setting(False, "let fp32 engines use TF32 (recorded; held to the tf32 tolerance)")
     optimization_level: Optional[int] = setting(None, "builder optimisation level 0-5 (TensorRT's default 3)")

@@ -312,3 +312,24 @@ def test_timing_a_batch_prepared_before_another_profile_was_chosen_switches_back
         runner.infer(np.zeros((2, 3, 4, 4), dtype=np.float32))
         with pytest.raises(DeployError, match="no batch is bound"):
             runner.bound_output()
+
+
+def test_bench_checks_the_engine_once_and_refuses_an_out_of_profile_batch_first(tmp_path, fake, monkeypatch):
+    """Checking an engine hashes all of it (seconds for a large one): bench checks it once and hands
+    the manifest on (batches, input shape, precision, runner, export report)."""
+    from vitslim import measure
+    from vitslim.deploy.bench import BenchSettings
+
+    checked = []
+    monkeypatch.setattr(measure, "check_engine", lambda path: checked.append(path) or fake.manifest)
+    monkeypatch.setattr(runners, "check_engine", lambda path: pytest.fail("the runner checked the engine again"))
+    fake.manifest.update(input={"shape": [-1, 3, 4, 4]}, onnx={"file": "m.onnx", "sha256": "y"})
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    settings = BenchSettings(warmup_seconds=0, min_seconds=0, min_iterations=3, max_iterations=3, max_rounds=1)
+    report = measure.run_bench(measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 8)), settings)
+    assert len(checked) == 1 and [(r["batch"], r["fingerprint"]["precision"], r["fingerprint"]["artifact_sha256"]) for r in report["results"]] == [
+        (2, "fp16", "x"), (8, "fp16", "x")]
+    work_logged = len(fake.log)  # CUDA and TensorRT calls
+    with pytest.raises(DeployError, match="batch 5 is outside every optimisation profile"):
+        measure.run_bench(measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 5)), settings)
+    assert len(checked) == 2 and len(fake.log) == work_logged  # refused before batch 2 was run
