@@ -64,12 +64,22 @@ def _temporary_files(directory: Path) -> list[Path]:
     return [p for p in directory.rglob("*") if ".tmp" in p.name]
 
 
+TRAIN = ["train", *MODEL, "--data", "digits", "--epochs", "5", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_train(tmp_path_factory) -> Path:
+    """The weights of the train command run without interruption (one run serves both signals)."""
+    out = tmp_path_factory.mktemp("reference")
+    reference = _run(*TRAIN, "--out", str(out))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    return out / "weights.safetensors"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)], ids=["SIGINT", "SIGTERM"])
-def test_train_resumes_after_a_signal_with_identical_weights(tmp_path, signum, code):
-    args = ["train", *MODEL, "--data", "digits", "--epochs", "5", "--batch-size", "32"]
-    reference = _run(*args, "--out", str(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
+def test_train_resumes_after_a_signal_with_identical_weights(tmp_path, uninterrupted_train, signum, code):
+    args = TRAIN
     run = tmp_path / "run"
     returncode, err = _interrupt([*args, "--out", str(run)], run / "checkpoints" / "train.pt", signum)
     assert returncode == code, err[-2000:]
@@ -78,7 +88,7 @@ def test_train_resumes_after_a_signal_with_identical_weights(tmp_path, signum, c
     resumed = _run(*args, "--out", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
-    assert (run / "weights.safetensors").read_bytes() == (tmp_path / "reference" / "weights.safetensors").read_bytes()
+    assert (run / "weights.safetensors").read_bytes() == uninterrupted_train.read_bytes()
     assert not (run / "checkpoints").exists()
 
 
