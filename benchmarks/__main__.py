@@ -2,6 +2,7 @@
 
     python -m benchmarks --gpu      # on a CUDA machine: PyTorch fp16 vs timm -> results/gpu.json
     python -m benchmarks --cpu      # here: onnxruntime vs the dense ONNX, sizes -> results/cpu.json
+    python -m benchmarks --onnx-gpu # on a CUDA machine with onnxruntime-gpu: the exported ONNX vs timm -> results/onnx_gpu.json
     python -m benchmarks --digits   # here: ToMe vs Patch Slimming top-1 on digits -> results/digits.json
     python -m benchmarks --report   # BENCHMARKS.md and the PNGs from the JSON files
 """
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = parser.add_argument_group("what to run (one or more)")
     jobs.add_argument("--gpu", action="store_true", help="time every point in PyTorch on the GPU against timm's model")
     jobs.add_argument("--cpu", action="store_true", help="export every point, time it in onnxruntime on this CPU, build TensorRT-RTX engines")
+    jobs.add_argument("--onnx-gpu", action="store_true", help="export every point to fp16 ONNX in each attention form and time it on onnxruntime-gpu "
+                      "against timm in PyTorch and timm's own ONNX")
     jobs.add_argument("--digits", action="store_true", help="accuracy on the digits model: ToMe against Patch Slimming, the DGSSA + GLAD point")
     jobs.add_argument("--report", action="store_true", help="write BENCHMARKS.md and the PNG plots from the JSON results")
     parser.add_argument("--model", action="append", help="timm model (repeat); default DeiT-Ti, -S and -B; results already there for what is not measured again are kept")
@@ -50,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-engines", action="store_true", help="--cpu: skip the TensorRT-RTX builds")
     parser.add_argument("--seed", type=int, action="append", help="--digits: seeds (repeat; default 0)")
     args = parser.parse_args(argv)
-    if not (args.gpu or args.cpu or args.digits or args.report):
-        parser.error("choose at least one of --gpu, --cpu, --digits, --report")
+    if not (args.gpu or args.cpu or args.onnx_gpu or args.digits or args.report):
+        parser.error("choose at least one of --gpu, --cpu, --onnx-gpu, --digits, --report")
     from vitslim.files import write_json_atomic
 
     from . import timing
@@ -65,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         rows, sizes = timing.time_cpu(models, args.batch or [1, 8], args.work / "onnx", engines=not args.no_engines, variants=args.variant)
         write_json_atomic(args.results / "cpu.json", _merged(args.results / "cpu.json", {"environment": timing.environment("cpu"), "dtype": "fp32",
                                                                                        "settings": timing.CPU_SETTINGS.__dict__, "rows": rows, "sizes": sizes}))
+    if args.onnx_gpu:
+        from . import onnx_gpu
+
+        def save(rows: list) -> None:  # after every row: a device call cut short keeps what it measured
+            write_json_atomic(args.results / "onnx_gpu.json", {"environment": timing.environment("cuda"), "dtype": "fp16", "settings": onnx_gpu.SETTINGS.__dict__,
+                                                               "parity_images": onnx_gpu.PARITY_IMAGES, "rows": rows})
+
+        save(onnx_gpu.time_onnx_gpu(args.work / "onnx_gpu", args.model or onnx_gpu.ONNX_MODELS, args.batch or [64, 256],
+                                    args.variant or onnx_gpu.ONNX_VARIANTS, on_row=save))
     if args.digits:
         from .digits import digits_study
 

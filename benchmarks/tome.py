@@ -160,6 +160,7 @@ def export_tome(model: nn.Module, schedule: Sequence[int], path, scatter: bool =
     onnxruntime against PyTorch; returns sizes, the data-dependent ops and parity, or the error."""
     from collections import Counter
 
+    from vitslim.export.attention_form import attention_form
     from vitslim.export.onnx_export import onnx_from_module, run_onnxruntime
     from vitslim.files import atomic_path
     from vitslim.precision import compare_outputs
@@ -169,7 +170,7 @@ def export_tome(model: nn.Module, schedule: Sequence[int], path, scatter: bool =
     images = torch.randn(4, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
     try:
         with atomic_path(path) as tmp:
-            exported = onnx_from_module(module, images, tmp)
+            exported = onnx_from_module(module, images, tmp, attention_form("matmul-softmax").opset)  # ToMe's own attention: explicit ops
             with torch.no_grad():
                 parity = compare_outputs(module(images).numpy(), run_onnxruntime(tmp, images.numpy()))
             size = tmp.stat().st_size

@@ -60,10 +60,10 @@ def speedup_columns(baseline_ms: float, median_ms: float, macs_fraction: Optiona
 
 
 def device_timer(runner: Runner):
-    """A function timing one `run_prepared` in ms: the runner's own `time_ms` where it has one
-    (TensorRT: CUDA events through cudart), CUDA events via torch for PyTorch on GPUs,
+    """A function timing one `run_prepared` in ms: on GPUs the runner's own `time_ms` where it has
+    one (TensorRT, onnxruntime: CUDA events through cudart), CUDA events via torch for PyTorch;
     perf_counter around a synchronised call on CPUs."""
-    if hasattr(runner, "time_ms"):
+    if hasattr(runner, "time_ms") and runner.device.startswith("cuda"):
         return runner.time_ms
     if runner.device.startswith("cuda"):
         import torch

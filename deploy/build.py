@@ -18,12 +18,12 @@ from typing import Optional
 from .errors import DeployError
 from .gpu import gpu_info
 from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
-from vitslim.metadata import preprocessing_of
+from vitslim.metadata import attention_form_of, preprocessing_of
 from vitslim.precision import GRAPH_PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # what vitslim takes for a serialized engine
-MANIFEST_VERSION = 2  # 2: strongly typed everywhere, build_options, tolerance, timing_cache
+MANIFEST_VERSION = 3  # 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 
@@ -120,8 +120,34 @@ def _network(trt: TensorRT, builder, onnx_path: Path):
     parser = trt.module.OnnxParser(network, trt.logger())
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise DeployError(f"{trt.name} cannot parse {onnx_path}: {errors}")
+        hint = PARSE_HINTS.get(attention_form_of(read_onnx(onnx_path)), "")
+        raise DeployError(f"{trt.name} cannot parse {onnx_path}{hint}: {errors}")
     return network, parser
+
+
+# Why a vitslim ONNX may not parse, by its attention form (export.attention_form), and the fix.
+PARSE_HINTS = {
+    "attention-op": " (its attention is the ONNX Attention op, which TensorRT parses from 10.14 on: for an older TensorRT export with --attention matmul-softmax)",
+    "ort-mha": " (its attention is onnxruntime's com.microsoft.MultiHeadAttention, which TensorRT cannot parse: export with --attention attention-op)",
+}
+
+
+def decomposable_attention(trt: TensorRT, network) -> int:
+    """Let every attention layer fall back to several kernels where TensorRT has no fused kernel
+    for its shapes and types (the ONNX parser leaves it fused-only, and TensorRT-RTX 1.7 then fails
+    the build of rectangular attention, or of fp32 attention); a fused kernel is still used where
+    one fits. Returns the number of attention layers."""
+    kinds = trt.module.LayerType
+    if not hasattr(kinds, "ATTENTION_INPUT"):  # TensorRT before 10.14 has no attention layer
+        return 0
+    count = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type == kinds.ATTENTION_INPUT:
+            layer.__class__ = trt.module.IAttentionInputLayer  # the Python API's downcast
+            layer.attention.decomposable = True
+            count += 1
+    return count
 
 
 def _require(trt: TensorRT, owner, attribute: str, option: str):
@@ -252,6 +278,7 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     started = time.perf_counter()
     builder = trt.module.Builder(trt.logger())
     network, _parser = _network(trt, builder, onnx_path)
+    attention_layers = decomposable_attention(trt, network)
     config = _config(trt, builder, network, settings)
     cache, cache_report = _timing_cache(trt, config, settings.timing_cache)
     if cache_report.get("reason") and cache_report["file"]:
@@ -273,6 +300,7 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
         "tolerance": "tf32" if settings.tf32 else precision,
         "preprocessing": preprocessing_of(source),  # the vitslim.precision.TOLERANCES entry compare holds it to
         "build_options": settings.options(),
+        "network": {"typing": "strongly typed", "attention_form": attention_form_of(source), "attention_layers": attention_layers},
         "timing_cache": cache_report,
         "profiles": [asdict(p) for p in settings.profiles],
         "input": {"name": network.get_input(0).name, "shape": list(network.get_input(0).shape)},

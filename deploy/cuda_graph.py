@@ -1,5 +1,5 @@
-"""CUDA graphs and CUDA-event timing on a stream, through the CUDA runtime library that
-Polygraphy has already loaded (ctypes; no torch, no cuda-python).
+"""CUDA graphs, streams and CUDA-event timing, through the CUDA runtime library that Polygraphy
+or onnxruntime-gpu has already loaded (ctypes; no torch, no cuda-python).
 
 Why graphs: a TensorRT enqueue launches one kernel per fused layer from the host, so a benchmark
 of a sub-millisecond engine that enqueues in every iteration partly times the host. trtexec
@@ -16,6 +16,7 @@ from .errors import DeployError
 # cudaStreamCaptureModeThreadLocal: other threads may keep calling unsafe CUDA APIs during capture
 # (TensorRT's own samples capture in this mode).
 CAPTURE_MODE_THREAD_LOCAL = 1
+CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
 
 
 class CudaRuntime:
@@ -30,6 +31,30 @@ class CudaRuntime:
     @classmethod
     def from_polygraphy(cls, cuda) -> "CudaRuntime":
         return cls(cuda.wrapper().handle)
+
+    @classmethod
+    def loaded(cls) -> "CudaRuntime":
+        """The CUDA runtime library this process has loaded (onnxruntime-gpu's preload_dlls or torch
+        load it), else the first one the loader finds: ctypes returns the loaded copy by its soname."""
+        for name in CUDART_NAMES:
+            try:
+                return cls(ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL))
+            except OSError:
+                continue
+        raise DeployError(f"no CUDA runtime library ({', '.join(CUDART_NAMES)}) can be loaded: install the CUDA runtime "
+                          f"(pip install nvidia-cuda-runtime) or put it on LD_LIBRARY_PATH")
+
+    def new_stream(self) -> int:
+        """A non-blocking CUDA stream (cudaStream_t as int); destroy it with destroy_stream."""
+        stream = ctypes.c_void_p()
+        self.call("cudaStreamCreateWithFlags", ctypes.byref(stream), ctypes.c_uint(1))  # cudaStreamNonBlocking
+        return int(stream.value)
+
+    def synchronize_stream(self, stream: int) -> None:
+        self.call("cudaStreamSynchronize", ctypes.c_void_p(stream))
+
+    def destroy_stream(self, stream: int) -> None:
+        self.library.cudaStreamDestroy(ctypes.c_void_p(stream))
 
     def error_name(self, status: int) -> str:
         name = self.library.cudaGetErrorName(ctypes.c_int(status))

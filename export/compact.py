@@ -106,9 +106,14 @@ class CompactAttention(nn.Module):
     when all read the same tokens; with cut queries, q is made for the kept tokens and k, v in one
     GEMM for all. With a static matrix [H, N_out, N_in] the q/k projections, the scores and the
     softmax are gone and attention is one batched matmul.
+
+    `pad_value_heads`: narrower value heads are zero-padded to the query head width for the
+    attention and the padding sliced off its output (exact: zero value channels attend to zero),
+    for runtimes whose fused attention needs keys and values of one shape (export/attention_form.py).
     """
 
-    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather") -> None:
+    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather",
+                 pad_value_heads: bool = False) -> None:
         super().__init__()
         heads, head_dim, attn_dim = geometry.num_heads, geometry.head_dim, geometry.attn_dim
         value_channels = list(plan.proj_in) if plan.proj_in is not None else list(range(attn_dim))
@@ -116,6 +121,7 @@ class CompactAttention(nn.Module):
         v_rows = [2 * attn_dim + c for c in value_channels]
         self.num_heads, self.head_dim = heads, head_dim
         self.value_per_head = len(value_channels) // heads
+        self.value_padding = head_dim - self.value_per_head if pad_value_heads else 0
         self.widths = (attn_dim, attn_dim, len(value_channels))  # q, k, v output widths
         self.scale = head_dim ** -0.5
         self.select_channels = channel_selector(plan.qkv_in, channel_layout)
@@ -152,7 +158,11 @@ class CompactAttention(nn.Module):
             out = torch.matmul(self.static_attention, self._split_heads(self.v(x), self.value_per_head))
         else:
             q, k, v = self._project(x)
+            if self.value_padding:
+                v = F.pad(v, (0, self.value_padding))
             out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, scale=self.scale)
+            if self.value_padding:
+                out = out[..., :self.value_per_head]
         out = out.transpose(1, 2)
         return self.proj(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.value_per_head))
 
@@ -163,13 +173,14 @@ class CompactBlock(nn.Module):
     Input [B, N_before, dim] -> output [B, N_out, dim].
     """
 
-    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather") -> None:
+    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather",
+                 pad_value_heads: bool = False) -> None:
         super().__init__()
         self.num_prefix_tokens = geometry.num_prefix_tokens
         self.token_aggregation = None if plan.token_aggregation is None else _constant(plan.token_aggregation, parts.proj.weight)
         self.select_tokens = token_selector(plan.kept_tokens)
         self.norm1, self.ls1 = copy.deepcopy(parts.norm1), copy.deepcopy(parts.ls1)
-        self.attn = CompactAttention(parts, plan, geometry, channel_layout)
+        self.attn = CompactAttention(parts, plan, geometry, channel_layout, pad_value_heads)
         self.norm2, self.ls2 = copy.deepcopy(parts.norm2), copy.deepcopy(parts.ls2)
         self.mlp = _compact_mlp(parts, plan, channel_layout)
 
@@ -191,12 +202,14 @@ def _compact_mlp(parts: BlockParts, plan: BlockPlan, channel_layout: str) -> nn.
     return mlp
 
 
-def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather") -> nn.Module:
+def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather",
+                      pad_value_heads: bool = False) -> nn.Module:
     """A new, physically slim module computing `plan` on `model` (which is left untouched).
 
     Input [B, C, H, W] images -> the model's usual output (logits). `token_layout` is "gather"
     (constant-index Gather per block) or "slice" (one permutation, then Slices; nested plans only);
-    `channel_layout` is "gather" or "masked" (CHANNEL_LAYOUTS).
+    `channel_layout` is "gather" or "masked" (CHANNEL_LAYOUTS); `pad_value_heads`: see
+    CompactAttention.
     """
     geometry = supported_geometry(model)
     validate(plan, geometry)
@@ -209,6 +222,6 @@ def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gat
         permutation, plan = slice_layout(plan, geometry)
         blocks.append(SelectIndices(permutation, dim=1))
     compact = copy.deepcopy(model)
-    blocks += [CompactBlock(block_parts(block), block_plan, geometry, channel_layout) for block, block_plan in zip(blocks_of(model), plan.blocks)]
+    blocks += [CompactBlock(block_parts(block), block_plan, geometry, channel_layout, pad_value_heads) for block, block_plan in zip(blocks_of(model), plan.blocks)]
     replace_blocks(compact, blocks)
     return compact.eval()

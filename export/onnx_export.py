@@ -1,7 +1,8 @@
 """Compact export: (model, plan) -> physically slim module -> ONNX -> graph passes -> checks -> report.
 
-Batch is the only dynamic dimension. The exporter is torch's dynamo exporter (opset 18): it emits
-LayerNormalization and plain MatMul/Softmax/Gather, which TensorRT parses.
+Batch is the only dynamic dimension. The exporter is torch's dynamo exporter: it emits
+LayerNormalization, Gelu (opset >= 20), Gather/Slice and attention in the chosen form
+(export/attention_form.py: the ONNX Attention op at opset 23, or MatMul -> Softmax -> MatMul).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from vitslim.metadata import PREPROCESSING_KEY
+from vitslim.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY
 from vitslim.files import atomic_path
 from vitslim.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
 from vitslim.pruning.macs import block_widths, plan_macs
@@ -26,6 +27,7 @@ from vitslim.pruning.plan import SlimPlan, dense_plan, token_counts, validate
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import count_params, input_shape_of, supported_geometry
 
+from .attention_form import DEFAULT_ATTENTION_FORM, attention_form
 from .compact import compact_from_plan
 from .errors import ExportError
 from .precision import fp16_from_fp32
@@ -34,7 +36,6 @@ from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_BATCH = 8
 
@@ -46,7 +47,7 @@ class ExportResult:
     report: dict
 
 
-def onnx_from_module(module: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> onnx.ModelProto:
+def onnx_from_module(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> onnx.ModelProto:
     """Export `module` (images [B, C, H, W] -> logits [B, classes]) with a dynamic batch axis."""
     if example.shape[0] < 2:
         raise ExportError("trace with batch >= 2 so that the exporter keeps batch symbolic")
@@ -121,15 +122,17 @@ def export_plan(
     channel_layout: str = "gather",
     images_source: Optional[str] = None,
     preprocessing: Optional[dict] = None,
+    attention: str = DEFAULT_ATTENTION_FORM,
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
     `images_source` says where `images` came from (recorded in the report's parity entry);
     `preprocessing` (pruning.data.preprocessing) travels in the ONNX metadata as
-    PREPROCESSING_KEY and in the report.
+    PREPROCESSING_KEY and in the report. `attention` names the attention form (ATTENTION_FORMS);
+    it travels as ATTENTION_FORM_KEY.
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
-    graph (LayerNorm and Softmax stay fp32). Parity against the masked reference is held to
+    whole graph (export/precision.py). Parity against the masked reference is held to
     `tolerance`: by default the precision's entry of vitslim.precision.TOLERANCES; a float replaces
     its fp32 max abs diff bound.
     """
@@ -140,23 +143,25 @@ def export_plan(
             raise ExportError(f"a max abs diff tolerance applies to fp32 exports; {precision} is held to {tolerance_for(precision).to_dict()}")
         tolerance = replace(tolerance_for(precision), max_abs_diff=float(tolerance))
     tolerance = tolerance or tolerance_for(precision)
+    form = attention_form(attention)
     started = time.perf_counter()
     out_path = Path(out_path)
     geometry = supported_geometry(model)
     validate(plan, geometry)
     model = model.eval().float().cpu()
-    compact = compact_from_plan(model, plan, token_layout, channel_layout)
+    compact = compact_from_plan(model, plan, token_layout, channel_layout, pad_value_heads=form.pad_value_heads)
     inputs = parity_images(model, images)
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
     with atomic_path(out_path) as tmp:
-        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp), passes)
+        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes)
         if precision == "fp16":
             exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
         _check_graph(exported)
-        if preprocessing is not None:
+        metadata = {ATTENTION_FORM_KEY: form.name, **({} if preprocessing is None else {PREPROCESSING_KEY: json.dumps(preprocessing, sort_keys=True)})}
+        for key, value in metadata.items():
             entry = exported.metadata_props.add()
-            entry.key, entry.value = PREPROCESSING_KEY, json.dumps(preprocessing, sort_keys=True)
+            entry.key, entry.value = key, value
         onnx.save(exported, str(tmp))
         parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
         if not parity.passes(tolerance):
@@ -172,11 +177,11 @@ def export_plan(
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
-        "precision": precision, "preprocessing": preprocessing,
+        "precision": precision, "preprocessing": preprocessing, "attention_form": form.name, "passes": list(passes) + list(form.passes),
         "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU",
                    "images": f"{len(inputs)} " + (images_source or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images"))},
         "blocks": block_rows(plan, geometry),
-        "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": OPSET, "io": io_shapes(exported)},
+        "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": form.opset, "io": io_shapes(exported)},
         "export_seconds": time.perf_counter() - started, "versions": _versions(),
     }
     report_path, _ = write_report(report, out_path)

@@ -159,7 +159,8 @@ def test_bench_then_gate(tmp_path, capsys):
     assert {"median_ms", "p90_ms", "p95_ms", "p99_ms", "cov", "throughput_per_s", "fingerprint"} <= set(report["results"][0])
     assert report["ratios"] and current.with_suffix(".md").is_file()
     assert report["spec"]["torch_mode"] == "eager"  # beside onnxruntime; beside an engine replayed from a CUDA graph, cuda_graph:
-    assert default_torch_mode("tensorrt", no_cuda_graph=False) == "cuda_graph" and default_torch_mode("tensorrt", no_cuda_graph=True) == "eager"
+    assert default_torch_mode("tensorrt", "cuda", no_cuda_graph=False) == "cuda_graph" and default_torch_mode("tensorrt", "cuda", no_cuda_graph=True) == "eager"
+    assert default_torch_mode("onnxruntime", "cuda", no_cuda_graph=False) == "cuda_graph" and default_torch_mode("onnxruntime", "cpu", no_cuda_graph=False) == "eager"
     capsys.readouterr()
     assert main(["gate", str(current), "--baseline", str(current), "--max-cov", "100"]) == 0
     assert "gate: pass" in capsys.readouterr().out

@@ -19,8 +19,9 @@ from vitslim.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
 from vitslim.pruning.errors import PruningError
 from vitslim.settings import help_of, value_type
 
-NO_CUDA_GRAPH_HELP = ("TensorRT engines: time each inference as a plain enqueue instead of a replayed CUDA graph (as trtexec without "
-                      "--useCudaGraph; host launch work is then in the latency, and the result is compared only with others timed so)")
+NO_CUDA_GRAPH_HELP = ("TensorRT engines and ONNX on onnxruntime's CUDA provider: time each inference as a plain launch instead of a "
+                      "replayed CUDA graph (as trtexec without --useCudaGraph; host launch work is then in the latency, and the result "
+                      "is compared only with others timed so)")
 RUNTIME_CACHE_HELP = ("TensorRT-RTX engines: keep the kernels it compiles on this GPU in DIR (one file per engine, checked by "
                       "TensorRT-RTX against the GPU, driver and version) so that later runs start without compiling them")
 TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
@@ -68,6 +69,7 @@ def _plan_and_model(args):
 
 def cmd_export(args) -> int:
     from vitslim.export.onnx_export import export_plan
+    from vitslim.export.passes import DEFAULT_PASSES
     from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
@@ -78,7 +80,8 @@ def cmd_export(args) -> int:
         data = data_for(model, args.data)
         images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
     result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
-                         precision=args.precision, channel_layout=args.channel_layout, images_source=source,
+                         precision=args.precision, channel_layout=args.channel_layout, images_source=source, attention=args.attention,
+                         passes=DEFAULT_PASSES + tuple(args.graph_pass),
                          preprocessing=preprocessing_for(model, args.data or run_data_source(args.run_dir)))
     report = result.report
     print(
@@ -162,9 +165,11 @@ def cmd_build(args) -> int:
     return 0
 
 
-def default_torch_mode(backend: str, no_cuda_graph: bool) -> str:
-    """PyTorch baselines beside an engine replayed from a CUDA graph are replayed from one too."""
-    return "cuda_graph" if backend == "tensorrt" and not no_cuda_graph else "eager"
+def default_torch_mode(backend: str, device: str, no_cuda_graph: bool) -> str:
+    """PyTorch baselines beside an artifact replayed from a CUDA graph (an engine, an ONNX on
+    onnxruntime's CUDA provider) are replayed from one too."""
+    on_gpu = backend == "tensorrt" or (backend == "onnxruntime" and device.startswith("cuda"))
+    return "cuda_graph" if on_gpu and not no_cuda_graph else "eager"
 
 
 def cmd_bench(args) -> int:
@@ -173,8 +178,8 @@ def cmd_bench(args) -> int:
     from .measure import BenchSpec, bench_markdown, run_bench, write_bench
 
     spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
-                     run_dir=args.run, torch_mode=args.torch_mode or default_torch_mode(args.backend, args.no_cuda_graph), torch_dtype=args.torch_dtype, threads=args.threads,
-                     tensorrt_cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
+                     run_dir=args.run, torch_mode=args.torch_mode or default_torch_mode(args.backend, args.device, args.no_cuda_graph), torch_dtype=args.torch_dtype, threads=args.threads,
+                     cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
     if args.json:
@@ -268,7 +273,7 @@ def _gate_ab(args) -> int:
 
     settings = dataclasses.replace(settings_from_args(ABSettings, args), fail=args.fail)
     report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings,
-                    tensorrt_cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
+                    cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
     print(ab_markdown(report))
     if args.json:
         from vitslim.files import write_bytes_atomic, write_json_atomic
@@ -426,9 +431,11 @@ TORCH_COMMANDS = ("train", "prune", "export")
 
 def _layouts() -> dict[str, tuple[str, ...]]:
     from vitslim.export.compact import CHANNEL_LAYOUTS
+    from vitslim.export.passes import DEFAULT_PASSES, GRAPH_PASSES
     from vitslim.export.token_layout import TOKEN_LAYOUTS
 
-    return {"tokens": TOKEN_LAYOUTS, "channels": CHANNEL_LAYOUTS}
+    optional = tuple(name for name in GRAPH_PASSES if name not in DEFAULT_PASSES)
+    return {"tokens": TOKEN_LAYOUTS, "channels": CHANNEL_LAYOUTS, "passes": optional}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -460,14 +467,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("run_dir", nargs="?", help="run directory with plan.json and weights.safetensors")
     _add_model_args(export, required=False)
     export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
-    layouts = _layouts() if command == "export" else {"tokens": None, "channels": None}
+    layouts = _layouts() if command == "export" else {"tokens": None, "channels": None, "passes": None}
     export.add_argument("--token-layout", choices=layouts["tokens"], default="gather",
                         help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
     export.add_argument("--channel-layout", choices=layouts["channels"], default="gather",
                         help="pruned LayerNorm-output channels (VTP's qkv_in, fc1_in) as a Gather before narrower Linears (smallest graph), "
                         "or as zero columns of full-width Linears (no Gather: faster on GPUs at batch >= 64, see README)")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16: weights and activations in fp16, LayerNorm and Softmax in fp32 (for strongly typed TensorRT)")
+                        help="fp16: every op in fp16 (LayerNorm, softmax and fused attention accumulate in fp32 inside TensorRT and onnxruntime); "
+                        "inputs and outputs stay fp32")
+    from vitslim.export.attention_form import ATTENTION_FORMS, DEFAULT_ATTENTION_FORM  # no torch
+
+    export.add_argument("--attention", choices=tuple(ATTENTION_FORMS), default=DEFAULT_ATTENTION_FORM,
+                        help="how attention is written: " + "; ".join(f"{f.name}: {f.summary} [{f.runtimes}]" for f in ATTENTION_FORMS.values())
+                        + f" (default {DEFAULT_ATTENTION_FORM})")
+    export.add_argument("--graph-pass", action="append", choices=layouts["passes"], default=[],
+                        help="an optional graph pass after the default ones (repeat): ort_fusions applies onnxruntime's transformer "
+                        "fusions (com.microsoft ops: onnxruntime only; BENCHMARKS.md says what they gain)")
     export.add_argument("--tolerance", type=float, help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
@@ -514,7 +530,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory")
     bench.add_argument("--torch-mode", choices=TORCH_MODES,
                        help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart); "
-                       "default cuda_graph beside a TensorRT engine (like with like: the engine is replayed from a CUDA graph too), else eager")
+                       "default cuda_graph beside a TensorRT engine or an ONNX on onnxruntime's CUDA provider (like with like: those are replayed "
+                       "from a CUDA graph too), else eager")
     bench.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help="dtype of the PyTorch runners (must match the artifact's precision with --run)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)

@@ -23,7 +23,7 @@ def describe_onnx(path: Path) -> dict:
     import onnx
 
     from vitslim.deploy.build import read_onnx
-    from vitslim.metadata import preprocessing_of
+    from vitslim.metadata import attention_form_of, preprocessing_of
     from vitslim.precision import graph_precision
 
     model = read_onnx(path)
@@ -31,7 +31,7 @@ def describe_onnx(path: Path) -> dict:
           for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output))}
     description = {"kind": "onnx", "file": str(path), "bytes": path.stat().st_size, "sha256": sha256_of(path),
                    "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None), "producer": model.producer_name,
-                   "precision": graph_precision(model), **io, "preprocessing": preprocessing_of(model),
+                   "precision": graph_precision(model), "attention_form": attention_form_of(model), **io, "preprocessing": preprocessing_of(model),
                    "ops": dict(sorted(Counter(node.op_type for node in model.graph.node).items()))}
     from vitslim.export.report import report_paths
 
@@ -39,7 +39,7 @@ def describe_onnx(path: Path) -> dict:
     if report.is_file():
         data = json.loads(report.read_text())
         if data.get("onnx", {}).get("sha256") == description["sha256"]:
-            description["export_report"] = {k: data.get(k) for k in ("method", "macs", "macs_dense", "params", "params_dense", "token_layout", "parity")}
+            description["export_report"] = {k: data.get(k) for k in ("method", "macs", "macs_dense", "params", "params_dense", "token_layout", "passes", "parity")}
     return description
 
 
@@ -49,7 +49,7 @@ def describe_engine(path: Path, layers: bool = True) -> dict:
 
     manifest = check_engine(path)
     description = {"kind": "engine", "file": str(path), **{k: manifest[k] for k in ("library", "version", "precision", "tolerance", "profiles", "input",
-                                                                                    "target", "build_options", "preprocessing", "timing_cache", "onnx", "engine")}}
+                                                                                    "target", "build_options", "network", "preprocessing", "timing_cache", "onnx", "engine")}}
     if not layers:
         return description
     if gpu_info() is None:

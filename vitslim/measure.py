@@ -33,7 +33,7 @@ class BenchSpec:
     torch_mode: str = "eager"
     torch_dtype: str = "fp32"
     threads: Optional[int] = None
-    tensorrt_cuda_graph: bool = True  # replay TensorRT's enqueue from a CUDA graph (trtexec --useCudaGraph)
+    cuda_graph: bool = True  # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
 
@@ -124,9 +124,9 @@ def artifact_runner(spec: BenchSpec, run: Optional[tuple], manifest: Optional[di
     artifact = Path(spec.artifact)
     check_artifact(artifact, spec.backend)
     if spec.backend == "onnxruntime":
-        return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads)
+        return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads, cuda_graph=spec.cuda_graph and spec.device.startswith("cuda"))
     if spec.backend == "tensorrt":
-        return TensorRTRunner(artifact, cuda_graph=spec.tensorrt_cuda_graph, runtime_cache=spec.runtime_cache, manifest=manifest)
+        return TensorRTRunner(artifact, cuda_graph=spec.cuda_graph, runtime_cache=spec.runtime_cache, manifest=manifest)
     from vitslim.export.compact import compact_from_plan
 
     plan, model = run
@@ -287,7 +287,10 @@ def compare_with_reference(model, plan, candidates: dict[str, Runner], images: n
 
 def remeasure(report: dict, settings: BenchSettings) -> dict:
     """The same bench again, from the spec stored in the report."""
-    spec = BenchSpec(**{**report["spec"], "batches": tuple(report["spec"]["batches"])})
+    stored = dict(report["spec"])
+    if "tensorrt_cuda_graph" in stored:  # results written before the onnxruntime runner had CUDA graphs
+        stored["cuda_graph"] = stored.pop("tensorrt_cuda_graph")
+    spec = BenchSpec(**{**stored, "batches": tuple(stored["batches"])})
     return run_bench(spec, settings)
 
 
@@ -307,12 +310,12 @@ def load_results(path: Path) -> dict:
     return data
 
 
-def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], tensorrt_cuda_graph: bool,
+def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], cuda_graph: bool,
              runtime_cache: Optional[str]) -> tuple[Runner, tuple[int, ...]]:
     """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
-    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, tensorrt_cuda_graph=tensorrt_cuda_graph,
+    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, cuda_graph=cuda_graph,
                      runtime_cache=runtime_cache)  # only the TensorRT runner reads it
     run = _load_run(artifact) if backend == "torch" else None
     manifest = _engine_manifest(spec)
@@ -322,7 +325,7 @@ def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], te
 
 
 def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu", threads: Optional[int] = None,
-           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None, tensorrt_cuda_graph: bool = True,
+           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None, cuda_graph: bool = True,
            runtime_cache: Optional[str] = None) -> dict:
     """The paired A/B gate of two artifacts on the same seeded random images; `runners` replaces
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
@@ -332,7 +335,7 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
         import torch
 
         torch.set_num_threads(threads)
-    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, batch, device, threads, tensorrt_cuda_graph, runtime_cache) for side in (baseline, candidate))
+    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, batch, device, threads, cuda_graph, runtime_cache) for side in (baseline, candidate))
     if base_shape != cand_shape:
         raise DeployError(f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model")
     if runners is not None:

@@ -7,15 +7,25 @@ import json
 from typing import Optional
 
 PREPROCESSING_KEY = "vitslim.preprocessing"  # JSON of pruning.data.preprocessing(): how images become the input
+ATTENTION_FORM_KEY = "vitslim.attention_form"  # the name of export.attention_form's form the graph was written in
+
+
+def _metadata(model, key: str) -> Optional[str]:
+    return next((entry.value for entry in model.metadata_props if entry.key == key), None)
+
+
+def attention_form_of(model) -> Optional[str]:
+    """The attention form recorded in an onnx.ModelProto, or None (not exported by vitslim)."""
+    return _metadata(model, ATTENTION_FORM_KEY)
 
 
 def preprocessing_of(model) -> Optional[dict]:
     """The preprocessing recorded in an onnx.ModelProto, or None (an ONNX not exported by vitslim,
     or exported without knowing its data)."""
-    for entry in model.metadata_props:
-        if entry.key == PREPROCESSING_KEY:
-            try:
-                return json.loads(entry.value)
-            except ValueError:
-                return None
-    return None
+    text = _metadata(model, PREPROCESSING_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

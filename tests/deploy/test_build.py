@@ -94,7 +94,7 @@ def test_build_options_land_in_the_manifest(tmp_path, onnx_files):
     settings = BuildSettings(tf32=True, optimization_level=2, version_compatible=full, hardware_compatibility="ampere+" if full else "none",
                              compute_capabilities=("SM86", "SM89") if TRT.name == "tensorrt_rtx" else ())
     manifest = engine_from_onnx(onnx_files["channel"], tmp_path / "x.engine", settings).manifest
-    assert manifest["manifest_version"] == 2 and manifest["precision"] == "fp32" and manifest["tolerance"] == "tf32"
+    assert manifest["manifest_version"] == 3 and manifest["precision"] == "fp32" and manifest["tolerance"] == "tf32"
     assert manifest["build_options"] == settings.options() and manifest["build_options"]["tf32"] and manifest["build_options"]["optimization_level"] == 2
     if not full:
         assert manifest["target"]["compute_capabilities"] == ["SM86", "SM89"]
@@ -181,10 +181,31 @@ def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
     with pytest.raises(DeployError, match="changed since it was built"):
         check_engine(engine)
     for broken, message in (('{"engine": {', "is unreadable"), (json.dumps({"library": "tensorrt_rtx"}), "lacks manifest_version"),
-                            (json.dumps({**manifest, "manifest_version": 1}), "has version 1, this vitslim reads 2")):
+                            (json.dumps({**manifest, "manifest_version": 1}), "has version 1, this vitslim reads 3")):
         manifest_path.write_text(broken)
         with pytest.raises(DeployError, match=message):
             check_engine(engine)
     manifest_path.unlink()
     with pytest.raises(DeployError, match="has no manifest"):
         check_engine(engine)
+
+
+@needs_builder
+def test_attention_forms_build_and_the_manifest_records_them(tmp_path):
+    """The Attention op builds for rectangular queries and narrower value heads, in fp32 and fp16
+    (attention layers marked decomposable); the manifest says how the network was typed and
+    written; an onnxruntime-only form is refused in one line that names the form to use."""
+    model = tiny_vit(depth=3)
+    plan = dense_plan(SPEC, 3)
+    for block in range(3):
+        plan = plan.with_block(block, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9) if block == 0 else None, proj_in=(0, 1, 2, 3, 16, 17, 18, 19)))
+    has_attention_layer = hasattr(TRT.module.LayerType, "ATTENTION_INPUT")
+    for form, precision in (("attention-op", "fp32"), ("attention-op", "fp16"), ("matmul-softmax", "fp16")):
+        onnx_path = export_plan(model, plan, tmp_path / f"{form}-{precision}.onnx", images=IMAGES, attention=form, precision=precision).onnx_path
+        manifest = engine_from_onnx(onnx_path, tmp_path / f"{form}-{precision}.engine").manifest
+        layers = 3 if form == "attention-op" and has_attention_layer else 0
+        assert manifest["network"] == {"typing": "strongly typed", "attention_form": form, "attention_layers": layers}
+    mha = export_plan(model, plan, tmp_path / "mha.onnx", images=IMAGES, attention="ort-mha").onnx_path
+    with pytest.raises(DeployError, match="com.microsoft.MultiHeadAttention, which TensorRT cannot parse: export with --attention attention-op"):
+        engine_from_onnx(mha, tmp_path / "mha.engine")
+    assert not (tmp_path / "mha.engine").exists()
