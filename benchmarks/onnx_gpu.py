@@ -20,7 +20,6 @@ import torch
 from vitslim.deploy.bench import BenchSettings, benchmark, speedup_columns
 from vitslim.deploy.runners import OnnxRuntimeRunner, TorchRunner
 from vitslim.export.compact import compact_from_plan
-from vitslim.export.passes import DEFAULT_PASSES
 from vitslim.precision import compare_outputs
 
 from .timing import images_for, points_of, random_model
@@ -120,7 +119,7 @@ def time_onnx_gpu(directory: Path, models: Iterable[str] = ONNX_MODELS, batches:
             for label, form, passes in exports:
                 path = directory / f"{name}-{_slug(point.variant)}-{_slug(label)}.onnx"
                 started = time.perf_counter()
-                report = export_plan(model, point.plan, path, precision="fp16", attention=form, passes=DEFAULT_PASSES + tuple(passes),
+                report = export_plan(model, point.plan, path, precision="fp16", attention=form, extra_passes=passes,
                                      token_layout=point.token_layout, channel_layout=point.channel_layout).report
                 export_seconds = time.perf_counter() - started
                 with OnnxRuntimeRunner(path, device="cuda", cuda_graph=True) as runner:

@@ -123,13 +123,15 @@ def export_plan(
     images_source: Optional[str] = None,
     preprocessing: Optional[dict] = None,
     attention: str = DEFAULT_ATTENTION_FORM,
+    extra_passes: tuple[str, ...] = (),
 ) -> ExportResult:
     """Write a slim ONNX for `plan` on `model` plus FILE.report.json/.md; refuse on parity failure.
 
     `images_source` says where `images` came from (recorded in the report's parity entry);
     `preprocessing` (pruning.data.preprocessing) travels in the ONNX metadata as
     PREPROCESSING_KEY and in the report. `attention` names the attention form (ATTENTION_FORMS);
-    it travels as ATTENTION_FORM_KEY.
+    it travels as ATTENTION_FORM_KEY. Graph passes run in the order `passes`, the form's own,
+    `extra_passes` (onnxruntime's fusions need the form's MultiHeadAttention to infer shapes).
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
     whole graph (export/precision.py). Parity against the masked reference is held to
@@ -154,7 +156,7 @@ def export_plan(
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
     with atomic_path(out_path) as tmp:
-        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes)
+        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes + tuple(extra_passes))
         if precision == "fp16":
             exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
         _check_graph(exported)
@@ -177,7 +179,7 @@ def export_plan(
         "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
         "params_dense": count_params(model), "params": count_params(compact),
         "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
-        "precision": precision, "preprocessing": preprocessing, "attention_form": form.name, "passes": list(passes) + list(form.passes),
+        "precision": precision, "preprocessing": preprocessing, "attention_form": form.name, "passes": [*passes, *form.passes, *extra_passes],
         "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU",
                    "images": f"{len(inputs)} " + (images_source or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images"))},
         "blocks": block_rows(plan, geometry),

@@ -69,7 +69,6 @@ def _plan_and_model(args):
 
 def cmd_export(args) -> int:
     from vitslim.export.onnx_export import export_plan
-    from vitslim.export.passes import DEFAULT_PASSES
     from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
@@ -81,7 +80,7 @@ def cmd_export(args) -> int:
         images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
     result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
                          precision=args.precision, channel_layout=args.channel_layout, images_source=source, attention=args.attention,
-                         passes=DEFAULT_PASSES + tuple(args.graph_pass),
+                         extra_passes=tuple(args.graph_pass),
                          preprocessing=preprocessing_for(model, args.data or run_data_source(args.run_dir)))
     report = result.report
     print(
@@ -482,7 +481,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="how attention is written: " + "; ".join(f"{f.name}: {f.summary} [{f.runtimes}]" for f in ATTENTION_FORMS.values())
                         + f" (default {DEFAULT_ATTENTION_FORM})")
     export.add_argument("--graph-pass", action="append", choices=layouts["passes"], default=[],
-                        help="an optional graph pass after the default ones (repeat): ort_fusions applies onnxruntime's transformer "
+                        help="an optional graph pass after the default ones and the attention form's (repeat): ort_fusions applies onnxruntime's transformer "
                         "fusions (com.microsoft ops: onnxruntime only; BENCHMARKS.md says what they gain)")
     export.add_argument("--tolerance", type=float, help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})")
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
