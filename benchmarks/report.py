@@ -206,6 +206,14 @@ def write_report(results: Path, out: Path) -> Path:
     text = [TEMPLATE_HEAD.format(gpu_env=_environment_line(gpu["environment"]), cpu_env=_environment_line(cpu["environment"]) if cpu else "not run",
                                  results=relative, gpu_settings=_settings_line(gpu["settings"]), cpu_settings=_settings_line((cpu or {}).get("settings")))]
     text += ["## Targets", "", *targets(gpu, cpu, digits), ""]
+    onnx_gpu = _load(results / "onnx_gpu.json")
+    if onnx_gpu:
+        from .onnx_gpu_report import section
+
+        text += section(onnx_gpu, results, relative)
+    islands = _load(results / "fp16_islands.json")
+    if islands:
+        text += fp16_islands_section(islands)
     text += ["## The papers' headline numbers (theirs, not measured here)", "", "| method | paper's claim | source | ours, measured here (H100 fp16 batch 256, CUDA graphs) |", "|---|---|---|---|"]
     ours = {
         "Patch Slimming": _one(gpu, model="deit_small_patch16_224", variant="patch-slim", batch=256, mode="cuda_graph"),
@@ -246,6 +254,28 @@ def write_report(results: Path, out: Path) -> Path:
         text += [digits_section(digits), ""]
     write_text_atomic(out, "\n".join(text))
     return out
+
+
+def _islands_verdict(data: dict, kinds: tuple[str, str]) -> str:
+    gap = max(abs(row[kinds[0]]["top1"] - row[kinds[1]]["top1"]) for row in data["rows"])
+    lowest = min(row[kinds[0]]["agreement"] for row in data["rows"])
+    return (f"Without islands the lowest top-1 agreement with the reference is {lowest:.2%} and top-1 differs from the islands' by at most "
+            f"{gap:.2f} points: {'no island is kept' if lowest >= 0.99 and gap < 0.5 else 'an island is needed somewhere: look before shipping'}.")
+
+
+def fp16_islands_section(data: dict) -> list[str]:
+    """fp16 with and without LayerNorm/Softmax kept in fp32, on the default run's trained models."""
+    kinds = ("fp16, no islands", "fp16, LayerNorm + Softmax in fp32")
+    lines = ["## fp16 without fp32 islands", "",
+             f"`python -m benchmarks.fp16_islands`: the default run's models ({data['run']}, digits, trained on this CPU), each exported fp32 and "
+             "converted to fp16 with every op in fp16 (what `export --precision fp16` writes) and with LayerNormalization and Softmax kept in fp32 "
+             "behind Casts (what it wrote before), run in onnxruntime on this CPU over the whole validation split and compared with the fp32 "
+             "masked reference. " + _islands_verdict(data, kinds), "",
+             "| variant | reference top-1 | " + " | ".join(f"{k}: top-1 / agreement / max abs diff / Casts" for k in kinds) + " |", "|---|---|---|---|"]
+    for row in data["rows"]:
+        cells = [f"{row[k]['top1']:.2f} % / {row[k]['agreement']:.2%} / {row[k]['max_abs_diff']:.1e} / {row[k]['casts']}" for k in kinds]
+        lines.append(f"| {row['variant']} | {row['fp32 reference top1']:.2f} % | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def tome_export_section(cpu: dict) -> str:
@@ -306,6 +336,8 @@ also judges the targets; nothing is typed in by hand.
 ```sh
 python -m benchmarks --gpu      # on a CUDA machine (one call, 6 min 50 s on an H100): results/gpu.json
 python -m benchmarks.profile > benchmarks/results/gpu_profile.md   # kernel time by category (same machine)
+python -m benchmarks --onnx-gpu # on a CUDA machine with onnxruntime-gpu (two 3-minute calls on an H200): results/onnx_gpu.json
+python -m benchmarks.fp16_islands  # this CPU machine, after make run (minutes): results/fp16_islands.json
 python -m benchmarks --cpu      # this CPU machine (about 20 min): results/cpu.json, ONNX + engines in runs/benchmarks
 python -m benchmarks --digits   # this CPU machine (about 7 min): results/digits.json (needs gpu.json)
 python -m benchmarks --report   # this file and the PNGs

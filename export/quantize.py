@@ -7,8 +7,9 @@ is a constant weight. Weights: symmetric INT8 per output channel; activations: s
 tensor (zero point 0, what TensorRT requires), ranges from min/max over calibration images.
 Everything else stays in floating point: LayerNorm, Softmax and GELU (precision-sensitive, and
 TensorRT fuses them in float), the residual Adds, the token Gathers/Slices, the patch-embedding
-Conv, and the two activation-by-activation MatMuls of each attention (Q·Kᵀ and attention·V), so
-that the MatMul → Softmax → MatMul chain keeps the float form TensorRT's attention fusion matches.
+Conv, and attention: the ONNX Attention op (or, in the matmul-softmax form, the two
+activation-by-activation MatMuls Q·Kᵀ and attention·V, so that the MatMul → Softmax → MatMul chain
+keeps the float form TensorRT's attention fusion matches).
 
 Why onnxruntime's quantizer rather than NVIDIA Model Optimizer (compared in README, "INT8",
 with benchmarks/modelopt_int8.py): equal or better accuracy on the digits models, the placement
@@ -42,6 +43,9 @@ MOVEMENT_OP_TYPES = ("Gather", "Slice", "Reshape", "Transpose")
 FLOAT_OPS = {
     "LayerNormalization": "precision-sensitive normalisation; TensorRT fuses it in float",
     "Softmax": "attention probabilities; kept float so TensorRT's attention fusion matches",
+    "Attention": "the fused attention op (scores, softmax, weighted sum); float, as TensorRT's fused attention runs it",
+    "MultiHeadAttention": "onnxruntime's fused attention; float",
+    "Gelu": "GELU; precision-sensitive, fused in float",
     "Erf": "GELU; precision-sensitive, fused in float",
     "Add": "residual adds and biases; cheap, and INT8 residuals lose accuracy",
     "Mul": "GELU and scaling; elementwise",

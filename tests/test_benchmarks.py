@@ -96,3 +96,25 @@ def test_harness_and_report_end_to_end_on_a_tiny_model(tmp_path):
     text = out.read_text()
     assert "## Targets" in text and "DGSSA + GLAD ≥ 2.2× on DeiT-S" in text and "| tome |" in text
     assert "(theirs, not measured here)" in text and (results / "gpu_speedup.png").stat().st_size > 0 and (results / "cpu_speedup.png").exists()
+
+
+def test_onnx_gpu_targets_are_judged_from_the_rows(tmp_path):
+    """The section reads every verdict off the measured rows: the stored H200 results, then the
+    same rows with the Patch Slimming ONNX made slower than timm, which must fail its targets."""
+    import copy
+    from pathlib import Path
+
+    from benchmarks.onnx_gpu_report import section, targets
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "onnx_gpu.json").read_text())
+    lines = targets(stored)
+    ps = next(line for line in lines if line.startswith("| Patch Slimming DeiT-S 2.6 G ONNX ≥ 1.2× timm in PyTorch"))
+    slowed = copy.deepcopy(stored)
+    for row in slowed["rows"]:
+        if row["variant"] == "patch-slim" and row["graph"].startswith("ONNX"):
+            row["speedup"], row["speedup_over_timm_onnx"] = 0.9, 1.1
+    slowed_ps = next(line for line in targets(slowed) if line.startswith("| Patch Slimming DeiT-S 2.6 G ONNX ≥ 1.2× timm in PyTorch"))
+    assert slowed_ps.endswith("**not met** |") and "0.90×" in slowed_ps
+    assert ps != slowed_ps
+    text = "\n".join(section(stored, tmp_path, Path("results")))
+    assert (tmp_path / "onnx_gpu_speedup.png").stat().st_size > 0 and "### Batch 256" in text

@@ -98,3 +98,30 @@ def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_pa
     code = main(["selftest", "--prepared", str(tmp_path / "kit-gpu")])
     out = capsys.readouterr().out
     assert code == 2 and "| m: builds strongly typed, manifest right | tensorrt_rtx" in out and "FAIL" not in out
+
+
+@pytest.fixture(scope="module")
+def prepared_kit(tmp_path_factory):
+    return selftest.prepare(tmp_path_factory.mktemp("kit"), progress=lambda message: None)
+
+
+def test_onnxruntime_checks_say_what_is_missing_without_onnxruntime_gpu(prepared_kit):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    kit, reference = selftest.read_kit(prepared_kit)
+    [check] = selftest.onnxruntime_checks(prepared_kit, kit, reference)
+    assert check.passed is None and "pip install onnxruntime-gpu" in check.detail
+
+
+@pytest.mark.gpu
+def test_onnxruntime_checks_pass_on_the_cuda_provider(prepared_kit):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
+    kit, reference = selftest.read_kit(prepared_kit)
+    checks = selftest.onnxruntime_checks(prepared_kit, kit, reference)
+    # per model (fp32, fp16): two batches and a timing, with and without CUDA graphs
+    assert len(checks) == 2 * 2 * 3 and all(check.passed for check in checks), selftest.table(checks)

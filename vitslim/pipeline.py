@@ -333,7 +333,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
         variant_plan, variant_model = load_run(run_dir)
         exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}",
                                     preprocessing=preprocessing_for(variant_model, data.source), precision=recipe.deploy.precision,
-                                    token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout)
+                                    token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout, attention=recipe.deploy.attention)
         fp32 = onnx_logits(exports[name].onnx_path, data.val)  # one pass over the validation split: the summary's top-1 and the INT8 report's fp32 row
         row = summary_row(name, exports[name], top1, top1_of(*fp32))
         if recipe.deploy.int8 and recipe.deploy.precision == "fp32":  # INT8 quantizes fp32 exports

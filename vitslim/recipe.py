@@ -35,9 +35,11 @@ _TOP_KEYS = {"name", "model", "data", "train", "methods", "deploy", "out_dir"}
 class DeploySettings:
     """How a recipe exports and builds every variant (the `deploy:` key)."""
 
-    precision: str = setting("fp32", "export precision: fp32, or fp16 (an fp16 ONNX, LayerNorm/Softmax kept fp32, and so an fp16 engine)")
+    precision: str = setting("fp32", "export precision: fp32, or fp16 (every op in fp16, inputs and outputs fp32; and so an fp16 engine)")
+    attention: str = setting("attention-op", "how attention is exported: attention-op (ONNX Attention op; TensorRT >= 10.14, TensorRT-RTX, "
+                                             "onnxruntime), matmul-softmax (any TensorRT, JetPack 6 included) or ort-mha (onnxruntime only)")
     token_layout: str = setting("gather", "token selection as a Gather per block, or one permutation then Slices ('slice')")
-    channel_layout: str = setting("gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('zeros')")
+    channel_layout: str = setting("gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('masked')")
     engines: bool = setting(True, "build a TensorRT(-RTX) engine of every variant where one is installed")
     int8: bool = setting(True, "also quantize every fp32 variant to INT8 (vitslim quantize) and report fp16/int8 accuracy, parity and latency")
     latency: bool = setting(True, "time every variant on this machine's CPU for the summary (onnxruntime, PyTorch, INT8 and timm's own model); "
@@ -52,13 +54,17 @@ class DeploySettings:
     def __post_init__(self) -> None:
         from vitslim.precision import PRECISIONS
 
+        from vitslim.export.attention_form import ATTENTION_FORMS
         from vitslim.export.compact import CHANNEL_LAYOUTS
         from vitslim.export.token_layout import TOKEN_LAYOUTS
 
         for name, value, allowed in (("precision", self.precision, PRECISIONS), ("token_layout", self.token_layout, TOKEN_LAYOUTS),
-                                     ("channel_layout", self.channel_layout, CHANNEL_LAYOUTS)):
+                                     ("channel_layout", self.channel_layout, CHANNEL_LAYOUTS), ("attention", self.attention, tuple(ATTENTION_FORMS))):
             if value not in allowed:
                 raise PruningError(f"recipe deploy.{name} {value!r} is not one of {tuple(allowed)}")
+        if self.engines and self.attention == "ort-mha":
+            raise PruningError("recipe deploy.attention ort-mha is for onnxruntime only (TensorRT cannot parse it): set deploy.engines: false, "
+                               "or use attention-op")
         self.build_settings()  # refuses bad profiles and options by name
 
     def build_settings(self):

@@ -14,6 +14,8 @@ accepted when the engine is loaded again (`run_checks`, needs only numpy, Tensor
 Polygraphy: the Docker runtime image runs it on files prepared in the export image). fp32 engines
 are held to the fp32 tolerance; fp16 engines of this random-weight model to cosine >= 0.999
 (random logits lie too close together for a top-1 criterion). One table, one row per check.
+Where onnxruntime-gpu is installed, the same ONNX files also run on onnxruntime's CUDA provider
+(plain runs and CUDA-graph replays, parity against the reference, timing).
 Exit 0 when every check passed, 1 when one failed, 2 when no GPU is present (builds still checked).
 """
 from __future__ import annotations
@@ -212,6 +214,40 @@ def runtime_checks(engine: Path, library: str, model: dict, reference: dict, run
     return checks
 
 
+def onnxruntime_checks(prepared: Path, kit: dict, reference: dict) -> list[Check]:
+    """Each kit ONNX on onnxruntime's CUDA provider (onnxruntime-gpu): parity at every batch with
+    plain runs and with CUDA-graph replays, and timing so (needs a GPU)."""
+    import onnxruntime as ort
+
+    from vitslim.deploy.runners import OnnxRuntimeRunner
+
+    label = f"onnxruntime {ort.__version__}"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return [Check("onnxruntime on the GPU", label, None, "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu to check it")]
+    checks = []
+    for model in kit["models"]:
+        name = model["name"]
+        try:
+            for cuda_graph in (False, True):
+                how = "CUDA-graph replays" if cuda_graph else "plain runs"
+                with OnnxRuntimeRunner(prepared / model["onnx"], device="cuda", cuda_graph=cuda_graph) as runner:
+                    for batch in model["inside"]:
+                        parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"]))
+                        passed, criterion = parity_passes(parity, model["precision"])
+                        checks.append(Check(f"{name}: batch {batch} on the CUDA provider ({how}) matches the reference", label, passed,
+                                            f"max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})"))
+                    batch = model["inside"][-1]
+                    timing = benchmark(runner, reference[f"{name}/images_{batch}"], model["precision"],
+                                       settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
+                    checks.append(Check(f"{name}: timed on the CUDA provider at batch {batch} ({how}, CUDA events)", label, timing["median_ms"] > 0,
+                                        f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
+        except VitslimError as error:
+            checks.append(Check(f"{name}: runs on onnxruntime's CUDA provider", label, False, str(error)))
+        except Exception as error:  # a crash is what this command exists to catch
+            checks.append(Check(f"{name}: runs on onnxruntime's CUDA provider", label, False, f"{type(error).__name__}: {error}"))
+    return checks
+
+
 def read_kit(prepared: Path) -> tuple[dict, dict]:
     import json
 
@@ -236,9 +272,11 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
     gpu = gpu_info()
     libraries = [library] if library else [name for name in LIBRARIES if find_tensorrt(name) is not None]
     checks = [Check("GPU present", "-", True if gpu else None, describe_gpu(gpu) if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped")]
+    kit, reference = read_kit(prepared)
+    if gpu is not None and library is None:  # once, in the first process (a --library child checks its TensorRT only)
+        checks += onnxruntime_checks(prepared, kit, reference)
     if not libraries:
         return checks + [Check("TensorRT installed", "-", False, "neither tensorrt nor tensorrt_rtx imports: pip install tensorrt (or tensorrt-rtx)")]
-    kit, reference = read_kit(prepared)
     for index, library_name in enumerate(libraries):
         if gpu is not None and index > 0:
             checks += _in_subprocess(library_name, prepared)
