@@ -6,6 +6,7 @@ separate step on saved arrays (numpy only), so deploy/ can use it without torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -58,6 +59,9 @@ class Parity:
     batch: int
 
     def passes(self, tolerance: Tolerance) -> bool:
+        """Within `tolerance`; a NaN or Inf anywhere in the outputs (a non-finite measure) never passes."""
+        if not all(math.isfinite(value) for value in (self.max_abs_diff, self.cosine, self.top1_agreement)):
+            return False
         if tolerance.max_abs_diff is not None and self.max_abs_diff > tolerance.max_abs_diff:
             return False
         return tolerance.top1_agreement is None or self.top1_agreement >= tolerance.top1_agreement

@@ -16,20 +16,31 @@ from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 
 SPEC = ModelSpec("deit_tiny_patch16_224")
 IMAGES = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-FLOAT_ISLANDS = ("LayerNormalization", "Softmax", "Erf", "Add", "Mul", "Div")
+FLOAT_ISLANDS = ("LayerNormalization", "Softmax", "Attention", "Gelu", "Erf", "Add", "Mul", "Div")
+
+
+def _exported(root, attention: str):
+    model = tiny_vit(depth=3)
+    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(kept_tokens=(0, 1, 3, 5, 7), qkv_in=tuple(range(24)), hidden=tuple(range(0, 128, 2))))
+    fp32 = export_plan(model, plan, root / "m.onnx", images=IMAGES[:8], attention=attention).onnx_path
+    return root, fp32, quantize_int8(fp32, root / "m.int8.onnx", IMAGES.numpy())
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("q")
-    model = tiny_vit(depth=3)
-    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(kept_tokens=(0, 1, 3, 5, 7), qkv_in=tuple(range(24)), hidden=tuple(range(0, 128, 2))))
-    fp32 = export_plan(model, plan, root / "m.onnx", images=IMAGES[:8]).onnx_path
-    return root, fp32, quantize_int8(fp32, root / "m.int8.onnx", IMAGES.numpy())
+    return _exported(tmp_path_factory.mktemp("q"), "attention-op")
 
 
-def test_qdq_sits_only_on_the_linear_layers(exported):
-    _, fp32, result = exported
+@pytest.fixture(scope="module")
+def exported_matmul_softmax(tmp_path_factory):
+    return _exported(tmp_path_factory.mktemp("q"), "matmul-softmax")
+
+
+@pytest.mark.parametrize("form, attention_matmuls", [("exported", 0), ("exported_matmul_softmax", 6)])
+def test_qdq_sits_only_on_the_linear_layers(request, form, attention_matmuls):
+    """Either TensorRT form: Q/DQ on every Linear and nowhere else; attention (the Attention op,
+    or the MatMul -> Softmax -> MatMul chain) stays float."""
+    _, fp32, result = request.getfixturevalue(form)
     model = onnx.load(str(result.onnx_path))
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
@@ -46,7 +57,7 @@ def test_qdq_sits_only_on_the_linear_layers(exported):
     for name in with_weight:
         assert all(i in producers and producers[i].op_type == "DequantizeLinear" for i in by_name[name].input[:2]), name
     assert set(result.report["dq_consumers"]) <= {"MatMul", "Gemm", "Gather", "Slice"}
-    assert result.report["quantized_layers"] == len(with_weight) >= 3 * 4 + 1 and result.report["attention_matmuls_in_float"] == 6
+    assert result.report["quantized_layers"] == len(with_weight) >= 3 * 4 + 1 and result.report["attention_matmuls_in_float"] == attention_matmuls
     assert graph_precision(model) == "int8" and result.report["onnx"]["bytes"] < 0.6 * result.report["source"]["bytes"]
 
 
