@@ -40,12 +40,16 @@ def _head_split_source(tensor):
 
 def _head_merge_target(tensor):
     """The Reshape whose output is [B, N, H*Dv] when `tensor` only feeds Transpose(0,2,1,3) -> Reshape."""
+    import onnx_graphsurgeon as gs
+
     if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Transpose" or list(tensor.outputs[0].attrs.get("perm", [])) != HEAD_SPLIT_PERM:
         return None
     merged = tensor.outputs[0].outputs[0]
     if len(merged.outputs) != 1 or merged.outputs[0].op != "Reshape":
         return None
-    return merged.outputs[0]
+    reshape = merged.outputs[0]
+    three_dims = isinstance(reshape.inputs[1], gs.Constant) and np.asarray(reshape.inputs[1].values).size == 3
+    return reshape if three_dims else None
 
 
 def _plain(node) -> bool:
