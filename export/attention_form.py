@@ -46,6 +46,7 @@ ATTENTION_FORMS = {
     )
 }
 DEFAULT_ATTENTION_FORM = "attention-op"
+TENSORRT_FORMS = ("attention-op", "matmul-softmax")  # what TensorRT parses: the Attention op from 10.14 on, the chain everywhere
 
 
 def attention_form(name: str) -> AttentionForm:

@@ -43,7 +43,7 @@ def test_selftest_without_a_gpu_checks_the_builds_and_exits_2(tmp_path, capsys):
     assert code == 2 and "no NVIDIA GPU here" in out
     checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
     builds = [c for c in checks if "builds strongly typed" in c["check"]]
-    assert len(builds) == 2 and all(c["passed"] for c in builds)
+    assert len(builds) == 4 and all(c["passed"] for c in builds)  # fp32 and fp16, in both attention forms TensorRT parses
     assert all(c["passed"] is None for c in checks if c["check"].endswith("runs"))
 
 
@@ -123,5 +123,27 @@ def test_onnxruntime_checks_pass_on_the_cuda_provider(prepared_kit):
         pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
     kit, reference = selftest.read_kit(prepared_kit)
     checks = selftest.onnxruntime_checks(prepared_kit, kit, reference)
-    # per model (fp32, fp16): two batches and a timing, with and without CUDA graphs
-    assert len(checks) == 2 * 2 * 3 and all(check.passed for check in checks), selftest.table(checks)
+    # per model (fp32, fp16; two attention forms): two batches and a timing, with and without CUDA graphs
+    assert len(checks) == 4 * 2 * 3 and all(check.passed for check in checks), selftest.table(checks)
+
+
+def test_a_tensorrt_without_an_attention_layer_skips_the_attention_op_models_and_says_why(prepared_kit, monkeypatch):
+    """TensorRT before 10.14 (JetPack 6, older NGC images) cannot parse the ONNX Attention op:
+    the selftest skips those models with the fix instead of failing, and still checks the chain."""
+    import dataclasses
+    import types
+
+    from vitslim.deploy.gpu import gpu_info
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
+
+    real = find_tensorrt()
+    if real is None or gpu_info() is not None:
+        pytest.skip("for a machine with TensorRT(-RTX) installed and no GPU")
+    kinds = types.SimpleNamespace(**{k: v for k, v in vars(real.module.LayerType).items() if not k.startswith("ATTENTION")})
+    older = dataclasses.replace(real, module=types.SimpleNamespace(LayerType=kinds))
+    monkeypatch.setattr(selftest, "find_tensorrt", lambda name=None: older)
+    checks = selftest.run_checks(prepared_kit, library=real.name, progress=lambda message: None)
+    skipped = [c for c in checks if c.passed is None and "no attention layer" in c.detail]
+    built = [c for c in checks if "builds strongly typed" in c.check]
+    assert len(skipped) == 2 and "--attention matmul-softmax" in skipped[0].detail
+    assert [c.check.split(":")[0] for c in built] == ["tiny-fp32-matmul-softmax", "tiny-fp16-matmul-softmax"] and all(c.passed for c in built)

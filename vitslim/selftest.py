@@ -4,7 +4,9 @@ TensorRT load, pick the right optimisation profile, compute what the masked PyTo
 computes, and can be timed.
 
 A tiny ViT (random weights, fixed seed) with a slim plan that uses token selection, channel
-pruning and narrower value heads is exported in fp32 and fp16, with the masked reference's logits
+pruning and narrower value heads is exported in fp32 and fp16, in both attention forms TensorRT
+parses (the ONNX Attention op, skipped with a reason by a TensorRT older than 10.14, and
+MatMul -> Softmax -> MatMul), with the masked reference's logits
 for seeded images (`prepare`, needs torch); each installed TensorRT builds both with two batch
 profiles (1:2:4 and 8:8:16). On a GPU each engine then runs at a batch inside each profile
 (parity against the reference logits), at a batch outside both (which must be refused with a
@@ -38,6 +40,7 @@ from vitslim.deploy.gpu import gpu_info
 from vitslim.deploy.runners import TensorRTRunner
 from vitslim.deploy.tensorrt_lib import LIBRARIES, find_tensorrt
 from vitslim.errors import VitslimError
+from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, TENSORRT_FORMS  # no torch: the runtime image has none
 from vitslim.precision import Parity, compare_outputs, tolerance_for
 
 PASS, FAIL, NO_GPU = 0, 1, 2
@@ -98,12 +101,13 @@ def prepare(work: Path, progress=print) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     model, plan = tiny_model_and_plan()
     reference, arrays, models = MaskedReference(model, plan).eval(), {}, []
-    for precision in ("fp32", "fp16"):
-        progress(f"selftest: exporting the tiny model ({precision})")
-        name = f"tiny-{precision}"
-        export_plan(model, plan, work / f"{name}.onnx", precision=precision)
-        models.append({"name": name, "onnx": f"{name}.onnx", "precision": precision, "profiles": [str(p) for p in PROFILES],
-                       "inside": list(INSIDE), "outside": OUTSIDE, "input": [3, 32, 32]})
+    for form in TENSORRT_FORMS:
+        for precision in ("fp32", "fp16"):
+            progress(f"selftest: exporting the tiny model ({precision}, attention as {form})")
+            name = f"tiny-{precision}" + ("" if form == DEFAULT_ATTENTION_FORM else f"-{form}")
+            export_plan(model, plan, work / f"{name}.onnx", precision=precision, attention=form)
+            models.append({"name": name, "onnx": f"{name}.onnx", "precision": precision, "profiles": [str(p) for p in PROFILES],
+                           "inside": list(INSIDE), "outside": OUTSIDE, "input": [3, 32, 32], "attention_form": form})
     for batch in INSIDE:
         images = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         with torch.no_grad():
@@ -284,6 +288,10 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
         trt = find_tensorrt(library_name)
         label = f"{library_name} {trt.version}"
         for model in kit["models"]:
+            if model.get("attention_form") == DEFAULT_ATTENTION_FORM and not hasattr(trt.module.LayerType, "ATTENTION_INPUT"):
+                checks.append(Check(f"{model['name']}: builds", label, None, f"skipped: {label} has no attention layer (TensorRT parses the ONNX "
+                                                                              f"Attention op from 10.14 on): export with --attention matmul-softmax for it"))
+                continue
             engine = prepared / f"{model['name']}-{library_name}.engine"
             profiles = tuple(BatchProfile.parse(p) for p in model["profiles"])
             progress(f"selftest: building {engine.name} with {label}")
