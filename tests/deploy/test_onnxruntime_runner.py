@@ -70,3 +70,14 @@ def test_cuda_runner_matches_the_cpu_and_replays_graphs_per_batch(onnx_files, pr
             assert gpu.time_ms(prepared) > 0
             result = benchmark(gpu, IMAGES.numpy(), precision, None, QUICK, label="ort-gpu")
             assert result["median_ms"] > 0 and gpu.description["cuda_graph"] is cuda_graph
+
+
+def test_results_stored_before_the_rename_are_measured_again(onnx_files):
+    """A result written when the CUDA-graph switch was TensorRT's alone ('tensorrt_cuda_graph')
+    still re-measures (the gate does so for noisy results)."""
+    from vitslim.measure import BenchSpec, remeasure, run_bench
+
+    report = run_bench(BenchSpec(artifact=str(onnx_files[("fp32", "attention-op")]), backend="onnxruntime", batches=(2,)), QUICK)
+    stored = {**report, "spec": {**{k: v for k, v in report["spec"].items() if k != "cuda_graph"}, "tensorrt_cuda_graph": True}}
+    again = remeasure(stored, QUICK)
+    assert again["spec"]["cuda_graph"] is True and "tensorrt_cuda_graph" not in again["spec"] and again["results"][0]["median_ms"] > 0
