@@ -137,13 +137,12 @@ def decomposable_attention(trt: TensorRT, network) -> int:
     for its shapes and types (the ONNX parser leaves it fused-only, and TensorRT-RTX 1.7 then fails
     the build of rectangular attention, or of fp32 attention); a fused kernel is still used where
     one fits. Returns the number of attention layers."""
-    kinds = trt.module.LayerType
-    if not hasattr(kinds, "ATTENTION_INPUT"):  # TensorRT before 10.14 has no attention layer
+    if not trt.has_attention_layer:
         return 0
     count = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if layer.type == kinds.ATTENTION_INPUT:
+        if layer.type == trt.module.LayerType.ATTENTION_INPUT:
             layer.__class__ = trt.module.IAttentionInputLayer  # the Python API's downcast
             layer.attention.decomposable = True
             count += 1

@@ -22,6 +22,11 @@ class TensorRT:
     def major(self) -> int:
         return int(self.version.split(".")[0])
 
+    @property
+    def has_attention_layer(self) -> bool:
+        """Whether this library parses the ONNX Attention op into an attention layer (TensorRT 10.14+, TensorRT-RTX)."""
+        return hasattr(self.module.LayerType, "ATTENTION_INPUT")
+
     def logger(self):
         return self.module.Logger(self.module.Logger.WARNING)
 

@@ -47,6 +47,7 @@ ATTENTION_FORMS = {
 }
 DEFAULT_ATTENTION_FORM = "attention-op"
 TENSORRT_FORMS = ("attention-op", "matmul-softmax")  # what TensorRT parses: the Attention op from 10.14 on, the chain everywhere
+NEEDS_ATTENTION_LAYER = "attention-op"  # the form only a TensorRT with an attention layer parses
 
 
 def attention_form(name: str) -> AttentionForm:

@@ -40,7 +40,7 @@ from vitslim.deploy.gpu import gpu_info
 from vitslim.deploy.runners import TensorRTRunner
 from vitslim.deploy.tensorrt_lib import LIBRARIES, find_tensorrt
 from vitslim.errors import VitslimError
-from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, TENSORRT_FORMS  # no torch: the runtime image has none
+from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, NEEDS_ATTENTION_LAYER, TENSORRT_FORMS  # no torch: the runtime image has none
 from vitslim.precision import Parity, compare_outputs, tolerance_for
 
 PASS, FAIL, NO_GPU = 0, 1, 2
@@ -288,7 +288,7 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
         trt = find_tensorrt(library_name)
         label = f"{library_name} {trt.version}"
         for model in kit["models"]:
-            if model.get("attention_form") == DEFAULT_ATTENTION_FORM and not hasattr(trt.module.LayerType, "ATTENTION_INPUT"):
+            if model.get("attention_form") == NEEDS_ATTENTION_LAYER and not trt.has_attention_layer:
                 checks.append(Check(f"{model['name']}: builds", label, None, f"skipped: {label} has no attention layer (TensorRT parses the ONNX "
                                                                               f"Attention op from 10.14 on): export with --attention matmul-softmax for it"))
                 continue

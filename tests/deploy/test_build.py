@@ -199,7 +199,7 @@ def test_attention_forms_build_and_the_manifest_records_them(tmp_path):
     plan = dense_plan(SPEC, 3)
     for block in range(3):
         plan = plan.with_block(block, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9) if block == 0 else None, proj_in=(0, 1, 2, 3, 16, 17, 18, 19)))
-    has_attention_layer = hasattr(TRT.module.LayerType, "ATTENTION_INPUT")
+    has_attention_layer = TRT.has_attention_layer
     for form, precision in (("attention-op", "fp32"), ("attention-op", "fp16"), ("matmul-softmax", "fp16")):
         onnx_path = export_plan(model, plan, tmp_path / f"{form}-{precision}.onnx", images=IMAGES, attention=form, precision=precision).onnx_path
         manifest = engine_from_onnx(onnx_path, tmp_path / f"{form}-{precision}.engine").manifest
