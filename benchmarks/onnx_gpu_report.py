@@ -23,6 +23,12 @@ def _best(data: dict, variant: str, batch: int) -> dict:
     return min((r for r in _rows(data, variant=variant, batch=batch) if r["graph"].startswith("ONNX")), key=lambda r: r["median_ms"])
 
 
+def _same_form_dense(data: dict, row: dict) -> dict:
+    """The dense graph of `row`'s form (and passes), timed in the same call where it was (else in the other)."""
+    dense = _rows(data, variant="dense", batch=row["batch"], graph=row["graph"])
+    return next((r for r in dense if r.get("call") == row.get("call")), dense[0])
+
+
 def targets(data: dict, batch: int = 256) -> list[str]:
     lines = ["| target (fp16, batch 256, CUDA graphs on both sides) | measured | verdict |", "|---|---|---|"]
     dense = {r["graph"]: r for r in _rows(data, variant="dense", batch=batch) if r["graph"].startswith("ONNX")}
@@ -31,14 +37,18 @@ def targets(data: dict, batch: int = 256) -> list[str]:
     lines.append(f"| dense ONNX ≥ {DENSE_OVER_TIMM_ONNX}× timm's own ONNX (same runtime, same way) | default form {default['speedup_over_timm_onnx']:.2f}×; "
                  f"best ({best['graph'][10:]}) {best['speedup_over_timm_onnx']:.2f}× | {_met(default['speedup_over_timm_onnx'] >= DENSE_OVER_TIMM_ONNX)} |")
     points = sorted({r["variant"] for r in data["rows"] if r["variant"] != "dense"}, key=lambda v: v)
-    for variant in points:
-        row = _best(data, variant, batch)
-        share = row["realised_over_ideal_vs_timm_onnx"]
-        lines.append(f"| {variant}: ≥ {OF_IDEAL} of its MAC-ideal against timm's ONNX | {share:.2f} ({row['speedup_over_timm_onnx']:.2f}× of "
-                     f"{row['mac_ideal']:.2f}×, {row['graph'][10:]}) | {_met(share >= OF_IDEAL)} |")
+    for variant in points:  # like with like: against the dense graph of the same form and passes, so that graph passes do not count as compression
+        shares = {}
+        for row in (r for r in _rows(data, variant=variant, batch=batch) if r["graph"].startswith("ONNX")):
+            shares[row["graph"][10:]] = _same_form_dense(data, row)["median_ms"] / row["median_ms"] / row["mac_ideal"]
+        best_form = max(shares, key=shares.get)
+        lines.append(f"| {variant}: ≥ {OF_IDEAL} of its MAC-ideal against the dense ONNX of the same form (dense = timm's ONNX for attention-op) | "
+                     f"best {shares[best_form]:.2f} ({best_form}); attention-op {shares['attention-op']:.2f} | {_met(shares[best_form] >= OF_IDEAL)} |")
     ps = _best(data, "patch-slim", batch)
-    lines.append(f"| Patch Slimming DeiT-S 2.6 G ≥ {PS_OVER_TIMM_ONNX}× timm's ONNX | {ps['speedup_over_timm_onnx']:.2f}× ({ps['graph'][10:]}) | "
-                 f"{_met(ps['speedup_over_timm_onnx'] >= PS_OVER_TIMM_ONNX)} |")
+    same_form = _same_form_dense(data, ps)["median_ms"] / ps["median_ms"]
+    lines.append(f"| Patch Slimming DeiT-S 2.6 G ≥ {PS_OVER_TIMM_ONNX}× timm's ONNX | {ps['speedup_over_timm_onnx']:.2f}× ({ps['graph'][10:]}; "
+                 f"{same_form:.2f}× its own dense graph of that form: the rest is the form's graph passes, which onnxruntime cannot apply to "
+                 f"timm's Attention-op graph) | {_met(ps['speedup_over_timm_onnx'] >= PS_OVER_TIMM_ONNX)} |")
     lines.append(f"| Patch Slimming DeiT-S 2.6 G ONNX ≥ {PS_OVER_TIMM}× timm in PyTorch | {ps['speedup']:.2f}× ({ps['graph'][10:]}) | {_met(ps['speedup'] >= PS_OVER_TIMM)} |")
     worst = min((r["gpu_parity"]["top1_agreement"] for r in data["rows"] if "gpu_parity" in r))
     lines.append(f"| fp16 ONNX top-1 agreement with the fp32 compact module on the GPU ≥ {AGREEMENT:.0%} | lowest {worst:.1%} over every graph "

@@ -1,8 +1,8 @@
 """Engines from ONNX: a loader that builds, a manifest that describes, atomic writes.
 
 One precision rule for full TensorRT 10 and 11 and TensorRT-RTX: every network is built strongly
-typed, so the ONNX decides (an fp16 export builds an fp16 engine, LayerNorm and Softmax stay in
-the fp32 the export kept them in); a `precision` that differs from the ONNX's is refused. TF32
+typed, so the ONNX decides (an fp16 export builds an fp16 engine, with any fp32 op exactly where
+the ONNX has it); a `precision` that differs from the ONNX's is refused. TF32
 is off for fp32 unless asked for, and then recorded. Every build option lands in the manifest.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def onnx_precision(onnx_path: Path) -> str:
 
 def _network(trt: TensorRT, builder, onnx_path: Path):
     # Strongly typed on every library: tensor types come from the ONNX, so TensorRT 10 cannot move
-    # the LayerNorm/Softmax an fp16 export keeps in fp32 (weak typing is deprecated from 10.12).
+    # any op an ONNX keeps in fp32 (weak typing is deprecated from 10.12).
     network = builder.create_network(1 << int(trt.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.module.OnnxParser(network, trt.logger())
     if not parser.parse_from_file(str(onnx_path)):

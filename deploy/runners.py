@@ -174,6 +174,8 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: Optional[int] = None, cuda_graph: bool = False) -> None:
         if cuda_graph and not device.startswith("cuda"):
             raise DeployError("CUDA graphs need --device cuda")
+        if device.startswith("cuda") and device not in ("cuda", "cuda:0"):
+            raise DeployError(f"the onnxruntime runner uses the first visible GPU: pick it with CUDA_VISIBLE_DEVICES and pass --device cuda, not {device}")
         self.onnx_path, self.device, self.threads, self.cuda_graph = Path(onnx_path), device, threads, cuda_graph
         self.session = self._timer = self._stream = None
         self._bound: dict[tuple, OrtBinding] = {}
@@ -190,10 +192,19 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         providers = ["CPUExecutionProvider"]
-        if self.on_cuda:
-            providers = [("CUDAExecutionProvider", self._cuda_options(ort)), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        try:
+            if self.on_cuda:
+                providers = [("CUDAExecutionProvider", self._cuda_options(ort)), "CPUExecutionProvider"]
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        except DeployError:
+            self.deactivate()  # the stream and events made for it
+            raise
+        except Exception as error:  # onnxruntime raises its own types (e.g. a graph that CUDA graphs cannot hold)
+            self.deactivate()
+            hint = ": time it with --no-cuda-graph" if self.cuda_graph else ""
+            raise DeployError(f"onnxruntime cannot load {self.onnx_path.name} ({type(error).__name__}: {str(error).splitlines()[0][:300]}){hint}") from None
         if self.on_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            self.deactivate()
             raise DeployError(f"onnxruntime could not start its CUDA provider for {self.onnx_path.name} (its log above says why): check the GPU "
                               f"and onnxruntime-gpu's CUDA libraries")
         graph_input = self.session.get_inputs()[0]
@@ -210,7 +221,7 @@ class OnnxRuntimeRunner(Runner):
         self.cudart = CudaRuntime.loaded()
         self._stream = self.cudart.new_stream()
         self._timer = EventTimer(self.cudart, self._stream)
-        return {"device_id": int(self.device.partition(":")[2] or 0), "use_tf32": 0, "user_compute_stream": str(self._stream),
+        return {"device_id": 0, "use_tf32": 0, "user_compute_stream": str(self._stream),
                 "enable_cuda_graph": int(self.cuda_graph)}
 
     def deactivate(self) -> None:
@@ -256,7 +267,7 @@ class OnnxRuntimeRunner(Runner):
     def _bind(self, host: np.ndarray) -> OrtBinding:
         import onnxruntime as ort
 
-        device_id = int(self.device.partition(":")[2] or 0)
+        device_id = 0  # the first visible GPU (see __init__)
         images = ort.OrtValue.ortvalue_from_numpy(host, "cuda", device_id)
         output_meta = self.session.get_outputs()[0]
         output_dtype = np.float16 if "float16" in output_meta.type else np.float32
@@ -274,6 +285,7 @@ class OnnxRuntimeRunner(Runner):
         if not self.on_cuda:
             self.infer(prepared)
             return
+        self._require_session()
         self.session.run_with_iobinding(prepared.binding, prepared.run_options)
 
     def synchronize(self) -> None:

@@ -3,8 +3,8 @@ which take precisions from the graph.
 
 Every op runs in fp16: no fp32 islands. LayerNormalization, Softmax and fused attention
 accumulate in fp32 inside TensorRT and onnxruntime already, and the Casts that kept LayerNorm and
-Softmax in fp32 (76 in DeiT-S) made the graph 3x slower on onnxruntime-gpu. BENCHMARKS.md
-("fp16 without fp32 islands") has the accuracy measured with and without them. Inputs and
+Softmax in fp32 (76 in DeiT-S) cost time on onnxruntime-gpu. BENCHMARKS.md ("fp16 without fp32
+islands") has the accuracy measured with and without them. Inputs and
 outputs stay fp32, so callers feed the same images and read the same logits.
 """
 from __future__ import annotations

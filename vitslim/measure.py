@@ -288,8 +288,9 @@ def compare_with_reference(model, plan, candidates: dict[str, Runner], images: n
 def remeasure(report: dict, settings: BenchSettings) -> dict:
     """The same bench again, from the spec stored in the report."""
     stored = dict(report["spec"])
-    if "tensorrt_cuda_graph" in stored:  # results written before the onnxruntime runner had CUDA graphs
-        stored["cuda_graph"] = stored.pop("tensorrt_cuda_graph")
+    if "tensorrt_cuda_graph" in stored:  # written before the onnxruntime runner had CUDA graphs: the switch was TensorRT's alone
+        legacy = stored.pop("tensorrt_cuda_graph")
+        stored["cuda_graph"] = legacy if stored.get("backend") == "tensorrt" else False
     spec = BenchSpec(**{**stored, "batches": tuple(stored["batches"])})
     return run_bench(spec, settings)
 

@@ -221,7 +221,10 @@ def runtime_checks(engine: Path, library: str, model: dict, reference: dict, run
 def onnxruntime_checks(prepared: Path, kit: dict, reference: dict) -> list[Check]:
     """Each kit ONNX on onnxruntime's CUDA provider (onnxruntime-gpu): parity at every batch with
     plain runs and with CUDA-graph replays, and timing so (needs a GPU)."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return [Check("onnxruntime on the GPU", "-", None, "onnxruntime is not installed: pip install onnxruntime-gpu to check it")]
 
     from vitslim.deploy.runners import OnnxRuntimeRunner
 
@@ -288,7 +291,7 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
         trt = find_tensorrt(library_name)
         label = f"{library_name} {trt.version}"
         for model in kit["models"]:
-            if model.get("attention_form") == NEEDS_ATTENTION_LAYER and not trt.has_attention_layer:
+            if not trt.has_attention_layer and _attention_form(prepared, model) == NEEDS_ATTENTION_LAYER:
                 checks.append(Check(f"{model['name']}: builds", label, None, f"skipped: {label} has no attention layer (TensorRT parses the ONNX "
                                                                               f"Attention op from 10.14 on): export with --attention matmul-softmax for it"))
                 continue
@@ -312,6 +315,14 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
                 runtime_cache = prepared / "runtime-cache" if library_name == "tensorrt_rtx" else None
                 checks += runtime_checks(engine, label, model, reference, runtime_cache)
     return checks
+
+
+def _attention_form(prepared: Path, model: dict):
+    """The kit model's attention form: from kit.json (selftest) or the ONNX's metadata (vitslim kit)."""
+    from vitslim.deploy.build import read_onnx
+    from vitslim.metadata import attention_form_of
+
+    return model.get("attention_form") or attention_form_of(read_onnx(prepared / model["onnx"]))
 
 
 def _in_subprocess(library: str, prepared: Path) -> list[Check]:

@@ -25,7 +25,7 @@ def _producer(tensor, op: str):
 
 
 def _head_split_source(tensor):
-    """(x [B, N, H*D], H) when `tensor` is Transpose(0,2,1,3) of Reshape(x, [?, N, H, D]), else None."""
+    """(x [B, N, H*D], [?, N, H, D]) when `tensor` is Transpose(0,2,1,3) of Reshape(x, [?, N, H, D]), else None."""
     import onnx_graphsurgeon as gs
 
     transpose = _producer(tensor, "Transpose")
@@ -34,12 +34,12 @@ def _head_split_source(tensor):
     reshape = _producer(transpose.inputs[0], "Reshape")
     if reshape is None or not isinstance(reshape.inputs[1], gs.Constant):
         return None
-    shape = np.asarray(reshape.inputs[1].values).tolist()
-    return (reshape.inputs[0], int(shape[2])) if len(shape) == 4 else None
+    shape = [int(d) for d in np.asarray(reshape.inputs[1].values).tolist()]
+    return (reshape.inputs[0], shape) if len(shape) == 4 and min(shape[1:]) > 0 else None
 
 
-def _head_merge_target(tensor):
-    """The Reshape whose output is [B, N, H*Dv] when `tensor` only feeds Transpose(0,2,1,3) -> Reshape."""
+def _head_merge_target(tensor, merged_shape: list[int]):
+    """The Reshape when `tensor` only feeds Transpose(0,2,1,3) -> Reshape to [?, N, H*Dv] (`merged_shape` [N, H*Dv])."""
     import onnx_graphsurgeon as gs
 
     if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Transpose" or list(tensor.outputs[0].attrs.get("perm", [])) != HEAD_SPLIT_PERM:
@@ -48,8 +48,10 @@ def _head_merge_target(tensor):
     if len(merged.outputs) != 1 or merged.outputs[0].op != "Reshape":
         return None
     reshape = merged.outputs[0]
-    three_dims = isinstance(reshape.inputs[1], gs.Constant) and np.asarray(reshape.inputs[1].values).size == 3
-    return reshape if three_dims else None
+    if not isinstance(reshape.inputs[1], gs.Constant):
+        return None
+    shape = [int(d) for d in np.asarray(reshape.inputs[1].values).tolist()]
+    return reshape if len(shape) == 3 and shape[1:] == merged_shape else None
 
 
 def _plain(node) -> bool:
@@ -65,11 +67,15 @@ def ort_multihead_attention(graph):
     replaced = kept = 0
     for node in [n for n in graph.nodes if n.op == "Attention" and n.domain in (None, "", "ai.onnx")]:
         sources = [_head_split_source(t) for t in node.inputs[:3]]
-        target = _head_merge_target(node.outputs[0])
-        if not _plain(node) or None in sources or target is None or len({heads for _, heads in sources}) != 1:
+        if not _plain(node) or None in sources or len({split[2] for _, split in sources}) != 1:
             kept += 1
             continue
-        heads = sources[0][1]
+        (_, q_split), (_, v_split) = sources[0], sources[2]
+        target = _head_merge_target(node.outputs[0], [q_split[1], q_split[2] * v_split[3]])  # [N_q, H * Dv]
+        if target is None:
+            kept += 1
+            continue
+        heads = q_split[2]
         attrs = {"num_heads": heads}
         if "scale" in node.attrs:
             attrs["scale"] = float(node.attrs["scale"])
