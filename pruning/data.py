@@ -160,7 +160,34 @@ def augmented_dataset(dataset: Dataset, policy: str) -> Dataset:
     augmented = copy.copy(base)
     augmented.transform = create_transform((3, height, width), is_training=True, auto_augment=policy, interpolation="bicubic",
                                            re_prob=0.25, mean=MEAN, std=STD)
+    _posterize_to_zero_bits(augmented.transform)
     return Subset(augmented, dataset.indices) if isinstance(dataset, Subset) else augmented
+
+
+def _posterize_zero_safe(image, bits_to_keep: int, **_):
+    """timm's posterize, with what Pillow < 12 did for 0 bits (every bit cleared: a black image)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _posterize_to_zero_bits(transform) -> None:
+    """Let timm's posterize ops keep 0 bits again. timm maps the strongest magnitudes to 0 bits
+    (DeiT's `inc1` policy at magnitude 10, which `mstd0.5` samples; plain `Posterize` below
+    magnitude 2.5; AutoAugment's v0 policies), which Pillow < 12 turned into a black image and
+    Pillow >= 12 refuses ("bits must be between or equal to 1 and 8"), so that DeiT's recipe
+    crashed in the first epochs. The ops of this transform get the old meaning; timm is not
+    changed."""
+    for step in getattr(transform, "transforms", ()):
+        ops = list(getattr(step, "ops", ()))  # RandAugment, AugMixAugment
+        ops += [op for sub_policy in getattr(step, "policy", ()) for op in sub_policy]  # AutoAugment
+        for op in ops:
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize_zero_safe
 
 
 def load_data(source: str, in_chans: int, img_size: tuple[int, int]) -> DataSplits:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,34 @@ def test_calibration_set_of_a_class_sorted_image_folder_holds_every_class(tmp_pa
     first, rest = drawn.split(4)
     assert len(set(first.class_histogram)) == 4 and not set(first.indices) & set(rest.indices)
     torch.testing.assert_close(drawn.images[0], data.train[drawn.indices[0]][0])
+
+
+def test_deit_augmentation_survives_its_strongest_posterize(tmp_path):
+    """DeiT's policy maps magnitude 10 (which mstd0.5 samples) to keeping 0 bits; Pillow >= 12
+    refuses 0 bits, so ImageFolder training crashed in its first epoch. 0 bits is a black image."""
+    from vitslim.pruning.data import DEIT_AUGMENT, augmented_dataset
+
+    _write_images(tmp_path, per_class=3)
+    data = load_data(str(tmp_path), 3, (16, 16))
+    augmented = augmented_dataset(data.train, DEIT_AUGMENT)
+    steps = augmented.dataset.transform.transforms
+    (rand_augment,) = [step for step in steps if hasattr(step, "ops")]
+    (posterize,) = [op for op in rand_augment.ops if "Posterize" in op.name]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    image = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize(image)).max() == 0
+    posterize.magnitude = 5  # 2 bits kept: 200 -> 192
+    assert np.asarray(posterize(image)).max() == 192
+    image, _ = augmented[0]  # the whole transform still runs
+    assert image.shape == (3, 16, 16)
+
+
+def test_train_on_an_image_folder_with_the_default_augmentation(tmp_path):
+    """`train` on a user's ImageFolder with every default (DeiT's RandAugment, Mixup, CutMix)."""
+    from vitslim.cli import main
+
+    _write_images(tmp_path / "data", per_class=4)
+    model = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2", "num_classes=2"]
+    assert main(["train", *model, "--data", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--out", str(tmp_path / "run")]) == 0
+    info = json.loads((tmp_path / "run" / "info.json").read_text())
+    assert info["augmentation"]["policy"] == "rand-m9-mstd0.5-inc1" and info["augmentation"]["mixup"] == 0.8
