@@ -1,10 +1,11 @@
-# `make run`: the built-in default pipeline; `make test`: the test suite. Both create .venv first.
+# `make run`: the built-in default pipeline; `make test`: the test suite (fast, e2e excluded);
+# `make test-e2e`: the default recipe end to end against its targets. All create .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test test-e2e setup clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q -m e2e
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

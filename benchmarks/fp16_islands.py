@@ -5,22 +5,22 @@ over the whole validation split and compared with the fp32 masked reference.
 
     make run && python -m benchmarks.fp16_islands      # -> results/fp16_islands.json, then --report
 """
+
 from __future__ import annotations
 
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
-
 from vitslim.export.onnx_export import export_plan
 from vitslim.export.passes import apply_passes
 from vitslim.export.precision import fp16_from_fp32
-from vitslim.files import write_json_atomic
-from vitslim.pipeline import data_for, run_data_source
-from vitslim.precision import compare_outputs
 from vitslim.pruning.run_dir import load_run
+
+from vitslim.core.files import write_json_atomic
+from vitslim.core.precision import compare_outputs
+from vitslim.pipeline import data_for, run_data_source
 from vitslim.quantization import onnx_logits, reference_logits, top1_of
 
 from .__main__ import RESULTS
@@ -47,8 +47,13 @@ def measure(run_dir: Path, work: Path) -> dict:
         onnx.save(converted, str(path))
         logits, labels = onnx_logits(path, data.val)
         parity = compare_outputs(reference, logits)
-        row[name] = {"top1": top1_of(logits, labels), "agreement": parity.top1_agreement, "max_abs_diff": parity.max_abs_diff, "cosine": parity.cosine,
-                     "casts": sum(node.op_type == "Cast" for node in converted.graph.node)}
+        row[name] = {
+            "top1": top1_of(logits, labels),
+            "agreement": parity.top1_agreement,
+            "max_abs_diff": parity.max_abs_diff,
+            "cosine": parity.cosine,
+            "casts": sum(node.op_type == "Cast" for node in converted.graph.node),
+        }
     row["fp32 reference top1"] = top1_of(reference, labels)
     return row
 
@@ -62,7 +67,9 @@ def main(run: Path = RUN) -> int:
         rows = [measure(variant, Path(work)) for variant in variants]
     for row in rows:
         print(row)
-    write_json_atomic(RESULTS / "fp16_islands.json", {"run": str(run), "columns": [name for name, _, _ in VARIANTS], "rows": rows})
+    write_json_atomic(
+        RESULTS / "fp16_islands.json", {"run": str(run), "columns": [name for name, _, _ in VARIANTS], "rows": rows}
+    )
     return 0
 
 

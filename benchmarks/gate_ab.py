@@ -14,19 +14,21 @@ the sleeping variant (results in gate_ab_sleep.*).
 
 Writes benchmarks/results/gate_ab.json and gate_ab.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import time
-from dataclasses import asdict
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from vitslim.deploy.bench import host_description
 from vitslim.deploy.gate import PASS, REGRESSION, UNDECIDED, ABSettings
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner
-from vitslim.files import write_json_atomic, write_text_atomic
+
+from vitslim.core.files import write_json_atomic, write_text_atomic
 from vitslim.measure import run_ab
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,28 +79,42 @@ def _spin() -> None:
 
 def run_case(onnx: Path, fraction: float, batch: int, threads: int, settings: ABSettings, sleep: bool = False) -> dict:
     candidate = OnnxRuntimeRunner(onnx, threads=threads)
-    runners = (OnnxRuntimeRunner(onnx, threads=threads), SlowedRunner(candidate, fraction, sleep) if fraction else candidate)
+    runners = (
+        OnnxRuntimeRunner(onnx, threads=threads),
+        SlowedRunner(candidate, fraction, sleep) if fraction else candidate,
+    )
     report = run_ab(onnx, onnx, batch=batch, threads=threads, settings=settings, runners=runners)
-    return {"exit_code": report["exit_code"], "ratio": report["ratio"], "interval": report["interval"], "rounds": report["rounds"], "seconds": report["seconds"],
-            "baseline_median_ms": report["baseline_median_ms"]}
+    return {
+        "exit_code": report["exit_code"],
+        "ratio": report["ratio"],
+        "interval": report["interval"],
+        "rounds": report["rounds"],
+        "seconds": report["seconds"],
+        "baseline_median_ms": report["baseline_median_ms"],
+    }
 
 
 def markdown(data: dict) -> str:
     lines = [
-        "# Paired A/B gate on a loaded machine", "",
+        "# Paired A/B gate on a loaded machine",
+        "",
         f"{data['host']['cpu']} ({data['host']['cores']} cores) with {data['busy']} busy-loop processes; digits ONNX `{data['onnx']}`, "
         f"batch {data['batch']}, onnxruntime with {data['threads']} thread(s); default gate settings (fail above +{data['settings']['fail']:.0%}, "
         f"{data['settings']['confidence']:.0%} interval, at most {data['settings']['max_seconds']:.0f} s); slower candidates {data['slowdown']} "
-        f"after each inference; {data['runs']} runs per case.", "",
-        "| case | expected | pass | regression | undecided | median ratio | ratio range | median s | max s |", "|---|---|---|---|---|---|---|---|---|",
+        f"after each inference; {data['runs']} runs per case.",
+        "",
+        "| case | expected | pass | regression | undecided | median ratio | ratio range | median s | max s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in data["cases"]:
         runs = case["runs"]
         counts = Counter(VERDICTS[r["exit_code"]] for r in runs)
         ratios = sorted(r["ratio"] for r in runs)
         seconds = sorted(r["seconds"] for r in runs)
-        lines.append(f"| {case['name']} | {VERDICTS[case['expected']]} | {counts['pass']} | {counts['regression']} | {counts['undecided']} | "
-                     f"{ratios[len(ratios) // 2]:.3f} | {ratios[0]:.3f}–{ratios[-1]:.3f} | {seconds[len(seconds) // 2]:.1f} | {seconds[-1]:.1f} |")
+        lines.append(
+            f"| {case['name']} | {VERDICTS[case['expected']]} | {counts['pass']} | {counts['regression']} | {counts['undecided']} | "
+            f"{ratios[len(ratios) // 2]:.3f} | {ratios[0]:.3f}–{ratios[-1]:.3f} | {seconds[len(seconds) // 2]:.1f} | {seconds[-1]:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -108,8 +124,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--busy", type=int, default=2, help="background busy-loop processes")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (1: a loaded machine has no spare core)")
-    parser.add_argument("--slowdown", choices=("spin", "sleep"), default="spin", help="how the slower candidates wait (see the module's docstring)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime threads (1: a loaded machine has no spare core)"
+    )
+    parser.add_argument(
+        "--slowdown",
+        choices=("spin", "sleep"),
+        default="spin",
+        help="how the slower candidates wait (see the module's docstring)",
+    )
     args = parser.parse_args()
     onnx, settings = Path(args.onnx), ABSettings()
     if not onnx.is_file():
@@ -122,15 +145,29 @@ def main() -> None:
         for name, fraction, expected in CASES:
             runs = []
             for index in range(args.runs):
-                runs.append(run_case(onnx, fraction, args.batch, args.threads, settings, sleep=args.slowdown == "sleep"))
+                runs.append(
+                    run_case(onnx, fraction, args.batch, args.threads, settings, sleep=args.slowdown == "sleep")
+                )
                 last = runs[-1]
-                print(f"{name} {index + 1}/{args.runs}: {VERDICTS[last['exit_code']]}, ratio {last['ratio']:.3f}, {last['seconds']:.1f} s", flush=True)
+                print(
+                    f"{name} {index + 1}/{args.runs}: {VERDICTS[last['exit_code']]}, ratio {last['ratio']:.3f}, {last['seconds']:.1f} s",
+                    flush=True,
+                )
             cases.append({"name": name, "slowdown": fraction, "expected": expected, "runs": runs})
     finally:
         for process in busy:
             process.terminate()
-    data = {"onnx": str(onnx), "slowdown": args.slowdown, "batch": args.batch, "threads": args.threads, "busy": args.busy, "runs": args.runs,
-            "host": host_description(), "settings": asdict(settings), "cases": cases}
+    data = {
+        "onnx": str(onnx),
+        "slowdown": args.slowdown,
+        "batch": args.batch,
+        "threads": args.threads,
+        "busy": args.busy,
+        "runs": args.runs,
+        "host": host_description(),
+        "settings": asdict(settings),
+        "cases": cases,
+    }
     name = "gate_ab" if args.slowdown == "spin" else "gate_ab_sleep"
     write_json_atomic(RESULTS / f"{name}.json", data)
     write_text_atomic(RESULTS / f"{name}.md", markdown(data))

@@ -1,5 +1,5 @@
 """The other INT8 candidate of issue 15: NVIDIA Model Optimizer's ONNX post-training quantization,
-on the same digits ONNX files and data as `vitslim quantize`, for the comparison in README
+on the same digits ONNX files and data as `vitslim quantize`, for the comparison in docs/int8.md
 ("INT8"). Model Optimizer brings torch and CuPy, so it is not a vitslim dependency; run this in a
 virtual environment of its own:
 
@@ -10,6 +10,7 @@ For each ONNX it writes NAME.modelopt.onnx beside it and prints fp32 and int8 to
 validation images, top-1 agreement with fp32, the Q/DQ count and which op types read dequantized
 tensors. Build the outputs with `vitslim build` to see what TensorRT accepts.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,14 +24,22 @@ import torch
 from modelopt.onnx.quantization import quantize
 from sklearn.datasets import load_digits
 
-VAL_FRACTION, SPLIT_SEED = 0.2, 0  # vitslim.pruning.data's split, repeated here: that package needs timm, which this environment lacks
+VAL_FRACTION, SPLIT_SEED = (
+    0.2,
+    0,
+)  # vitslim.pruning.data's split, repeated here: that package needs timm, which this environment lacks
 
 
 def digits(size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train and validation images/labels exactly as vitslim prepares digits (32x32, mean/std 0.5)."""
     data = load_digits()
     pixels = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = ((torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1) - 0.5) / 0.5)
+    images = (
+        torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False).expand(
+            -1, 3, -1, -1
+        )
+        - 0.5
+    ) / 0.5
     order = torch.randperm(len(data.target), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_val = int(round(len(order) * VAL_FRACTION))
     train, val = sorted(order[n_val:]), sorted(order[:n_val])
@@ -48,15 +57,23 @@ def main() -> None:
     calibration = train_images[:256]
     for source in map(Path, sys.argv[1:]):
         out = source.with_suffix(".modelopt.onnx")
-        quantize(onnx_path=str(source), quantize_mode="int8", calibration_data={"images": calibration}, calibration_method="max",
-                 output_path=str(out), calibration_eps=["cpu"])
+        quantize(
+            onnx_path=str(source),
+            quantize_mode="int8",
+            calibration_data={"images": calibration},
+            calibration_method="max",
+            output_path=str(out),
+            calibration_eps=["cpu"],
+        )
         fp32, int8 = logits(source, val_images), logits(out, val_images)
         model = onnx.load(str(out))
         dequantized = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
         readers = Counter(node.op_type for node in model.graph.node if any(name in dequantized for name in node.input))
-        print(f"{source.name}: fp32 top-1 {100 * (fp32.argmax(1) == val_labels).mean():.2f}, int8 {100 * (int8.argmax(1) == val_labels).mean():.2f}, "
-              f"agreement {(fp32.argmax(1) == int8.argmax(1)).mean():.1%}, {sum(n.op_type == 'QuantizeLinear' for n in model.graph.node)} QuantizeLinear, "
-              f"DequantizeLinear read by {dict(readers)}, {out.stat().st_size / 1e6:.2f} MB")
+        print(
+            f"{source.name}: fp32 top-1 {100 * (fp32.argmax(1) == val_labels).mean():.2f}, int8 {100 * (int8.argmax(1) == val_labels).mean():.2f}, "
+            f"agreement {(fp32.argmax(1) == int8.argmax(1)).mean():.1%}, {sum(n.op_type == 'QuantizeLinear' for n in model.graph.node)} QuantizeLinear, "
+            f"DequantizeLinear read by {dict(readers)}, {out.stat().st_size / 1e6:.2f} MB"
+        )
 
 
 if __name__ == "__main__":

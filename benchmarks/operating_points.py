@@ -11,6 +11,7 @@ the MACs of each Patch Slimming point.
 - DGSSA + GLAD: the structure of issue 10 and a ladder of stronger ones, each given for a
   12-block model as fractions of the depth and of the patches, so it maps to any depth/grid.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.methods.dgssa_glad import structure_plan
 from vitslim.pruning.methods.patch_slimming import plan_from_token_sets
@@ -35,10 +35,22 @@ VTP_RATIOS = (0.2, 0.4)
 TOME_PAPER_R = 13
 VTP_PAPER_DEIT_B = {0.2: {"params_m": 67.3, "gmacs": 13.8}, 0.4: {"params_m": 48.0, "gmacs": 10.0}}
 PAPER_CLAIMS = (  # as quoted; where a number could not be checked against the paper, the source says so
-    {"method": "Patch Slimming", "claim": "over 45 % of DeiT-Ti's FLOPs removed for −0.2 top-1; DeiT-S at 2.6 G: 79.4 % (ImageNet)", "source": "Tang et al., CVPR 2022 (abstract; results table)"},
-    {"method": "VTP", "claim": "DeiT-B with 40 % pruned: 48.0 M params / 10.0 G", "source": "Zhu et al., 2021 (as quoted in the team's notes, unverified)"},
+    {
+        "method": "Patch Slimming",
+        "claim": "over 45 % of DeiT-Ti's FLOPs removed for −0.2 top-1; DeiT-S at 2.6 G: 79.4 % (ImageNet)",
+        "source": "Tang et al., CVPR 2022 (abstract; results table)",
+    },
+    {
+        "method": "VTP",
+        "claim": "DeiT-B with 40 % pruned: 48.0 M params / 10.0 G",
+        "source": "Zhu et al., 2021 (as quoted in the team's notes, unverified)",
+    },
     {"method": "DGSSA + GLAD", "claim": "up to 2.21× DeiT throughput", "source": "Yu et al., 2023 (abstract)"},
-    {"method": "ToMe", "claim": "DeiT-S, r = 13: +52 % throughput, training-free", "source": "Bolya et al., ICLR 2023 (as quoted in issue 11)"},
+    {
+        "method": "ToMe",
+        "claim": "DeiT-S, r = 13: +52 % throughput, training-free",
+        "source": "Bolya et al., ICLR 2023 (as quoted in issue 11)",
+    },
 )
 
 
@@ -52,7 +64,9 @@ class DGSSAStructure:
 
     def pyramid(self, geometry: ViTGeometry) -> tuple[tuple[int, int], ...]:
         """(block, patches) for `geometry`: '7:98,10:49' on a 12-block 14 x 14 DeiT."""
-        return tuple((stage * geometry.depth // 12, int(fraction * geometry.num_patches)) for stage, fraction in self.stages)
+        return tuple(
+            (stage * geometry.depth // 12, int(fraction * geometry.num_patches)) for stage, fraction in self.stages
+        )
 
     def static_blocks(self, geometry: ViTGeometry) -> int:
         return self.static * geometry.depth // 12
@@ -97,15 +111,17 @@ def hidden_heavy_gates(geometry: ViTGeometry, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ranges = {"hidden": (0.0, 0.6), "qkv_in": (0.3, 1.0), "proj_in": (0.3, 1.0), "fc1_in": (0.3, 1.0)}
     return {
-        (block, space): ranges[space][0] + (ranges[space][1] - ranges[space][0]) * torch.rand(geometry.channel_sizes[space], generator=generator)
-        for block in range(geometry.depth) for space in CHANNEL_SPACES
+        (block, space): ranges[space][0]
+        + (ranges[space][1] - ranges[space][0]) * torch.rand(geometry.channel_sizes[space], generator=generator)
+        for block in range(geometry.depth)
+        for space in CHANNEL_SPACES
     }
 
 
 def pyramid_counts(geometry: ViTGeometry, rho: float) -> list[int]:
     """Patches kept by each block: all in block 0, round(P * rho^b) after, none in the last block
     of a class-token model (only the prefix tokens reach the head); never more than the block before."""
-    counts = [min(geometry.num_patches, round(geometry.num_patches * rho ** b)) for b in range(geometry.depth)]
+    counts = [min(geometry.num_patches, round(geometry.num_patches * rho**b)) for b in range(geometry.depth)]
     if not geometry.pools_patch_tokens:
         counts[-1] = 0
     else:
@@ -136,7 +152,9 @@ def patch_slimming_pyramid(geometry: ViTGeometry, base: SlimPlan, target_macs: i
 
 def dgssa_plan(model: nn.Module, geometry: ViTGeometry, base: SlimPlan, structure: DGSSAStructure) -> SlimPlan:
     """The structure's plan as the method initialises it (dgssa_glad.structure_plan)."""
-    plan = structure_plan(base, structure.static_blocks(geometry), structure.pyramid(geometry), geometry, patch_grid(model))
+    plan = structure_plan(
+        base, structure.static_blocks(geometry), structure.pyramid(geometry), geometry, patch_grid(model)
+    )
     validate(plan, geometry)
     return plan
 
@@ -157,7 +175,19 @@ def operating_points(model: nn.Module, base: SlimPlan, layouts: bool = False) ->
     target_macs = int(target * 1e9) if target else int(0.56 * dense_macs)  # other models: the papers' ~44 % cut
     slim, rho = patch_slimming_pyramid(geometry, base, target_macs)
     kept = [len(b.kept_tokens) if b.kept_tokens is not None else None for b in slim.blocks]
-    points.append(point("patch-slim", "patch-slim", slim, notes={"rho": rho, "target_gmacs": target_macs / 1e9, "patches_per_block": pyramid_counts(geometry, rho), "kept_tokens": kept}))
+    points.append(
+        point(
+            "patch-slim",
+            "patch-slim",
+            slim,
+            notes={
+                "rho": rho,
+                "target_gmacs": target_macs / 1e9,
+                "patches_per_block": pyramid_counts(geometry, rho),
+                "kept_tokens": kept,
+            },
+        )
+    )
     if layouts:
         points.append(point("patch-slim slice", "patch-slim", slim, token_layout="slice"))
     gates = hidden_heavy_gates(geometry)
@@ -166,14 +196,30 @@ def operating_points(model: nn.Module, base: SlimPlan, layouts: bool = False) ->
         points.append(point(f"vtp {ratio:.0%}", "vtp", vtp, channel_layout="masked"))
         if layouts and ratio == 0.4:
             points.append(point(f"vtp {ratio:.0%} gather", "vtp", vtp))
-            points.append(point(f"vtp {ratio:.0%} round 64", "vtp", plan_from_gates(gates, geometry, base, VTPConfig(prune_ratio=ratio, round_to=64)), channel_layout="masked"))
+            points.append(
+                point(
+                    f"vtp {ratio:.0%} round 64",
+                    "vtp",
+                    plan_from_gates(gates, geometry, base, VTPConfig(prune_ratio=ratio, round_to=64)),
+                    channel_layout="masked",
+                )
+            )
     for structure in (DGSSA_ISSUE_10, *DGSSA_LADDER):
-        points.append(point(structure.name(), "dgssa-glad", dgssa_plan(model, geometry, base, structure),
-                            notes={"static_blocks": structure.static_blocks(geometry), "pyramid": structure.pyramid(geometry)}))
+        points.append(
+            point(
+                structure.name(),
+                "dgssa-glad",
+                dgssa_plan(model, geometry, base, structure),
+                notes={"static_blocks": structure.static_blocks(geometry), "pyramid": structure.pyramid(geometry)},
+            )
+        )
     schedule = schedule_for_macs(plan_macs(slim, geometry)["total"], geometry)
     points.append(point("tome", "tome", schedule=schedule, notes={"matched_to": "patch-slim"}))
-    points.append(point("tome one-hot", "tome", schedule=schedule, tome_scatter=False, notes={"matched_to": "patch-slim"}))
-    if base.model.name == "deit_small_patch16_224" and not base.model.kwargs:  # the ToMe paper's DeiT-S point, to check this implementation against its claim
+    points.append(
+        point("tome one-hot", "tome", schedule=schedule, tome_scatter=False, notes={"matched_to": "patch-slim"})
+    )
+    if (
+        base.model.name == "deit_small_patch16_224" and not base.model.kwargs
+    ):  # the ToMe paper's DeiT-S point, to check this implementation against its claim
         points.append(point(f"tome r={TOME_PAPER_R}", "tome", schedule=(TOME_PAPER_R,) * geometry.depth))
     return points
-

@@ -3,6 +3,7 @@ point (eager mode under torch.profiler; kernel durations are those CUDA graphs r
 
     python -m benchmarks.profile [--model deit_small_patch16_224] [--batch 256] [--variant patch-slim ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", help="operating points to profile (repeat); default all")
     args = parser.parse_args(argv)
     model, spec = random_model(args.model)
-    points = [p for p in points_of(model, spec, layouts=True) if args.variant is None or p.variant in args.variant or p.variant == "dense"]
+    points = [
+        p
+        for p in points_of(model, spec, layouts=True)
+        if args.variant is None or p.variant in args.variant or p.variant == "dense"
+    ]
     images = torch.as_tensor(images_for(model, args.batch)).cuda().half()
-    rows = {p.variant: (p.macs_fraction, kernel_times(module_of(model, p).cuda().half().eval(), images)) for p in points}
+    rows = {
+        p.variant: (p.macs_fraction, kernel_times(module_of(model, p).cuda().half().eval(), images)) for p in points
+    }
     categories = sorted({c for _, times in rows.values() for c in times}, key=lambda c: -rows["dense"][1].get(c, 0))
     print(f"{args.model}, batch {args.batch}, fp16, kernel ms per forward (eager)")
     print("| variant | MACs | total | " + " | ".join(categories) + " |")
     print("|---|---|---|" + "---|" * len(categories))
     for variant, (fraction, times) in rows.items():
-        print(f"| {variant} | {fraction:.1%} | {sum(times.values()):.2f} | " + " | ".join(f"{times.get(c, 0):.2f}" for c in categories) + " |")
+        print(
+            f"| {variant} | {fraction:.1%} | {sum(times.values()):.2f} | "
+            + " | ".join(f"{times.get(c, 0):.2f}" for c in categories)
+            + " |"
+        )
     return 0
 
 

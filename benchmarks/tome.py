@@ -14,6 +14,7 @@ Per block, on timm's own submodules and weights:
 The token count after every block is fixed by the schedule (r per block), so all shapes are
 static; the indices are data-dependent (TopK / GatherElements / ScatterElements in ONNX).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,7 +22,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vitslim.pruning.macs import block_macs
 from vitslim.pruning.plan import BlockPlan, TokenCounts
 from vitslim.pruning.timm_adapter import ViTGeometry, block_parts, supported_geometry
@@ -30,7 +30,9 @@ ATTENTION_PARTS = ("qk_proj", "qk_scores", "v_proj", "attn_v", "proj")  # block_
 MLP_PARTS = ("fc1", "fc2")  # at the merged count
 
 
-def merge_tokens(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, num_prefix: int, scatter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(
+    x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, num_prefix: int, scatter: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge r patch tokens of x [B, N, C] (sizes [B, N, 1], keys [B, N, D]) into their best
     partners by bipartite soft matching; returns [B, N - r, C] and the new sizes. `scatter`
     adds sources into destinations with scatter_add (ONNX ScatterElements, reduction add);
@@ -83,7 +85,12 @@ class ToMe(nn.Module):
         super().__init__()
         geometry = supported_geometry(model)
         check_schedule(schedule, geometry)
-        self.model, self.schedule, self.num_prefix, self.scatter = model.eval(), tuple(schedule), geometry.num_prefix_tokens, scatter
+        self.model, self.schedule, self.num_prefix, self.scatter = (
+            model.eval(),
+            tuple(schedule),
+            geometry.num_prefix_tokens,
+            scatter,
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -133,6 +140,7 @@ def tome_macs(schedule: Sequence[int], geometry: ViTGeometry) -> int:
 def schedule_for_macs(target_macs: int, geometry: ViTGeometry) -> tuple[int, ...]:
     """The ToMe schedule closest to `target_macs`: a constant r (the paper's form), with r + 1 in
     the first k blocks where that lands closer. Each r is capped at the size of set A."""
+
     def capped(schedule: list[int]) -> tuple[int, ...]:
         out, tokens = [], geometry.num_tokens
         for r in schedule:
@@ -152,7 +160,16 @@ def schedule_for_macs(target_macs: int, geometry: ViTGeometry) -> tuple[int, ...
 
 
 # ops whose indices depend on the data (the matching): what a static-graph question is about
-DATA_DEPENDENT_OPS = ("TopK", "ArgMax", "GatherElements", "ScatterElements", "ScatterND", "GatherND", "NonZero", "Unique")
+DATA_DEPENDENT_OPS = (
+    "TopK",
+    "ArgMax",
+    "GatherElements",
+    "ScatterElements",
+    "ScatterND",
+    "GatherND",
+    "NonZero",
+    "Unique",
+)
 
 
 def export_tome(model: nn.Module, schedule: Sequence[int], path, scatter: bool = True) -> dict:
@@ -162,26 +179,43 @@ def export_tome(model: nn.Module, schedule: Sequence[int], path, scatter: bool =
 
     from vitslim.export.attention_form import attention_form
     from vitslim.export.onnx_export import onnx_from_module, run_onnxruntime
-    from vitslim.files import atomic_path
-    from vitslim.precision import compare_outputs
     from vitslim.pruning.timm_adapter import count_params
+
+    from vitslim.core.files import atomic_path
+    from vitslim.core.precision import compare_outputs
 
     module = ToMe(model.float().cpu().eval(), schedule, scatter).eval()
     images = torch.randn(4, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
     try:
         with atomic_path(path) as tmp:
-            exported = onnx_from_module(module, images, tmp, attention_form("matmul-softmax").opset)  # ToMe's own attention: explicit ops
+            exported = onnx_from_module(
+                module, images, tmp, attention_form("matmul-softmax").opset
+            )  # ToMe's own attention: explicit ops
             with torch.no_grad():
                 parity = compare_outputs(module(images).numpy(), run_onnxruntime(tmp, images.numpy()))
             size = tmp.stat().st_size
     except Exception as error:  # the question is whether it exports at all: record any failure
-        return {"params": count_params(model), "onnx_error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        return {
+            "params": count_params(model),
+            "onnx_error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        }
     ops = Counter(node.op_type for node in exported.graph.node)
     # the exporter records every intermediate shape (onnx's own inference loses them at Reshapes)
     batch = exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    dynamic = sorted({v.name for v in exported.graph.value_info for d in v.type.tensor_type.shape.dim if d.dim_param and d.dim_param != batch})
+    dynamic = sorted(
+        {
+            v.name
+            for v in exported.graph.value_info
+            for d in v.type.tensor_type.shape.dim
+            if d.dim_param and d.dim_param != batch
+        }
+    )
     return {
-        "params": count_params(model), "onnx_bytes": size, "parity": parity.to_dict(),
+        "params": count_params(model),
+        "onnx_bytes": size,
+        "parity": parity.to_dict(),
         "data_dependent_ops": {op: ops[op] for op in DATA_DEPENDENT_OPS if ops[op]},
-        "shapes_recorded": len(exported.graph.value_info), "tensors_with_dynamic_dims_besides_batch": len(dynamic), "onnx_file": path.name,
+        "shapes_recorded": len(exported.graph.value_info),
+        "tensors_with_dynamic_dims_besides_batch": len(dynamic),
+        "onnx_file": path.name,
     }

@@ -1,6 +1,7 @@
 """Latency benchmarks of runners: inputs already on the device, time-based warm-up, CUDA events
 on GPUs, enough iterations for a stable median, a distribution, and a fingerprint of everything
 that decides whether two numbers may be compared."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from vitslim.settings import setting
+from vitslim.core.settings import setting
 
 from .errors import DeployError
 from .runners import Runner
@@ -43,9 +44,14 @@ def summarize(samples_ms: list[float], batch: int) -> dict:
     mean = float(values.mean())
     median = float(np.median(values))
     return {
-        "iterations": int(values.size), "mean_ms": mean, "median_ms": median,
-        "p90_ms": float(np.percentile(values, 90)), "p95_ms": float(np.percentile(values, 95)), "p99_ms": float(np.percentile(values, 99)),
-        "min_ms": float(values.min()), "max_ms": float(values.max()),
+        "iterations": int(values.size),
+        "mean_ms": mean,
+        "median_ms": median,
+        "p90_ms": float(np.percentile(values, 90)),
+        "p95_ms": float(np.percentile(values, 95)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "min_ms": float(values.min()),
+        "max_ms": float(values.max()),
         "cov": float(values.std() / mean) if mean > 0 else 0.0,
         "throughput_per_s": batch / (median / 1000.0) if median > 0 else float("inf"),
     }
@@ -96,7 +102,9 @@ def measure_round(runner: Runner, images: np.ndarray, settings: BenchSettings) -
     while time.perf_counter() < deadline:
         timed(prepared)
     samples, started = [], time.perf_counter()
-    while len(samples) < settings.max_iterations and (len(samples) < settings.min_iterations or time.perf_counter() - started < settings.min_seconds):
+    while len(samples) < settings.max_iterations and (
+        len(samples) < settings.min_iterations or time.perf_counter() - started < settings.min_seconds
+    ):
         samples.append(timed(prepared))
     return samples
 
@@ -123,13 +131,26 @@ def host_description() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version(), "gpu": gpu_info()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "gpu": gpu_info(),
+    }
 
 
 def fingerprint(runner: Runner, precision: str, batch: int, artifact_sha256: Optional[str], label: str = "") -> dict:
     """What was measured and where: host, runner (device, library versions), precision, batch,
     label, and the artifact's bytes (for information: see `comparison_key`)."""
-    return {"host": host_description(), "runner": runner.description, "precision": precision, "batch": batch, "artifact_sha256": artifact_sha256, "label": label}
+    return {
+        "host": host_description(),
+        "runner": runner.description,
+        "precision": precision,
+        "batch": batch,
+        "artifact_sha256": artifact_sha256,
+        "label": label,
+    }
 
 
 # Digests of the measured files: kept in results for information, but a re-export of the same
@@ -158,8 +179,14 @@ def fingerprint_id(fingerprint_: dict) -> str:
     return hashlib.sha256(json.dumps(comparison_key(fingerprint_), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def benchmark(runner: Runner, images: np.ndarray, precision: str = "fp32", artifact_sha256: Optional[str] = None,
-              settings: BenchSettings = BenchSettings(), label: str = "") -> dict:
+def benchmark(
+    runner: Runner,
+    images: np.ndarray,
+    precision: str = "fp32",
+    artifact_sha256: Optional[str] = None,
+    settings: BenchSettings = BenchSettings(),
+    label: str = "",
+) -> dict:
     """Measure `runner` on `images` (one batch); re-measure up to max_rounds while CoV > max_cov
     and keep the quietest round. `precision`, `artifact_sha256` and `label` go into the
     fingerprint that decides which results may be compared."""
@@ -172,9 +199,17 @@ def benchmark(runner: Runner, images: np.ndarray, precision: str = "fp32", artif
     best = min(rounds, key=lambda s: s["cov"])
     print_ = fingerprint(runner, precision, len(images), artifact_sha256, label)
     return {
-        "label": label, "batch": len(images), **best, "rounds": len(rounds), "noisy": best["cov"] > settings.max_cov,
-        "setup_seconds": getattr(runner, "setup_seconds", {}).get(str(tuple(images.shape))),  # compile / capture, not in the latency
+        "label": label,
+        "batch": len(images),
+        **best,
+        "rounds": len(rounds),
+        "noisy": best["cov"] > settings.max_cov,
+        "setup_seconds": getattr(runner, "setup_seconds", {}).get(
+            str(tuple(images.shape))
+        ),  # compile / capture, not in the latency
         # on a CPU there are no copies: end to end is the device time just measured
         "end_to_end_median_ms": best["median_ms"] if runner.device == "cpu" else end_to_end_ms(runner, images),
-        "fingerprint": print_, "fingerprint_id": fingerprint_id(print_), "settings": asdict(settings),
+        "fingerprint": print_,
+        "fingerprint_id": fingerprint_id(print_),
+        "settings": asdict(settings),
     }

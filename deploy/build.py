@@ -5,25 +5,32 @@ typed, so the ONNX decides (an fp16 export builds an fp16 engine, with any fp32 
 the ONNX has it); a `precision` that differs from the ONNX's is refused. TF32
 is off for fp32 unless asked for, and then recorded. Every build option lands in the manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.core.metadata import attention_form_of, preprocessing_of
+from vitslim.core.precision import GRAPH_PRECISIONS, graph_precision
+
 from .errors import DeployError
 from .gpu import gpu_info
-from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
-from vitslim.metadata import attention_form_of, preprocessing_of
-from vitslim.precision import GRAPH_PRECISIONS, graph_precision
 from .tensorrt_lib import TensorRT, require_tensorrt
 
+log = logging.getLogger(__name__)
+
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # what vitslim takes for a serialized engine
-MANIFEST_VERSION = 3  # 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
+MANIFEST_VERSION = (
+    3  # 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
+)
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 
@@ -56,7 +63,11 @@ class BatchProfile:
 DEFAULT_PROFILE = BatchProfile(1, 8, 32)
 
 
-HARDWARE_COMPATIBILITY = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
+HARDWARE_COMPATIBILITY = {
+    "none": "NONE",
+    "ampere+": "AMPERE_PLUS",
+    "same-compute-capability": "SAME_COMPUTE_CAPABILITY",
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,9 @@ class BuildSettings:
     workspace_mb: Optional[int] = None
     timing_cache: Optional[Path] = None
     library: Optional[str] = None  # "tensorrt" or "tensorrt_rtx"; None picks the installed one
-    tf32: bool = False  # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
+    tf32: bool = (
+        False  # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
+    )
     optimization_level: Optional[int] = None  # builder optimisation level 0-5 (TensorRT's default: 3)
     hardware_compatibility: str = "none"  # none | ampere+ | same-compute-capability (TensorRT 10+, RTX)
     version_compatible: bool = False  # an engine later TensorRT versions can run (lean runtime inside)
@@ -82,7 +95,9 @@ class BuildSettings:
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise DeployError(f"--optimization-level {self.optimization_level} must be in 0..5")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise DeployError(f"--hardware-compatibility {self.hardware_compatibility!r} is not one of {tuple(HARDWARE_COMPATIBILITY)}")
+            raise DeployError(
+                f"--hardware-compatibility {self.hardware_compatibility!r} is not one of {tuple(HARDWARE_COMPATIBILITY)}"
+            )
         if self.dla_core is not None and self.dla_core < 0:
             raise DeployError(f"--dla-core {self.dla_core} must be >= 0")
         if self.workspace_mb is not None and self.workspace_mb < 1:
@@ -90,10 +105,16 @@ class BuildSettings:
 
     def options(self) -> dict:
         """What the manifest records of these settings (the build options)."""
-        return {"tf32": self.tf32, "optimization_level": self.optimization_level, "hardware_compatibility": self.hardware_compatibility,
-                "version_compatible": self.version_compatible, "compute_capabilities": list(self.compute_capabilities),
-                "dla_core": self.dla_core, "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
-                "workspace_mb": self.workspace_mb}
+        return {
+            "tf32": self.tf32,
+            "optimization_level": self.optimization_level,
+            "hardware_compatibility": self.hardware_compatibility,
+            "version_compatible": self.version_compatible,
+            "compute_capabilities": list(self.compute_capabilities),
+            "dla_core": self.dla_core,
+            "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
+            "workspace_mb": self.workspace_mb,
+        }
 
 
 def read_onnx(onnx_path: Path):
@@ -105,7 +126,9 @@ def read_onnx(onnx_path: Path):
     try:
         return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf raises several decode error types
-        raise DeployError(f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it with 'vitslim export'") from None
+        raise DeployError(
+            f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it with 'vitslim export'"
+        ) from None
 
 
 def onnx_precision(onnx_path: Path) -> str:
@@ -127,7 +150,8 @@ def _network(trt: TensorRT, builder, onnx_path: Path):
 
 # Why a vitslim ONNX may not parse, by its attention form (export.attention_form), and the fix.
 PARSE_HINTS = {
-    "attention-op": " (its attention is the ONNX Attention op, which TensorRT parses from 10.14 on: for an older TensorRT export with --attention matmul-softmax)",
+    "attention-op": " (its attention is the ONNX Attention op, which TensorRT parses "
+    "from 10.14 on: for an older TensorRT export with --attention matmul-softmax)",
     "ort-mha": " (its attention is onnxruntime's com.microsoft.MultiHeadAttention, which TensorRT cannot parse: export with --attention attention-op)",
 }
 
@@ -152,7 +176,9 @@ def decomposable_attention(trt: TensorRT, network) -> int:
 def _require(trt: TensorRT, owner, attribute: str, option: str):
     """`owner.attribute`, or a one-line error saying this library lacks the option."""
     if not hasattr(owner, attribute):
-        raise DeployError(f"{option} is not available in {trt.name} {trt.version}: leave it out or use another TensorRT")
+        raise DeployError(
+            f"{option} is not available in {trt.name} {trt.version}: leave it out or use another TensorRT"
+        )
     return getattr(owner, attribute)
 
 
@@ -172,16 +198,24 @@ def _config(trt: TensorRT, builder, network, settings: BuildSettings):
         levels = _require(trt, module, "HardwareCompatibilityLevel", "--hardware-compatibility")
         config.hardware_compatibility_level = getattr(levels, HARDWARE_COMPATIBILITY[settings.hardware_compatibility])
     if settings.version_compatible:
-        if trt.name == "tensorrt_rtx":  # its builder asks for libnvinfer_lean, which TensorRT-RTX does not ship (seen with 1.7)
-            raise DeployError("--version-compatible is for full TensorRT (TensorRT-RTX has no lean runtime): leave it out")
+        if (
+            trt.name == "tensorrt_rtx"
+        ):  # its builder asks for libnvinfer_lean, which TensorRT-RTX does not ship (seen with 1.7)
+            raise DeployError(
+                "--version-compatible is for full TensorRT (TensorRT-RTX has no lean runtime): leave it out"
+            )
         config.set_flag(_require(trt, module.BuilderFlag, "VERSION_COMPATIBLE", "--version-compatible"))
     if settings.compute_capabilities:
         if trt.name != "tensorrt_rtx":
-            raise DeployError("--compute-capability targets TensorRT-RTX builds; full TensorRT builds for the GPU it runs on")
+            raise DeployError(
+                "--compute-capability targets TensorRT-RTX builds; full TensorRT builds for the GPU it runs on"
+            )
         known = module.ComputeCapability.__members__
         unknown = [c for c in settings.compute_capabilities if c not in known]
         if unknown:
-            raise DeployError(f"--compute-capability {unknown[0]} is not one of {[c for c in known if c.startswith('SM')]}")
+            raise DeployError(
+                f"--compute-capability {unknown[0]} is not one of {[c for c in known if c.startswith('SM')]}"
+            )
         config.num_compute_capabilities = len(settings.compute_capabilities)
         for index, capability in enumerate(settings.compute_capabilities):
             config.set_compute_capability(known[capability], index)
@@ -244,7 +278,11 @@ def engine_target(trt: TensorRT, settings: BuildSettings) -> dict:
     if trt.name == "tensorrt_rtx":
         targets = list(settings.compute_capabilities) or RTX_DEFAULT_TARGETS
         return {"kind": "portable (ahead of time)", "compute_capabilities": targets, "build_gpu": gpu_description()}
-    kind = {"none": "device-specific", "ampere+": "any Ampere or later GPU", "same-compute-capability": "same compute capability"}[settings.hardware_compatibility]
+    kind = {
+        "none": "device-specific",
+        "ampere+": "any Ampere or later GPU",
+        "same-compute-capability": "same compute capability",
+    }[settings.hardware_compatibility]
     return {"kind": kind, "gpu": gpu_description(), "dla_core": settings.dla_core}
 
 
@@ -259,7 +297,9 @@ def manifest_path_of(engine_path: Path) -> Path:
     return engine_path.with_suffix(engine_path.suffix + ".json")
 
 
-def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: BuildSettings = BuildSettings()) -> BuildResult:
+def engine_from_onnx(
+    onnx_path: str | Path, out_path: str | Path, settings: BuildSettings = BuildSettings()
+) -> BuildResult:
     """Build `onnx_path` into an engine at `out_path` with a manifest beside it (ENGINE.json).
 
     A failed build leaves neither file; a strongly typed library refuses fp16 unless the ONNX is
@@ -270,8 +310,10 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     source = read_onnx(onnx_path)
     precision = graph_precision(source)
     if settings.precision not in (None, precision):
-        raise DeployError(f"the ONNX is {precision} and every build is strongly typed (the ONNX decides): export with --precision {settings.precision} "
-                          f"or leave --precision out")
+        raise DeployError(
+            f"the ONNX is {precision} and every build is strongly typed (the ONNX decides): export with --precision {settings.precision} "
+            f"or leave --precision out"
+        )
     if settings.tf32 and precision != "fp32":
         raise DeployError(f"--tf32 applies to fp32 graphs; this ONNX is {precision}")
     started = time.perf_counter()
@@ -281,7 +323,7 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
     config = _config(trt, builder, network, settings)
     cache, cache_report = _timing_cache(trt, config, settings.timing_cache)
     if cache_report.get("reason") and cache_report["file"]:
-        print(f"timing cache {cache_report['file']}: {cache_report['reason']}")
+        log.warning(f"timing cache {cache_report['file']}: {cache_report['reason']}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise DeployError(f"{trt.name} failed to build {onnx_path} (see its log above); no engine written")
@@ -293,20 +335,29 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
         write_json_atomic(Path(str(settings.timing_cache) + ".json"), cache_report["key"])
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "library": trt.name, "version": trt.version,
+        "library": trt.name,
+        "version": trt.version,
         "target": engine_target(trt, settings),
         "precision": precision,
         "tolerance": "tf32" if settings.tf32 else precision,
-        "preprocessing": preprocessing_of(source),  # the vitslim.precision.TOLERANCES entry compare holds it to
+        "preprocessing": preprocessing_of(source),  # the vitslim.core.precision.TOLERANCES entry compare holds it to
         "build_options": settings.options(),
-        "network": {"typing": "strongly typed", "attention_form": attention_form_of(source), "attention_layers": attention_layers},
+        "network": {
+            "typing": "strongly typed",
+            "attention_form": attention_form_of(source),
+            "attention_layers": attention_layers,
+        },
         "timing_cache": cache_report,
         "profiles": [asdict(p) for p in settings.profiles],
         "input": {"name": network.get_input(0).name, "shape": list(network.get_input(0).shape)},
         "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path)},
         "engine": {"file": out_path.name, "sha256": sha256_of(out_path), "bytes": len(engine_bytes)},
         "build_seconds": build_seconds,
-        "host": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor() or platform.machine()},
+        "host": {
+            "machine": platform.machine(),
+            "system": platform.system(),
+            "processor": platform.processor() or platform.machine(),
+        },
     }
     manifest_path = write_json_atomic(manifest_path_of(out_path), manifest)
     return BuildResult(engine_path=out_path, manifest_path=manifest_path, manifest=manifest)
@@ -315,8 +366,15 @@ def engine_from_onnx(onnx_path: str | Path, out_path: str | Path, settings: Buil
 def engine_cache_key(onnx_path: Path, trt: TensorRT, settings: BuildSettings) -> str:
     """What decides an engine's bytes: the ONNX bytes, library and version, GPU, precision,
     profiles and build options (a short sha256 of them)."""
-    key = {"onnx": sha256_of(onnx_path), "library": trt.name, "version": trt.version, "gpu": gpu_description(), "precision": settings.precision,
-           "profiles": [asdict(p) for p in settings.profiles], "options": settings.options()}
+    key = {
+        "onnx": sha256_of(onnx_path),
+        "library": trt.name,
+        "version": trt.version,
+        "gpu": gpu_description(),
+        "precision": settings.precision,
+        "profiles": [asdict(p) for p in settings.profiles],
+        "options": settings.options(),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -329,7 +387,9 @@ def _copy_engine(source: Path, target: Path) -> dict:
     return manifest
 
 
-def cached_engine(onnx_path: str | Path, out_path: str | Path, settings: BuildSettings, cache: str | Path) -> tuple[BuildResult, bool]:
+def cached_engine(
+    onnx_path: str | Path, out_path: str | Path, settings: BuildSettings, cache: str | Path
+) -> tuple[BuildResult, bool]:
     """The engine for `onnx_path` at `out_path`, copied from `cache` when an engine with the same
     engine_cache_key was built before (its bytes checked against its manifest), else built and
     stored there. Returns (result, whether it came from the cache)."""

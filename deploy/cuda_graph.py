@@ -6,6 +6,7 @@ of a sub-millisecond engine that enqueues in every iteration partly times the ho
 --useCudaGraph captures the enqueue once and replays the graph; the PyTorch runners' cuda_graph
 mode does the same, so TensorRT and PyTorch latencies measured this way are comparable.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,8 +42,10 @@ class CudaRuntime:
                 return cls(ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL))
             except OSError:
                 continue
-        raise DeployError(f"no CUDA runtime library ({', '.join(CUDART_NAMES)}) can be loaded: install the CUDA runtime "
-                          f"(pip install nvidia-cuda-runtime) or put it on LD_LIBRARY_PATH")
+        raise DeployError(
+            f"no CUDA runtime library ({', '.join(CUDART_NAMES)}) can be loaded: install the CUDA runtime "
+            f"(pip install nvidia-cuda-runtime) or put it on LD_LIBRARY_PATH"
+        )
 
     def new_stream(self) -> int:
         """A non-blocking CUDA stream (cudaStream_t as int); destroy it with destroy_stream."""
@@ -63,7 +66,9 @@ class CudaRuntime:
     def call(self, function: str, *arguments) -> None:
         status = getattr(self.library, function)(*arguments)
         if status != 0:
-            raise DeployError(f"CUDA runtime call {function} failed with {self.error_name(status)}: check the GPU with nvidia-smi")
+            raise DeployError(
+                f"CUDA runtime call {function} failed with {self.error_name(status)}: check the GPU with nvidia-smi"
+            )
 
 
 class CapturedGraph:
@@ -86,7 +91,9 @@ class CapturedGraph:
             raise DeployError(f"{what} cannot be captured in a CUDA graph ({reason}): time it with --no-cuda-graph")
         try:
             # WithFlags: one signature in CUDA 11.4 to 13 (plain cudaGraphInstantiate changed in CUDA 12)
-            runtime.call("cudaGraphInstantiateWithFlags", ctypes.byref(self.executable), self.graph, ctypes.c_ulonglong(0))
+            runtime.call(
+                "cudaGraphInstantiateWithFlags", ctypes.byref(self.executable), self.graph, ctypes.c_ulonglong(0)
+            )
         except DeployError:
             self.free()
             raise

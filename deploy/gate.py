@@ -10,6 +10,7 @@ Two ways to decide whether a candidate is slower than its baseline:
   matched by what was measured (label, batch, precision, runner and library versions, host), never
   by the artifact's bytes, and a mismatch names the field that differs. It needs a quiet machine.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,15 @@ from typing import Optional
 
 import numpy as np
 
-from vitslim.settings import setting
+from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED
+from vitslim.core.settings import setting
 
 from .bench import BenchSettings, comparison_key, device_timer
 from .errors import DeployError
 from .runners import Runner
 
-# Exit codes of every gate (documented in README "Errors and recovery").
-PASS, REGRESSION, UNDECIDED = 0, 1, 2
+# The verdicts of every gate are the CLI's exit codes (vitslim.core.errors).
+PASS, REGRESSION, UNDECIDED = EXIT_OK, EXIT_CHECK_FAILED, EXIT_UNDECIDED
 NOT_COMPARABLE = UNDECIDED  # a stored baseline that cannot be compared leaves the question undecided
 WARN_ABOVE, FAIL_ABOVE = 0.05, 0.10  # fractions by which a candidate may be slower before a warning / a failure
 
@@ -51,8 +53,14 @@ class GateVerdict:
     rows: tuple[GateRow, ...] = field(default_factory=tuple)
 
     def table(self) -> str:
-        lines = ["| label | batch | baseline median ms | current median ms | change | verdict |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.label} | {r.batch} | {r.baseline_ms:.3f} | {r.current_ms:.3f} | {100 * r.change:+.1f} % | {r.verdict} |" for r in self.rows]
+        lines = [
+            "| label | batch | baseline median ms | current median ms | change | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.label} | {r.batch} | {r.baseline_ms:.3f} | {r.current_ms:.3f} | {100 * r.change:+.1f} % | {r.verdict} |"
+            for r in self.rows
+        ]
         return "\n".join(lines)
 
 
@@ -72,10 +80,14 @@ def first_difference(current: dict, baseline: dict) -> Optional[str]:
 def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], Optional[str]]:
     """The baseline result measured like `result` (same label and batch, no field of the
     comparison key different) and None, or None and one line saying why there is none."""
-    same_point = [b for b in baseline if b.get("label", "") == result.get("label", "") and b["batch"] == result["batch"]]
+    same_point = [
+        b for b in baseline if b.get("label", "") == result.get("label", "") and b["batch"] == result["batch"]
+    ]
     what = f"{result.get('label') or 'result'} at batch {result['batch']}"
     if not same_point:
-        known = ", ".join(sorted({f"{b.get('label') or 'result'} at batch {b['batch']}" for b in baseline})) or "nothing"
+        known = (
+            ", ".join(sorted({f"{b.get('label') or 'result'} at batch {b['batch']}" for b in baseline})) or "nothing"
+        )
         return None, f"no baseline for {what} (the baseline has {known})"
     differences = [first_difference(result, candidate) for candidate in same_point]
     if None in differences:
@@ -83,8 +95,13 @@ def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], O
     return None, f"{what}: {differences[0]}"
 
 
-def compare_results(current: list[dict], baseline: list[dict], warn: float = WARN_ABOVE, fail: float = FAIL_ABOVE,
-                    max_cov: float = BenchSettings.max_cov) -> GateVerdict:
+def compare_results(
+    current: list[dict],
+    baseline: list[dict],
+    warn: float = WARN_ABOVE,
+    fail: float = FAIL_ABOVE,
+    max_cov: float = BenchSettings.max_cov,
+) -> GateVerdict:
     """Pair each current result with its baseline twin; a result without one, or too noisy to
     judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1)."""
     pairs = []
@@ -95,16 +112,27 @@ def compare_results(current: list[dict], baseline: list[dict], warn: float = WAR
         pairs.append((result, twin))
     noisy = noisy_results([r for pair in pairs for r in pair], max_cov)
     if noisy:
-        return GateVerdict(NOT_COMPARABLE, f"not comparable: coefficient of variation {noisy[0]['cov']:.1%} > {max_cov:.0%}; "
-                           "re-measure on a quieter machine or use the paired gate (vitslim gate --ab)")
+        return GateVerdict(
+            NOT_COMPARABLE,
+            f"not comparable: coefficient of variation {noisy[0]['cov']:.1%} > {max_cov:.0%}; "
+            "re-measure on a quieter machine or use the paired gate (vitslim gate --ab)",
+        )
     rows = []
     for result, reference in pairs:
         change = result["median_ms"] / reference["median_ms"] - 1.0
         verdict = "fail" if change > fail else "warn" if change > warn else "ok"
-        rows.append(GateRow(result.get("label", ""), result["batch"], reference["median_ms"], result["median_ms"], change, verdict))
+        rows.append(
+            GateRow(
+                result.get("label", ""), result["batch"], reference["median_ms"], result["median_ms"], change, verdict
+            )
+        )
     failed = [r for r in rows if r.verdict == "fail"]
     if failed:
-        return GateVerdict(REGRESSION, f"regression: {len(failed)} result(s) slower than the baseline by more than {fail:.0%}", tuple(rows))
+        return GateVerdict(
+            REGRESSION,
+            f"regression: {len(failed)} result(s) slower than the baseline by more than {fail:.0%}",
+            tuple(rows),
+        )
     warned = sum(r.verdict == "warn" for r in rows)
     return GateVerdict(PASS, f"pass ({warned} warning(s) above {warn:.0%})" if warned else "pass", tuple(rows))
 
@@ -116,16 +144,22 @@ def compare_results(current: list[dict], baseline: list[dict], warn: float = WAR
 class ABSettings:
     fail: float = setting(FAIL_ABOVE, "fail when the candidate is slower than the baseline by more than this fraction")
     confidence: float = setting(0.95, "two-sided confidence of the interval on the latency ratio")
-    pairs_per_round: int = setting(10, "timed inferences of each artifact per round, alternating baseline and candidate")
+    pairs_per_round: int = setting(
+        10, "timed inferences of each artifact per round, alternating baseline and candidate"
+    )
     min_rounds: int = setting(20, "rounds before the first decision")
     max_seconds: float = setting(45.0, "measure until decided or this long (then: undecided, exit 2)")
     warmup_seconds: float = setting(1.0, "warm-up of each artifact before timing")
 
     def __post_init__(self) -> None:
         if not 0 < self.fail < 10 or not 0.5 <= self.confidence < 1:
-            raise DeployError(f"A/B settings: need 0 < --fail < 10 and 0.5 <= --confidence < 1 (got {self.fail}, {self.confidence})")
+            raise DeployError(
+                f"A/B settings: need 0 < --fail < 10 and 0.5 <= --confidence < 1 (got {self.fail}, {self.confidence})"
+            )
         if self.pairs_per_round < 1 or self.min_rounds < 6 or self.max_seconds <= 0 or self.warmup_seconds < 0:
-            raise DeployError("A/B settings: need --pairs-per-round >= 1, --min-rounds >= 6, --max-seconds > 0, --warmup-seconds >= 0")
+            raise DeployError(
+                "A/B settings: need --pairs-per-round >= 1, --min-rounds >= 6, --max-seconds > 0, --warmup-seconds >= 0"
+            )
 
 
 def median_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -167,11 +201,16 @@ def _verdict(low: float, high: float, limit: float, settings: ABSettings) -> Opt
     if high < limit:
         return PASS, f"pass: {interval} lies below {limit:.2f}"
     if low > limit:
-        return REGRESSION, f"regression: {interval} lies above {limit:.2f} (candidate slower by more than {settings.fail:.0%})"
+        return (
+            REGRESSION,
+            f"regression: {interval} lies above {limit:.2f} (candidate slower by more than {settings.fail:.0%})",
+        )
     return None
 
 
-def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings: ABSettings = ABSettings(), progress=None) -> ABResult:
+def paired_ab(
+    baseline: Runner, candidate: Runner, images: np.ndarray, settings: ABSettings = ABSettings(), progress=None
+) -> ABResult:
     """Time `baseline` and `candidate` on the same `images`, alternating inference by inference
     (the order flips every pair, so a trend within a pair cancels), in rounds of
     `pairs_per_round`. Each round gives the median of its pairs' ratios (candidate / baseline); the
@@ -213,11 +252,20 @@ def paired_ab(baseline: Runner, candidate: Runner, images: np.ndarray, settings:
             if progress is not None:
                 progress(len(log_ratios), math.exp(float(np.median(log_ratios))), low, high)
         if decision is None and out_of_time:
-            decision = (UNDECIDED, f"undecided: after {len(log_ratios)} rounds in {settings.max_seconds:.0f} s the ratio interval "
-                        f"[{low:.3f}, {high:.3f}] still contains {limit:.2f}; raise --max-seconds or quieten the machine")
+            decision = (
+                UNDECIDED,
+                f"undecided: after {len(log_ratios)} rounds in {settings.max_seconds:.0f} s the ratio interval "
+                f"[{low:.3f}, {high:.3f}] still contains {limit:.2f}; raise --max-seconds or quieten the machine",
+            )
     return ABResult(
-        exit_code=decision[0], message=decision[1], ratio=math.exp(float(np.median(log_ratios))), interval=(low, high),
-        rounds=len(log_ratios), seconds=time.perf_counter() - started,
-        baseline_median_ms=float(np.median(medians["a"])), candidate_median_ms=float(np.median(medians["b"])),
-        settings=asdict(settings), round_ratios=tuple(math.exp(v) for v in log_ratios),
+        exit_code=decision[0],
+        message=decision[1],
+        ratio=math.exp(float(np.median(log_ratios))),
+        interval=(low, high),
+        rounds=len(log_ratios),
+        seconds=time.perf_counter() - started,
+        baseline_median_ms=float(np.median(medians["a"])),
+        candidate_median_ms=float(np.median(medians["b"])),
+        settings=asdict(settings),
+        round_ratios=tuple(math.exp(v) for v in log_ratios),
     )

@@ -2,6 +2,7 @@
 driver, memory and clocks, and the CUDA driver library (libcuda, through ctypes) for the SM
 count. Used by engine manifests (the build GPU), the engine check at load time, and benchmark
 fingerprints. Every field is None where it cannot be read (no GPU, no driver, a sandbox)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -11,8 +12,12 @@ from functools import lru_cache
 from typing import Optional
 
 SMI_FIELDS = {  # our name -> nvidia-smi --query-gpu field
-    "name": "name", "compute_capability": "compute_cap", "driver": "driver_version", "memory_mib": "memory.total",
-    "sm_clock_max_mhz": "clocks.max.sm", "memory_clock_max_mhz": "clocks.max.memory",
+    "name": "name",
+    "compute_capability": "compute_cap",
+    "driver": "driver_version",
+    "memory_mib": "memory.total",
+    "sm_clock_max_mhz": "clocks.max.sm",
+    "memory_clock_max_mhz": "clocks.max.memory",
 }
 CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 
@@ -27,8 +32,12 @@ def _smi_id(index: int) -> str:
 def _smi(index: int) -> Optional[dict]:
     query = ",".join(SMI_FIELDS.values())
     try:
-        completed = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={_smi_id(index)}"],
-                                   capture_output=True, text=True, timeout=10)
+        completed = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={_smi_id(index)}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     values = [value.strip() for value in completed.stdout.strip().split(",")]
@@ -54,8 +63,10 @@ def describe(info: Optional[dict]) -> str:
     """One line for people: name, compute capability, SMs, max SM clock, driver."""
     if not info:
         return "none"
-    return (f"{info['name']} (compute capability {info['compute_capability']}, {info['sm_count']} SMs, "
-            f"max SM clock {info['sm_clock_max_mhz']} MHz, driver {info['driver']})")
+    return (
+        f"{info['name']} (compute capability {info['compute_capability']}, {info['sm_count']} SMs, "
+        f"max SM clock {info['sm_clock_max_mhz']} MHz, driver {info['driver']})"
+    )
 
 
 @lru_cache(maxsize=None)

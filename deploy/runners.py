@@ -4,9 +4,11 @@ Loaders build (export/, deploy.build); runners only run. A runner is a context m
 `infer(images) -> logits` on numpy arrays, plus `infer_device(batch)` that runs on inputs already
 resident on the device (what benchmarks time), and a `description` for fingerprints.
 """
+
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vitslim.core.files import sha256_of
+
 from .build import MANIFEST_VERSION, gpu_description, manifest_path_of
 from .errors import DeployError
-from vitslim.files import sha256_of
 from .tensorrt_lib import LIBRARIES, require_tensorrt
+
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -95,7 +100,9 @@ class TorchRunner(Runner):
             # Runners are used one after another; every module and batch shares timm's forward code
             # object, so without a reset dynamo's recompile limit (8) would silently fall back to eager.
             torch._dynamo.reset()
-            self.module = torch.compile(self.module, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
+            self.module = torch.compile(
+                self.module, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False
+            )
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         prepared = self.prepare(images)
@@ -146,7 +153,13 @@ class TorchRunner(Runner):
     @property
     def description(self) -> dict:
         name = self.torch.cuda.get_device_name(0) if self.device.startswith("cuda") else None
-        return {"backend": self.backend, "device": self.device, "mode": self.mode, "gpu": name, "torch": self.torch.__version__}
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "mode": self.mode,
+            "gpu": name,
+            "torch": self.torch.__version__,
+        }
 
 
 @dataclass
@@ -171,11 +184,15 @@ class OnnxRuntimeRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: Optional[int] = None, cuda_graph: bool = False) -> None:
+    def __init__(
+        self, onnx_path: str | Path, device: str = "cpu", threads: Optional[int] = None, cuda_graph: bool = False
+    ) -> None:
         if cuda_graph and not device.startswith("cuda"):
             raise DeployError("CUDA graphs need --device cuda")
         if device.startswith("cuda") and device not in ("cuda", "cuda:0"):
-            raise DeployError(f"the onnxruntime runner uses the first visible GPU: pick it with CUDA_VISIBLE_DEVICES and pass --device cuda, not {device}")
+            raise DeployError(
+                f"the onnxruntime runner uses the first visible GPU: pick it with CUDA_VISIBLE_DEVICES and pass --device cuda, not {device}"
+            )
         self.onnx_path, self.device, self.threads, self.cuda_graph = Path(onnx_path), device, threads, cuda_graph
         self.session = self._timer = self._stream = None
         self._bound: dict[tuple, OrtBinding] = {}
@@ -202,11 +219,15 @@ class OnnxRuntimeRunner(Runner):
         except Exception as error:  # onnxruntime raises its own types (e.g. a graph that CUDA graphs cannot hold)
             self.deactivate()
             hint = ": time it with --no-cuda-graph" if self.cuda_graph else ""
-            raise DeployError(f"onnxruntime cannot load {self.onnx_path.name} ({type(error).__name__}: {str(error).splitlines()[0][:300]}){hint}") from None
+            raise DeployError(
+                f"onnxruntime cannot load {self.onnx_path.name} ({type(error).__name__}: {str(error).splitlines()[0][:300]}){hint}"
+            ) from None
         if self.on_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
             self.deactivate()
-            raise DeployError(f"onnxruntime could not start its CUDA provider for {self.onnx_path.name} (its log above says why): check the GPU "
-                              f"and onnxruntime-gpu's CUDA libraries")
+            raise DeployError(
+                f"onnxruntime could not start its CUDA provider for {self.onnx_path.name} (its log above says why): check the GPU "
+                f"and onnxruntime-gpu's CUDA libraries"
+            )
         graph_input = self.session.get_inputs()[0]
         self.input_name, self.output_name = graph_input.name, self.session.get_outputs()[0].name
         self.input_dtype = np.float16 if "float16" in graph_input.type else np.float32
@@ -215,14 +236,20 @@ class OnnxRuntimeRunner(Runner):
         from .cuda_graph import CudaRuntime, EventTimer
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise DeployError("onnxruntime here has no CUDAExecutionProvider: use --device cpu or install onnxruntime-gpu")
+            raise DeployError(
+                "onnxruntime here has no CUDAExecutionProvider: use --device cpu or install onnxruntime-gpu"
+            )
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21 finds pip's CUDA/cuDNN libraries so
             ort.preload_dlls()
         self.cudart = CudaRuntime.loaded()
         self._stream = self.cudart.new_stream()
         self._timer = EventTimer(self.cudart, self._stream)
-        return {"device_id": 0, "use_tf32": 0, "user_compute_stream": str(self._stream),
-                "enable_cuda_graph": int(self.cuda_graph)}
+        return {
+            "device_id": 0,
+            "use_tf32": 0,
+            "user_compute_stream": str(self._stream),
+            "enable_cuda_graph": int(self.cuda_graph),
+        }
 
     def deactivate(self) -> None:
         self._bound = {}
@@ -304,13 +331,29 @@ class OnnxRuntimeRunner(Runner):
 
         from .gpu import gpu_info
 
-        description = {"backend": self.backend, "device": self.device, "onnxruntime": ort.__version__, "onnx_sha256": sha256_of(self.onnx_path)}
+        description = {
+            "backend": self.backend,
+            "device": self.device,
+            "onnxruntime": ort.__version__,
+            "onnx_sha256": sha256_of(self.onnx_path),
+        }
         if self.on_cuda:
             description.update(provider="CUDAExecutionProvider", cuda_graph=self.cuda_graph, gpu=gpu_info())
         return description
 
 
-MANIFEST_FIELDS = ("manifest_version", "library", "version", "target", "precision", "profiles", "input", "network", "onnx", "engine")
+MANIFEST_FIELDS = (
+    "manifest_version",
+    "library",
+    "version",
+    "target",
+    "precision",
+    "profiles",
+    "input",
+    "network",
+    "onnx",
+    "engine",
+)
 
 
 def read_manifest(engine_path: Path) -> dict:
@@ -323,14 +366,22 @@ def read_manifest(engine_path: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'") from None
+        raise DeployError(
+            f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'"
+        ) from None
     missing = [name for name in MANIFEST_FIELDS if not isinstance(manifest, dict) or name not in manifest]
     if missing:
-        raise DeployError(f"engine manifest {manifest_path} lacks {', '.join(missing)}: rebuild the engine with 'vitslim build'")
+        raise DeployError(
+            f"engine manifest {manifest_path} lacks {', '.join(missing)}: rebuild the engine with 'vitslim build'"
+        )
     if manifest["library"] not in LIBRARIES:
-        raise DeployError(f"engine manifest {manifest_path} names library {manifest['library']!r}, not one of {LIBRARIES}: rebuild the engine with 'vitslim build'")
+        raise DeployError(
+            f"engine manifest {manifest_path} names library {manifest['library']!r}, not one of {LIBRARIES}: rebuild the engine with 'vitslim build'"
+        )
     if manifest["manifest_version"] != MANIFEST_VERSION:
-        raise DeployError(f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine")
+        raise DeployError(
+            f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine"
+        )
     return manifest
 
 
@@ -352,20 +403,28 @@ def check_target(target: dict, here: Optional[dict]) -> None:
     kind, built = target.get("kind"), (target.get("gpu") or {}).get("compute_capability")
     if kind in ("device-specific", "same compute capability"):
         if built is None:
-            raise DeployError("the engine's manifest does not say which GPU it was built for (built without a visible GPU?): rebuild it on the GPU that runs it")
+            raise DeployError(
+                "the engine's manifest does not say which GPU it was built for (built without a visible GPU?): rebuild it on the GPU that runs it"
+            )
         if here is None or _capability(here["compute_capability"]) != _capability(built):
-            raise DeployError(f"engine was built for {target['gpu']} but this machine has {here or 'no NVIDIA GPU'}: rebuild it here")
+            raise DeployError(
+                f"engine was built for {target['gpu']} but this machine has {here or 'no NVIDIA GPU'}: rebuild it here"
+            )
     elif kind == "any Ampere or later GPU":
         if here is None or _capability(here["compute_capability"]) < (8, 0):
-            raise DeployError(f"engine was built for Ampere or later GPUs but this machine has {here or 'no NVIDIA GPU'}")
+            raise DeployError(
+                f"engine was built for Ampere or later GPUs but this machine has {here or 'no NVIDIA GPU'}"
+            )
     elif kind == "portable (ahead of time)" and here is not None:
         targets = target.get("compute_capabilities") or []
         capability = _capability(here["compute_capability"])
         covered = any(capability == _sm(t) or (t.endswith(" and later") and capability >= _sm(t)) for t in targets)
         if not covered:
             sm = "SM{}{}".format(*capability)
-            raise DeployError(f"engine was built for {targets} but this GPU ({here['name']}) is {sm}: rebuild for it "
-                              f"(--compute-capability {sm} where TensorRT-RTX supports it) or use full TensorRT")
+            raise DeployError(
+                f"engine was built for {targets} but this GPU ({here['name']}) is {sm}: rebuild for it "
+                f"(--compute-capability {sm} where TensorRT-RTX supports it) or use full TensorRT"
+            )
 
 
 def _sm(target: str) -> tuple[int, int]:
@@ -379,10 +438,14 @@ def check_engine(engine_path: Path) -> dict:
     library/version or for another GPU than the one here. Returns the manifest."""
     manifest = read_manifest(engine_path)
     if sha256_of(engine_path) != manifest["engine"]["sha256"]:
-        raise DeployError(f"engine {engine_path} changed since it was built (sha256 differs from its manifest): rebuild it")
+        raise DeployError(
+            f"engine {engine_path} changed since it was built (sha256 differs from its manifest): rebuild it"
+        )
     trt = require_tensorrt(manifest["library"])
     if trt.version != manifest["version"]:
-        raise DeployError(f"engine was built with {manifest['library']} {manifest['version']} but {trt.version} is installed: rebuild it")
+        raise DeployError(
+            f"engine was built with {manifest['library']} {manifest['version']} but {trt.version} is installed: rebuild it"
+        )
     check_target(manifest["target"], gpu_description())
     return manifest
 
@@ -395,7 +458,9 @@ def import_polygraphy(library: str):
 
     wanted = "1" if library == "tensorrt_rtx" else "0"
     if "polygraphy" in sys.modules and os.environ.get("POLYGRAPHY_USE_TENSORRT_RTX", "0") != wanted:
-        raise DeployError(f"this process already loaded Polygraphy for another TensorRT library: run {library} engines in a process of their own")
+        raise DeployError(
+            f"this process already loaded Polygraphy for another TensorRT library: run {library} engines in a process of their own"
+        )
     os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = wanted
     try:
         from polygraphy import cuda
@@ -419,8 +484,10 @@ def profile_for(profiles: list[dict], batch: int, engine_name: str = "the engine
         if profile["min"] <= batch <= profile["max"]:
             return index
     ranges = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
-    raise DeployError(f"batch {batch} is outside every optimisation profile of {engine_name} ({ranges}): "
-                      f"use a batch in range or rebuild with --batch MIN:OPT:MAX")
+    raise DeployError(
+        f"batch {batch} is outside every optimisation profile of {engine_name} ({ranges}): "
+        f"use a batch in range or rebuild with --batch MIN:OPT:MAX"
+    )
 
 
 @dataclass
@@ -455,19 +522,30 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | Path, cuda_graph: bool = True, runtime_cache: Optional[str | Path] = None,
-                 manifest: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        engine_path: str | Path,
+        cuda_graph: bool = True,
+        runtime_cache: Optional[str | Path] = None,
+        manifest: Optional[dict] = None,
+    ) -> None:
         """`runtime_cache`: a directory for TensorRT-RTX's runtime cache (the kernels it compiles
         on this GPU), one file per engine, read at activation and written back at deactivation.
         `manifest`: what check_engine returned for this engine, from a caller that checked it
         already (checking hashes the whole engine); None: checked here."""
         self.engine_path, self.cuda_graph = Path(engine_path), cuda_graph
         self.manifest = check_engine(self.engine_path) if manifest is None else manifest
-        self.runtime_cache_path = None if runtime_cache is None else runtime_cache_path(Path(runtime_cache), self.manifest)
+        self.runtime_cache_path = (
+            None if runtime_cache is None else runtime_cache_path(Path(runtime_cache), self.manifest)
+        )
         if self.runtime_cache_path is not None and self.manifest["library"] != "tensorrt_rtx":
-            raise DeployError(f"--runtime-cache holds the kernels TensorRT-RTX compiles at run time, but {self.engine_path.name} was built by "
-                              f"{self.manifest['library']}, whose engines carry their kernels: drop --runtime-cache")
-        self.runtime_cache_loaded: Optional[bool] = None  # whether the cache file was read and accepted (None: none read)
+            raise DeployError(
+                f"--runtime-cache holds the kernels TensorRT-RTX compiles at run time, but {self.engine_path.name} was built by "
+                f"{self.manifest['library']}, whose engines carry their kernels: drop --runtime-cache"
+            )
+        self.runtime_cache_loaded: Optional[bool] = (
+            None  # whether the cache file was read and accepted (None: none read)
+        )
         self.runner = self.engine = self.context = self._bound = self._timer = self._runtime_cache = None
         self.setup_seconds: dict[str, float] = {}
 
@@ -476,7 +554,9 @@ class TensorRTRunner(Runner):
         from .gpu import gpu_info
 
         if gpu_info() is None:
-            raise DeployError("the TensorRT runner needs an NVIDIA GPU (nvidia-smi sees none): run it on the GPU machine, e.g. 'vitslim selftest'")
+            raise DeployError(
+                "the TensorRT runner needs an NVIDIA GPU (nvidia-smi sees none): run it on the GPU machine, e.g. 'vitslim selftest'"
+            )
         cuda, TrtRunner = import_polygraphy(self.manifest["library"])
         self.cuda, trt = cuda, require_tensorrt(self.manifest["library"])
         runtime = trt.module.Runtime(trt.logger())
@@ -486,9 +566,13 @@ class TensorRTRunner(Runner):
         if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX only: its own check before deserialising
             validity, diagnostics = runtime.get_engine_validity(blob)
             if validity.name == "INVALID":
-                raise DeployError(f"{trt.name} reports {self.engine_path.name} invalid on this GPU (diagnostics {diagnostics}): rebuild it here")
+                raise DeployError(
+                    f"{trt.name} reports {self.engine_path.name} invalid on this GPU (diagnostics {diagnostics}): rebuild it here"
+                )
             if validity.name == "SUBOPTIMAL":
-                print(f"{trt.name}: {self.engine_path.name} runs on this GPU but suboptimally (diagnostics {diagnostics}); rebuild it here for full speed")
+                log.warning(
+                    f"{trt.name}: {self.engine_path.name} runs on this GPU but suboptimally (diagnostics {diagnostics}); rebuild it here for full speed"
+                )
         engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise DeployError(f"{trt.name} could not load {self.engine_path} on this GPU: rebuild it here")
@@ -521,10 +605,14 @@ class TensorRTRunner(Runner):
                 # TensorRT-RTX checks the blob against this GPU, driver and its own version itself
                 self.runtime_cache_loaded = bool(self._runtime_cache.deserialize(self.runtime_cache_path.read_bytes()))
                 if not self.runtime_cache_loaded:
-                    print(f"{self.trt.name}: runtime cache {self.runtime_cache_path} was made for another GPU, driver or version: "
-                          f"not used (replaced when this run ends)")
+                    log.warning(
+                        f"{self.trt.name}: runtime cache {self.runtime_cache_path} was made for another GPU, driver or version: "
+                        f"not used (replaced when this run ends)"
+                    )
             if not config.set_runtime_cache(self._runtime_cache):
-                raise DeployError(f"{self.trt.name} refused the runtime cache {self.runtime_cache_path}: delete it, or run without --runtime-cache")
+                raise DeployError(
+                    f"{self.trt.name} refused the runtime cache {self.runtime_cache_path}: delete it, or run without --runtime-cache"
+                )
         return engine.create_execution_context(config)
 
     def deactivate(self) -> None:
@@ -532,7 +620,7 @@ class TensorRTRunner(Runner):
         if self._timer is not None:
             self._timer.free()
         if self._runtime_cache is not None:  # written back with what this run compiled
-            from vitslim.files import write_bytes_atomic
+            from vitslim.core.files import write_bytes_atomic
 
             self.runtime_cache_path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.runtime_cache_path, bytes(self._runtime_cache.serialize()))
@@ -574,7 +662,9 @@ class TensorRTRunner(Runner):
         host = np.ascontiguousarray(images, dtype=self.input_dtype)
         device = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
         device.copy_from(host, self.runner.stream)
-        self._device_arrays.append(device)  # freed on deactivate (Polygraphy's arrays are not freed by the garbage collector)
+        self._device_arrays.append(
+            device
+        )  # freed on deactivate (Polygraphy's arrays are not freed by the garbage collector)
         prepared = {self.input_name: device}
         if self.cuda_graph:
             started = time.perf_counter()
@@ -584,12 +674,16 @@ class TensorRTRunner(Runner):
 
     def _check(self, succeeded, what: str) -> None:
         if not succeeded:
-            raise DeployError(f"{self.trt.name} refused {what} for {self.engine_path.name} while binding it for timing: time it with --no-cuda-graph")
+            raise DeployError(
+                f"{self.trt.name} refused {what} for {self.engine_path.name} while binding it for timing: time it with --no-cuda-graph"
+            )
 
     def _bind(self, prepared) -> None:
         """Bind `prepared` and a fixed output buffer to the context (no output allocator: a graph
         cannot call back into Python), enqueue once, and capture the enqueue (full TensorRT)."""
-        self._use_profile_for(prepared[self.input_name].shape[0])  # another batch may have switched the profile since prepare()
+        self._use_profile_for(
+            prepared[self.input_name].shape[0]
+        )  # another batch may have switched the profile since prepare()
         self._unbind()
         try:
             self._bind_and_capture(prepared)
@@ -604,16 +698,22 @@ class TensorRTRunner(Runner):
         self._check(context.set_input_shape(self.input_name, tuple(device.shape)), f"input shape {tuple(device.shape)}")
         self._check(context.set_tensor_address(self.input_name, device.ptr), "the input address")
         self._check(context.set_output_allocator(self.output_name, None), "unsetting the output allocator")
-        output = self.cuda.DeviceArray(shape=tuple(context.get_tensor_shape(self.output_name)),
-                                       dtype=np.dtype(self.trt.module.nptype(self.engine.get_tensor_dtype(self.output_name))))
+        output = self.cuda.DeviceArray(
+            shape=tuple(context.get_tensor_shape(self.output_name)),
+            dtype=np.dtype(self.trt.module.nptype(self.engine.get_tensor_dtype(self.output_name))),
+        )
         self._bound = Binding(prepared=prepared, output=output, launch=self._enqueue)
         self._check(context.set_tensor_address(self.output_name, output.ptr), "the output address")
         self._enqueue()
         self.runner.stream.synchronize()
         if self.trt.name == "tensorrt":
             if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(stream):
-                raise DeployError(f"{self.engine_path.name} cannot be captured in a CUDA graph on this GPU (TensorRT says so): time it with --no-cuda-graph")
-            self._bound.graph = CapturedGraph(self.cudart, stream, lambda: context.execute_async_v3(stream), self.engine_path.name)
+                raise DeployError(
+                    f"{self.engine_path.name} cannot be captured in a CUDA graph on this GPU (TensorRT says so): time it with --no-cuda-graph"
+                )
+            self._bound.graph = CapturedGraph(
+                self.cudart, stream, lambda: context.execute_async_v3(stream), self.engine_path.name
+            )
             self._bound.launch = self._bound.graph.launch
 
     def _enqueue(self) -> None:
@@ -648,7 +748,9 @@ class TensorRTRunner(Runner):
         if self.cuda_graph:
             self._bound.launch()
         else:
-            self.runner.infer(prepared, check_inputs=False, copy_outputs_to_host=False)  # prepare() made the input: no per-call checks
+            self.runner.infer(
+                prepared, check_inputs=False, copy_outputs_to_host=False
+            )  # prepare() made the input: no per-call checks
 
     def synchronize(self) -> None:
         self.runner.stream.synchronize()
@@ -663,6 +765,15 @@ class TensorRTRunner(Runner):
     def description(self) -> dict:
         from .gpu import gpu_info
 
-        return {"backend": self.backend, "device": "cuda", "library": self.manifest["library"], "version": self.manifest["version"],
-                "gpu": gpu_info(), "engine_sha256": self.manifest["engine"]["sha256"], "onnx_sha256": self.manifest["onnx"]["sha256"],
-                "precision": self.manifest["precision"], "build_options": self.manifest["build_options"], "cuda_graph": self.cuda_graph}
+        return {
+            "backend": self.backend,
+            "device": "cuda",
+            "library": self.manifest["library"],
+            "version": self.manifest["version"],
+            "gpu": gpu_info(),
+            "engine_sha256": self.manifest["engine"]["sha256"],
+            "onnx_sha256": self.manifest["onnx"]["sha256"],
+            "precision": self.manifest["precision"],
+            "build_options": self.manifest["build_options"],
+            "cuda_graph": self.cuda_graph,
+        }

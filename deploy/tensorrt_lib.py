@@ -1,5 +1,6 @@
 """Which TensorRT is installed: full TensorRT (`tensorrt`, 10 or 11) or TensorRT-RTX
 (`tensorrt_rtx`). Imported lazily so that everything else works where neither is present."""
+
 from __future__ import annotations
 
 import importlib
@@ -46,5 +47,7 @@ def require_tensorrt(preferred: Optional[str] = None) -> TensorRT:
     found = find_tensorrt(preferred)
     if found is None:
         wanted = preferred or " or ".join(LIBRARIES)
-        raise DeployError(f"{wanted} is not installed: pip install tensorrt-rtx (RTX GPUs), or use docker/Dockerfile (NVIDIA's TensorRT image)")
+        raise DeployError(
+            f"{wanted} is not installed: pip install tensorrt-rtx (RTX GPUs), or use docker/Dockerfile (NVIDIA's TensorRT image)"
+        )
     return found

@@ -6,6 +6,7 @@ The compact module always computes attention with `scaled_dot_product_attention`
 decides what the exporter turns it into. Static attention (DGSSA) is a MatMul by a constant in
 every form: it has no scores and no softmax to fuse.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,13 @@ class AttentionForm:
 
 
 ATTENTION_FORMS = {
-    form.name: form for form in (
+    form.name: form
+    for form in (
         AttentionForm(
-            "attention-op", 23, True, (),
+            "attention-op",
+            23,
+            True,
+            (),
             "TensorRT >= 10.14, TensorRT-RTX, onnxruntime",
             # TensorRT's attention layer needs keys and values of one shape, so narrower value heads
             # are zero-padded inside the op and the padding sliced off its output (exact: zero value
@@ -34,19 +39,28 @@ ATTENTION_FORMS = {
             "the ONNX Attention op (opset 23), one node per block: TensorRT parses it into its fused attention layer, onnxruntime runs its own kernel",
         ),
         AttentionForm(
-            "matmul-softmax", 18, False, (),
+            "matmul-softmax",
+            18,
+            False,
+            (),
             "any TensorRT (JetPack 6's 10.3 included), onnxruntime",
             "MatMul -> Softmax -> MatMul (opset 18), which older TensorRT fuses itself and newer TensorRT and onnxruntime run unfused",
         ),
         AttentionForm(
-            "ort-mha", 23, False, ("ort_multihead_attention",),
+            "ort-mha",
+            23,
+            False,
+            ("ort_multihead_attention",),
             "onnxruntime only (a com.microsoft op; TensorRT cannot parse it)",
             "onnxruntime's MultiHeadAttention contrib op (flash / memory-efficient attention on CUDA), from the Attention op by a graph pass",
         ),
     )
 }
 DEFAULT_ATTENTION_FORM = "attention-op"
-TENSORRT_FORMS = ("attention-op", "matmul-softmax")  # what TensorRT parses: the Attention op from 10.14 on, the chain everywhere
+TENSORRT_FORMS = (
+    "attention-op",
+    "matmul-softmax",
+)  # what TensorRT parses: the Attention op from 10.14 on, the chain everywhere
 NEEDS_ATTENTION_LAYER = "attention-op"  # the form only a TensorRT with an attention layer parses
 
 

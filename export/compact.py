@@ -5,6 +5,7 @@ index_select (Gather in ONNX), static attention and token aggregation become con
 timm's own VisionTransformer forward is kept: only `blocks` is replaced, and the blocks reuse
 timm's norms, layer scales and Mlp (with smaller Linears).
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vitslim.pruning.plan import BlockPlan, SlimPlan, validate
 from vitslim.pruning.reference import aggregate_tokens
-from vitslim.pruning.timm_adapter import BlockParts, ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
+from vitslim.pruning.timm_adapter import (
+    BlockParts,
+    ViTGeometry,
+    block_parts,
+    blocks_of,
+    replace_blocks,
+    supported_geometry,
+)
 
 from .errors import ExportError
 from .token_layout import TOKEN_LAYOUTS, is_prefix, slice_layout
@@ -52,7 +59,9 @@ class SelectIndices(nn.Module):
         return x.index_select(self.dim, self.kept_indices)
 
 
-def slice_linear(linear: nn.Linear, in_indices: Optional[list[int]] = None, out_indices: Optional[list[int]] = None) -> nn.Linear:
+def slice_linear(
+    linear: nn.Linear, in_indices: Optional[list[int]] = None, out_indices: Optional[list[int]] = None
+) -> nn.Linear:
     """A new Linear with only the given input columns and output rows of `linear` (None keeps all)."""
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     if out_indices is not None:
@@ -60,7 +69,9 @@ def slice_linear(linear: nn.Linear, in_indices: Optional[list[int]] = None, out_
         bias = None if bias is None else bias[out_indices]
     if in_indices is not None:
         weight = weight[:, in_indices]
-    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    sliced = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         sliced.weight.copy_(weight)
         if bias is not None:
@@ -72,7 +83,7 @@ def slice_linear(linear: nn.Linear, in_indices: Optional[list[int]] = None, out_
 # "gather": a constant-index Gather, then Linears with only the kept columns (the smallest graph,
 #   the fewest MACs);
 # "masked": no Gather; full-width Linears whose other columns are zero (more MACs, but no strided
-#   copy of the activations: faster on an H100 at batch 64 and 256, README "GPU latency").
+#   copy of the activations: faster on an H100 at batch 64 and 256, docs/plan-and-export.md).
 CHANNEL_LAYOUTS = ("gather", "masked")
 
 
@@ -81,7 +92,9 @@ def channel_selector(kept: Optional[tuple[int, ...]], channel_layout: str) -> nn
     return SelectIndices(kept, dim=-1) if kept is not None and channel_layout == "gather" else nn.Identity()
 
 
-def reading_linear(linear: nn.Linear, kept: Optional[tuple[int, ...]], out_rows: Optional[list[int]], channel_layout: str) -> nn.Linear:
+def reading_linear(
+    linear: nn.Linear, kept: Optional[tuple[int, ...]], out_rows: Optional[list[int]], channel_layout: str
+) -> nn.Linear:
     """`linear` reading only the `kept` input channels, with the given output rows (see CHANNEL_LAYOUTS)."""
     if kept is None or channel_layout == "gather":
         return slice_linear(linear, None if kept is None else list(kept), out_rows)
@@ -112,8 +125,14 @@ class CompactAttention(nn.Module):
     for runtimes whose fused attention needs keys and values of one shape (export/attention_form.py).
     """
 
-    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather",
-                 pad_value_heads: bool = False) -> None:
+    def __init__(
+        self,
+        parts: BlockParts,
+        plan: BlockPlan,
+        geometry: ViTGeometry,
+        channel_layout: str = "gather",
+        pad_value_heads: bool = False,
+    ) -> None:
         super().__init__()
         heads, head_dim, attn_dim = geometry.num_heads, geometry.head_dim, geometry.attn_dim
         value_channels = list(plan.proj_in) if plan.proj_in is not None else list(range(attn_dim))
@@ -123,11 +142,13 @@ class CompactAttention(nn.Module):
         self.value_per_head = len(value_channels) // heads
         self.value_padding = head_dim - self.value_per_head if pad_value_heads else 0
         self.widths = (attn_dim, attn_dim, len(value_channels))  # q, k, v output widths
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.select_channels = channel_selector(plan.qkv_in, channel_layout)
         self.select_queries = token_selector(plan.kept_tokens)
         self.proj = slice_linear(parts.proj, value_channels, None)
-        self.static_attention = None if plan.static_attention is None else _constant(plan.static_attention, parts.proj.weight)
+        self.static_attention = (
+            None if plan.static_attention is None else _constant(plan.static_attention, parts.proj.weight)
+        )
         self.qkv = self.q = self.kv = self.v = None
         if self.static_attention is not None:
             self.v = reading_linear(parts.qkv, plan.qkv_in, v_rows, channel_layout)
@@ -150,7 +171,11 @@ class CompactAttention(nn.Module):
         else:
             q = self.q(self.select_queries(x))
             k, v = self.kv(x).split(self.widths[1:], dim=-1)
-        return self._split_heads(q, self.head_dim), self._split_heads(k, self.head_dim), self._split_heads(v, self.value_per_head)
+        return (
+            self._split_heads(q, self.head_dim),
+            self._split_heads(k, self.head_dim),
+            self._split_heads(v, self.value_per_head),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.select_channels(x)
@@ -162,7 +187,7 @@ class CompactAttention(nn.Module):
                 v = F.pad(v, (0, self.value_padding))
             out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, scale=self.scale)
             if self.value_padding:
-                out = out[..., :self.value_per_head]
+                out = out[..., : self.value_per_head]
         out = out.transpose(1, 2)
         return self.proj(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.value_per_head))
 
@@ -173,11 +198,19 @@ class CompactBlock(nn.Module):
     Input [B, N_before, dim] -> output [B, N_out, dim].
     """
 
-    def __init__(self, parts: BlockParts, plan: BlockPlan, geometry: ViTGeometry, channel_layout: str = "gather",
-                 pad_value_heads: bool = False) -> None:
+    def __init__(
+        self,
+        parts: BlockParts,
+        plan: BlockPlan,
+        geometry: ViTGeometry,
+        channel_layout: str = "gather",
+        pad_value_heads: bool = False,
+    ) -> None:
         super().__init__()
         self.num_prefix_tokens = geometry.num_prefix_tokens
-        self.token_aggregation = None if plan.token_aggregation is None else _constant(plan.token_aggregation, parts.proj.weight)
+        self.token_aggregation = (
+            None if plan.token_aggregation is None else _constant(plan.token_aggregation, parts.proj.weight)
+        )
         self.select_tokens = token_selector(plan.kept_tokens)
         self.norm1, self.ls1 = copy.deepcopy(parts.norm1), copy.deepcopy(parts.ls1)
         self.attn = CompactAttention(parts, plan, geometry, channel_layout, pad_value_heads)
@@ -202,8 +235,13 @@ def _compact_mlp(parts: BlockParts, plan: BlockPlan, channel_layout: str) -> nn.
     return mlp
 
 
-def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather",
-                      pad_value_heads: bool = False) -> nn.Module:
+def compact_from_plan(
+    model: nn.Module,
+    plan: SlimPlan,
+    token_layout: str = "gather",
+    channel_layout: str = "gather",
+    pad_value_heads: bool = False,
+) -> nn.Module:
     """A new, physically slim module computing `plan` on `model` (which is left untouched).
 
     Input [B, C, H, W] images -> the model's usual output (logits). `token_layout` is "gather"
@@ -222,6 +260,9 @@ def compact_from_plan(model: nn.Module, plan: SlimPlan, token_layout: str = "gat
         permutation, plan = slice_layout(plan, geometry)
         blocks.append(SelectIndices(permutation, dim=1))
     compact = copy.deepcopy(model)
-    blocks += [CompactBlock(block_parts(block), block_plan, geometry, channel_layout, pad_value_heads) for block, block_plan in zip(blocks_of(model), plan.blocks)]
+    blocks += [
+        CompactBlock(block_parts(block), block_plan, geometry, channel_layout, pad_value_heads)
+        for block, block_plan in zip(blocks_of(model), plan.blocks)
+    ]
     replace_blocks(compact, blocks)
     return compact.eval()

@@ -1,5 +1,6 @@
 """The one exception type of vitslim.export."""
-from vitslim.errors import VitslimError
+
+from vitslim.core.errors import VitslimError
 
 
 class ExportError(VitslimError, RuntimeError):

@@ -4,6 +4,7 @@ Batch is the only dynamic dimension. The exporter is torch's dynamo exporter: it
 LayerNormalization, Gelu (opset >= 20), Gather/Slice and attention in the chosen form
 (export/attention_form.py: the ONNX Attention op at opset 23, or MatMul -> Softmax -> MatMul).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,20 +19,20 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-
-from vitslim.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY
-from vitslim.files import atomic_path
-from vitslim.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
 from vitslim.pruning.macs import block_widths, plan_macs
 from vitslim.pruning.plan import SlimPlan, dense_plan, token_counts, validate
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import count_params, input_shape_of, supported_geometry
 
+from vitslim.core.files import atomic_path
+from vitslim.core.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY
+from vitslim.core.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
+
 from .attention_form import DEFAULT_ATTENTION_FORM, attention_form
 from .compact import compact_from_plan
 from .errors import ExportError
-from .precision import fp16_from_fp32
 from .passes import DEFAULT_PASSES, apply_passes
+from .precision import fp16_from_fp32
 from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,17 @@ def onnx_from_module(module: nn.Module, example: torch.Tensor, path: Path, opset
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
-            module, (example,), str(path), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
-            verbose=False, optimize=True, external_data=False,
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            optimize=True,
+            external_data=False,
         )
     return onnx.load(str(path))
 
@@ -69,7 +78,9 @@ def run_onnxruntime(path: Path, images: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
 
 
-def parity_images(model: nn.Module, images: Optional[torch.Tensor], batch: int = PARITY_BATCH, seed: int = 0) -> torch.Tensor:
+def parity_images(
+    model: nn.Module, images: Optional[torch.Tensor], batch: int = PARITY_BATCH, seed: int = 0
+) -> torch.Tensor:
     """The given images (first `batch`), or seeded standard-normal images of the model's input size."""
     if images is not None and len(images) >= 2:
         return images[:batch].float()
@@ -83,13 +94,20 @@ def block_rows(plan: SlimPlan, geometry) -> list[dict]:
     rows = []
     for index, (block, counts) in enumerate(zip(plan.blocks, token_counts(plan, geometry))):
         widths = block_widths(block, geometry)
-        rows.append({
-            "block": index, "tokens_in": counts.read, "tokens_out": counts.written, "qkv_in": widths.qkv_in,
-            "value_per_head": widths.value_per_head, "fc1_in": widths.fc1_in, "hidden": widths.hidden,
-            "static_attention": block.static_attention is not None,
-            "aggregated_to": None if block.token_aggregation is None else block.token_aggregation.shape[0],
-            "macs": macs[index],
-        })
+        rows.append(
+            {
+                "block": index,
+                "tokens_in": counts.read,
+                "tokens_out": counts.written,
+                "qkv_in": widths.qkv_in,
+                "value_per_head": widths.value_per_head,
+                "fc1_in": widths.fc1_in,
+                "hidden": widths.hidden,
+                "static_attention": block.static_attention is not None,
+                "aggregated_to": None if block.token_aggregation is None else block.token_aggregation.shape[0],
+                "macs": macs[index],
+            }
+        )
     return rows
 
 
@@ -97,7 +115,12 @@ def _versions() -> dict:
     import onnxruntime
     import timm
 
-    return {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def _check_graph(model: onnx.ModelProto) -> None:
@@ -135,14 +158,16 @@ def export_plan(
 
     Nothing is left at `out_path` unless every check passed. `precision="fp16"` converts the
     whole graph (export/precision.py). Parity against the masked reference is held to
-    `tolerance`: by default the precision's entry of vitslim.precision.TOLERANCES; a float replaces
+    `tolerance`: by default the precision's entry of vitslim.core.precision.TOLERANCES; a float replaces
     its fp32 max abs diff bound.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not one of {PRECISIONS}")
     if isinstance(tolerance, (int, float)):
         if precision != "fp32":
-            raise ExportError(f"a max abs diff tolerance applies to fp32 exports; {precision} is held to {tolerance_for(precision).to_dict()}")
+            raise ExportError(
+                f"a max abs diff tolerance applies to fp32 exports; {precision} is held to {tolerance_for(precision).to_dict()}"
+            )
         tolerance = replace(tolerance_for(precision), max_abs_diff=float(tolerance))
     tolerance = tolerance or tolerance_for(precision)
     form = attention_form(attention)
@@ -156,11 +181,16 @@ def export_plan(
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
     with atomic_path(out_path) as tmp:
-        exported = apply_passes(onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes + tuple(extra_passes))
+        exported = apply_passes(
+            onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes + tuple(extra_passes)
+        )
         if precision == "fp16":
             exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
         _check_graph(exported)
-        metadata = {ATTENTION_FORM_KEY: form.name, **({} if preprocessing is None else {PREPROCESSING_KEY: json.dumps(preprocessing, sort_keys=True)})}
+        metadata = {
+            ATTENTION_FORM_KEY: form.name,
+            **({} if preprocessing is None else {PREPROCESSING_KEY: json.dumps(preprocessing, sort_keys=True)}),
+        }
         for key, value in metadata.items():
             entry = exported.metadata_props.add()
             entry.key, entry.value = key, value
@@ -175,17 +205,47 @@ def export_plan(
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
     report = {
-        "model": plan.model.to_dict(), "method": plan.method, "token_layout": token_layout, "channel_layout": channel_layout,
-        "macs_dense": macs_dense, "macs": plan_macs(plan, geometry)["total"],
-        "params_dense": count_params(model), "params": count_params(compact),
-        "ops": op_inventory(exported), "weight_shapes": matmul_weight_shapes(exported),
-        "precision": precision, "preprocessing": preprocessing, "attention_form": form.name, "passes": [*passes, *form.passes, *extra_passes],
-        "parity": {**parity.to_dict(), "tolerance": tolerance.to_dict(), "reference": "masked PyTorch (fp32, CPU)", "runtime": "onnxruntime CPU",
-                   "images": f"{len(inputs)} " + (images_source or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images"))},
+        "model": plan.model.to_dict(),
+        "method": plan.method,
+        "token_layout": token_layout,
+        "channel_layout": channel_layout,
+        "macs_dense": macs_dense,
+        "macs": plan_macs(plan, geometry)["total"],
+        "params_dense": count_params(model),
+        "params": count_params(compact),
+        "ops": op_inventory(exported),
+        "weight_shapes": matmul_weight_shapes(exported),
+        "precision": precision,
+        "preprocessing": preprocessing,
+        "attention_form": form.name,
+        "passes": [*passes, *form.passes, *extra_passes],
+        "parity": {
+            **parity.to_dict(),
+            "tolerance": tolerance.to_dict(),
+            "reference": "masked PyTorch (fp32, CPU)",
+            "runtime": "onnxruntime CPU",
+            "images": f"{len(inputs)} "
+            + (
+                images_source
+                or ("seeded standard-normal images" if images is None or len(images) < 2 else "given images")
+            ),
+        },
         "blocks": block_rows(plan, geometry),
-        "onnx": {"file": out_path.name, "bytes": onnx_bytes, "sha256": digest, "opset": form.opset, "io": io_shapes(exported)},
-        "export_seconds": time.perf_counter() - started, "versions": _versions(),
+        "onnx": {
+            "file": out_path.name,
+            "bytes": onnx_bytes,
+            "sha256": digest,
+            "opset": form.opset,
+            "io": io_shapes(exported),
+        },
+        "export_seconds": time.perf_counter() - started,
+        "versions": _versions(),
     }
     report_path, _ = write_report(report, out_path)
-    log.info("exported %s (%.1f%% of dense MACs) in %.1f s", out_path, 100 * report["macs"] / macs_dense, report["export_seconds"])
+    log.info(
+        "exported %s (%.1f%% of dense MACs) in %.1f s",
+        out_path,
+        100 * report["macs"] / macs_dense,
+        report["export_seconds"],
+    )
     return ExportResult(onnx_path=out_path, report_path=report_path, report=report)

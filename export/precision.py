@@ -7,6 +7,7 @@ Softmax in fp32 (76 in DeiT-S) cost time on onnxruntime-gpu. BENCHMARKS.md ("fp1
 islands") has the accuracy measured with and without them. Inputs and
 outputs stay fp32, so callers feed the same images and read the same logits.
 """
+
 from __future__ import annotations
 
 import onnx
@@ -21,7 +22,9 @@ FP32_OPS: tuple[str, ...] = ()
 def fp16_from_fp32(model: onnx.ModelProto, fp32_ops: tuple[str, ...] = FP32_OPS) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(fp32_ops), disable_shape_infer=False)
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(fp32_ops), disable_shape_infer=False
+    )
     return _single_assignment(converted)
 
 
@@ -36,7 +39,9 @@ def _single_assignment(model: onnx.ModelProto) -> onnx.ModelProto:
             key = (tuple(node.input), tuple((a.name, a.i) for a in node.attribute))
             if node.output[0] in seen:
                 if seen[node.output[0]] != key:
-                    raise ExportError(f"the fp16 converter wrote two different Casts to {node.output[0]}: export fp32 and report this")
+                    raise ExportError(
+                        f"the fp16 converter wrote two different Casts to {node.output[0]}: export fp32 and report this"
+                    )
                 continue
             seen[node.output[0]] = key
         kept.append(node)

@@ -3,6 +3,7 @@
 The JSON sits beside the model as FILE.report.json with at least the keys macs_dense, macs,
 params, ops and parity, for CI scripts.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from vitslim.files import write_text_atomic
+from vitslim.core.files import write_text_atomic
+
 
 def op_inventory(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count over the main graph, most frequent first."""
@@ -36,6 +38,7 @@ def matmul_weight_shapes(model: onnx.ModelProto) -> list[dict]:
 
 def io_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Input/output name -> shape with symbolic dimensions as their names."""
+
     def shape(value) -> list:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 

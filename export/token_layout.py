@@ -5,6 +5,7 @@
 tokens after the position embedding (tokens kept deepest first) turns every later selection into
 a prefix, which the compact module expresses as a Slice.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -52,6 +53,3 @@ def slice_layout(plan: SlimPlan, geometry: ViTGeometry) -> tuple[tuple[int, ...]
 
 def is_prefix(kept: tuple[int, ...]) -> bool:
     return kept == tuple(range(len(kept)))
-
-
-

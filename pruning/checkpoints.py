@@ -10,6 +10,7 @@ rerun with other settings is refused rather than silently mixed (`--restart` sta
 
 States are plain tensors and Python values, read back with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vitslim.files import atomic_path
+from vitslim.core.files import atomic_path
 
 from .errors import PruningError
 
@@ -38,7 +39,11 @@ def weights_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            if tensor.numel()
+            else b""
+        )
     return digest.hexdigest()
 
 
@@ -59,16 +64,24 @@ def load_state(path: Optional[Path], settings: dict) -> Optional[dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise PruningError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}): delete it or rerun with --restart") from None
+        raise PruningError(
+            f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}): delete it or rerun with --restart"
+        ) from None
     if not isinstance(state, dict) or state.get("settings") != settings_key(settings):
-        raise PruningError(f"checkpoint {path} was written with other settings: rerun with the same settings to resume, or with --restart to start over")
+        raise PruningError(
+            f"checkpoint {path} was written with other settings: rerun with the same settings to resume, or with --restart to start over"
+        )
     return state
 
 
 def generator_states(loader_generator: Optional[torch.Generator]) -> dict:
     """Every random generator a training epoch draws from (torch, CUDA, numpy, Python, the loader's)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached), "python": random.getstate()}
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     if loader_generator is not None:

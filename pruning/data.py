@@ -1,5 +1,6 @@
 """Data sets: the built-in `digits` (scikit-learn's bundled handwritten digits) or an ImageFolder
 directory, with deterministic train/val splits, resized to the model's input."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,12 +44,34 @@ def preprocessing(source: str, in_chans: int, img_size: tuple[int, int]) -> dict
     what an exported model and its engine carry (ONNX metadata, engine manifest) so that whoever
     feeds them prepares images the same way."""
     height, width = img_size
-    common = {"layout": "NCHW", "dtype": "float32", "channels": in_chans, "resize": [height, width], "crop": [height, width]}
+    common = {
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channels": in_chans,
+        "resize": [height, width],
+        "crop": [height, width],
+    }
     if source == DIGITS:
-        return {**common, "source": DIGITS, "input": "8x8 grayscale, values 0..16", "scale": 1 / 16, "interpolation": "bilinear",
-                "channel_order": "gray" if in_chans == 1 else f"gray repeated to {in_chans} channels", "mean": [0.5] * in_chans, "std": [0.5] * in_chans}
-    return {**common, "source": "image files", "input": "8-bit RGB (PIL)", "scale": 1 / 255, "interpolation": "bilinear (antialiased)",
-            "channel_order": "gray" if in_chans == 1 else "RGB", "mean": list(MEAN[:in_chans]), "std": list(STD[:in_chans])}
+        return {
+            **common,
+            "source": DIGITS,
+            "input": "8x8 grayscale, values 0..16",
+            "scale": 1 / 16,
+            "interpolation": "bilinear",
+            "channel_order": "gray" if in_chans == 1 else f"gray repeated to {in_chans} channels",
+            "mean": [0.5] * in_chans,
+            "std": [0.5] * in_chans,
+        }
+    return {
+        **common,
+        "source": "image files",
+        "input": "8-bit RGB (PIL)",
+        "scale": 1 / 255,
+        "interpolation": "bilinear (antialiased)",
+        "channel_order": "gray" if in_chans == 1 else "RGB",
+        "mean": list(MEAN[:in_chans]),
+        "std": list(STD[:in_chans]),
+    }
 
 
 def digits_images(in_chans: int, img_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +82,9 @@ def digits_images(in_chans: int, img_size: tuple[int, int]) -> tuple[torch.Tenso
     digits = load_digits()
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) * steps["scale"]  # [N, 1, 8, 8] in [0, 1]
     images = torch.nn.functional.interpolate(pixels, size=img_size, mode="bilinear", align_corners=False)
-    images = (images.expand(-1, in_chans, -1, -1) - torch.tensor(steps["mean"]).view(1, -1, 1, 1)) / torch.tensor(steps["std"]).view(1, -1, 1, 1)
+    images = (images.expand(-1, in_chans, -1, -1) - torch.tensor(steps["mean"]).view(1, -1, 1, 1)) / torch.tensor(
+        steps["std"]
+    ).view(1, -1, 1, 1)
     return images.contiguous(), torch.tensor(digits.target, dtype=torch.long)
 
 
@@ -150,16 +175,27 @@ def augmented_dataset(dataset: Dataset, policy: str) -> Dataset:
 
     if policy == AFFINE:
         fill = float(dataset[0][0].min())  # the background value of normalised images
-        return _Transformed(dataset, transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill))
+        return _Transformed(
+            dataset, transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill)
+        )
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     if not isinstance(base, ImageFolder):
         raise PruningError(f"--augment {policy}: RandAugment needs image files (ImageFolder data); use --augment none")
     channels, height, width = base[0][0].shape
     if channels != 3:
-        raise PruningError(f"--augment {policy}: timm's training transform makes RGB images, the model reads {channels} channel(s); use --augment none")
+        raise PruningError(
+            f"--augment {policy}: timm's training transform makes RGB images, the model reads {channels} channel(s); use --augment none"
+        )
     augmented = copy.copy(base)
-    augmented.transform = create_transform((3, height, width), is_training=True, auto_augment=policy, interpolation="bicubic",
-                                           re_prob=0.25, mean=MEAN, std=STD)
+    augmented.transform = create_transform(
+        (3, height, width),
+        is_training=True,
+        auto_augment=policy,
+        interpolation="bicubic",
+        re_prob=0.25,
+        mean=MEAN,
+        std=STD,
+    )
     _posterize_to_zero_bits(augmented.transform)
     return Subset(augmented, dataset.indices) if isinstance(dataset, Subset) else augmented
 
@@ -226,8 +262,10 @@ class CalibrationSet:
 
     def split(self, count: int) -> tuple["CalibrationSet", "CalibrationSet"]:
         """The first `count` images and the rest, disjoint; both stratified (the draw interleaves classes)."""
-        return (CalibrationSet(self.images[:count], self.indices[:count], self.labels[:count]),
-                CalibrationSet(self.images[count:], self.indices[count:], self.labels[count:]))
+        return (
+            CalibrationSet(self.images[:count], self.indices[:count], self.labels[:count]),
+            CalibrationSet(self.images[count:], self.indices[count:], self.labels[count:]),
+        )
 
 
 def calibration_set(dataset: Dataset, count: int, seed: int = 0) -> CalibrationSet:

@@ -1,6 +1,7 @@
 """Analytic multiply-accumulate (MAC) and parameter accounting that honours a plan: the one place
 where vitslim counts cost. LayerNorm, softmax, GELU and additions are not counted (the convention
 of the ViT pruning literature)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,13 +22,19 @@ class BlockWidths:
 
 def kept_channels(block: BlockPlan, geometry: ViTGeometry) -> dict[str, int]:
     """How many channels of each prunable space (CHANNEL_SPACES) the block keeps."""
-    return {space: size if getattr(block, space) is None else len(getattr(block, space)) for space, size in geometry.channel_sizes.items()}
+    return {
+        space: size if getattr(block, space) is None else len(getattr(block, space))
+        for space, size in geometry.channel_sizes.items()
+    }
 
 
 def block_widths(block: BlockPlan, geometry: ViTGeometry) -> BlockWidths:
     kept = kept_channels(block, geometry)
     return BlockWidths(
-        qkv_in=kept["qkv_in"], value_per_head=kept["proj_in"] // geometry.num_heads, fc1_in=kept["fc1_in"], hidden=kept["hidden"],
+        qkv_in=kept["qkv_in"],
+        value_per_head=kept["proj_in"] // geometry.num_heads,
+        fc1_in=kept["fc1_in"],
+        hidden=kept["hidden"],
     )
 
 
@@ -66,6 +73,9 @@ def macs_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
 
 def plan_macs(plan: SlimPlan, geometry: ViTGeometry) -> dict:
     """{"total", "patch_embed", "head", "blocks": [per-block total]} for one image; plan must be valid."""
-    per_block = [sum(block_macs(block, geometry, counts).values()) for block, counts in zip(plan.blocks, token_counts(plan, geometry))]
+    per_block = [
+        sum(block_macs(block, geometry, counts).values())
+        for block, counts in zip(plan.blocks, token_counts(plan, geometry))
+    ]
     total = geometry.patch_embed_macs + geometry.head_macs + sum(per_block)
     return {"total": total, "patch_embed": geometry.patch_embed_macs, "head": geometry.head_macs, "blocks": per_block}

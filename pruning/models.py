@@ -1,4 +1,5 @@
 """Models by name: timm creation, checkpoint loading and timm-style key adaptation."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vitslim.files import atomic_path
+from vitslim.core.files import atomic_path
+
 from .errors import PruningError
 from .plan import ModelSpec
 from .timm_adapter import check_supported
@@ -59,7 +61,7 @@ def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
             break
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if tensors and all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -77,7 +79,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt files raise many different types
-        raise PruningError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}): re-download or re-save it") from None
+        raise PruningError(
+            f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}): re-download or re-save it"
+        ) from None
     if not isinstance(state, Mapping):
         raise PruningError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     return _unwrap(state)
@@ -109,12 +113,16 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     problems = checkpoint_mismatches(adapted, model)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise PruningError(f"{source} does not fit the model ({len(problems)} problems: {shown}): check --model and --model-kwargs")
+        raise PruningError(
+            f"{source} does not fit the model ({len(problems)} problems: {shown}): check --model and --model-kwargs"
+        )
     model.load_state_dict(adapted, strict=True)
     return model
 
 
-def model_from_checkpoint(spec: ModelSpec, checkpoint: str | os.PathLike | None = None, pretrained: bool = False) -> nn.Module:
+def model_from_checkpoint(
+    spec: ModelSpec, checkpoint: str | os.PathLike | None = None, pretrained: bool = False
+) -> nn.Module:
     """Create the model and, if given, load a checkpoint into it."""
     model = create_model(spec, pretrained=pretrained)
     if checkpoint is not None:

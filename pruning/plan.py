@@ -18,6 +18,7 @@ Per block, in the order the block applies them (N_in tokens arrive, P of them pr
 
 ``None`` means "keep everything" for every field.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from vitslim.files import atomic_path
+from vitslim.core.files import atomic_path
+
 from .errors import PruningError
 from .timm_adapter import CHANNEL_SPACES, ViTGeometry, supported_geometry
 
@@ -165,7 +167,11 @@ def token_counts(plan: SlimPlan, geometry: ViTGeometry) -> list[TokenCounts]:
     counts, arriving = [], geometry.num_tokens
     for block in plan.blocks:
         aggregation = block.token_aggregation
-        read = arriving if aggregation is None else geometry.num_prefix_tokens + (aggregation.shape[0] if aggregation.dim() else 0)
+        read = (
+            arriving
+            if aggregation is None
+            else geometry.num_prefix_tokens + (aggregation.shape[0] if aggregation.dim() else 0)
+        )
         written = read if block.kept_tokens is None else len(block.kept_tokens)
         counts.append(TokenCounts(arriving, read, written))
         arriving = written
@@ -186,11 +192,15 @@ def _validate_block(index: int, block: BlockPlan, geometry: ViTGeometry, counts:
         _check_tensor(f"{where} token_aggregation", aggregation, tuple(aggregation.shape))
     _check_indices(f"{where} kept_tokens", block.kept_tokens, counts.read)
     if block.kept_tokens is not None and tuple(block.kept_tokens[:prefix]) != tuple(range(prefix)):
-        raise PruningError(f"{where} kept_tokens: prefix tokens 0..{prefix - 1} (class/distillation/register) must be kept")
+        raise PruningError(
+            f"{where} kept_tokens: prefix tokens 0..{prefix - 1} (class/distillation/register) must be kept"
+        )
     for space in CHANNEL_SPACES:
         _check_indices(f"{where} {space}", getattr(block, space), sizes[space])
     _check_value_heads(f"{where} proj_in", block.proj_in, geometry)
-    _check_tensor(f"{where} static_attention", block.static_attention, (geometry.num_heads, counts.written, counts.read))
+    _check_tensor(
+        f"{where} static_attention", block.static_attention, (geometry.num_heads, counts.written, counts.read)
+    )
 
 
 def validate(plan: SlimPlan, model: "ViTGeometry | torch.nn.Module") -> None:
@@ -214,7 +224,9 @@ def validate(plan: SlimPlan, model: "ViTGeometry | torch.nn.Module") -> None:
 def plan_to_json(plan: SlimPlan) -> dict:
     blocks = []
     for block in plan.blocks:
-        entry = {name: (list(getattr(block, name)) if getattr(block, name) is not None else None) for name in INDEX_FIELDS}
+        entry = {
+            name: (list(getattr(block, name)) if getattr(block, name) is not None else None) for name in INDEX_FIELDS
+        }
         entry.update({name: getattr(block, name) is not None for name in TENSOR_FIELDS})
         blocks.append(entry)
     return {"schema_version": SCHEMA_VERSION, "method": plan.method, "model": plan.model.to_dict(), "blocks": blocks}
@@ -242,7 +254,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise PruningError(f"no plan at {path}: pass a run directory written by 'vitslim train' or 'vitslim prune'") from None
+        raise PruningError(
+            f"no plan at {path}: pass a run directory written by 'vitslim train' or 'vitslim prune'"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PruningError(f"plan {path} is not valid JSON ({error}): re-create the run directory") from None
 
@@ -252,7 +266,9 @@ def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
         raise PruningError(f"plan JSON is malformed (a {type(data).__name__}, not a mapping): re-create the plan")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise PruningError(f"plan schema version {version!r} is not {SCHEMA_VERSION}: re-create the plan with this vitslim")
+        raise PruningError(
+            f"plan schema version {version!r} is not {SCHEMA_VERSION}: re-create the plan with this vitslim"
+        )
     try:
         blocks = []
         for i, entry in enumerate(data["blocks"]):
@@ -283,5 +299,7 @@ def load_plan(directory: str | Path) -> SlimPlan:
     try:
         tensors = load_file(str(tensor_path)) if tensor_path.exists() else {}
     except (SafetensorError, OSError) as error:
-        raise PruningError(f"plan tensors {tensor_path} are unreadable ({error}): re-create the run directory") from None
+        raise PruningError(
+            f"plan tensors {tensor_path} are unreadable ({error}): re-create the run directory"
+        ) from None
     return plan_from_json(data, tensors)

@@ -6,6 +6,7 @@ block, a row selection after it, and a constant matrix in place of the attention
 It is simple on purpose so that it is obviously right; every compact or exported artifact is
 held to it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +34,7 @@ def aggregate_tokens(x: torch.Tensor, aggregation: torch.Tensor, num_prefix: int
 
 def _scale_input_hook(scale: torch.Tensor):
     """Multiply a Linear's input channel-wise by `scale` [C] (a 0/1 mask or learnable gates)."""
+
     def hook(module: nn.Module, args: tuple):
         return (args[0] * scale.to(args[0].dtype),) + args[1:]
 
@@ -81,7 +83,9 @@ def _block_hooks(block: nn.Module, plan: BlockPlan, num_prefix: int) -> list:
             mask = channel_mask(kept, linear.in_features, linear.weight)
             handles.append(linear.register_forward_pre_hook(_scale_input_hook(mask)))
     if plan.static_attention is not None:
-        handles.append(parts.attn_probs.register_forward_hook(_static_attention_hook(plan.static_attention, plan.kept_tokens)))
+        handles.append(
+            parts.attn_probs.register_forward_hook(_static_attention_hook(plan.static_attention, plan.kept_tokens))
+        )
     return handles
 
 

@@ -1,5 +1,6 @@
 """A run directory: plan.json + plan.safetensors (the slim architecture as data) and
 weights.safetensors (a plain state dict of the dense-shaped model). Never a pickled module."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from typing import Optional
 
 from torch import nn
 
-from vitslim.files import write_text_atomic
+from vitslim.core.files import write_text_atomic
+
 from .errors import PruningError
 from .models import WEIGHTS_FILE, create_model, load_weights, read_checkpoint, save_weights
 from .plan import PLAN_JSON, SlimPlan, load_plan, save_plan, validate
@@ -29,7 +31,9 @@ def load_run(directory: str | Path) -> tuple[SlimPlan, nn.Module]:
     """Rebuild (plan, model with the run's weights) from a run directory."""
     directory = Path(directory)
     if not (directory / PLAN_JSON).is_file():
-        raise PruningError(f"{directory} is not a run directory (no {PLAN_JSON}): run 'vitslim train' or 'vitslim prune' first")
+        raise PruningError(
+            f"{directory} is not a run directory (no {PLAN_JSON}): run 'vitslim train' or 'vitslim prune' first"
+        )
     plan = load_plan(directory)
     model = create_model(plan.model)
     load_weights(model, read_checkpoint(directory / WEIGHTS_FILE), source=f"run weights {directory / WEIGHTS_FILE}")

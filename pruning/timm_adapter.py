@@ -3,6 +3,7 @@
 Everything else in vitslim asks this module for a model's geometry or a block's parts, so a
 change in timm is mended here and nowhere else.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -81,9 +82,19 @@ def blocks_of(model: nn.Module) -> nn.Sequential:
 def block_parts(block: nn.Module) -> BlockParts:
     attn, mlp = block.attn, block.mlp
     return BlockParts(
-        norm1=block.norm1, attn=attn, qkv=attn.qkv, q_norm=attn.q_norm, k_norm=attn.k_norm,
-        attn_probs=attn.attn_drop, proj=attn.proj, ls1=block.ls1,
-        norm2=block.norm2, mlp=mlp, fc1=mlp.fc1, fc2=mlp.fc2, ls2=block.ls2,
+        norm1=block.norm1,
+        attn=attn,
+        qkv=attn.qkv,
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        attn_probs=attn.attn_drop,
+        proj=attn.proj,
+        ls1=block.ls1,
+        norm2=block.norm2,
+        mlp=mlp,
+        fc1=mlp.fc1,
+        fc2=mlp.fc2,
+        ls2=block.ls2,
     )
 
 

@@ -1,6 +1,7 @@
 """The one fine-tuning loop shared by every method: AdamW + warm-up/cosine schedule, optional logit
 distillation from the dense teacher, bf16 autocast on CUDA, a progress bar, atomic checkpoints,
 top-1 evaluation. Runs unchanged under `torchrun` (DDP; gloo on the CPU, NCCL on CUDA)."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vitslim.settings import setting
+from vitslim.core.settings import setting
 
 from .checkpoints import generator_states, load_state, restore_generators, save_state, weights_digest
 from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
@@ -36,21 +37,35 @@ class TrainConfig:
     batch_size: int = setting(64, "batch size (per process under torchrun)")
     distill_weight: float = setting(0.0, "weight of the KL term toward a teacher's logits, in [0, 1]; 0 turns it off")
     distill_temperature: float = setting(1.0, "temperature of the distillation term")
-    seed: int = setting(0, "random seed (initial weights, data order, augmentation; the same seed and loader worker count repeat a run)")
+    seed: int = setting(
+        0, "random seed (initial weights, data order, augmentation; the same seed and loader worker count repeat a run)"
+    )
     amp: bool = setting(True, "bf16 autocast (CUDA only)")
-    num_workers: Optional[int] = setting(None, "data-loader worker processes; default: none for digits (tensors in memory), "
-                                         "min(8, CPUs per process) for ImageFolder data (decoding and augmentation)")
-    augment: str = setting("auto", "training-image augmentation: a timm RandAugment policy (ImageFolder data), e.g. 'rand-m9-mstd0.5-inc1' (DeiT's); "
-                           "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits")
-    mixup: Optional[float] = setting(None, "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 on ImageFolder data, 0 on digits")
-    cutmix: Optional[float] = setting(None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 on ImageFolder data, 0 on digits")
+    num_workers: Optional[int] = setting(
+        None,
+        "data-loader worker processes; default: none for digits (tensors in memory), "
+        "min(8, CPUs per process) for ImageFolder data (decoding and augmentation)",
+    )
+    augment: str = setting(
+        "auto",
+        "training-image augmentation: a timm RandAugment policy (ImageFolder data), e.g. 'rand-m9-mstd0.5-inc1' (DeiT's); "
+        "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits",
+    )
+    mixup: Optional[float] = setting(
+        None, "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 on ImageFolder data, 0 on digits"
+    )
+    cutmix: Optional[float] = setting(
+        None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 on ImageFolder data, 0 on digits"
+    )
     label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and self.num_workers < 0:
             raise PruningError(f"--num-workers {self.num_workers} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise PruningError(f"training needs epochs >= 0, batch_size >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
+            raise PruningError(
+                f"training needs epochs >= 0, batch_size >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})"
+            )
         if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= self.label_smoothing < 1:
             raise PruningError("--mixup and --cutmix must be >= 0 and --label-smoothing in [0, 1)")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -59,7 +74,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    history: tuple[dict, ...]  # per epoch: epoch, loss, lr, val_top1, seconds, steps, train_images_per_s (all processes)
+    history: tuple[
+        dict, ...
+    ]  # per epoch: epoch, loss, lr, val_top1, seconds, steps, train_images_per_s (all processes)
     val_top1: float
     augmentation: Optional[dict] = None  # what was applied (TrainConfig's "auto" resolved)
 
@@ -84,7 +101,9 @@ def distributed_context() -> DistributedContext:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return DistributedContext(rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world_size, device=device)
+    return DistributedContext(
+        rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world_size, device=device
+    )
 
 
 def is_main_process() -> bool:
@@ -108,12 +127,15 @@ def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_factor:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on [B, classes] logits, scaled by T² as in Hinton et al."""
-    return F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    ) * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -140,16 +162,32 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     return 100.0 * correct / max(1, total)
 
 
-def _train_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, files: bool) -> tuple[DataLoader, Optional[DistributedSampler]]:
-    workers = config.num_workers if config.num_workers is not None else (min(8, (os.cpu_count() or 1) // context.world_size) if files else 0)
+def _train_loader(
+    dataset: Dataset, config: TrainConfig, context: DistributedContext, files: bool
+) -> tuple[DataLoader, Optional[DistributedSampler]]:
+    workers = (
+        config.num_workers
+        if config.num_workers is not None
+        else (min(8, (os.cpu_count() or 1) // context.world_size) if files else 0)
+    )
     if context.world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
-        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True), sampler
+        sampler = DistributedSampler(
+            dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed
+        )
+        return DataLoader(
+            dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True
+        ), sampler
     generator = torch.Generator().manual_seed(config.seed)
     # Workers are started again each epoch (not persistent): each epoch then draws its workers'
     # seed and its order from the restored generators, so a resumed run repeats the same epochs.
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=workers,
-                        drop_last=len(dataset) > config.batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        drop_last=len(dataset) > config.batch_size,
+    )
     return loader, None
 
 
@@ -183,11 +221,17 @@ def resolve_augmentation(config: TrainConfig, data: DataSplits) -> Augmentation:
     """DeiT's recipe (RandAugment, Mixup 0.8, CutMix 1.0) on ImageFolder data unless the settings
     say otherwise; small affine jitter on digits (in-memory tensors: no image files to RandAugment)."""
     images = data.image_files
-    policy = (DEIT_AUGMENT if images else AFFINE) if config.augment == "auto" else (None if config.augment == "none" else config.augment)
+    policy = (
+        (DEIT_AUGMENT if images else AFFINE)
+        if config.augment == "auto"
+        else (None if config.augment == "none" else config.augment)
+    )
     mixup = config.mixup if config.mixup is not None else (0.8 if images else 0.0)
     cutmix = config.cutmix if config.cutmix is not None else (1.0 if images else 0.0)
     if (mixup or cutmix) and config.batch_size % 2:
-        raise PruningError(f"Mixup/CutMix pair images within a batch: --batch-size {config.batch_size} must be even (or --mixup 0 --cutmix 0)")
+        raise PruningError(
+            f"Mixup/CutMix pair images within a batch: --batch-size {config.batch_size} must be even (or --mixup 0 --cutmix 0)"
+        )
     return Augmentation(policy, mixup, cutmix, config.label_smoothing)
 
 
@@ -197,7 +241,12 @@ def _mixing(augmentation: Augmentation, num_classes: int):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=augmentation.mixup, cutmix_alpha=augmentation.cutmix, label_smoothing=augmentation.label_smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=augmentation.mixup,
+        cutmix_alpha=augmentation.cutmix,
+        label_smoothing=augmentation.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def _step_loss(model, teacher, images, labels, config: TrainConfig, device, smoothing: float = 0.0) -> torch.Tensor:
@@ -242,7 +291,11 @@ def fit(
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
-    trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if context.world_size > 1 else model
+    trained = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if context.world_size > 1
+        else model
+    )
     augmentation = resolve_augmentation(config, data)
     mixing = _mixing(augmentation, data.num_classes)
     train_set = augmented_dataset(data.train, augmentation.policy) if augmentation.policy else data.train
@@ -250,11 +303,19 @@ def fit(
     optimizer = torch.optim.AdamW(groups or parameter_groups(model, config.weight_decay), lr=config.lr)
     total_steps = max(1, config.epochs * len(loader))
     warmup = int(config.warmup_epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, config.min_lr / config.lr)
+    )
     history = []
     # what a saved state must have been made with to be resumed here
-    resumable = {"train": config_dict(config), "steps_per_epoch": len(loader), "world_size": context.world_size,
-                 "data": data.source, "train_images": len(data.train), "start": weights_digest(model)}
+    resumable = {
+        "train": config_dict(config),
+        "steps_per_epoch": len(loader),
+        "world_size": context.world_size,
+        "data": data.source,
+        "train_images": len(data.train),
+        "start": weights_digest(model),
+    }
     saved = load_state(checkpoint_path, resumable)
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -268,8 +329,13 @@ def fit(
         if sampler is not None:
             sampler.set_epoch(epoch)
         started, loss_sum, batches = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, mininterval=1.0,
-                   disable=None if progress and context.is_main else True)  # None: only on a terminal
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+            mininterval=1.0,
+            disable=None if progress and context.is_main else True,
+        )  # None: only on a terminal
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixing is not None and len(images) % 2 == 0:  # soft targets; smoothing is inside them
@@ -289,14 +355,31 @@ def fit(
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
         val_top1 = evaluate(model, data.val, device=device)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, batches), "lr": schedule.get_last_lr()[0], "val_top1": val_top1,
-                        "seconds": time.perf_counter() - started, "steps": batches,
-                        "train_images_per_s": batches * config.batch_size * context.world_size / max(train_seconds, 1e-9)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, batches),
+                "lr": schedule.get_last_lr()[0],
+                "val_top1": val_top1,
+                "seconds": time.perf_counter() - started,
+                "steps": batches,
+                "train_images_per_s": batches * config.batch_size * context.world_size / max(train_seconds, 1e-9),
+            }
+        )
         if progress and context.is_main:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, val top-1 {val_top1:.2f} %")
         if checkpoint_path is not None and context.is_main:
-            save_state(checkpoint_path, resumable, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                                    "history": history, "generators": generator_states(loader.generator)})
+            save_state(
+                checkpoint_path,
+                resumable,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "history": history,
+                    "generators": generator_states(loader.generator),
+                },
+            )
     model.eval()
     final = history[-1]["val_top1"] if history else evaluate(model, data.val, device=device)
     return TrainResult(history=tuple(history), val_top1=final, augmentation=augmentation.to_dict())

@@ -4,6 +4,7 @@ class colour, with random phase, orientation and noise, so a ViT learns it in a 
 
     python recipes/synthetic_imagefolder.py DIR [--classes 10 --train 200 --val 40 --size 224]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
                 Image.fromarray(image(label, args.classes, args.size, rng)).save(folder / f"{index:05d}.png")
-    print(f"wrote {args.classes} classes x ({args.train} train + {args.val} val) images of {args.size}x{args.size} to {args.out}")
+    print(
+        f"wrote {args.classes} classes x ({args.train} train + {args.val} val) images of {args.size}x{args.size} to {args.out}"
+    )
     return 0
 
 

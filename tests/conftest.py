@@ -1,4 +1,5 @@
 """Shared fixtures: tiny timm ViTs built in code (no downloads), and random valid plans."""
+
 from __future__ import annotations
 
 import os

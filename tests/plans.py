@@ -1,9 +1,9 @@
 """Hypothesis strategy for random valid SlimPlans that mix every field in one model."""
+
 from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
-
 from vitslim.pruning.plan import BlockPlan, ModelSpec, SlimPlan
 from vitslim.pruning.timm_adapter import ViTGeometry
 
@@ -30,7 +30,13 @@ def _block(draw, geometry: ViTGeometry, n_in: int, use: set, generator: torch.Ge
             fields[name] = _subset(generator, size, draw(st.integers(1, size)))
     if "proj_in" in use:
         per_head = draw(st.integers(1, geometry.head_dim))
-        fields["proj_in"] = tuple(sorted(c for h in range(geometry.num_heads) for c in _subset(generator, geometry.head_dim, per_head, h * geometry.head_dim)))
+        fields["proj_in"] = tuple(
+            sorted(
+                c
+                for h in range(geometry.num_heads)
+                for c in _subset(generator, geometry.head_dim, per_head, h * geometry.head_dim)
+            )
+        )
     if "static_attention" in use:
         fields["static_attention"] = torch.randn(geometry.num_heads, n_out, n_in, generator=generator).softmax(-1)
     return BlockPlan(**fields), n_out

@@ -1,10 +1,11 @@
 """Every command answers bad input with one line that names the problem and the fix, exit code 3
-(vitslim.errors.EXIT_BAD_INPUT), no traceback, and no change to any file that existed before.
+(vitslim.core.errors.EXIT_BAD_INPUT), no traceback, and no change to any file that existed before.
 
 Each case is (id, setup, argv, expected text). `setup(tmp, artifacts)` makes the bad file in the
 case's own directory; `{tmp}` and `{art}` in argv are that directory and the shared, valid
 artifacts (a tiny dense run, its ONNX, an engine where TensorRT-RTX is installed, a bench result).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,19 @@ from pathlib import Path
 import pytest
 
 from vitslim.cli import main
-from vitslim.errors import EXIT_BAD_INPUT
+from vitslim.core.errors import EXIT_BAD_INPUT
 
-TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+TINY = [
+    "--model",
+    "deit_tiny_patch16_224",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "embed_dim=32",
+    "depth=2",
+    "num_heads=2",
+    "num_classes=10",
+]
 QUICK_BENCH = ["--warmup-seconds", "0", "--min-seconds", "0", "--min-iterations", "2", "--max-rounds", "1"]
 
 
@@ -27,7 +38,22 @@ def artifacts(tmp_path_factory):
     art = tmp_path_factory.mktemp("artifacts")
     assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(art / "run")]) == 0
     assert main(["export", str(art / "run"), "--out", str(art / "model.onnx")]) == 0
-    assert main(["bench", str(art / "model.onnx"), "--backend", "onnxruntime", "--batch", "1", *QUICK_BENCH, "--json", str(art / "results.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(art / "model.onnx"),
+                "--backend",
+                "onnxruntime",
+                "--batch",
+                "1",
+                *QUICK_BENCH,
+                "--json",
+                str(art / "results.json"),
+            ]
+        )
+        == 0
+    )
     from vitslim.deploy.tensorrt_lib import find_tensorrt
 
     if find_tensorrt() is not None:
@@ -41,6 +67,7 @@ def artifacts(tmp_path_factory):
 def random_bytes(name: str, size: int = 4096):
     def make(tmp: Path, art: Path) -> None:
         (tmp / name).write_bytes(bytes(range(256)) * (size // 256))
+
     return make
 
 
@@ -48,6 +75,7 @@ def truncated(source: str, name: str):
     def make(tmp: Path, art: Path) -> None:
         data = (art / source).read_bytes()
         (tmp / name).write_bytes(data[: len(data) // 2])
+
     return make
 
 
@@ -55,11 +83,13 @@ def text(name: str, content: str):
     def make(tmp: Path, art: Path) -> None:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(content)
+
     return make
 
 
 def run_copy(edit=None, plan_edit=None):
     """A copy of the tiny run in tmp/run, with `edit(run_dir)` or `plan_edit(plan dict)` applied."""
+
     def make(tmp: Path, art: Path) -> None:
         shutil.copytree(art / "run", tmp / "run")
         if plan_edit is not None:
@@ -68,20 +98,21 @@ def run_copy(edit=None, plan_edit=None):
             (tmp / "run" / "plan.json").write_text(json.dumps(plan))
         if edit is not None:
             edit(tmp / "run")
+
     return make
 
 
 def block0(**fields):
     def edit(plan: dict) -> None:
         plan["blocks"][0].update(fields)
+
     return edit
 
 
 def other_architecture(tmp: Path, art: Path) -> None:
     """Weights of a 3-block model."""
-    from safetensors.torch import save_file
-
     from conftest import tiny_vit
+    from safetensors.torch import save_file
 
     save_file(tiny_vit(depth=3, num_classes=10).state_dict(), str(tmp / "deeper.safetensors"))
 
@@ -100,12 +131,14 @@ def image_folder(with_images: bool, corrupt: bool = False):
                 (folder / "notes.txt").write_text("not an image")
         if corrupt:
             (tmp / "data" / "a" / "9.png").write_bytes(b"\x89PNG broken")
+
     return make
 
 
 def empty_dir(name: str):
     def make(tmp: Path, art: Path) -> None:
         (tmp / name).mkdir()
+
     return make
 
 
@@ -116,6 +149,7 @@ def engine_copy(edit):
         shutil.copy(art / "model.engine", tmp / "model.engine")
         shutil.copy(art / "model.engine.json", tmp / "model.engine.json")
         edit(tmp)
+
     return make
 
 
@@ -124,11 +158,22 @@ def results_edit(edit):
         data = json.loads((art / "results.json").read_text())
         edit(data)
         (tmp / "results.json").write_text(json.dumps(data))
+
     return make
 
 
 def onnx_of_other_size(tmp: Path, art: Path) -> None:
-    other = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2", "num_classes=10"]
+    other = [
+        "--model",
+        "deit_tiny_patch16_224",
+        "--model-kwargs",
+        "img_size=32",
+        "patch_size=8",
+        "embed_dim=32",
+        "depth=1",
+        "num_heads=2",
+        "num_classes=10",
+    ]
     assert main(["export", *other, "--out", str(tmp / "other.onnx")]) == 0
 
 
@@ -146,156 +191,695 @@ def fresh_vtp_run(tmp: Path, art: Path) -> None:
 
 def quantized_copy(tmp: Path, art: Path) -> None:
     import numpy as np
-
     from vitslim.export.quantize import quantize_int8
 
-    quantize_int8(art / "model.onnx", tmp / "q.onnx", np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    quantize_int8(
+        art / "model.onnx", tmp / "q.onnx", np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    )
 
 
 def plain_onnx(tmp: Path, art: Path) -> None:
     import onnx
 
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+    )
     onnx.save(onnx.helper.make_model(graph), str(tmp / "plain.onnx"))
 
 
 CASES = [
     # train
     ("train-no-data", None, ["train", *TINY, "--out", "{tmp}/r"], "the following arguments are required: --data"),
-    ("train-missing-data", None, ["train", *TINY, "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "neither 'digits' nor a readable directory"),
-    ("train-data-is-file", text("d.txt", "x"), ["train", *TINY, "--data", "{tmp}/d.txt", "--out", "{tmp}/r"], "neither 'digits' nor a readable directory"),
-    ("train-empty-data", empty_dir("data"), ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"], "is not an ImageFolder"),
-    ("train-imageless-data", image_folder(False), ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"], "is not an ImageFolder"),
-    ("train-unreadable-image", image_folder(True, corrupt=True), ["train", *TINY[:-1], "num_classes=2", "--data", "{tmp}/data", "--epochs", "1", "--num-workers", "0", "--out", "{tmp}/r"], "cannot be read"),
-    ("train-class-count", None, ["train", *TINY[:-1], "num_classes=5", "--data", "digits", "--out", "{tmp}/r"], "model has 5 classes but data 'digits' has 10"),
-    ("train-missing-checkpoint", None, ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/no.safetensors", "--out", "{tmp}/r"], "does not exist"),
-    ("train-random-checkpoint", random_bytes("w.safetensors"), ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"], "unreadable or corrupt"),
-    ("train-random-pth", random_bytes("w.pth"), ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.pth", "--out", "{tmp}/r"], "unreadable or corrupt"),
-    ("train-truncated-checkpoint", truncated("run/weights.safetensors", "w.safetensors"), ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"], "unreadable or corrupt"),
-    ("train-checkpoint-other-architecture", other_architecture, ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/deeper.safetensors", "--out", "{tmp}/r"], "unexpected blocks.2"),
-    ("train-checkpoint-is-directory", empty_dir("ckpt"), ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/r"], "is a directory"),
-    ("train-negative-epochs", None, ["train", *TINY, "--data", "digits", "--epochs", "-1", "--out", "{tmp}/r"], "training needs epochs >= 0"),
-    ("train-zero-batch", None, ["train", *TINY, "--data", "digits", "--batch-size", "0", "--out", "{tmp}/r"], "batch_size >= 1"),
+    (
+        "train-missing-data",
+        None,
+        ["train", *TINY, "--data", "{tmp}/nowhere", "--out", "{tmp}/r"],
+        "neither 'digits' nor a readable directory",
+    ),
+    (
+        "train-data-is-file",
+        text("d.txt", "x"),
+        ["train", *TINY, "--data", "{tmp}/d.txt", "--out", "{tmp}/r"],
+        "neither 'digits' nor a readable directory",
+    ),
+    (
+        "train-empty-data",
+        empty_dir("data"),
+        ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"],
+        "is not an ImageFolder",
+    ),
+    (
+        "train-imageless-data",
+        image_folder(False),
+        ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"],
+        "is not an ImageFolder",
+    ),
+    (
+        "train-unreadable-image",
+        image_folder(True, corrupt=True),
+        [
+            "train",
+            *TINY[:-1],
+            "num_classes=2",
+            "--data",
+            "{tmp}/data",
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--out",
+            "{tmp}/r",
+        ],
+        "cannot be read",
+    ),
+    (
+        "train-class-count",
+        None,
+        ["train", *TINY[:-1], "num_classes=5", "--data", "digits", "--out", "{tmp}/r"],
+        "model has 5 classes but data 'digits' has 10",
+    ),
+    (
+        "train-missing-checkpoint",
+        None,
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/no.safetensors", "--out", "{tmp}/r"],
+        "does not exist",
+    ),
+    (
+        "train-random-checkpoint",
+        random_bytes("w.safetensors"),
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
+        "unreadable or corrupt",
+    ),
+    (
+        "train-random-pth",
+        random_bytes("w.pth"),
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.pth", "--out", "{tmp}/r"],
+        "unreadable or corrupt",
+    ),
+    (
+        "train-truncated-checkpoint",
+        truncated("run/weights.safetensors", "w.safetensors"),
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
+        "unreadable or corrupt",
+    ),
+    (
+        "train-checkpoint-other-architecture",
+        other_architecture,
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/deeper.safetensors", "--out", "{tmp}/r"],
+        "unexpected blocks.2",
+    ),
+    (
+        "train-checkpoint-is-directory",
+        empty_dir("ckpt"),
+        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/r"],
+        "is a directory",
+    ),
+    (
+        "train-negative-epochs",
+        None,
+        ["train", *TINY, "--data", "digits", "--epochs", "-1", "--out", "{tmp}/r"],
+        "training needs epochs >= 0",
+    ),
+    (
+        "train-zero-batch",
+        None,
+        ["train", *TINY, "--data", "digits", "--batch-size", "0", "--out", "{tmp}/r"],
+        "batch_size >= 1",
+    ),
     ("train-zero-lr", None, ["train", *TINY, "--data", "digits", "--lr", "0", "--out", "{tmp}/r"], "lr > 0"),
-    ("train-epochs-not-int", None, ["train", *TINY, "--data", "digits", "--epochs", "two", "--out", "{tmp}/r"], "invalid int value: 'two'"),
-    ("train-unknown-model", None, ["train", "--model", "deit_nano", "--data", "digits", "--out", "{tmp}/r"], "unknown timm model 'deit_nano'"),
-    ("train-bad-model-kwargs", None, ["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "depth", "--data", "digits", "--out", "{tmp}/r"], "KEY=VALUE"),
-    ("train-negative-workers", None, ["train", *TINY, "--data", "digits", "--num-workers", "-1", "--out", "{tmp}/r"], "--num-workers -1 must be >= 0"),
-    ("train-negative-mixup", None, ["train", *TINY, "--data", "digits", "--mixup", "-1", "--out", "{tmp}/r"], "--mixup and --cutmix must be >= 0"),
-    ("train-randaugment-on-digits", None, ["train", *TINY, "--data", "digits", "--augment", "rand-m9", "--out", "{tmp}/r"], "RandAugment needs image files"),
-    ("train-out-is-file", text("r", "x"), ["train", *TINY, "--data", "digits", "--epochs", "0", "--out", "{tmp}/r"], "is a file"),
-    ("train-unknown-flag", None, ["train", *TINY, "--data", "digits", "--epoch", "3", "--out", "{tmp}/r"], "unrecognized arguments"),
+    (
+        "train-epochs-not-int",
+        None,
+        ["train", *TINY, "--data", "digits", "--epochs", "two", "--out", "{tmp}/r"],
+        "invalid int value: 'two'",
+    ),
+    (
+        "train-unknown-model",
+        None,
+        ["train", "--model", "deit_nano", "--data", "digits", "--out", "{tmp}/r"],
+        "unknown timm model 'deit_nano'",
+    ),
+    (
+        "train-bad-model-kwargs",
+        None,
+        [
+            "train",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--model-kwargs",
+            "depth",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/r",
+        ],
+        "KEY=VALUE",
+    ),
+    (
+        "train-negative-workers",
+        None,
+        ["train", *TINY, "--data", "digits", "--num-workers", "-1", "--out", "{tmp}/r"],
+        "--num-workers -1 must be >= 0",
+    ),
+    (
+        "train-negative-mixup",
+        None,
+        ["train", *TINY, "--data", "digits", "--mixup", "-1", "--out", "{tmp}/r"],
+        "--mixup and --cutmix must be >= 0",
+    ),
+    (
+        "train-randaugment-on-digits",
+        None,
+        ["train", *TINY, "--data", "digits", "--augment", "rand-m9", "--out", "{tmp}/r"],
+        "RandAugment needs image files",
+    ),
+    (
+        "train-out-is-file",
+        text("r", "x"),
+        ["train", *TINY, "--data", "digits", "--epochs", "0", "--out", "{tmp}/r"],
+        "is a file",
+    ),
+    (
+        "train-unknown-flag",
+        None,
+        ["train", *TINY, "--data", "digits", "--epoch", "3", "--out", "{tmp}/r"],
+        "unrecognized arguments",
+    ),
     # prune
-    ("prune-no-method", None, ["prune", "{art}/run", "--data", "digits", "--out", "{tmp}/p"], "the following arguments are required: --method"),
-    ("prune-no-data", None, ["prune", "{art}/run", "--method", "vtp", "--out", "{tmp}/p"], "the following arguments are required: --data"),
-    ("prune-unknown-method", None, ["prune", "{art}/run", "--method", "magic", "--data", "digits", "--out", "{tmp}/p"], "unknown method 'magic'"),
-    ("prune-missing-run", None, ["prune", "{tmp}/nowhere", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"], "is not a run directory"),
-    ("prune-run-and-model", None, ["prune", "{art}/run", *TINY, "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"], "not both"),
-    ("prune-not-dense", fresh_vtp_run, ["prune", "{tmp}/run", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"], "starts from a dense model"),
-    ("prune-ratio-range", None, ["prune", "{art}/run", "--method", "vtp", "--prune-ratio", "1.5", "--data", "digits", "--out", "{tmp}/p"], "--prune-ratio 1.5 must be in (0, 1)"),
-    ("prune-foreign-flag", None, ["prune", "{art}/run", "--method", "patch-slim", "--prune-ratio", "0.4", "--data", "digits", "--out", "{tmp}/p"], "does not apply to method 'patch-slim'"),
-    ("prune-epsilon-zero", None, ["prune", "{art}/run", "--method", "patch-slim", "--epsilon", "0", "--data", "digits", "--out", "{tmp}/p"], "--epsilon 0.0 must be > 0"),
-    ("prune-target-macs", None, ["prune", "{art}/run", "--method", "patch-slim", "--target-macs", "2", "--data", "digits", "--out", "{tmp}/p"], "--target-macs 2.0 must be in (0, 1]"),
-    ("prune-pyramid-order", None, ["prune", "{art}/run", "--method", "dgssa-glad", "--pyramid", "1:8,1:4", "--data", "digits", "--out", "{tmp}/p"], "increasing blocks"),
-    ("prune-static-blocks", None, ["prune", "{art}/run", "--method", "dgssa-glad", "--static-blocks", "5", "--data", "digits", "--out", "{tmp}/p"], "larger than the model's depth 2"),
-    ("prune-missing-data", None, ["prune", "{art}/run", "--method", "vtp", "--data", "{tmp}/nowhere", "--out", "{tmp}/p"], "neither 'digits' nor a readable directory"),
-    ("prune-corrupt-resume-checkpoint", text("p/checkpoints/sparsity.pt", "garbage"), ["prune", "{art}/run", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"], "checkpoint"),
+    (
+        "prune-no-method",
+        None,
+        ["prune", "{art}/run", "--data", "digits", "--out", "{tmp}/p"],
+        "the following arguments are required: --method",
+    ),
+    (
+        "prune-no-data",
+        None,
+        ["prune", "{art}/run", "--method", "vtp", "--out", "{tmp}/p"],
+        "the following arguments are required: --data",
+    ),
+    (
+        "prune-unknown-method",
+        None,
+        ["prune", "{art}/run", "--method", "magic", "--data", "digits", "--out", "{tmp}/p"],
+        "unknown method 'magic'",
+    ),
+    (
+        "prune-missing-run",
+        None,
+        ["prune", "{tmp}/nowhere", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
+        "is not a run directory",
+    ),
+    (
+        "prune-run-and-model",
+        None,
+        ["prune", "{art}/run", *TINY, "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
+        "not both",
+    ),
+    (
+        "prune-not-dense",
+        fresh_vtp_run,
+        ["prune", "{tmp}/run", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
+        "starts from a dense model",
+    ),
+    (
+        "prune-ratio-range",
+        None,
+        ["prune", "{art}/run", "--method", "vtp", "--prune-ratio", "1.5", "--data", "digits", "--out", "{tmp}/p"],
+        "--prune-ratio 1.5 must be in (0, 1)",
+    ),
+    (
+        "prune-foreign-flag",
+        None,
+        [
+            "prune",
+            "{art}/run",
+            "--method",
+            "patch-slim",
+            "--prune-ratio",
+            "0.4",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/p",
+        ],
+        "does not apply to method 'patch-slim'",
+    ),
+    (
+        "prune-epsilon-zero",
+        None,
+        ["prune", "{art}/run", "--method", "patch-slim", "--epsilon", "0", "--data", "digits", "--out", "{tmp}/p"],
+        "--epsilon 0.0 must be > 0",
+    ),
+    (
+        "prune-target-macs",
+        None,
+        ["prune", "{art}/run", "--method", "patch-slim", "--target-macs", "2", "--data", "digits", "--out", "{tmp}/p"],
+        "--target-macs 2.0 must be in (0, 1]",
+    ),
+    (
+        "prune-pyramid-order",
+        None,
+        [
+            "prune",
+            "{art}/run",
+            "--method",
+            "dgssa-glad",
+            "--pyramid",
+            "1:8,1:4",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/p",
+        ],
+        "increasing blocks",
+    ),
+    (
+        "prune-static-blocks",
+        None,
+        [
+            "prune",
+            "{art}/run",
+            "--method",
+            "dgssa-glad",
+            "--static-blocks",
+            "5",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/p",
+        ],
+        "larger than the model's depth 2",
+    ),
+    (
+        "prune-missing-data",
+        None,
+        ["prune", "{art}/run", "--method", "vtp", "--data", "{tmp}/nowhere", "--out", "{tmp}/p"],
+        "neither 'digits' nor a readable directory",
+    ),
+    (
+        "prune-corrupt-resume-checkpoint",
+        text("p/checkpoints/sparsity.pt", "garbage"),
+        ["prune", "{art}/run", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
+        "checkpoint",
+    ),
     # plans (read by export; the same loader serves prune, compare and bench)
-    ("plan-index-out-of-range", run_copy(plan_edit=block0(kept_tokens=[0, 99])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "block 0 field kept_tokens: index 99 out of range"),
-    ("plan-duplicate-index", run_copy(plan_edit=block0(hidden=[0, 1, 1])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "duplicate index 1"),
-    ("plan-unsorted-index", run_copy(plan_edit=block0(fc1_in=[3, 1, 2])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "increasing order"),
-    ("plan-pruned-class-token", run_copy(plan_edit=block0(kept_tokens=[1, 2, 3])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "prefix tokens 0..0"),
-    ("plan-empty-set", run_copy(plan_edit=block0(qkv_in=[])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "keeps nothing"),
-    ("plan-uneven-heads", run_copy(plan_edit=block0(proj_in=[0, 1, 2])), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "the same count in every head"),
-    ("plan-not-nested", run_copy(plan_edit=lambda p: (p["blocks"][0].update(kept_tokens=[0, 1, 2]), p["blocks"][1].update(kept_tokens=[0, 1, 2, 3, 4]))),
-     ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "block 1 field kept_tokens: index 3 out of range [0, 3)"),
-    ("plan-wrong-depth", run_copy(plan_edit=lambda p: p["blocks"].pop()), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "plan has 1 blocks but the model has 2"),
-    ("plan-unknown-schema", run_copy(plan_edit=lambda p: p.update(schema_version=99)), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "schema version 99"),
-    ("plan-missing-tensor", run_copy(plan_edit=block0(static_attention=True)), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "plan tensor blocks.0.static_attention is missing"),
-    ("plan-wrong-tensor-shape", run_copy(edit=small_static_attention, plan_edit=block0(static_attention=True)),
-     ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "does not match expected (2, 17, 17)"),
-    ("plan-truncated-json", run_copy(edit=lambda run: (run / "plan.json").write_text('{"schema_version": 1, "blo')), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "is not valid JSON"),
-    ("plan-random-tensors", run_copy(edit=lambda run: (run / "plan.safetensors").write_bytes(b"\x00" * 64)), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "are unreadable"),
-    ("plan-json-list", run_copy(edit=lambda run: (run / "plan.json").write_text("[1, 2]")), ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "malformed"),
-    ("run-truncated-weights", run_copy(edit=lambda run: (run / "weights.safetensors").write_bytes((run / "weights.safetensors").read_bytes()[:100])),
-     ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"], "unreadable or corrupt"),
+    (
+        "plan-index-out-of-range",
+        run_copy(plan_edit=block0(kept_tokens=[0, 99])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "block 0 field kept_tokens: index 99 out of range",
+    ),
+    (
+        "plan-duplicate-index",
+        run_copy(plan_edit=block0(hidden=[0, 1, 1])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "duplicate index 1",
+    ),
+    (
+        "plan-unsorted-index",
+        run_copy(plan_edit=block0(fc1_in=[3, 1, 2])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "increasing order",
+    ),
+    (
+        "plan-pruned-class-token",
+        run_copy(plan_edit=block0(kept_tokens=[1, 2, 3])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "prefix tokens 0..0",
+    ),
+    (
+        "plan-empty-set",
+        run_copy(plan_edit=block0(qkv_in=[])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "keeps nothing",
+    ),
+    (
+        "plan-uneven-heads",
+        run_copy(plan_edit=block0(proj_in=[0, 1, 2])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "the same count in every head",
+    ),
+    (
+        "plan-not-nested",
+        run_copy(
+            plan_edit=lambda p: (
+                p["blocks"][0].update(kept_tokens=[0, 1, 2]),
+                p["blocks"][1].update(kept_tokens=[0, 1, 2, 3, 4]),
+            )
+        ),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "block 1 field kept_tokens: index 3 out of range [0, 3)",
+    ),
+    (
+        "plan-wrong-depth",
+        run_copy(plan_edit=lambda p: p["blocks"].pop()),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "plan has 1 blocks but the model has 2",
+    ),
+    (
+        "plan-unknown-schema",
+        run_copy(plan_edit=lambda p: p.update(schema_version=99)),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "schema version 99",
+    ),
+    (
+        "plan-missing-tensor",
+        run_copy(plan_edit=block0(static_attention=True)),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "plan tensor blocks.0.static_attention is missing",
+    ),
+    (
+        "plan-wrong-tensor-shape",
+        run_copy(edit=small_static_attention, plan_edit=block0(static_attention=True)),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "does not match expected (2, 17, 17)",
+    ),
+    (
+        "plan-truncated-json",
+        run_copy(edit=lambda run: (run / "plan.json").write_text('{"schema_version": 1, "blo')),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "is not valid JSON",
+    ),
+    (
+        "plan-random-tensors",
+        run_copy(edit=lambda run: (run / "plan.safetensors").write_bytes(b"\x00" * 64)),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "are unreadable",
+    ),
+    (
+        "plan-json-list",
+        run_copy(edit=lambda run: (run / "plan.json").write_text("[1, 2]")),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "malformed",
+    ),
+    (
+        "run-truncated-weights",
+        run_copy(
+            edit=lambda run: (run / "weights.safetensors").write_bytes((run / "weights.safetensors").read_bytes()[:100])
+        ),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "unreadable or corrupt",
+    ),
     # export
     ("export-missing-run", None, ["export", "{tmp}/nowhere", "--out", "{tmp}/x.onnx"], "is not a run directory"),
     ("export-nothing", None, ["export", "--out", "{tmp}/x.onnx"], "give either a RUN_DIR or --model NAME"),
-    ("export-precision", None, ["export", "{art}/run", "--precision", "fp8", "--out", "{tmp}/x.onnx"], "invalid choice: 'fp8'"),
+    (
+        "export-precision",
+        None,
+        ["export", "{art}/run", "--precision", "fp8", "--out", "{tmp}/x.onnx"],
+        "invalid choice: 'fp8'",
+    ),
     ("export-out-parent-is-file", text("f", "x"), ["export", "{art}/run", "--out", "{tmp}/f/x.onnx"], "cannot write"),
     # build
     ("build-missing-onnx", None, ["build", "{tmp}/no.onnx", "--out", "{tmp}/x.engine"], "does not exist"),
-    ("build-random-onnx", random_bytes("m.onnx"), ["build", "{tmp}/m.onnx", "--out", "{tmp}/x.engine"], "is not a valid ONNX file"),
-    ("build-truncated-onnx", truncated("model.onnx", "m.onnx"), ["build", "{tmp}/m.onnx", "--out", "{tmp}/x.engine"], "is not a valid ONNX file"),
-    ("build-profile-text", None, ["build", "{art}/model.onnx", "--batch", "abc", "--out", "{tmp}/x.engine"], "is not MIN:OPT:MAX"),
-    ("build-profile-order", None, ["build", "{art}/model.onnx", "--batch", "8:2:4", "--out", "{tmp}/x.engine"], "1 <= MIN <= OPT <= MAX"),
-    ("build-profile-zero", None, ["build", "{art}/model.onnx", "--batch", "0:1:2", "--out", "{tmp}/x.engine"], "1 <= MIN <= OPT <= MAX"),
+    (
+        "build-random-onnx",
+        random_bytes("m.onnx"),
+        ["build", "{tmp}/m.onnx", "--out", "{tmp}/x.engine"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "build-truncated-onnx",
+        truncated("model.onnx", "m.onnx"),
+        ["build", "{tmp}/m.onnx", "--out", "{tmp}/x.engine"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "build-profile-text",
+        None,
+        ["build", "{art}/model.onnx", "--batch", "abc", "--out", "{tmp}/x.engine"],
+        "is not MIN:OPT:MAX",
+    ),
+    (
+        "build-profile-order",
+        None,
+        ["build", "{art}/model.onnx", "--batch", "8:2:4", "--out", "{tmp}/x.engine"],
+        "1 <= MIN <= OPT <= MAX",
+    ),
+    (
+        "build-profile-zero",
+        None,
+        ["build", "{art}/model.onnx", "--batch", "0:1:2", "--out", "{tmp}/x.engine"],
+        "1 <= MIN <= OPT <= MAX",
+    ),
     # bench
     ("bench-missing-artifact", None, ["bench", "{tmp}/no.onnx", "--backend", "onnxruntime"], "does not exist"),
-    ("bench-engine-to-onnxruntime", random_bytes("m.engine"), ["bench", "{tmp}/m.engine", "--backend", "onnxruntime"], "use --backend tensorrt"),
-    ("bench-onnx-to-tensorrt", None, ["bench", "{art}/model.onnx", "--backend", "tensorrt"], "use --backend onnxruntime"),
+    (
+        "bench-engine-to-onnxruntime",
+        random_bytes("m.engine"),
+        ["bench", "{tmp}/m.engine", "--backend", "onnxruntime"],
+        "use --backend tensorrt",
+    ),
+    (
+        "bench-onnx-to-tensorrt",
+        None,
+        ["bench", "{art}/model.onnx", "--backend", "tensorrt"],
+        "use --backend onnxruntime",
+    ),
     ("bench-run-to-onnxruntime", None, ["bench", "{art}/run", "--backend", "onnxruntime"], "use --backend torch"),
-    ("bench-random-onnx", random_bytes("m.onnx"), ["bench", "{tmp}/m.onnx", "--backend", "onnxruntime"], "is not a valid ONNX file"),
-    ("bench-zero-batch", None, ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--batch", "0"], "--batch 0 must be >= 1"),
-    ("bench-timing-settings", None, ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--min-iterations", "0"], "--min-iterations"),
+    (
+        "bench-random-onnx",
+        random_bytes("m.onnx"),
+        ["bench", "{tmp}/m.onnx", "--backend", "onnxruntime"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "bench-zero-batch",
+        None,
+        ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--batch", "0"],
+        "--batch 0 must be >= 1",
+    ),
+    (
+        "bench-timing-settings",
+        None,
+        ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--min-iterations", "0"],
+        "--min-iterations",
+    ),
     ("bench-cuda-without-gpu", None, ["bench", "{art}/run", "--backend", "torch", "--device", "cuda"], "no CUDA GPU"),
-    ("bench-engine-changed", engine_copy(lambda tmp: (tmp / "model.engine").write_bytes(b"0" + (tmp / "model.engine").read_bytes())),
-     ["bench", "{tmp}/model.engine", "--backend", "tensorrt"], "changed since it was built"),
-    ("bench-engine-no-manifest", engine_copy(lambda tmp: (tmp / "model.engine.json").unlink()), ["bench", "{tmp}/model.engine", "--backend", "tensorrt"], "has no manifest"),
-    ("bench-engine-truncated-manifest", engine_copy(lambda tmp: (tmp / "model.engine.json").write_text('{"engine": {')),
-     ["bench", "{tmp}/model.engine", "--backend", "tensorrt"], "manifest"),
-    ("bench-engine-batch-outside-profiles", engine_copy(lambda tmp: None), ["bench", "{tmp}/model.engine", "--backend", "tensorrt", "--batch", "16"],
-     "batch 16 is outside every optimisation profile of"),
+    (
+        "bench-engine-changed",
+        engine_copy(lambda tmp: (tmp / "model.engine").write_bytes(b"0" + (tmp / "model.engine").read_bytes())),
+        ["bench", "{tmp}/model.engine", "--backend", "tensorrt"],
+        "changed since it was built",
+    ),
+    (
+        "bench-engine-no-manifest",
+        engine_copy(lambda tmp: (tmp / "model.engine.json").unlink()),
+        ["bench", "{tmp}/model.engine", "--backend", "tensorrt"],
+        "has no manifest",
+    ),
+    (
+        "bench-engine-truncated-manifest",
+        engine_copy(lambda tmp: (tmp / "model.engine.json").write_text('{"engine": {')),
+        ["bench", "{tmp}/model.engine", "--backend", "tensorrt"],
+        "manifest",
+    ),
+    (
+        "bench-engine-batch-outside-profiles",
+        engine_copy(lambda tmp: None),
+        ["bench", "{tmp}/model.engine", "--backend", "tensorrt", "--batch", "16"],
+        "batch 16 is outside every optimisation profile of",
+    ),
     # compare
     ("compare-no-data", None, ["compare", "{art}/run"], "the following arguments are required: --data"),
     ("compare-missing-run", None, ["compare", "{tmp}/nowhere", "--data", "digits"], "is not a run directory"),
-    ("compare-random-onnx", random_bytes("m.onnx"), ["compare", "{art}/run", "--data", "digits", "--onnx", "{tmp}/m.onnx"], "is not a valid ONNX file"),
-    ("compare-onnx-of-other-model", onnx_of_other_size, ["compare", "{art}/run", "--data", "digits", "--onnx", "{tmp}/other.onnx"], "takes inputs of shape"),
-    ("compare-engine-no-manifest", random_bytes("m.engine"), ["compare", "{art}/run", "--data", "digits", "--engine", "{tmp}/m.engine"], "has no manifest"),
-    ("compare-zero-batch", None, ["compare", "{art}/run", "--data", "digits", "--batch", "0"], "--batch 0 must be >= 1"),
+    (
+        "compare-random-onnx",
+        random_bytes("m.onnx"),
+        ["compare", "{art}/run", "--data", "digits", "--onnx", "{tmp}/m.onnx"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "compare-onnx-of-other-model",
+        onnx_of_other_size,
+        ["compare", "{art}/run", "--data", "digits", "--onnx", "{tmp}/other.onnx"],
+        "takes inputs of shape",
+    ),
+    (
+        "compare-engine-no-manifest",
+        random_bytes("m.engine"),
+        ["compare", "{art}/run", "--data", "digits", "--engine", "{tmp}/m.engine"],
+        "has no manifest",
+    ),
+    (
+        "compare-zero-batch",
+        None,
+        ["compare", "{art}/run", "--data", "digits", "--batch", "0"],
+        "--batch 0 must be >= 1",
+    ),
     # gate
     ("gate-nothing", None, ["gate"], "give CURRENT.json and one of --baseline"),
     ("gate-missing-baseline", None, ["gate", "{art}/results.json", "--baseline", "{tmp}/typo.json"], "no baseline at"),
     ("gate-missing-current", None, ["gate", "{tmp}/none.json", "--baseline", "{art}/results.json"], "do not exist"),
-    ("gate-random-current", random_bytes("c.json"), ["gate", "{tmp}/c.json", "--baseline", "{art}/results.json"], "cannot read benchmark results"),
-    ("gate-truncated-baseline", truncated("results.json", "b.json"), ["gate", "{art}/results.json", "--baseline", "{tmp}/b.json"], "cannot read benchmark results"),
-    ("gate-wrong-version", results_edit(lambda d: d.update(version=99)), ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"], "is not a vitslim benchmark result"),
-    ("gate-result-without-median", results_edit(lambda d: d["results"][0].pop("median_ms")), ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"], "holds a result without"),
-    ("gate-baseline-is-directory", empty_dir("b"), ["gate", "{art}/results.json", "--baseline", "{tmp}/b"], "use --baseline-dir"),
-    ("gate-baseline-dir-is-file", text("b.json", "{}"), ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b.json"], "use --baseline"),
-    ("gate-corrupt-baseline-in-dir", text("b/x.json", "[1"), ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b"], "cannot read baseline"),
+    (
+        "gate-random-current",
+        random_bytes("c.json"),
+        ["gate", "{tmp}/c.json", "--baseline", "{art}/results.json"],
+        "cannot read benchmark results",
+    ),
+    (
+        "gate-truncated-baseline",
+        truncated("results.json", "b.json"),
+        ["gate", "{art}/results.json", "--baseline", "{tmp}/b.json"],
+        "cannot read benchmark results",
+    ),
+    (
+        "gate-wrong-version",
+        results_edit(lambda d: d.update(version=99)),
+        ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"],
+        "is not a vitslim benchmark result",
+    ),
+    (
+        "gate-result-without-median",
+        results_edit(lambda d: d["results"][0].pop("median_ms")),
+        ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"],
+        "holds a result without",
+    ),
+    (
+        "gate-baseline-is-directory",
+        empty_dir("b"),
+        ["gate", "{art}/results.json", "--baseline", "{tmp}/b"],
+        "use --baseline-dir",
+    ),
+    (
+        "gate-baseline-dir-is-file",
+        text("b.json", "{}"),
+        ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b.json"],
+        "use --baseline",
+    ),
+    (
+        "gate-corrupt-baseline-in-dir",
+        text("b/x.json", "[1"),
+        ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b"],
+        "cannot read baseline",
+    ),
     ("gate-ab-missing", None, ["gate", "--ab", "{art}/model.onnx", "{tmp}/no.onnx"], "does not exist"),
-    ("gate-ab-other-inputs", onnx_of_other_size, ["gate", "--ab", "{art}/model.onnx", "{tmp}/other.onnx"], "take different inputs"),
-    ("gate-ab-with-baseline", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--baseline", "{art}/results.json"], "measures both artifacts itself"),
-    ("gate-ab-confidence", None, ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--confidence", "2"], "--confidence"),
-    ("gate-ab-random-onnx", random_bytes("m.onnx"), ["gate", "--ab", "{art}/model.onnx", "{tmp}/m.onnx"], "is not a valid ONNX file"),
-    ("gate-ab-engine-batch-outside-profiles", engine_copy(lambda tmp: None), ["gate", "--ab", "{tmp}/model.engine", "{tmp}/model.engine", "--batch", "16"],
-     "batch 16 is outside every optimisation profile of"),
+    (
+        "gate-ab-other-inputs",
+        onnx_of_other_size,
+        ["gate", "--ab", "{art}/model.onnx", "{tmp}/other.onnx"],
+        "take different inputs",
+    ),
+    (
+        "gate-ab-with-baseline",
+        None,
+        ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--baseline", "{art}/results.json"],
+        "measures both artifacts itself",
+    ),
+    (
+        "gate-ab-confidence",
+        None,
+        ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--confidence", "2"],
+        "--confidence",
+    ),
+    (
+        "gate-ab-random-onnx",
+        random_bytes("m.onnx"),
+        ["gate", "--ab", "{art}/model.onnx", "{tmp}/m.onnx"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "gate-ab-engine-batch-outside-profiles",
+        engine_copy(lambda tmp: None),
+        ["gate", "--ab", "{tmp}/model.engine", "{tmp}/model.engine", "--batch", "16"],
+        "batch 16 is outside every optimisation profile of",
+    ),
     # quantize
-    ("quantize-no-data", None, ["quantize", "{art}/model.onnx", "--out", "{tmp}/q.onnx"], "the following arguments are required: --data"),
-    ("quantize-no-calibration-images", None, ["quantize", "{art}/model.onnx", "--data", "digits", "--calibration-images", "0", "--out", "{tmp}/q.onnx"],
-     "needs at least one calibration image"),
-    ("quantize-already-quantized", quantized_copy, ["quantize", "{tmp}/q.onnx", "--data", "digits", "--out", "{tmp}/q2.onnx"], "is already quantized"),
-    ("quantize-not-a-vitslim-onnx", plain_onnx, ["quantize", "{tmp}/plain.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"], "not a ViT exported by vitslim"),
-    ("quantize-random-onnx", random_bytes("m.onnx"), ["quantize", "{tmp}/m.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"], "is not a valid ONNX file"),
-    ("quantize-other-data", None, ["quantize", "{art}/model.onnx", "--data", "{tmp}/nowhere", "--out", "{tmp}/q.onnx"], "neither 'digits' nor a readable directory"),
+    (
+        "quantize-no-data",
+        None,
+        ["quantize", "{art}/model.onnx", "--out", "{tmp}/q.onnx"],
+        "the following arguments are required: --data",
+    ),
+    (
+        "quantize-no-calibration-images",
+        None,
+        ["quantize", "{art}/model.onnx", "--data", "digits", "--calibration-images", "0", "--out", "{tmp}/q.onnx"],
+        "needs at least one calibration image",
+    ),
+    (
+        "quantize-already-quantized",
+        quantized_copy,
+        ["quantize", "{tmp}/q.onnx", "--data", "digits", "--out", "{tmp}/q2.onnx"],
+        "is already quantized",
+    ),
+    (
+        "quantize-not-a-vitslim-onnx",
+        plain_onnx,
+        ["quantize", "{tmp}/plain.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"],
+        "not a ViT exported by vitslim",
+    ),
+    (
+        "quantize-random-onnx",
+        random_bytes("m.onnx"),
+        ["quantize", "{tmp}/m.onnx", "--data", "digits", "--out", "{tmp}/q.onnx"],
+        "is not a valid ONNX file",
+    ),
+    (
+        "quantize-other-data",
+        None,
+        ["quantize", "{art}/model.onnx", "--data", "{tmp}/nowhere", "--out", "{tmp}/q.onnx"],
+        "neither 'digits' nor a readable directory",
+    ),
     # run (recipes)
     ("run-missing-recipe", None, ["run", "{tmp}/none.yaml"], "cannot read recipe"),
     ("run-binary-recipe", random_bytes("r.yaml"), ["run", "{tmp}/r.yaml"], "recipe"),
     ("run-invalid-yaml", text("r.yaml", "model: [unclosed\n"), ["run", "{tmp}/r.yaml"], "is not valid YAML"),
     ("run-recipe-list", text("r.yaml", "- 1\n- 2\n"), ["run", "{tmp}/r.yaml"], "must be a YAML mapping"),
-    ("run-unknown-key", text("r.yaml", "model: {name: deit_tiny_patch16_224}\ntrain: {epochz: 3}\n"), ["run", "{tmp}/r.yaml"], "recipe train: unknown key(s) ['epochz']"),
-    ("run-wrong-type", text("r.yaml", "model: {name: deit_tiny_patch16_224}\ntrain: {epochs: ten}\n"), ["run", "{tmp}/r.yaml"], "recipe train.epochs: 'ten' is not an integer"),
-    ("run-unknown-method", text("r.yaml", "model: {name: deit_tiny_patch16_224}\nmethods: {magic: {}}\n"), ["run", "{tmp}/r.yaml"], "unknown method 'magic'"),
-    ("run-method-wrong-type", None, ["run", "--set", "methods.vtp.prune_ratio=high"], "recipe methods.vtp.prune_ratio: 'high' is not a number"),
+    (
+        "run-unknown-key",
+        text("r.yaml", "model: {name: deit_tiny_patch16_224}\ntrain: {epochz: 3}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "recipe train: unknown key(s) ['epochz']",
+    ),
+    (
+        "run-wrong-type",
+        text("r.yaml", "model: {name: deit_tiny_patch16_224}\ntrain: {epochs: ten}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "recipe train.epochs: 'ten' is not an integer",
+    ),
+    (
+        "run-unknown-method",
+        text("r.yaml", "model: {name: deit_tiny_patch16_224}\nmethods: {magic: {}}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "unknown method 'magic'",
+    ),
+    (
+        "run-method-wrong-type",
+        None,
+        ["run", "--set", "methods.vtp.prune_ratio=high"],
+        "recipe methods.vtp.prune_ratio: 'high' is not a number",
+    ),
     ("run-set-not-key-value", None, ["run", "--set", "train.epochs"], "is not KEY=VALUE"),
     ("run-set-unknown-key", None, ["run", "--set", "train.nope=1"], "unknown key"),
-    ("run-missing-data", None, ["run", "--data", "{tmp}/nowhere", "--out-dir", "{tmp}/runs"], "neither 'digits' nor a readable directory"),
-    ("run-deploy-unquoted-profile", text("r.yaml", "model: {name: deit_tiny_patch16_224}\ndeploy: {profiles: 1:8:32}\n"), ["run", "{tmp}/r.yaml"], "quote it"),
-    ("run-deploy-precision", None, ["run", "--set", "deploy.precision=int8"], "recipe deploy.precision 'int8' is not one of"),
-    ("run-no-model-name", text("r.yaml", "model: {kwargs: {depth: 2}}\n"), ["run", "{tmp}/r.yaml"], "'name' (a timm model name) is required"),
+    (
+        "run-missing-data",
+        None,
+        ["run", "--data", "{tmp}/nowhere", "--out-dir", "{tmp}/runs"],
+        "neither 'digits' nor a readable directory",
+    ),
+    (
+        "run-deploy-unquoted-profile",
+        text("r.yaml", "model: {name: deit_tiny_patch16_224}\ndeploy: {profiles: 1:8:32}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "quote it",
+    ),
+    (
+        "run-deploy-precision",
+        None,
+        ["run", "--set", "deploy.precision=int8"],
+        "recipe deploy.precision 'int8' is not one of",
+    ),
+    (
+        "run-no-model-name",
+        text("r.yaml", "model: {kwargs: {depth: 2}}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "'name' (a timm model name) is required",
+    ),
     ("unknown-command", None, ["shrink"], "invalid choice: 'shrink'"),
 ]
 

@@ -1,21 +1,22 @@
 """The benchmark harness on a tiny model on the CPU: its structures, its ToMe, its report (not speed)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
-from benchmarks import timing
-from benchmarks.operating_points import DGSSA_LADDER, PATCH_SLIMMING_GMACS, operating_points
-from benchmarks.report import write_report
-from benchmarks.tome import ToMe, merge_tokens, schedule_for_macs, tome_macs
 from conftest import tiny_vit
 from vitslim.deploy.bench import BenchSettings
 from vitslim.pruning.macs import kept_channels, plan_macs
 from vitslim.pruning.models import create_model
 from vitslim.pruning.plan import ModelSpec, dense_plan, validate
 from vitslim.pruning.timm_adapter import geometry_of
+
+from benchmarks import timing
+from benchmarks.operating_points import DGSSA_LADDER, PATCH_SLIMMING_GMACS, operating_points
+from benchmarks.report import write_report
+from benchmarks.tome import ToMe, merge_tokens, schedule_for_macs, tome_macs
 
 # deit_small by name, so that the layout variants and the DGSSA target rows exist; tiny by kwargs
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 2, "num_classes": 10}
@@ -54,7 +55,11 @@ def test_operating_points_land_on_the_papers_and_are_valid():
     geometry = geometry_of(model)
     points = {p.variant: p for p in operating_points(model, dense_plan(spec, geometry.depth), layouts=True)}
     slim = points["patch-slim"]
-    assert PATCH_SLIMMING_GMACS["deit_small_patch16_224"] * 0.99 < slim.macs / 1e9 <= PATCH_SLIMMING_GMACS["deit_small_patch16_224"]
+    assert (
+        PATCH_SLIMMING_GMACS["deit_small_patch16_224"] * 0.99
+        < slim.macs / 1e9
+        <= PATCH_SLIMMING_GMACS["deit_small_patch16_224"]
+    )
     counts = slim.notes["patches_per_block"]
     assert counts[0] == geometry.num_patches and counts[-1] == 0 and counts == sorted(counts, reverse=True)
     assert abs(points["tome"].macs / slim.macs - 1) < 0.01 and points["tome r=13"].tome_schedule == (13,) * 12
@@ -73,17 +78,42 @@ def test_operating_points_land_on_the_papers_and_are_valid():
 @pytest.mark.slow
 def test_harness_and_report_end_to_end_on_a_tiny_model(tmp_path):
     variants = ["patch-slim", "vtp 40%", DGSSA_LADDER[-1].name(), "tome", "tome one-hot"]
-    gpu_rows = timing.time_gpu(["deit_small_patch16_224"], ["eager"], [2], [], dtype="fp32", device="cpu", settings=QUICK,
-                               progress=lambda _: None, model_kwargs=TINY, variants=variants)
+    gpu_rows = timing.time_gpu(
+        ["deit_small_patch16_224"],
+        ["eager"],
+        [2],
+        [],
+        dtype="fp32",
+        device="cpu",
+        settings=QUICK,
+        progress=lambda _: None,
+        model_kwargs=TINY,
+        variants=variants,
+    )
     assert [r["variant"] for r in gpu_rows] == ["dense", *variants]
     assert gpu_rows[0]["speedup"] == 1.0 and all(r["median_ms"] > 0 and 0 < r["macs_fraction"] <= 1 for r in gpu_rows)
-    cpu_rows, sizes = timing.time_cpu(["deit_small_patch16_224"], [2], tmp_path / "onnx", settings=QUICK, progress=lambda _: None,
-                                      model_kwargs=TINY, variants=["patch-slim", "tome", "tome one-hot"])
+    cpu_rows, sizes = timing.time_cpu(
+        ["deit_small_patch16_224"],
+        [2],
+        tmp_path / "onnx",
+        settings=QUICK,
+        progress=lambda _: None,
+        model_kwargs=TINY,
+        variants=["patch-slim", "tome", "tome one-hot"],
+    )
     by_variant = {s["variant"]: s for s in sizes}
     assert by_variant["patch-slim"]["data_dependent_ops"] == {} and "engine_bytes" in by_variant["patch-slim"]
-    assert by_variant["tome"]["data_dependent_ops"]["ScatterElements"] > 0 and "engine_error" in by_variant["tome"]  # RTX refuses reduction add
-    assert "ScatterElements" not in by_variant["tome one-hot"]["data_dependent_ops"] and "engine_bytes" in by_variant["tome one-hot"]
-    assert by_variant["tome"]["parity"]["max_abs_diff"] < 1e-4 and by_variant["tome"]["tensors_with_dynamic_dims_besides_batch"] == 0
+    assert (
+        by_variant["tome"]["data_dependent_ops"]["ScatterElements"] > 0 and "engine_error" in by_variant["tome"]
+    )  # RTX refuses reduction add
+    assert (
+        "ScatterElements" not in by_variant["tome one-hot"]["data_dependent_ops"]
+        and "engine_bytes" in by_variant["tome one-hot"]
+    )
+    assert (
+        by_variant["tome"]["parity"]["max_abs_diff"] < 1e-4
+        and by_variant["tome"]["tensors_with_dynamic_dims_besides_batch"] == 0
+    )
     results = tmp_path / "results"
     results.mkdir()
     # the GPU rows stand in for a CUDA run: the report must not care where they were measured
@@ -91,11 +121,17 @@ def test_harness_and_report_end_to_end_on_a_tiny_model(tmp_path):
         row.update(mode="cuda_graph", batch=256)
     environment = timing.environment("cpu")
     (results / "gpu.json").write_text(json.dumps({"environment": environment, "settings": {}, "rows": gpu_rows}))
-    (results / "cpu.json").write_text(json.dumps({"environment": environment, "settings": {}, "rows": cpu_rows, "sizes": sizes}))
+    (results / "cpu.json").write_text(
+        json.dumps({"environment": environment, "settings": {}, "rows": cpu_rows, "sizes": sizes})
+    )
     out = write_report(results, tmp_path / "BENCHMARKS.md")
     text = out.read_text()
     assert "## Targets" in text and "DGSSA + GLAD ≥ 2.2× on DeiT-S" in text and "| tome |" in text
-    assert "(theirs, not measured here)" in text and (results / "gpu_speedup.png").stat().st_size > 0 and (results / "cpu_speedup.png").exists()
+    assert (
+        "(theirs, not measured here)" in text
+        and (results / "gpu_speedup.png").stat().st_size > 0
+        and (results / "cpu_speedup.png").exists()
+    )
 
 
 def test_onnx_gpu_targets_are_judged_from_the_rows(tmp_path):
@@ -113,7 +149,9 @@ def test_onnx_gpu_targets_are_judged_from_the_rows(tmp_path):
     for row in slowed["rows"]:
         if row["variant"] == "patch-slim" and row["graph"].startswith("ONNX"):
             row["speedup"], row["speedup_over_timm_onnx"] = 0.9, 1.1
-    slowed_ps = next(line for line in targets(slowed) if line.startswith("| Patch Slimming DeiT-S 2.6 G ONNX ≥ 1.2× timm in PyTorch"))
+    slowed_ps = next(
+        line for line in targets(slowed) if line.startswith("| Patch Slimming DeiT-S 2.6 G ONNX ≥ 1.2× timm in PyTorch")
+    )
     assert slowed_ps.endswith("**not met** |") and "0.90×" in slowed_ps
     assert ps != slowed_ps
     text = "\n".join(section(stored, tmp_path, Path("results")))

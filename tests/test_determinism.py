@@ -1,6 +1,7 @@
 """The same recipe and seed on the same machine give byte-identical plans, weights and ONNX files
 (fp32, fp16 and the INT8 quantization);
 a rerun skips the stages that finished with the same settings."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def _artifacts(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stages(tmp_path, capsys):
+def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stages(tmp_path, caplog):
     (tmp_path / "tiny.yaml").write_text(RECIPE)
     for out in ("a", "b"):
         assert main(["run", str(tmp_path / "tiny.yaml"), "--out-dir", str(tmp_path / out), "--seed", "3"]) == 0
@@ -45,9 +46,25 @@ def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stag
     assert "Latency: not measured" in (tmp_path / "a" / "tiny" / "summary.md").read_text()
     # rerun with one method's setting changed: only that stage runs again
     before = (tmp_path / "a" / "tiny" / "patch-slim" / "weights.safetensors").stat().st_mtime_ns
-    capsys.readouterr()
-    assert main(["run", str(tmp_path / "tiny.yaml"), "--out-dir", str(tmp_path / "a"), "--seed", "3", "--set", "methods.vtp.prune_ratio=0.3"]) == 0
-    out = capsys.readouterr().out
-    assert all(f"{stage}: finished earlier with the same settings" in out for stage in ("dense", "patch-slim", "dgssa-glad")), out
+    caplog.clear()
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "tiny.yaml"),
+                "--out-dir",
+                str(tmp_path / "a"),
+                "--seed",
+                "3",
+                "--set",
+                "methods.vtp.prune_ratio=0.3",
+            ]
+        )
+        == 0
+    )
+    out = caplog.text
+    assert all(
+        f"{stage}: finished earlier with the same settings" in out for stage in ("dense", "patch-slim", "dgssa-glad")
+    ), out
     assert "vtp: finished earlier" not in out
     assert (tmp_path / "a" / "tiny" / "patch-slim" / "weights.safetensors").stat().st_mtime_ns == before

@@ -3,6 +3,7 @@ and the runtime image's entry point (docker/entrypoint.sh) runs end to end here 
 standing in for the image's TensorRT: engines built into the cache volume and reused, then the
 command; its default command, the selftest on files the export image prepares. (The entry point
 on the default recipe's exported models: tests/test_cli.py::test_default_run_meets_its_targets.)"""
+
 from __future__ import annotations
 
 import shutil
@@ -11,13 +12,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from entrypoint import run_entrypoint
+
 from vitslim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+TINY = [
+    "--model",
+    "deit_tiny_patch16_224",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "embed_dim=32",
+    "depth=2",
+    "num_heads=2",
+    "num_classes=10",
+]
 
 
 def copy_sources() -> list[str]:
@@ -56,14 +67,20 @@ def test_entrypoint_builds_caches_and_runs_the_command(tmp_path):
         pytest.skip("no TensorRT here to build with (pip install tensorrt-rtx)")
     assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "tiny.onnx")]) == 0
-    first = run_entrypoint(tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
+    first = run_entrypoint(
+        tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers"
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     assert "built " in first.stdout and "profiles" in first.stdout and "preprocessing" in first.stdout
     assert len(list((tmp_path / "cache").glob("tiny-*.engine"))) == 1
-    second = run_entrypoint(tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers")
+    second = run_entrypoint(
+        tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers"
+    )
     assert second.returncode == 0 and "copied from the engine cache" in second.stdout
     # the runtime image's default command on files the export image prepares
     assert main(["selftest", "--prepare", str(tmp_path / "selftest")]) == 0
     selftest = run_entrypoint(tmp_path, "--batch 1:2:4", "selftest", "--prepared", str(tmp_path / "selftest"))
-    assert selftest.returncode == 2, selftest.stdout[-2000:] + selftest.stderr[-2000:]  # no GPU here: builds checked, nothing run
+    assert selftest.returncode == 2, (
+        selftest.stdout[-2000:] + selftest.stderr[-2000:]
+    )  # no GPU here: builds checked, nothing run
     assert "tiny-fp16: builds strongly typed, manifest right" in selftest.stdout and "| FAIL |" not in selftest.stdout

@@ -1,6 +1,7 @@
 """Interrupted runs resume: SIGINT and SIGTERM sent to real `vitslim` processes mid-epoch leave a
 checkpoint and no temporary file; rerunning the same command ends with the same bytes as a run
 that was never interrupted (same seed, same machine)."""
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,21 @@ from pathlib import Path
 import pytest
 
 from vitslim.cli import main
-from vitslim.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from vitslim.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 ROOT = Path(__file__).resolve().parents[1]
 # big enough for an epoch to take about a second on one core, so that a signal lands mid-epoch
-MODEL = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=4", "embed_dim=64", "depth=3", "num_heads=2", "num_classes=10"]
+MODEL = [
+    "--model",
+    "deit_tiny_patch16_224",
+    "--model-kwargs",
+    "img_size=32",
+    "patch_size=4",
+    "embed_dim=64",
+    "depth=3",
+    "num_heads=2",
+    "num_classes=10",
+]
 
 
 def _command(*args: str) -> list[str]:
@@ -26,7 +37,14 @@ def _command(*args: str) -> list[str]:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        _command(*args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _as_from_a_terminal() -> None:
@@ -43,8 +61,15 @@ def _interrupt(args: list[str], checkpoint: Path, signum: int) -> tuple[int, str
     machine, or a fast one ran the remaining epochs first) proves nothing either way: it is run
     again from scratch, at most three times."""
     for _ in range(3):
-        process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                   preexec_fn=_as_from_a_terminal)
+        process = subprocess.Popen(
+            _command(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=_as_from_a_terminal,
+        )
         deadline = time.monotonic() + 300
         while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -77,14 +102,20 @@ def uninterrupted_train(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)], ids=["SIGINT", "SIGTERM"]
+)
 def test_train_resumes_after_a_signal_with_identical_weights(tmp_path, uninterrupted_train, signum, code):
     args = TRAIN
     run = tmp_path / "run"
     returncode, err = _interrupt([*args, "--out", str(run)], run / "checkpoints" / "train.pt", signum)
     assert returncode == code, err[-2000:]
     assert "rerun the same command to resume" in err
-    assert (run / "checkpoints" / "train.pt").is_file() and not (run / "weights.safetensors").exists() and not _temporary_files(run)
+    assert (
+        (run / "checkpoints" / "train.pt").is_file()
+        and not (run / "weights.safetensors").exists()
+        and not _temporary_files(run)
+    )
     resumed = _run(*args, "--out", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
@@ -96,13 +127,30 @@ def test_train_resumes_after_a_signal_with_identical_weights(tmp_path, uninterru
 def test_prune_resumes_after_sigterm_with_identical_plan_and_weights(tmp_path):
     dense = tmp_path / "dense"
     assert main(["train", *MODEL, "--data", "digits", "--epochs", "0", "--out", str(dense)]) == 0
-    args = ["prune", str(dense), "--method", "vtp", "--data", "digits", "--prune-ratio", "0.4", "--sparsity-epochs", "2", "--finetune-epochs", "3", "--batch-size", "32"]
+    args = [
+        "prune",
+        str(dense),
+        "--method",
+        "vtp",
+        "--data",
+        "digits",
+        "--prune-ratio",
+        "0.4",
+        "--sparsity-epochs",
+        "2",
+        "--finetune-epochs",
+        "3",
+        "--batch-size",
+        "32",
+    ]
     reference = _run(*args, "--out", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-2000:]
     run = tmp_path / "vtp"
     returncode, err = _interrupt([*args, "--out", str(run)], run / "checkpoints" / "finetune.pt", signal.SIGTERM)
     assert returncode == EXIT_TERMINATED, err[-2000:]
-    assert {p.name for p in (run / "checkpoints").iterdir()} == {"sparsity.pt", "finetune.pt"} and not _temporary_files(run)
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"sparsity.pt", "finetune.pt"} and not _temporary_files(
+        run
+    )
     resumed = _run(*args, "--out", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("plan.json", "plan.safetensors", "weights.safetensors"):
@@ -111,7 +159,17 @@ def test_prune_resumes_after_sigterm_with_identical_plan_and_weights(tmp_path):
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    tiny = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+    tiny = [
+        "--model",
+        "deit_tiny_patch16_224",
+        "--model-kwargs",
+        "img_size=16",
+        "patch_size=4",
+        "embed_dim=32",
+        "depth=2",
+        "num_heads=2",
+        "num_classes=10",
+    ]
     from vitslim.pruning.checkpoints import save_state
 
     save_state(run / "checkpoints" / "train.pt", {"other": "settings"}, {"history": []})

@@ -1,16 +1,27 @@
 """`vitslim selftest` where no GPU is present (builds checked, exit 2), its verdict rules, and
 `vitslim inspect` with the preprocessing that travels in the ONNX metadata and engine manifest."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from vitslim.deploy.errors import DeployError
 
 from vitslim import selftest
 from vitslim.cli import main
-from vitslim.deploy.errors import DeployError
 
-TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "num_classes=10"]
+TINY = [
+    "--model",
+    "deit_tiny_patch16_224",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "embed_dim=32",
+    "depth=2",
+    "num_heads=2",
+    "num_classes=10",
+]
 
 
 def test_verdicts():
@@ -28,7 +39,12 @@ def test_the_tiny_plan_is_valid_and_uses_every_selection():
 
     model, plan = selftest.tiny_model_and_plan()
     validate(plan, model)
-    used = {field for block in plan.blocks for field in ("kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden") if getattr(block, field) is not None}
+    used = {
+        field
+        for block in plan.blocks
+        for field in ("kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden")
+        if getattr(block, field) is not None
+    }
     assert used == {"kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden"}
 
 
@@ -43,7 +59,9 @@ def test_selftest_without_a_gpu_checks_the_builds_and_exits_2(tmp_path, capsys):
     assert code == 2 and "no NVIDIA GPU here" in out
     checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
     builds = [c for c in checks if "builds strongly typed" in c["check"]]
-    assert len(builds) == 4 and all(c["passed"] for c in builds)  # fp32 and fp16, in both attention forms TensorRT parses
+    assert len(builds) == 4 and all(
+        c["passed"] for c in builds
+    )  # fp32 and fp16, in both attention forms TensorRT parses
     assert all(c["passed"] is None for c in checks if c["check"].endswith("runs"))
 
 
@@ -59,11 +77,17 @@ def test_prepared_selftest_needs_its_reference(tmp_path):
 def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(run)]) == 0
-    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0  # the run's data (digits) from its info.json
+    assert (
+        main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    )  # the run's data (digits) from its info.json
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "m.onnx"), "--json"]) == 0
     description = json.loads(capsys.readouterr().out)
-    assert description["preprocessing"]["source"] == "digits" and description["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert description["preprocessing"]["source"] == "digits" and description["preprocessing"]["mean"] == [
+        0.5,
+        0.5,
+        0.5,
+    ]
     assert description["inputs"][0]["shape"] == ["batch", 3, 16, 16] and description["export_report"]["macs"] > 0
     assert main(["inspect", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs_fraction"] == 1.0
@@ -85,10 +109,17 @@ def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_pa
 
     assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert main(["kit", str(tmp_path / "m.onnx"), "--batch", "1:2:4", "--dla-core", "0", "--out", str(tmp_path / "kit")]) == 0
+    assert (
+        main(["kit", str(tmp_path / "m.onnx"), "--batch", "1:2:4", "--dla-core", "0", "--out", str(tmp_path / "kit")])
+        == 0
+    )
     kit = json.loads((tmp_path / "kit" / "kit.json").read_text())
     assert kit["build"] == {"dla_core": 0, "gpu_fallback": True}
-    assert kit["models"][0]["profiles"] == ["1:2:4"] and kit["models"][0]["inside"] == [2] and kit["models"][0]["outside"] == 5
+    assert (
+        kit["models"][0]["profiles"] == ["1:2:4"]
+        and kit["models"][0]["inside"] == [2]
+        and kit["models"][0]["outside"] == 5
+    )
     script = (tmp_path / "kit" / "run_on_device.sh").read_text()
     assert "vitslim selftest --prepared ." in script and (tmp_path / "kit" / "m.onnx").is_file()
     if find_tensorrt() is None:
@@ -139,11 +170,15 @@ def test_a_tensorrt_without_an_attention_layer_skips_the_attention_op_models_and
     real = find_tensorrt()
     if real is None or gpu_info() is not None:
         pytest.skip("for a machine with TensorRT(-RTX) installed and no GPU")
-    kinds = types.SimpleNamespace(**{k: v for k, v in vars(real.module.LayerType).items() if not k.startswith("ATTENTION")})
+    kinds = types.SimpleNamespace(
+        **{k: v for k, v in vars(real.module.LayerType).items() if not k.startswith("ATTENTION")}
+    )
     older = dataclasses.replace(real, module=types.SimpleNamespace(LayerType=kinds))
     monkeypatch.setattr(selftest, "find_tensorrt", lambda name=None: older)
     checks = selftest.run_checks(prepared_kit, library=real.name, progress=lambda message: None)
     skipped = [c for c in checks if c.passed is None and "no attention layer" in c.detail]
     built = [c for c in checks if "builds strongly typed" in c.check]
     assert len(skipped) == 2 and "--attention matmul-softmax" in skipped[0].detail
-    assert [c.check.split(":")[0] for c in built] == ["tiny-fp32-matmul-softmax", "tiny-fp16-matmul-softmax"] and all(c.passed for c in built)
+    assert [c.check.split(":")[0] for c in built] == ["tiny-fp32-matmul-softmax", "tiny-fp16-matmul-softmax"] and all(
+        c.passed for c in built
+    )

@@ -1,18 +1,32 @@
 """vitslim: compress timm Vision Transformers and ship them as slim ONNX graphs and TensorRT engines.
 
-The public API (README, "Python API"). Names are imported on first use, so `import vitslim` and
+The public API (README "Python API", docs/api.md). Names are imported on first use, so `import vitslim` and
 `import vitslim.deploy` stay light (no torch, timm or onnx until a function needs them).
 """
+
 from __future__ import annotations
 
 import importlib
 
 # public name -> the module that defines it
 _PUBLIC = {
-    **{name: "vitslim.api" for name in (
-        "load_model", "load_data", "list_methods", "prune", "PruneResult", "save_run", "load_run",
-        "compact", "export_onnx", "build_engine", "compare", "gate",
-    )},
+    **{
+        name: "vitslim.api"
+        for name in (
+            "load_model",
+            "load_data",
+            "list_methods",
+            "prune",
+            "PruneResult",
+            "save_run",
+            "load_run",
+            "compact",
+            "export_onnx",
+            "build_engine",
+            "compare",
+            "gate",
+        )
+    },
     "benchmark": "vitslim.deploy.bench",
     "BenchSettings": "vitslim.deploy.bench",
     "paired_ab": "vitslim.deploy.gate",
@@ -22,7 +36,7 @@ _PUBLIC = {
     "TensorRTRunner": "vitslim.deploy.runners",
     "SlimPlan": "vitslim.pruning.plan",
     "BlockPlan": "vitslim.pruning.plan",
-    "VitslimError": "vitslim.errors",
+    "VitslimError": "vitslim.core.errors",
     "PruningError": "vitslim.pruning.errors",
     "ExportError": "vitslim.export.errors",
     "DeployError": "vitslim.deploy.errors",

@@ -8,6 +8,7 @@ calls, each a thin door onto the packages (pruning -> export -> deploy).
 
 Errors are VitslimError subclasses (PruningError, ExportError, DeployError), never SystemExit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,18 @@ from .measure import compare_with_reference
 from .pipeline import PruneResult, data_for, prune_model
 
 __all__ = [
-    "load_model", "load_data", "list_methods", "prune", "PruneResult", "save_run", "load_run", "compact",
-    "export_onnx", "build_engine", "compare", "gate",
+    "load_model",
+    "load_data",
+    "list_methods",
+    "prune",
+    "PruneResult",
+    "save_run",
+    "load_run",
+    "compact",
+    "export_onnx",
+    "build_engine",
+    "compare",
+    "gate",
 ]
 
 
@@ -51,7 +62,9 @@ def load_data(spec: str, model: nn.Module) -> DataSplits:
 def _dense_plan_of(model: nn.Module) -> SlimPlan:
     spec = getattr(model, "vitslim_spec", None)
     if spec is None:
-        raise PruningError("the model was not made by vitslim.load_model or vitslim.load_run: create it with one of them")
+        raise PruningError(
+            "the model was not made by vitslim.load_model or vitslim.load_run: create it with one of them"
+        )
     return dense_plan(spec, len(model.blocks))
 
 
@@ -67,7 +80,9 @@ def prune(model: nn.Module, data: DataSplits, method: str, **settings) -> PruneR
     return prune_model(method, chosen.config_type(**settings), _dense_plan_of(model), model, data)
 
 
-def compact(model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather") -> nn.Module:
+def compact(
+    model: nn.Module, plan: SlimPlan, token_layout: str = "gather", channel_layout: str = "gather"
+) -> nn.Module:
     """The physically slim module computing `plan` on `model` (which is left untouched)."""
     return compact_from_plan(model, plan, token_layout, channel_layout)
 
@@ -79,7 +94,13 @@ def export_onnx(model: nn.Module, plan: SlimPlan, path: str | Path, **options) -
     return export_plan(model, plan, path, **options)
 
 
-def build_engine(onnx_path: str | Path, path: str | Path, precision: Optional[str] = None, profiles: Sequence[str] = (str(DEFAULT_PROFILE),), **options) -> BuildResult:
+def build_engine(
+    onnx_path: str | Path,
+    path: str | Path,
+    precision: Optional[str] = None,
+    profiles: Sequence[str] = (str(DEFAULT_PROFILE),),
+    **options,
+) -> BuildResult:
     """A TensorRT (10/11) or TensorRT-RTX engine + manifest from an exported ONNX; `profiles` are
     'MIN:OPT:MAX' batch ranges; `options` are the other BuildSettings fields."""
     settings = BuildSettings(precision=precision, profiles=tuple(BatchProfile.parse(p) for p in profiles), **options)
@@ -93,4 +114,3 @@ def gate(current: list[dict], baseline: list[dict], **thresholds) -> GateVerdict
     """Compare benchmark results (from `benchmark`) with a baseline: exit_code 0 pass, 1 regression,
     2 not comparable; `thresholds`: warn, fail (fractions slower), max_cov (see deploy/gate.py)."""
     return compare_results(current, baseline, **thresholds)
-

@@ -1,6 +1,7 @@
 """`python -m vitslim COMMAND ...`: train, prune, export, quantize, build, bench, compare, gate,
 selftest, kit, inspect, run. Each command is a few lines over pipeline.py, measure.py and the
-packages; errors are one line and an exit code (vitslim.errors)."""
+packages; errors are one line and an exit code (vitslim.core.errors)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,24 +15,46 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from vitslim.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, VitslimError
-from vitslim.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
+from vitslim.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    VitslimError,
+)
+from vitslim.core.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
+from vitslim.core.settings import help_of, value_type
 from vitslim.pruning.errors import PruningError
-from vitslim.settings import help_of, value_type
 
-NO_CUDA_GRAPH_HELP = ("TensorRT engines and ONNX on onnxruntime's CUDA provider: time each inference as a plain launch instead of a "
-                      "replayed CUDA graph (as trtexec without --useCudaGraph; host launch work is then in the latency, and the result "
-                      "is compared only with others timed so)")
-RUNTIME_CACHE_HELP = ("TensorRT-RTX engines: keep the kernels it compiles on this GPU in DIR (one file per engine, checked by "
-                      "TensorRT-RTX against the GPU, driver and version) so that later runs start without compiling them")
-TOLERANCES_TEXT = "; ".join(f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()).replace("%", "%%")
+NO_CUDA_GRAPH_HELP = (
+    "TensorRT engines and ONNX on onnxruntime's CUDA provider: time each inference as a plain launch instead of a "
+    "replayed CUDA graph (as trtexec without --useCudaGraph; host launch work is then in the latency, and the result "
+    "is compared only with others timed so)"
+)
+RUNTIME_CACHE_HELP = (
+    "TensorRT-RTX engines: keep the kernels it compiles on this GPU in DIR (one file per engine, checked by "
+    "TensorRT-RTX against the GPU, driver and version) so that later runs start without compiling them"
+)
+TOLERANCES_TEXT = "; ".join(
+    f"{precision} {tolerance.to_dict()}" for precision, tolerance in TOLERANCES.items()
+).replace("%", "%%")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--model", required=required, help="timm model name, e.g. deit_small_patch16_224")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="timm kwargs, e.g. img_size=32 num_classes=10")
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm kwargs, e.g. img_size=32 num_classes=10",
+    )
     parser.add_argument("--checkpoint", help=".safetensors or .pth weights (loaded with weights_only=True)")
-    parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network access to the hub)")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="timm pretrained weights (needs network access to the hub)"
+    )
 
 
 def _spec(args):
@@ -47,9 +70,11 @@ def cmd_train(args) -> int:
     from .pipeline import train_run
 
     config = settings_from_args(TrainConfig, args)
-    info = train_run(_spec(args), args.data, config, Path(args.out), args.checkpoint, args.pretrained, restart=args.restart)
+    info = train_run(
+        _spec(args), args.data, config, Path(args.out), args.checkpoint, args.pretrained, restart=args.restart
+    )
     print(f"trained {args.model}: val top-1 {info['val_top1']:.2f} %; run directory {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def _plan_and_model(args):
@@ -78,19 +103,31 @@ def cmd_export(args) -> int:
     if args.data:
         data = data_for(model, args.data)
         images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
-    result = export_plan(model, plan, args.out, images=images, tolerance=args.tolerance, token_layout=args.token_layout,
-                         precision=args.precision, channel_layout=args.channel_layout, images_source=source, attention=args.attention,
-                         extra_passes=tuple(args.graph_pass),
-                         preprocessing=preprocessing_for(model, args.data or run_data_source(args.run_dir)))
+    result = export_plan(
+        model,
+        plan,
+        args.out,
+        images=images,
+        tolerance=args.tolerance,
+        token_layout=args.token_layout,
+        precision=args.precision,
+        channel_layout=args.channel_layout,
+        images_source=source,
+        attention=args.attention,
+        extra_passes=tuple(args.graph_pass),
+        preprocessing=preprocessing_for(model, args.data or run_data_source(args.run_dir)),
+    )
     report = result.report
     print(
         f"wrote {result.onnx_path} ({report['macs'] / 1e9:.3f} GMACs, {report['macs'] / report['macs_dense']:.1%} of dense; "
         f"max abs diff {report['parity']['max_abs_diff']:.1e} on {report['parity']['images']}); report {result.report_path}"
     )
-    return 0
+    return EXIT_OK
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, title: str, config_types: dict[str, type], skip: tuple[str, ...] = ()) -> None:
+def add_settings_flags(
+    parser: argparse.ArgumentParser, title: str, config_types: dict[str, type], skip: tuple[str, ...] = ()
+) -> None:
     """One --flag per settings field of `config_types` (owner -> frozen dataclass) but those in
     `skip`, with the field's help text and default(s); a flag not given stays None, so the
     dataclass default holds."""
@@ -135,21 +172,33 @@ def cmd_prune(args) -> int:
     others = tuple(m.config_type for m in METHODS.values() if m.name != method.name)
     config = settings_from_args(method.config_type, args, others, owner=method.name)
     plan, model = _plan_and_model(args)
-    report = prune_run(method.name, config, plan, model, data_for(model, args.data), Path(args.out), restart=args.restart)
+    report = prune_run(
+        method.name, config, plan, model, data_for(model, args.data), Path(args.out), restart=args.restart
+    )
     stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
-    print(f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, {report['params'] / report['params_dense']:.1%} of params; top-1 {stages}; run directory {args.out}")
-    return 0
+    print(
+        f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, "
+        f"{report['params'] / report['params_dense']:.1%} of params; top-1 {stages}; run directory {args.out}"
+    )
+    return EXIT_OK
 
 
 def cmd_build(args) -> int:
     from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildSettings, cached_engine, engine_from_onnx
 
     settings = BuildSettings(
-        precision=args.precision, profiles=tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)]),
-        workspace_mb=args.workspace, timing_cache=Path(args.timing_cache) if args.timing_cache else None, library=args.library,
-        tf32=args.tf32, optimization_level=args.optimization_level, hardware_compatibility=args.hardware_compatibility,
-        version_compatible=args.version_compatible, compute_capabilities=tuple(args.compute_capability or ()),
-        dla_core=args.dla_core, gpu_fallback=not args.no_gpu_fallback,
+        precision=args.precision,
+        profiles=tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)]),
+        workspace_mb=args.workspace,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        library=args.library,
+        tf32=args.tf32,
+        optimization_level=args.optimization_level,
+        hardware_compatibility=args.hardware_compatibility,
+        version_compatible=args.version_compatible,
+        compute_capabilities=tuple(args.compute_capability or ()),
+        dla_core=args.dla_core,
+        gpu_fallback=not args.no_gpu_fallback,
     )
     if args.cache:
         result, reused = cached_engine(args.onnx, args.out, settings, args.cache)
@@ -157,11 +206,12 @@ def cmd_build(args) -> int:
         result, reused = engine_from_onnx(args.onnx, args.out, settings), False
     manifest = result.manifest
     print(
-        f"{'copied from the engine cache' if reused else 'built'} {result.engine_path} with {manifest['library']} {manifest['version']} ({manifest['precision']}{', TF32' if settings.tf32 else ''}, "
+        f"{'copied from the engine cache' if reused else 'built'} {result.engine_path} with {manifest['library']} "
+        f"{manifest['version']} ({manifest['precision']}{', TF32' if settings.tf32 else ''}, "
         f"profiles {', '.join(str(p) for p in settings.profiles)}, target {manifest['target']['kind']}): {manifest['engine']['bytes'] / 1e6:.1f} MB in "
         f"{manifest['build_seconds']:.1f} s; manifest {result.manifest_path}"
     )
-    return 0
+    return EXIT_OK
 
 
 def default_torch_mode(backend: str, device: str, no_cuda_graph: bool) -> str:
@@ -176,22 +226,31 @@ def cmd_bench(args) -> int:
 
     from .measure import BenchSpec, bench_markdown, run_bench, write_bench
 
-    spec = BenchSpec(artifact=args.artifact, backend=args.backend, device=args.device, batches=tuple(args.batch or [1, 8]),
-                     run_dir=args.run, torch_mode=args.torch_mode or default_torch_mode(args.backend, args.device, args.no_cuda_graph), torch_dtype=args.torch_dtype, threads=args.threads,
-                     cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
+    spec = BenchSpec(
+        artifact=args.artifact,
+        backend=args.backend,
+        device=args.device,
+        batches=tuple(args.batch or [1, 8]),
+        run_dir=args.run,
+        torch_mode=args.torch_mode or default_torch_mode(args.backend, args.device, args.no_cuda_graph),
+        torch_dtype=args.torch_dtype,
+        threads=args.threads,
+        cuda_graph=not args.no_cuda_graph,
+        runtime_cache=args.runtime_cache,
+    )
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
     if args.json:
         write_bench(report, Path(args.json))
         print(f"results: {args.json} (+ {Path(args.json).with_suffix('.md').name})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_compare(args) -> int:
+    from vitslim.core.metadata import preprocessing_of
     from vitslim.deploy.build import onnx_precision, read_onnx
     from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner, check_engine
     from vitslim.export.compact import compact_from_plan
-    from vitslim.metadata import preprocessing_of
     from vitslim.pruning.data import calibration_set
     from vitslim.pruning.run_dir import load_run
     from vitslim.pruning.timm_adapter import input_shape_of
@@ -214,21 +273,27 @@ def cmd_compare(args) -> int:
         manifest = check_engine(Path(args.engine))
         recorded[args.engine] = manifest["preprocessing"]
         candidates["tensorrt"] = TensorRTRunner(args.engine, runtime_cache=args.runtime_cache)
-        precisions["tensorrt"] = args.precision or manifest["tolerance"]  # the engine's own precision (tf32 if built so)
+        precisions["tensorrt"] = (
+            args.precision or manifest["tolerance"]
+        )  # the engine's own precision (tf32 if built so)
         batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
     data = data_for(model, args.data)
     for artifact, steps in recorded.items():
         check_preprocessing(artifact, steps, preprocessing_for(model, data.source))
     images = calibration_set(data.val, max(batches)).images.numpy()
     rows = compare_with_reference(model, plan, candidates, images, batches, precisions)
-    print("| candidate | precision | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|---|")
+    print(
+        "| candidate | precision | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['candidate']} | {r['precision']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |")
+        print(
+            f"| {r['candidate']} | {r['precision']} | {r['batch']} | {r['max_abs_diff']:.2e} | {r['cosine']:.6f} | {r['top1_agreement']:.1%} | {r['passed']} |"
+        )
     if args.json:
-        from vitslim.files import write_json_atomic
+        from vitslim.core.files import write_json_atomic
 
         write_json_atomic(args.json, {"run": args.run_dir, "rows": rows})
-    return 0 if all(r["passed"] for r in rows) else 1
+    return EXIT_OK if all(r["passed"] for r in rows) else EXIT_CHECK_FAILED
 
 
 def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
@@ -245,18 +310,22 @@ def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
     directory = Path(args.baseline_dir)
     if directory.exists() and not directory.is_dir():
         raise DeployError(f"--baseline-dir {directory} is a file: use --baseline {directory}")
-    return directory, [load_baseline_result(p) for p in sorted(directory.glob("*.json"))] if directory.is_dir() else None
+    return directory, [
+        load_baseline_result(p) for p in sorted(directory.glob("*.json"))
+    ] if directory.is_dir() else None
 
 
 def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     """Store `current` as the baseline (atomically) and say what it replaced."""
+    from vitslim.core.files import write_json_atomic
     from vitslim.deploy.gate import baseline_twin
-    from vitslim.files import write_json_atomic
 
     for result in current["results"]:
         twin = baseline_twin(result, stored or [])[0] if stored else None
         old = f"replaces {twin['median_ms']:.3f} ms" if twin else "new"
-        print(f"baseline: {result.get('label') or 'result'} at batch {result['batch']}: {result['median_ms']:.3f} ms ({old})")
+        print(
+            f"baseline: {result.get('label') or 'result'} at batch {result['batch']}: {result['median_ms']:.3f} ms ({old})"
+        )
     if args.baseline:
         write_json_atomic(args.baseline, current)
     else:
@@ -271,11 +340,19 @@ def _gate_ab(args) -> int:
     from .measure import ab_markdown, run_ab
 
     settings = dataclasses.replace(settings_from_args(ABSettings, args), fail=args.fail)
-    report = run_ab(Path(args.ab[0]), Path(args.ab[1]), batch=args.batch, device=args.device, threads=args.threads, settings=settings,
-                    cuda_graph=not args.no_cuda_graph, runtime_cache=args.runtime_cache)
+    report = run_ab(
+        Path(args.ab[0]),
+        Path(args.ab[1]),
+        batch=args.batch,
+        device=args.device,
+        threads=args.threads,
+        settings=settings,
+        cuda_graph=not args.no_cuda_graph,
+        runtime_cache=args.runtime_cache,
+    )
     print(ab_markdown(report))
     if args.json:
-        from vitslim.files import write_bytes_atomic, write_json_atomic
+        from vitslim.core.files import write_bytes_atomic, write_json_atomic
 
         write_json_atomic(args.json, report)
         write_bytes_atomic(Path(args.json).with_suffix(".md"), ab_markdown(report).encode())
@@ -292,23 +369,30 @@ def cmd_gate(args) -> int:
 
     if args.ab:
         if args.current or args.baseline or args.baseline_dir or args.accept:
-            raise DeployError("--ab BASELINE CANDIDATE measures both artifacts itself: give no CURRENT.json, --baseline, --baseline-dir or --accept")
+            raise DeployError(
+                "--ab BASELINE CANDIDATE measures both artifacts itself: give no CURRENT.json, --baseline, --baseline-dir or --accept"
+            )
         return _gate_ab(args)
     if args.current is None or (args.baseline is None) == (args.baseline_dir is None):
-        raise DeployError("give CURRENT.json and one of --baseline FILE or --baseline-dir DIR (or --ab BASELINE CANDIDATE)")
+        raise DeployError(
+            "give CURRENT.json and one of --baseline FILE or --baseline-dir DIR (or --ab BASELINE CANDIDATE)"
+        )
     current = load_results(Path(args.current))
     where, stored = _stored_baseline(args)
     if not stored:  # no file, or an empty directory: nothing to gate against yet
         if not args.accept:
             raise DeployError(f"no baseline at {where}: check the path, or store CURRENT there with --accept")
         _accept(args, current, None)
-        return 0
+        return EXIT_OK
     verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     for attempt in range(args.remeasure):
         if verdict.exit_code != NOT_COMPARABLE or "coefficient of variation" not in verdict.message:
             break
         print(f"too noisy; measuring again ({attempt + 1}/{args.remeasure})")
-        measured_with = {**current["results"][0]["settings"], "max_cov": args.max_cov}  # the bench's own timing settings
+        measured_with = {
+            **current["results"][0]["settings"],
+            "max_cov": args.max_cov,
+        }  # the bench's own timing settings
         current = remeasure(current, BenchSettings(**measured_with))
         verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     if verdict.rows:
@@ -320,7 +404,7 @@ def cmd_gate(args) -> int:
         print("gate: --accept refused: this result does not pass the gate; pass --force to store it anyway")
         return verdict.exit_code
     _accept(args, current, stored)
-    return 0
+    return EXIT_OK
 
 
 def cmd_run(args) -> int:
@@ -336,11 +420,11 @@ def cmd_run(args) -> int:
         recipe = recipe.with_seed(args.seed)
     summary = run_recipe(recipe, restart=args.restart)
     if not summary:  # a torchrun process other than rank 0: rank 0 reports
-        return 0
+        return EXIT_OK
     root = recipe.run_root
     print((root / "summary.md").read_text())
     print(f"done in {summary['seconds']:.0f} s; reports under {root}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_quantize(args) -> int:
@@ -361,7 +445,9 @@ def cmd_quantize(args) -> int:
     classes = graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     data = load_data(args.data, shape[0], tuple(shape[1:]))
     if classes != data.num_classes:
-        raise ExportError(f"{onnx_path} has {classes} classes but data {data.source!r} has {data.num_classes}: calibrate on the data it was trained on")
+        raise ExportError(
+            f"{onnx_path} has {classes} classes but data {data.source!r} has {data.num_classes}: calibrate on the data it was trained on"
+        )
     reference = None
     if args.run:
         from vitslim.pruning.run_dir import load_run
@@ -370,10 +456,12 @@ def cmd_quantize(args) -> int:
         plan, model = load_run(args.run)
         check_onnx_inputs(onnx_path, input_shape_of(model))
         reference = reference_logits(model, plan, data.val)
-    report = quantize_and_measure(onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed)
+    report = quantize_and_measure(
+        onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed
+    )
     print(quantize_markdown(report))
     print(f"wrote {args.out} and {report_path(Path(args.out)).name} (+ .md)")
-    return 0 if all(r["passed"] for r in report["rows"]) else 1
+    return EXIT_OK if all(r["passed"] for r in report["rows"]) else EXIT_CHECK_FAILED
 
 
 def cmd_selftest(args) -> int:
@@ -381,16 +469,25 @@ def cmd_selftest(args) -> int:
 
     if args.prepare:
         selftest.prepare(Path(args.prepare))
-        print(f"selftest: tiny model and reference logits in {args.prepare}; run 'vitslim selftest --prepared {args.prepare}' on the GPU machine")
-        return 0
-    code, checks = selftest.run(Path(args.work) if args.work else None, args.library, Path(args.prepared) if args.prepared else None)
+        print(
+            f"selftest: tiny model and reference logits in {args.prepare}; run 'vitslim selftest --prepared {args.prepare}' on the GPU machine"
+        )
+        return EXIT_OK
+    code, checks = selftest.run(
+        Path(args.work) if args.work else None, args.library, Path(args.prepared) if args.prepared else None
+    )
     print(selftest.table(checks))
     if args.json:
-        from vitslim.files import write_json_atomic
+        from vitslim.core.files import write_json_atomic
 
         write_json_atomic(args.json, {"exit_code": code, "checks": selftest.to_dict(checks)})
-    print({selftest.PASS: "selftest: every check passed", selftest.FAIL: "selftest: a check FAILED (see the table)",
-           selftest.NO_GPU: "selftest: no NVIDIA GPU here: builds checked, nothing run (exit 2); run it on the GPU machine"}[code])
+    print(
+        {
+            selftest.PASS: "selftest: every check passed",
+            selftest.FAIL: "selftest: a check FAILED (see the table)",
+            selftest.NO_GPU: "selftest: no NVIDIA GPU here: builds checked, nothing run (exit 2); run it on the GPU machine",
+        }[code]
+    )
     return code
 
 
@@ -406,12 +503,30 @@ def cmd_kit(args) -> int:
     out = make_kit(Path(args.onnx), Path(args.out), profiles, build)
     root = Path(__file__).resolve().parents[1]
     if (root / "pyproject.toml").is_file():  # a source checkout: put vitslim's wheel in the kit
-        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(root)],
-                               capture_output=True, text=True)
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                str(out),
+                str(root),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if built.returncode != 0:
-            print(f"kit: could not build vitslim's wheel ({built.stderr.strip().splitlines()[-1:]}); add one with 'pip wheel --no-deps -w {out} .'")
-    print(f"kit in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; on the device run {out / 'run_on_device.sh'}")
-    return 0
+            print(
+                f"kit: could not build vitslim's wheel ({built.stderr.strip().splitlines()[-1:]}); add one with 'pip wheel --no-deps -w {out} .'"
+            )
+    print(
+        f"kit in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; on the device run {out / 'run_on_device.sh'}"
+    )
+    return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
@@ -419,7 +534,7 @@ def cmd_inspect(args) -> int:
 
     description = describe(args.artifact, layers=not args.no_layers)
     print(json.dumps(description, indent=1, default=str) if args.json else to_text(description))
-    return 0
+    return EXIT_OK
 
 
 # Commands whose flags come from torch-side settings (methods, training, layouts): only they import
@@ -447,7 +562,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one-line message")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a dense model and write a run directory")
@@ -457,33 +574,67 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from vitslim.pruning.train import TrainConfig
 
         # `train` has no teacher, so the distillation settings do not apply to it
-        add_settings_flags(train, "training settings", {"train": TrainConfig}, skip=("distill_weight", "distill_temperature"))
+        add_settings_flags(
+            train, "training settings", {"train": TrainConfig}, skip=("distill_weight", "distill_temperature")
+        )
     train.add_argument("--out", required=True, help="run directory to write")
-    train.add_argument("--restart", action="store_true", help="start over instead of resuming from the checkpoints of an interrupted run")
+    train.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over instead of resuming from the checkpoints of an interrupted run",
+    )
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="export a run directory (or a dense model) to a slim ONNX + report")
     export.add_argument("run_dir", nargs="?", help="run directory with plan.json and weights.safetensors")
     _add_model_args(export, required=False)
-    export.add_argument("--data", help="use validation images of this data set for the parity check (default: random images)")
+    export.add_argument(
+        "--data", help="use validation images of this data set for the parity check (default: random images)"
+    )
     layouts = _layouts() if command == "export" else {"tokens": None, "channels": None, "passes": None}
-    export.add_argument("--token-layout", choices=layouts["tokens"], default="gather",
-                        help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)")
-    export.add_argument("--channel-layout", choices=layouts["channels"], default="gather",
-                        help="pruned LayerNorm-output channels (VTP's qkv_in, fc1_in) as a Gather before narrower Linears (smallest graph), "
-                        "or as zero columns of full-width Linears (no Gather: faster on GPUs at batch >= 64, see README)")
-    export.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16: every op in fp16 (LayerNorm, softmax and fused attention accumulate in fp32 inside TensorRT and onnxruntime); "
-                        "inputs and outputs stay fp32")
+    export.add_argument(
+        "--token-layout",
+        choices=layouts["tokens"],
+        default="gather",
+        help="token selection as a constant Gather per block, or one permutation then Slices (nested plans)",
+    )
+    export.add_argument(
+        "--channel-layout",
+        choices=layouts["channels"],
+        default="gather",
+        help="pruned LayerNorm-output channels (VTP's qkv_in, fc1_in) as a Gather before narrower Linears (smallest graph), "
+        "or as zero columns of full-width Linears (no Gather: faster on GPUs at batch >= 64, see docs/plan-and-export.md)",
+    )
+    export.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp16: every op in fp16 (LayerNorm, softmax and fused attention accumulate in fp32 inside TensorRT and onnxruntime); "
+        "inputs and outputs stay fp32",
+    )
     from vitslim.export.attention_form import ATTENTION_FORMS, DEFAULT_ATTENTION_FORM  # no torch
 
-    export.add_argument("--attention", choices=tuple(ATTENTION_FORMS), default=DEFAULT_ATTENTION_FORM,
-                        help="how attention is written: " + "; ".join(f"{f.name}: {f.summary} [{f.runtimes}]" for f in ATTENTION_FORMS.values())
-                        + f" (default {DEFAULT_ATTENTION_FORM})")
-    export.add_argument("--graph-pass", action="append", choices=layouts["passes"], default=[],
-                        help="an optional graph pass after the default ones and the attention form's (repeat): ort_fusions applies onnxruntime's transformer "
-                        "fusions (com.microsoft ops: onnxruntime only; BENCHMARKS.md says what they gain)")
-    export.add_argument("--tolerance", type=float, help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})")
+    export.add_argument(
+        "--attention",
+        choices=tuple(ATTENTION_FORMS),
+        default=DEFAULT_ATTENTION_FORM,
+        help="how attention is written: "
+        + "; ".join(f"{f.name}: {f.summary} [{f.runtimes}]" for f in ATTENTION_FORMS.values())
+        + f" (default {DEFAULT_ATTENTION_FORM})",
+    )
+    export.add_argument(
+        "--graph-pass",
+        action="append",
+        choices=layouts["passes"],
+        default=[],
+        help="an optional graph pass after the default ones and the attention form's (repeat): ort_fusions applies onnxruntime's transformer "
+        "fusions (com.microsoft ops: onnxruntime only; BENCHMARKS.md says what they gain)",
+    )
+    export.add_argument(
+        "--tolerance",
+        type=float,
+        help=f"max abs diff on logits allowed vs the masked reference (default: {TOLERANCES_TEXT})",
+    )
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
 
@@ -495,43 +646,107 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from vitslim.pruning.methods import METHODS, list_methods
 
         prune.add_argument("--method", required=True, help=" | ".join(list_methods()))
-        add_settings_flags(prune, "method settings (each applies to the methods whose defaults it lists)", {name: METHODS[name].config_type for name in list_methods()})
+        add_settings_flags(
+            prune,
+            "method settings (each applies to the methods whose defaults it lists)",
+            {name: METHODS[name].config_type for name in list_methods()},
+        )
     prune.add_argument("--out", required=True, help="run directory to write")
-    prune.add_argument("--restart", action="store_true", help="start over instead of resuming from the checkpoints of an interrupted run")
+    prune.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over instead of resuming from the checkpoints of an interrupted run",
+    )
     prune.set_defaults(func=cmd_prune)
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    build.add_argument("--precision", choices=GRAPH_PRECISIONS, help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's")
-    build.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}")
-    build.add_argument("--timing-cache", help="timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back")
+    build.add_argument(
+        "--precision",
+        choices=GRAPH_PRECISIONS,
+        help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's",
+    )
+    build.add_argument(
+        "--batch",
+        action="append",
+        metavar="MIN:OPT:MAX",
+        help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}",
+    )
+    build.add_argument(
+        "--timing-cache",
+        help="timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back",
+    )
     build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
-    build.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx")
-    build.add_argument("--tf32", action="store_true", help="let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)")
-    build.add_argument("--optimization-level", type=int, metavar="0-5", help="builder optimisation level (TensorRT's default 3)")
-    build.add_argument("--hardware-compatibility", choices=("none", "ampere+", "same-compute-capability"), default="none",
-                       help="full TensorRT: an engine for any Ampere+ GPU or any GPU of the build GPU's compute capability")
-    build.add_argument("--version-compatible", action="store_true", help="an engine later TensorRT versions can run (carries its lean runtime)")
-    build.add_argument("--compute-capability", action="append", metavar="SMxy", help="TensorRT-RTX: a target GPU architecture, e.g. SM86 (repeat); default its portable set")
+    build.add_argument(
+        "--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx"
+    )
+    build.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)",
+    )
+    build.add_argument(
+        "--optimization-level", type=int, metavar="0-5", help="builder optimisation level (TensorRT's default 3)"
+    )
+    build.add_argument(
+        "--hardware-compatibility",
+        choices=("none", "ampere+", "same-compute-capability"),
+        default="none",
+        help="full TensorRT: an engine for any Ampere+ GPU or any GPU of the build GPU's compute capability",
+    )
+    build.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="an engine later TensorRT versions can run (carries its lean runtime)",
+    )
+    build.add_argument(
+        "--compute-capability",
+        action="append",
+        metavar="SMxy",
+        help="TensorRT-RTX: a target GPU architecture, e.g. SM86 (repeat); default its portable set",
+    )
     build.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
-    build.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail instead of running layers DLA cannot on the GPU")
-    build.add_argument("--cache", metavar="DIR", help="engine cache: reuse an engine built before for the same ONNX bytes, TensorRT version, GPU, "
-                       "precision, profiles and options (the Docker runtime image keeps it in a volume)")
+    build.add_argument(
+        "--no-gpu-fallback",
+        action="store_true",
+        help="with --dla-core: fail instead of running layers DLA cannot on the GPU",
+    )
+    build.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="engine cache: reuse an engine built before for the same ONNX bytes, TensorRT version, GPU, "
+        "precision, profiles and options (the Docker runtime image keeps it in a volume)",
+    )
     build.add_argument("--out", required=True, help="MODEL.engine; the manifest goes to MODEL.engine.json")
     build.set_defaults(func=cmd_build)
 
-    bench = commands.add_parser("bench", help="latency of an artifact (ONNX, engine or run directory), optionally with the PyTorch reference")
-    bench.add_argument("artifact", help="MODEL.onnx (onnxruntime), MODEL.engine (tensorrt) or RUN_DIR (torch compact module)")
+    bench = commands.add_parser(
+        "bench", help="latency of an artifact (ONNX, engine or run directory), optionally with the PyTorch reference"
+    )
+    bench.add_argument(
+        "artifact", help="MODEL.onnx (onnxruntime), MODEL.engine (tensorrt) or RUN_DIR (torch compact module)"
+    )
     bench.add_argument("--backend", required=True, choices=("torch", "onnxruntime", "tensorrt"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--batch", type=int, action="append", help="batch size (repeat); default 1 and 8")
-    bench.add_argument("--run", help="also time timm's own model (torch:timm, the baseline of every speed-up), the compact module "
-                       "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory")
-    bench.add_argument("--torch-mode", choices=TORCH_MODES,
-                       help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart); "
-                       "default cuda_graph beside a TensorRT engine or an ONNX on onnxruntime's CUDA provider (like with like: those are replayed "
-                       "from a CUDA graph too), else eager")
-    bench.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help="dtype of the PyTorch runners (must match the artifact's precision with --run)")
+    bench.add_argument(
+        "--run",
+        help="also time timm's own model (torch:timm, the baseline of every speed-up), the compact module "
+        "(torch:compact) and the compact module of the dense plan (torch:dense) of this run directory",
+    )
+    bench.add_argument(
+        "--torch-mode",
+        choices=TORCH_MODES,
+        help="PyTorch runners: eager, cuda_graph (CUDA), or compile (torch.compile; its compile time is reported apart); "
+        "default cuda_graph beside a TensorRT engine or an ONNX on onnxruntime's CUDA provider (like with like: those are replayed "
+        "from a CUDA graph too), else eager",
+    )
+    bench.add_argument(
+        "--torch-dtype",
+        choices=tuple(TORCH_DTYPES),
+        default="fp32",
+        help="dtype of the PyTorch runners (must match the artifact's precision with --run)",
+    )
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
     bench.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
@@ -542,28 +757,66 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="outputs of each backend vs the masked PyTorch reference of a run")
     compare.add_argument("run_dir")
     compare.add_argument("--onnx", help="exported ONNX of the run")
-    compare.add_argument("--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch")
-    compare.add_argument("--data", required=True, help="'digits' or an ImageFolder directory: the comparison's images come from its validation split")
+    compare.add_argument(
+        "--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch"
+    )
+    compare.add_argument(
+        "--data",
+        required=True,
+        help="'digits' or an ImageFolder directory: the comparison's images come from its validation split",
+    )
     compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
-    compare.add_argument("--precision", choices=tuple(TOLERANCES), help=f"tolerance by precision (default: each artifact's own: the ONNX's, "
-                         f"the engine manifest's; fp32 for PyTorch): {TOLERANCES_TEXT}")
+    compare.add_argument(
+        "--precision",
+        choices=tuple(TOLERANCES),
+        help=f"tolerance by precision (default: each artifact's own: the ONNX's, "
+        f"the engine manifest's; fp32 for PyTorch): {TOLERANCES_TEXT}",
+    )
     compare.add_argument("--device", default="cpu")
     compare.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
 
-    gate = commands.add_parser("gate", help="latency-regression gate, paired A/B or against a stored baseline: exit 0 pass, 1 regression, 2 undecided")
-    gate.add_argument("current", nargs="?", help="CURRENT.json from 'vitslim bench --json' (with --baseline or --baseline-dir)")
-    gate.add_argument("--ab", nargs=2, metavar=("BASELINE", "CANDIDATE"),
-                      help="paired A/B: time two artifacts (.onnx, .engine or run directories) interleaved in this process and decide on their "
-                      "latency ratio's confidence interval; for shared, noisy machines")
+    gate = commands.add_parser(
+        "gate",
+        help="latency-regression gate, paired A/B or against a stored baseline: exit 0 pass, 1 regression, 2 undecided",
+    )
+    gate.add_argument(
+        "current", nargs="?", help="CURRENT.json from 'vitslim bench --json' (with --baseline or --baseline-dir)"
+    )
+    gate.add_argument(
+        "--ab",
+        nargs=2,
+        metavar=("BASELINE", "CANDIDATE"),
+        help="paired A/B: time two artifacts (.onnx, .engine or run directories) interleaved in this process and decide on their "
+        "latency ratio's confidence interval; for shared, noisy machines",
+    )
     gate.add_argument("--baseline", help="BASELINE.json (a bench result)")
     gate.add_argument("--baseline-dir", help="directory of baselines, one result per file")
-    gate.add_argument("--warn", type=float, default=WARN_ABOVE, help=f"stored baseline: warn when a median is slower by more than this fraction (default {WARN_ABOVE})")
-    gate.add_argument("--fail", type=float, default=FAIL_ABOVE, help=f"fail when slower by more than this fraction (default {FAIL_ABOVE})")
-    gate.add_argument("--max-cov", type=float, default=BenchSettings.max_cov, help="stored baseline: results noisier than this are re-measured, then refused")
+    gate.add_argument(
+        "--warn",
+        type=float,
+        default=WARN_ABOVE,
+        help=f"stored baseline: warn when a median is slower by more than this fraction (default {WARN_ABOVE})",
+    )
+    gate.add_argument(
+        "--fail",
+        type=float,
+        default=FAIL_ABOVE,
+        help=f"fail when slower by more than this fraction (default {FAIL_ABOVE})",
+    )
+    gate.add_argument(
+        "--max-cov",
+        type=float,
+        default=BenchSettings.max_cov,
+        help="stored baseline: results noisier than this are re-measured, then refused",
+    )
     gate.add_argument("--remeasure", type=int, default=2, help="stored baseline: how often to re-measure noisy results")
-    gate.add_argument("--accept", action="store_true", help="store CURRENT as the baseline (atomically) if it passes, or if there is none yet")
+    gate.add_argument(
+        "--accept",
+        action="store_true",
+        help="store CURRENT as the baseline (atomically) if it passes, or if there is none yet",
+    )
     gate.add_argument("--force", action="store_true", help="with --accept: store CURRENT even if it does not pass")
     gate.add_argument("--batch", type=int, default=1, help="--ab: batch size (default 1)")
     gate.add_argument("--device", default="cpu", help="--ab: cpu or cuda")
@@ -574,49 +827,106 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)
 
-    quantize = commands.add_parser("quantize", help="INT8 ONNX with explicit Q/DQ (Linear layers) from an fp32 export, calibrated on the data, with an accuracy report")
+    quantize = commands.add_parser(
+        "quantize",
+        help="INT8 ONNX with explicit Q/DQ (Linear layers) from an fp32 export, calibrated on the data, with an accuracy report",
+    )
     quantize.add_argument("onnx", help="an fp32 MODEL.onnx from 'vitslim export'")
-    quantize.add_argument("--precision", choices=("int8",), default="int8", help="int8 (FP8: see README)")
-    quantize.add_argument("--data", required=True, help="'digits' or an ImageFolder directory: calibration from its training split, accuracy on its validation split")
-    quantize.add_argument("--calibration-images", type=int, default=256, help="images drawn (stratified, seeded) from the training split (default 256)")
+    quantize.add_argument("--precision", choices=("int8",), default="int8", help="int8 (FP8: see docs/int8.md)")
+    quantize.add_argument(
+        "--data",
+        required=True,
+        help="'digits' or an ImageFolder directory: calibration from its training split, accuracy on its validation split",
+    )
+    quantize.add_argument(
+        "--calibration-images",
+        type=int,
+        default=256,
+        help="images drawn (stratified, seeded) from the training split (default 256)",
+    )
     quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
-    quantize.add_argument("--run", help="the run directory the ONNX was exported from: parity against its masked PyTorch reference (default: against the fp32 ONNX)")
+    quantize.add_argument(
+        "--run",
+        help="the run directory the ONNX was exported from: parity against its masked PyTorch reference (default: against the fp32 ONNX)",
+    )
     quantize.add_argument("--out", required=True, help="MODEL.int8.onnx; the report goes to MODEL.int8.report.json/.md")
     quantize.set_defaults(func=cmd_quantize)
 
-    selftest = commands.add_parser("selftest", help="on a GPU machine: build a tiny model with each installed TensorRT, run it in and out of "
-                                   "its profiles, check parity, time it (exit 0 pass, 1 a check failed, 2 no GPU)")
-    selftest.add_argument("--library", choices=("tensorrt", "tensorrt_rtx"), help="only this TensorRT (default: each installed)")
+    selftest = commands.add_parser(
+        "selftest",
+        help="on a GPU machine: build a tiny model with each installed TensorRT, run it in and out of "
+        "its profiles, check parity, time it (exit 0 pass, 1 a check failed, 2 no GPU)",
+    )
+    selftest.add_argument(
+        "--library", choices=("tensorrt", "tensorrt_rtx"), help="only this TensorRT (default: each installed)"
+    )
     selftest.add_argument("--work", help="keep the ONNX files and engines here (default: a temporary directory)")
-    selftest.add_argument("--prepare", metavar="DIR", help="only export the tiny model and its reference logits into DIR (needs torch; no GPU)")
-    selftest.add_argument("--prepared", metavar="DIR", help="check the files --prepare or 'vitslim kit' wrote (needs no torch: the Docker runtime image, a Jetson)")
+    selftest.add_argument(
+        "--prepare",
+        metavar="DIR",
+        help="only export the tiny model and its reference logits into DIR (needs torch; no GPU)",
+    )
+    selftest.add_argument(
+        "--prepared",
+        metavar="DIR",
+        help="check the files --prepare or 'vitslim kit' wrote (needs no torch: the Docker runtime image, a Jetson)",
+    )
     selftest.add_argument("--json", help="write the checks here")
     selftest.set_defaults(func=cmd_selftest)
 
-    kit = commands.add_parser("kit", help="a build kit for another device (a Jetson): the ONNX, reference outputs and run_on_device.sh, "
-                              "which builds and checks the engine there with the device's own TensorRT")
+    kit = commands.add_parser(
+        "kit",
+        help="a build kit for another device (a Jetson): the ONNX, reference outputs and run_on_device.sh, "
+        "which builds and checks the engine there with the device's own TensorRT",
+    )
     kit.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    kit.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="batch optimisation profile (repeat); default 1:8:32")
+    kit.add_argument(
+        "--batch", action="append", metavar="MIN:OPT:MAX", help="batch optimisation profile (repeat); default 1:8:32"
+    )
     kit.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
-    kit.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: no GPU fallback for layers DLA cannot run")
+    kit.add_argument(
+        "--no-gpu-fallback", action="store_true", help="with --dla-core: no GPU fallback for layers DLA cannot run"
+    )
     kit.add_argument("--out", required=True, help="the kit's directory")
     kit.set_defaults(func=cmd_kit)
 
-    inspect = commands.add_parser("inspect", help="what an .onnx, .engine or run directory is: IO, precision, preprocessing, profiles, build options, layers")
+    inspect = commands.add_parser(
+        "inspect",
+        help="what an .onnx, .engine or run directory is: IO, precision, preprocessing, profiles, build options, layers",
+    )
     inspect.add_argument("artifact")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
-    inspect.add_argument("--no-layers", action="store_true", help="engines: skip TensorRT's per-layer information (needs the GPU)")
+    inspect.add_argument(
+        "--no-layers", action="store_true", help="engines: skip TensorRT's per-layer information (needs the GPU)"
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     run = commands.add_parser("run", help="the whole pipeline from a YAML recipe (default: the built-in digits recipe)")
     run.add_argument("recipe", nargs="?", help="RECIPE.yaml")
     run.add_argument("--out-dir", help="where runs/NAME goes (default: the recipe's out_dir, 'runs')")
-    run.add_argument("--seed", type=int, help="seed of the dense training and of every method (default: the recipe's, 0)")
+    run.add_argument(
+        "--seed", type=int, help="seed of the dense training and of every method (default: the recipe's, 0)"
+    )
     run.add_argument("--data", help="'digits' or an ImageFolder directory, instead of the recipe's data")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override one recipe value by its dotted key (YAML value), e.g. --set methods.vtp.finetune_epochs=1 (repeat)")
-    run.add_argument("--restart", action="store_true", help="run every stage again: neither skip finished stages nor resume interrupted ones")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one recipe value by its dotted key (YAML value), e.g. --set methods.vtp.finetune_epochs=1 (repeat)",
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="run every stage again: neither skip finished stages nor resume interrupted ones",
+    )
     run.set_defaults(func=cmd_run)
+    for subcommand in commands.choices.values():  # -v and --debug after the command, too
+        subcommand.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every step"
+        )
+        subcommand.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+        )
     return parser
 
 
@@ -654,10 +964,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # vitslim's own steps with -v; the dependencies' INFO (onnxscript, onnxruntime) never
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitslim").setLevel(logging.INFO if args.verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
-    resume = " (rerun the same command to resume from the last checkpoint)" if args.command in ("train", "prune", "run") else ""
+    previous = (
+        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    )
+    resume = (
+        " (rerun the same command to resume from the last checkpoint)"
+        if args.command in ("train", "prune", "run")
+        else ""
+    )
     try:
         return args.func(args)
     except VitslimError as error:
@@ -671,6 +989,15 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print(f"vitslim {args.command}: terminated{resume}", file=sys.stderr)
         return EXIT_TERMINATED
+    except Exception as error:  # noqa: BLE001 (a bug must not read as a verdict: its own exit code)
+        if args.debug:
+            raise
+        print(
+            f"vitslim {args.command}: internal error: {type(error).__name__}: {one_line(error)} "
+            "(rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -1,14 +1,15 @@
 """`vitslim inspect ARTIFACT`: what an ONNX file, an engine or a run directory is, in one screen:
 inputs and outputs, precision, preprocessing, batch profiles, build options, and for an engine on
 a GPU the per-layer information of TensorRT's engine inspector."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
 
+from vitslim.core.files import sha256_of
 from vitslim.deploy.errors import DeployError
-from vitslim.files import sha256_of
 
 # Layer names/types TensorRT gives fused attention (fMHA / flash kernels; Myelin names the fused
 # region after the ops it swallowed). A heuristic: TensorRT documents no flag for it.
@@ -22,24 +23,41 @@ def _dims(value_info) -> list:
 def describe_onnx(path: Path) -> dict:
     import onnx
 
+    from vitslim.core.metadata import attention_form_of, preprocessing_of
+    from vitslim.core.precision import graph_precision
     from vitslim.deploy.build import read_onnx
-    from vitslim.metadata import attention_form_of, preprocessing_of
-    from vitslim.precision import graph_precision
 
     model = read_onnx(path)
-    io = {kind: [{"name": v.name, "shape": _dims(v), "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)} for v in values]
-          for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output))}
-    description = {"kind": "onnx", "file": str(path), "bytes": path.stat().st_size, "sha256": sha256_of(path),
-                   "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None), "producer": model.producer_name,
-                   "precision": graph_precision(model), "attention_form": attention_form_of(model), **io, "preprocessing": preprocessing_of(model),
-                   "ops": dict(sorted(Counter(node.op_type for node in model.graph.node).items()))}
+    io = {
+        kind: [
+            {"name": v.name, "shape": _dims(v), "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}
+            for v in values
+        ]
+        for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output))
+    }
+    description = {
+        "kind": "onnx",
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of(path),
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "producer": model.producer_name,
+        "precision": graph_precision(model),
+        "attention_form": attention_form_of(model),
+        **io,
+        "preprocessing": preprocessing_of(model),
+        "ops": dict(sorted(Counter(node.op_type for node in model.graph.node).items())),
+    }
     from vitslim.export.report import report_paths
 
     report = report_paths(path)[0]
     if report.is_file():
         data = json.loads(report.read_text())
         if data.get("onnx", {}).get("sha256") == description["sha256"]:
-            description["export_report"] = {k: data.get(k) for k in ("method", "macs", "macs_dense", "params", "params_dense", "token_layout", "passes", "parity")}
+            description["export_report"] = {
+                k: data.get(k)
+                for k in ("method", "macs", "macs_dense", "params", "params_dense", "token_layout", "passes", "parity")
+            }
     return description
 
 
@@ -48,8 +66,28 @@ def describe_engine(path: Path, layers: bool = True) -> dict:
     from vitslim.deploy.runners import TensorRTRunner, check_engine
 
     manifest = check_engine(path)
-    description = {"kind": "engine", "file": str(path), **{k: manifest[k] for k in ("library", "version", "precision", "tolerance", "profiles", "input",
-                                                                                    "target", "build_options", "network", "preprocessing", "timing_cache", "onnx", "engine")}}
+    description = {
+        "kind": "engine",
+        "file": str(path),
+        **{
+            k: manifest[k]
+            for k in (
+                "library",
+                "version",
+                "precision",
+                "tolerance",
+                "profiles",
+                "input",
+                "target",
+                "build_options",
+                "network",
+                "preprocessing",
+                "timing_cache",
+                "onnx",
+                "engine",
+            )
+        },
+    }
     if not layers:
         return description
     if gpu_info() is None:
@@ -60,8 +98,13 @@ def describe_engine(path: Path, layers: bool = True) -> dict:
     names = [str(layer.get("Name", layer)) if isinstance(layer, dict) else str(layer) for layer in information]
     kinds = Counter(str(layer.get("LayerType", "?")) if isinstance(layer, dict) else "?" for layer in information)
     fused = [n for n in names if any(marker in n.lower() for marker in ATTENTION_MARKERS)]
-    description["layers"] = {"count": len(information), "types": dict(kinds), "attention_fused_layers": fused,
-                             "attention_fused": bool(fused), "names": names}
+    description["layers"] = {
+        "count": len(information),
+        "types": dict(kinds),
+        "attention_fused_layers": fused,
+        "attention_fused": bool(fused),
+        "names": names,
+    }
     return description
 
 
@@ -72,10 +115,36 @@ def describe_run(path: Path) -> dict:
 
     plan, model = load_run(path)
     geometry = geometry_of(model)
-    blocks = [{field: (None if getattr(b, field) is None else len(getattr(b, field)) if field not in ("static_attention", "token_aggregation") else list(getattr(b, field).shape))
-               for field in ("kept_tokens", "qkv_in", "proj_in", "fc1_in", "hidden", "static_attention", "token_aggregation")} for b in plan.blocks]
-    return {"kind": "run directory", "dir": str(path), "method": plan.method, "model": plan.model.to_dict(),
-            "macs": plan_macs(plan, geometry)["total"], "macs_fraction": macs_fraction(plan, geometry), "blocks": blocks}
+    blocks = [
+        {
+            field: (
+                None
+                if getattr(b, field) is None
+                else len(getattr(b, field))
+                if field not in ("static_attention", "token_aggregation")
+                else list(getattr(b, field).shape)
+            )
+            for field in (
+                "kept_tokens",
+                "qkv_in",
+                "proj_in",
+                "fc1_in",
+                "hidden",
+                "static_attention",
+                "token_aggregation",
+            )
+        }
+        for b in plan.blocks
+    ]
+    return {
+        "kind": "run directory",
+        "dir": str(path),
+        "method": plan.method,
+        "model": plan.model.to_dict(),
+        "macs": plan_macs(plan, geometry)["total"],
+        "macs_fraction": macs_fraction(plan, geometry),
+        "blocks": blocks,
+    }
 
 
 def describe(path: str | Path, layers: bool = True) -> dict:

@@ -2,6 +2,7 @@
 artifacts) that deploy/ then compares and times. torch, timm and pruning/export are imported only
 where a PyTorch model is involved, so that benchmarking and gating engines or ONNX files works
 where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jetson)."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,13 @@ from typing import Optional
 
 import numpy as np
 
+from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.core.precision import compare_outputs, tolerance_for
 from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, host_description, speedup_columns
+from vitslim.deploy.build import ENGINE_SUFFIXES
+from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
-from vitslim.deploy.errors import DeployError
-from vitslim.files import sha256_of, write_bytes_atomic, write_json_atomic
-from vitslim.precision import compare_outputs, tolerance_for
-from vitslim.deploy.build import ENGINE_SUFFIXES
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
 
 
@@ -33,11 +34,17 @@ class BenchSpec:
     torch_mode: str = "eager"
     torch_dtype: str = "fp32"
     threads: Optional[int] = None
-    cuda_graph: bool = True  # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
+    cuda_graph: bool = (
+        True  # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
+    )
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
 
-ARTIFACT_KINDS = {"onnxruntime": "an ONNX file (.onnx)", "tensorrt": "a TensorRT engine (.engine)", "torch": "a run directory"}
+ARTIFACT_KINDS = {
+    "onnxruntime": "an ONNX file (.onnx)",
+    "tensorrt": "a TensorRT engine (.engine)",
+    "torch": "a run directory",
+}
 
 
 def check_batch_sizes(batches) -> None:
@@ -59,7 +66,9 @@ def check_artifact(artifact: Path, backend: str) -> None:
     if backend not in ARTIFACT_KINDS:
         raise DeployError(f"unknown backend {backend!r}: torch, onnxruntime or tensorrt")
     if not artifact.exists():
-        raise DeployError(f"artifact {artifact} does not exist: give an exported .onnx, a built .engine or a run directory")
+        raise DeployError(
+            f"artifact {artifact} does not exist: give an exported .onnx, a built .engine or a run directory"
+        )
     kind = artifact_backend(artifact)
     if kind != backend:
         raise DeployError(f"{artifact} is {ARTIFACT_KINDS[kind]}, not {ARTIFACT_KINDS[backend]}: use --backend {kind}")
@@ -77,7 +86,9 @@ def check_onnx_inputs(onnx_path: Path, shape: tuple[int, ...]) -> None:
     """Refuse an ONNX file that takes other images than the run's model."""
     found = onnx_input_shape(onnx_path)
     if found != tuple(shape):
-        raise DeployError(f"{onnx_path} takes inputs of shape {found} but the run's model takes {tuple(shape)}: export this run with 'vitslim export RUN_DIR'")
+        raise DeployError(
+            f"{onnx_path} takes inputs of shape {found} but the run's model takes {tuple(shape)}: export this run with 'vitslim export RUN_DIR'"
+        )
 
 
 def check_preprocessing(artifact, recorded: Optional[dict], expected: Optional[dict]) -> None:
@@ -87,8 +98,10 @@ def check_preprocessing(artifact, recorded: Optional[dict], expected: Optional[d
     if recorded is None or expected is None or recorded == expected:
         return
     field = next(key for key in sorted(set(recorded) | set(expected)) if recorded.get(key) != expected.get(key))
-    raise DeployError(f"{artifact} was made for {field} = {recorded.get(field)!r} but this data is prepared with {expected.get(field)!r}: "
-                      f"compare on the data it was exported for (its preprocessing: 'vitslim inspect {artifact}')")
+    raise DeployError(
+        f"{artifact} was made for {field} = {recorded.get(field)!r} but this data is prepared with {expected.get(field)!r}: "
+        f"compare on the data it was exported for (its preprocessing: 'vitslim inspect {artifact}')"
+    )
 
 
 def _precision_of(artifact: Path, backend: str, manifest: Optional[dict]) -> str:
@@ -124,7 +137,12 @@ def artifact_runner(spec: BenchSpec, run: Optional[tuple], manifest: Optional[di
     artifact = Path(spec.artifact)
     check_artifact(artifact, spec.backend)
     if spec.backend == "onnxruntime":
-        return OnnxRuntimeRunner(artifact, device=spec.device, threads=spec.threads, cuda_graph=spec.cuda_graph and spec.device.startswith("cuda"))
+        return OnnxRuntimeRunner(
+            artifact,
+            device=spec.device,
+            threads=spec.threads,
+            cuda_graph=spec.cuda_graph and spec.device.startswith("cuda"),
+        )
     if spec.backend == "tensorrt":
         return TensorRTRunner(artifact, cuda_graph=spec.cuda_graph, runtime_cache=spec.runtime_cache, manifest=manifest)
     from vitslim.export.compact import compact_from_plan
@@ -160,15 +178,24 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     shape = _input_shape(spec, run, manifest)
     sha = manifest["engine"]["sha256"] if manifest else sha256_of(artifact) if artifact.is_file() else None
     precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend, manifest)
-    if spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32"):  # int8 against fp32 baselines
-        raise DeployError(f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}")
+    if (
+        spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32")
+    ):  # int8 against fp32 baselines
+        raise DeployError(
+            f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}"
+        )
     label = f"{spec.backend}:{artifact.name}"
     results = _measure(artifact_runner(spec, run, manifest), label, spec.batches, shape, precision, sha, settings)
     fractions = {label: _macs_fraction(*run) if run else _export_report_macs_fraction(spec, manifest)}
     if spec.run_dir:
         more_results, more_fractions = _torch_baselines(spec, shape, settings)
         results, fractions = results + more_results, {**fractions, **more_fractions}
-    return {"version": RESULT_VERSION, "spec": asdict(spec), "results": results, "ratios": latency_ratios(results, fractions)}
+    return {
+        "version": RESULT_VERSION,
+        "spec": asdict(spec),
+        "results": results,
+        "ratios": latency_ratios(results, fractions),
+    }
 
 
 def _load_run(directory):
@@ -191,11 +218,17 @@ def _torch_baselines(spec: BenchSpec, shape: tuple[int, ...], settings: BenchSet
     from vitslim.pruning.plan import dense_plan
 
     plan, model = _load_run(spec.run_dir)
-    torch_device = "cuda" if spec.backend == "tensorrt" else spec.device  # like with like: an engine runs on the GPU, so do its baselines
+    torch_device = (
+        "cuda" if spec.backend == "tensorrt" else spec.device
+    )  # like with like: an engine runs on the GPU, so do its baselines
     dense = dense_plan(plan.model, len(plan.blocks))
     fractions = {"torch:timm": 1.0, "torch:compact": _macs_fraction(plan, model), "torch:dense": 1.0}
     results = []
-    for torch_label, module in (("torch:timm", model), ("torch:compact", compact_from_plan(model, plan)), ("torch:dense", compact_from_plan(model, dense))):
+    for torch_label, module in (
+        ("torch:timm", model),
+        ("torch:compact", compact_from_plan(model, plan)),
+        ("torch:dense", compact_from_plan(model, dense)),
+    ):
         runner = TorchRunner(module, torch_device, spec.torch_mode, spec.torch_dtype)
         results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
     return results, fractions
@@ -217,7 +250,9 @@ def _export_report_macs_fraction(spec: BenchSpec, manifest: Optional[dict]) -> O
     return data["macs"] / data["macs_dense"]
 
 
-def latency_ratios(results: list[dict], fractions: dict[str, Optional[float]], baseline: str = "torch:timm") -> list[dict]:
+def latency_ratios(
+    results: list[dict], fractions: dict[str, Optional[float]], baseline: str = "torch:timm"
+) -> list[dict]:
     """Speed-up of every result over `baseline` (timm's own model, same device, dtype, mode and
     batch, same run), beside the MAC-ideal speed-up (dense MACs / its MACs) and realised / ideal."""
     base = {r["batch"]: r["median_ms"] for r in results if r["label"] == baseline}
@@ -225,8 +260,14 @@ def latency_ratios(results: list[dict], fractions: dict[str, Optional[float]], b
     for r in results:
         if r["batch"] not in base or r["label"] == baseline:
             continue
-        rows.append({"label": r["label"], "batch": r["batch"], "baseline": baseline,
-                     **speedup_columns(base[r["batch"]], r["median_ms"], fractions.get(r["label"]))})
+        rows.append(
+            {
+                "label": r["label"],
+                "batch": r["batch"],
+                "baseline": baseline,
+                **speedup_columns(base[r["batch"]], r["median_ms"], fractions.get(r["label"])),
+            }
+        )
     return rows
 
 
@@ -234,10 +275,13 @@ def bench_markdown(report: dict) -> str:
     results = report["results"]
     host = results[0]["fingerprint"]["host"] if results else {}
     lines = [
-        f"# Latency: {report['spec']['artifact']} ({report['spec']['backend']}, {report['spec']['device']})", "",
+        f"# Latency: {report['spec']['artifact']} ({report['spec']['backend']}, {report['spec']['device']})",
+        "",
         f"Host: {host.get('cpu')} ({host.get('cores')} cores), GPU {describe_gpu(host.get('gpu'))}. Setup = compilation or graph "
-        "capture of the PyTorch runners, not part of the latency.", "",
-        "| label | batch | median ms | p90 | p95 | p99 | CoV | img/s | end-to-end ms | setup s |", "|---|---|---|---|---|---|---|---|---|---|",
+        "capture of the PyTorch runners, not part of the latency.",
+        "",
+        "| label | batch | median ms | p90 | p95 | p99 | CoV | img/s | end-to-end ms | setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['label']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['cov']:.1%} | "
@@ -245,12 +289,21 @@ def bench_markdown(report: dict) -> str:
         for r in results
     ]
     if report["ratios"]:
+
         def ratio(value) -> str:
             return "n/a" if value is None else f"{value:.2f}"
 
-        lines += ["", f"Speed-up over {report['ratios'][0]['baseline']} (timm's own model, run the same way in the same process):", "",
-                  "| label | batch | speed-up | MAC-ideal | realised / ideal |", "|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['batch']} | {r['speedup']:.2f}x | {ratio(r['mac_ideal'])}x | {ratio(r['realised_over_ideal'])} |" for r in report["ratios"]]
+        lines += [
+            "",
+            f"Speed-up over {report['ratios'][0]['baseline']} (timm's own model, run the same way in the same process):",
+            "",
+            "| label | batch | speed-up | MAC-ideal | realised / ideal |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['label']} | {r['batch']} | {r['speedup']:.2f}x | {ratio(r['mac_ideal'])}x | {ratio(r['realised_over_ideal'])} |"
+            for r in report["ratios"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -260,11 +313,17 @@ def write_bench(report: dict, json_path: Path) -> None:
     write_bytes_atomic(json_path.with_suffix(".md"), bench_markdown(report).encode())
 
 
-def compare_with_reference(model, plan, candidates: dict[str, Runner], images: np.ndarray, batches: Optional[list[int]] = None,
-                           precision: str | dict[str, str] = "fp32") -> list[dict]:
+def compare_with_reference(
+    model,
+    plan,
+    candidates: dict[str, Runner],
+    images: np.ndarray,
+    batches: Optional[list[int]] = None,
+    precision: str | dict[str, str] = "fp32",
+) -> list[dict]:
     """Every candidate runner vs the masked PyTorch reference of (`model`, `plan`), at each batch
     size (default: len(images)); one row per candidate and batch, with `passed` by the precision's
-    tolerance (vitslim.precision.TOLERANCES); `precision` is one for all or one per candidate."""
+    tolerance (vitslim.core.precision.TOLERANCES); `precision` is one for all or one per candidate."""
     import torch
 
     from vitslim.pruning.reference import MaskedReference
@@ -281,14 +340,24 @@ def compare_with_reference(model, plan, candidates: dict[str, Runner], images: n
                 with torch.no_grad():
                     expected = reference_model(torch.from_numpy(batch_images)).numpy()
                 parity = compare_outputs(expected, runner.infer(batch_images))
-                rows.append({"candidate": name, **parity.to_dict(), "precision": candidate_precision, "tolerance": tolerance.to_dict(), "passed": parity.passes(tolerance)})
+                rows.append(
+                    {
+                        "candidate": name,
+                        **parity.to_dict(),
+                        "precision": candidate_precision,
+                        "tolerance": tolerance.to_dict(),
+                        "passed": parity.passes(tolerance),
+                    }
+                )
     return rows
 
 
 def remeasure(report: dict, settings: BenchSettings) -> dict:
     """The same bench again, from the spec stored in the report."""
     stored = dict(report["spec"])
-    if "tensorrt_cuda_graph" in stored:  # written before the onnxruntime runner had CUDA graphs: the switch was TensorRT's alone
+    if (
+        "tensorrt_cuda_graph" in stored
+    ):  # written before the onnxruntime runner had CUDA graphs: the switch was TensorRT's alone
         legacy = stored.pop("tensorrt_cuda_graph")
         stored["cuda_graph"] = legacy if stored.get("backend") == "tensorrt" else False
     spec = BenchSpec(**{**stored, "batches": tuple(stored["batches"])})
@@ -299,25 +368,38 @@ def load_results(path: Path) -> dict:
     """A 'vitslim bench --json' result file, checked field by field."""
     path = Path(path)
     if not path.is_file():
-        raise DeployError(f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'")
+        raise DeployError(
+            f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'") from None
+        raise DeployError(
+            f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'"
+        ) from None
     if not isinstance(data, dict) or data.get("version") != RESULT_VERSION or not isinstance(data.get("results"), list):
-        raise DeployError(f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'")
+        raise DeployError(
+            f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'"
+        )
     for result in data["results"]:
         _check_result(result, path)
     return data
 
 
-def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], cuda_graph: bool,
-             runtime_cache: Optional[str]) -> tuple[Runner, tuple[int, ...]]:
+def _ab_side(
+    artifact: Path, batch: int, device: str, threads: Optional[int], cuda_graph: bool, runtime_cache: Optional[str]
+) -> tuple[Runner, tuple[int, ...]]:
     """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
     backend = artifact_backend(artifact)
     check_artifact(artifact, backend)
-    spec = BenchSpec(artifact=str(artifact), backend=backend, device=device, threads=threads, cuda_graph=cuda_graph,
-                     runtime_cache=runtime_cache)  # only the TensorRT runner reads it
+    spec = BenchSpec(
+        artifact=str(artifact),
+        backend=backend,
+        device=device,
+        threads=threads,
+        cuda_graph=cuda_graph,
+        runtime_cache=runtime_cache,
+    )  # only the TensorRT runner reads it
     run = _load_run(artifact) if backend == "torch" else None
     manifest = _engine_manifest(spec)
     if manifest is not None:
@@ -325,9 +407,17 @@ def _ab_side(artifact: Path, batch: int, device: str, threads: Optional[int], cu
     return artifact_runner(spec, run, manifest), _input_shape(spec, run, manifest)
 
 
-def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu", threads: Optional[int] = None,
-           settings: ABSettings = ABSettings(), runners: Optional[tuple[Runner, Runner]] = None, cuda_graph: bool = True,
-           runtime_cache: Optional[str] = None) -> dict:
+def run_ab(
+    baseline: Path,
+    candidate: Path,
+    batch: int = 1,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    settings: ABSettings = ABSettings(),
+    runners: Optional[tuple[Runner, Runner]] = None,
+    cuda_graph: bool = True,
+    runtime_cache: Optional[str] = None,
+) -> dict:
     """The paired A/B gate of two artifacts on the same seeded random images; `runners` replaces
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
     baseline, candidate = Path(baseline), Path(candidate)
@@ -336,9 +426,13 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
         import torch
 
         torch.set_num_threads(threads)
-    (base_runner, base_shape), (cand_runner, cand_shape) = (_ab_side(side, batch, device, threads, cuda_graph, runtime_cache) for side in (baseline, candidate))
+    (base_runner, base_shape), (cand_runner, cand_shape) = (
+        _ab_side(side, batch, device, threads, cuda_graph, runtime_cache) for side in (baseline, candidate)
+    )
     if base_shape != cand_shape:
-        raise DeployError(f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model")
+        raise DeployError(
+            f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model"
+        )
     if runners is not None:
         base_runner, cand_runner = runners
     images = np.random.default_rng(0).standard_normal((batch, *base_shape)).astype(np.float32)
@@ -348,23 +442,45 @@ def run_ab(baseline: Path, candidate: Path, batch: int = 1, device: str = "cpu",
 
     with base_runner, cand_runner:
         result = paired_ab(base_runner, cand_runner, images, settings, progress)
-    return {"version": RESULT_VERSION, "kind": "ab", "baseline": str(baseline), "candidate": str(candidate), "batch": batch, "device": device,
-            "threads": threads, "host": host_description(), "baseline_runner": base_runner.description, "candidate_runner": cand_runner.description,
-            "method": "paired, interleaved inference by inference; per round the median of the pair ratios; the median over rounds with its distribution-free (binomial order-statistic) interval", **result.to_dict()}
+    return {
+        "version": RESULT_VERSION,
+        "kind": "ab",
+        "baseline": str(baseline),
+        "candidate": str(candidate),
+        "batch": batch,
+        "device": device,
+        "threads": threads,
+        "host": host_description(),
+        "baseline_runner": base_runner.description,
+        "candidate_runner": cand_runner.description,
+        "method": "paired, interleaved inference by inference; per round the median of the pair "
+        "ratios; the median over rounds with its distribution-free (binomial order-statistic) interval",
+        **result.to_dict(),
+    }
 
 
 def ab_markdown(report: dict) -> str:
     low, high = report["interval"]
     host = report["host"]
-    return "\n".join([
-        f"# Paired A/B latency gate: {Path(report['candidate']).name} vs {Path(report['baseline']).name}", "",
-        f"Verdict: **{report['message']}** (exit {report['exit_code']}).", "",
-        f"Host: {host.get('cpu')} ({host.get('cores')} cores), device {report['device']}, batch {report['batch']}, threads {report['threads'] or 'default'}.", "",
-        "| baseline median ms | candidate median ms | ratio (candidate / baseline) | interval | rounds | seconds |", "|---|---|---|---|---|---|",
-        f"| {report['baseline_median_ms']:.3f} | {report['candidate_median_ms']:.3f} | {report['ratio']:.3f} | [{low:.3f}, {high:.3f}] | {report['rounds']} | {report['seconds']:.1f} |",
-        "", f"Method: {report['method']}; {report['settings']['confidence']:.0%} interval; "
-        f"pass when it lies below {1 + report['settings']['fail']:.2f}, regression when above.", "",
-    ])
+    return "\n".join(
+        [
+            f"# Paired A/B latency gate: {Path(report['candidate']).name} vs {Path(report['baseline']).name}",
+            "",
+            f"Verdict: **{report['message']}** (exit {report['exit_code']}).",
+            "",
+            f"Host: {host.get('cpu')} ({host.get('cores')} cores), device {report['device']},"
+            f" batch {report['batch']}, threads {report['threads'] or 'default'}.",
+            "",
+            "| baseline median ms | candidate median ms | ratio (candidate / baseline) | interval | rounds | seconds |",
+            "|---|---|---|---|---|---|",
+            f"| {report['baseline_median_ms']:.3f} | {report['candidate_median_ms']:.3f} | "
+            f"{report['ratio']:.3f} | [{low:.3f}, {high:.3f}] | {report['rounds']} | {report['seconds']:.1f} |",
+            "",
+            f"Method: {report['method']}; {report['settings']['confidence']:.0%} interval; "
+            f"pass when it lies below {1 + report['settings']['fail']:.2f}, regression when above.",
+            "",
+        ]
+    )
 
 
 RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
@@ -372,10 +488,20 @@ RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerpri
 
 def _check_result(result, path: Path) -> dict:
     if not isinstance(result, dict) or any(key not in result for key in RESULT_FIELDS):
-        raise DeployError(f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'")
-    if not all(isinstance(result[key], (int, float)) and not isinstance(result[key], bool) for key in ("batch", "median_ms", "cov")) \
-            or result["median_ms"] <= 0 or not isinstance(result["fingerprint"], dict):
-        raise DeployError(f"{path} holds a result whose batch, median_ms, cov or fingerprint is not what 'vitslim bench --json' writes: measure again")
+        raise DeployError(
+            f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'"
+        )
+    if (
+        not all(
+            isinstance(result[key], (int, float)) and not isinstance(result[key], bool)
+            for key in ("batch", "median_ms", "cov")
+        )
+        or result["median_ms"] <= 0
+        or not isinstance(result["fingerprint"], dict)
+    ):
+        raise DeployError(
+            f"{path} holds a result whose batch, median_ms, cov or fingerprint is not what 'vitslim bench --json' writes: measure again"
+        )
     return result
 
 
@@ -384,5 +510,7 @@ def load_baseline_result(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept") from None
+        raise DeployError(
+            f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept"
+        ) from None
     return _check_result(data, path)

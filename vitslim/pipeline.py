@@ -1,8 +1,11 @@
 """Orchestration for the CLI: train a run directory, export it, and run a whole recipe."""
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitslim.core.files import write_text_atomic
 from vitslim.deploy.bench import BenchSettings, speedup_columns
 from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan
-from vitslim.files import write_text_atomic
 from vitslim.pruning.checkpoints import CHECKPOINT_DIR, phase_path
 from vitslim.pruning.data import DIGITS, DataSplits, calibration_set, load_data, preprocessing
 from vitslim.pruning.errors import PruningError
@@ -28,9 +31,12 @@ from vitslim.pruning.run_dir import load_run, save_run
 from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
 from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_main_process
 
-from .quantization import onnx_logits, top1_of
 from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
+from .quantization import onnx_logits, top1_of
 from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
 
 def data_for(model: nn.Module, source: str) -> DataSplits:
     """Load `source` at the model's input size and check that the class counts agree."""
@@ -71,8 +77,15 @@ def checkpoint_dir(out: Path, restart: bool) -> Path:
     return directory
 
 
-def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path, checkpoint: Optional[str] = None, pretrained: bool = False,
-              restart: bool = False) -> dict:
+def train_run(
+    spec: ModelSpec,
+    data_source: str,
+    config: TrainConfig,
+    out: Path,
+    checkpoint: Optional[str] = None,
+    pretrained: bool = False,
+    restart: bool = False,
+) -> dict:
     """Fine-tune the dense model and write a run directory (dense plan + weights + info + curve).
     An interrupted run resumes from its last epoch when rerun (`restart`: start over)."""
     torch.manual_seed(config.seed)  # the initial weights too, so that a run is reproducible
@@ -80,7 +93,14 @@ def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path,
     data = data_for(model, data_source)
     checkpoints = checkpoint_dir(out, restart)
     result = fit(model, data, config, checkpoint_path=phase_path(checkpoints, "train"))
-    info = {"model": spec.to_dict(), "data": data.source, "train": config_dict(config), "augmentation": result.augmentation, "history": list(result.history), "val_top1": result.val_top1}
+    info = {
+        "model": spec.to_dict(),
+        "data": data.source,
+        "train": config_dict(config),
+        "augmentation": result.augmentation,
+        "history": list(result.history),
+        "val_top1": result.val_top1,
+    }
     if not is_main_process():
         return info
     save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
@@ -92,7 +112,8 @@ def train_run(spec: ModelSpec, data_source: str, config: TrainConfig, out: Path,
 
 def prune_report_markdown(report: dict) -> str:
     lines = [
-        f"# Prune report: {report['model']['name']} with {report['method']}", "",
+        f"# Prune report: {report['model']['name']} with {report['method']}",
+        "",
         f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
         f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
     ]
@@ -102,12 +123,28 @@ def prune_report_markdown(report: dict) -> str:
     lines += ["", "## Settings", "", "```", json.dumps(report["config"], indent=1), "```"]
     if report.get("kept_dims"):
         spaces = [k for k in report["kept_dims"][0] if k != "block"]
-        lines += ["", "## Kept dims per block", "", "| block | " + " | ".join(spaces) + " |", "|---" * (len(spaces) + 1) + "|"]
-        lines += [f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]]
+        lines += [
+            "",
+            "## Kept dims per block",
+            "",
+            "| block | " + " | ".join(spaces) + " |",
+            "|---" * (len(spaces) + 1) + "|",
+        ]
+        lines += [
+            f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]
+        ]
     if report.get("analysis"):
-        lines += ["", f"## Attention analysis (static blocks: {report['static_blocks']}, pyramid: {report['pyramid']})", "",
-                  "| block | cosine to mean map | KL to mean map | effective rank | top singular energy |", "|---|---|---|---|---|"]
-        lines += [f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |" for a in report["analysis"]]
+        lines += [
+            "",
+            f"## Attention analysis (static blocks: {report['static_blocks']}, pyramid: {report['pyramid']})",
+            "",
+            "| block | cosine to mean map | KL to mean map | effective rank | top singular energy |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |"
+            for a in report["analysis"]
+        ]
     if report.get("kept_tokens"):
         lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
         lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]
@@ -124,7 +161,9 @@ class PruneResult:
     report: dict
 
 
-def prune_model(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, checkpoints: Optional[Path] = None) -> PruneResult:
+def prune_model(
+    method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, checkpoints: Optional[Path] = None
+) -> PruneResult:
     """Run a registered method on `model` (dense `plan`) and measure what it removed; with
     `checkpoints` its phases are written there and resumed from there."""
     from vitslim.export.compact import compact_from_plan
@@ -132,10 +171,15 @@ def prune_model(method_name: str, config, plan: SlimPlan, model: nn.Module, data
     result = get_method(method_name).run(model, data, config, plan, checkpoints=checkpoints)
     geometry = geometry_of(model)
     report = {
-        "model": plan.model.to_dict(), "method": method_name, "data": data.source,
-        "params_dense": count_params(model), "params": count_params(compact_from_plan(result.model, result.plan)),
-        "macs_dense": plan_macs(plan, geometry)["total"], "macs": plan_macs(result.plan, geometry)["total"],
-        "top1": result.top1, **result.report,
+        "model": plan.model.to_dict(),
+        "method": method_name,
+        "data": data.source,
+        "params_dense": count_params(model),
+        "params": count_params(compact_from_plan(result.model, result.plan)),
+        "macs_dense": plan_macs(plan, geometry)["total"],
+        "macs": plan_macs(result.plan, geometry)["total"],
+        "top1": result.top1,
+        **result.report,
     }
     return PruneResult(plan=result.plan, model=result.model, report=report)
 
@@ -146,14 +190,33 @@ def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
     save_run(out, plan, result.model, info=report)
     write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
     if report["method"] == "vtp":
-        kept_dims_png(report["kept_dims"], geometry.channel_sizes, out / "kept_dims.png", f"VTP on {plan.model.name}: kept dims per block")
+        kept_dims_png(
+            report["kept_dims"],
+            geometry.channel_sizes,
+            out / "kept_dims.png",
+            f"VTP on {plan.model.name}: kept dims per block",
+        )
     if report["method"] == "dgssa-glad":
-        attention_analysis_png(report["analysis"], report["static_blocks"], out / "attention_analysis.png", f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}")
+        attention_analysis_png(
+            report["analysis"],
+            report["static_blocks"],
+            out / "attention_analysis.png",
+            f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}",
+        )
     if report["method"] == "patch-slim":
-        kept_patches_png(calibration_set(data.val, 4).images, report["token_sets"], geometry.num_prefix_tokens, patch_grid(result.model), out / "kept_patches.png", f"Patch Slimming on {plan.model.name}: kept patches per block")
+        kept_patches_png(
+            calibration_set(data.val, 4).images,
+            report["token_sets"],
+            geometry.num_prefix_tokens,
+            patch_grid(result.model),
+            out / "kept_patches.png",
+            f"Patch Slimming on {plan.model.name}: kept patches per block",
+        )
 
 
-def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path, restart: bool = False) -> dict:
+def prune_run(
+    method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path, restart: bool = False
+) -> dict:
     """Run a registered method and write its run directory (on the main process); return the
     report. An interrupted run resumes from its last checkpoint when rerun (`restart`: start over)."""
     checkpoints = checkpoint_dir(out, restart)
@@ -164,12 +227,22 @@ def prune_run(method_name: str, config, plan: SlimPlan, model: nn.Module, data: 
     return result.report
 
 
-def summary_row(variant: str, export: ExportResult, pytorch_top1: Optional[float], onnx_top1_value: Optional[float]) -> dict:
+def summary_row(
+    variant: str, export: ExportResult, pytorch_top1: Optional[float], onnx_top1_value: Optional[float]
+) -> dict:
     report = export.report
     return {
-        "variant": variant, "method": report["method"], "macs": report["macs"], "macs_fraction": report["macs"] / report["macs_dense"],
-        "params": report["params"], "precision": report["precision"], "pytorch_top1": pytorch_top1, "onnx_top1": onnx_top1_value,
-        "max_abs_diff": report["parity"]["max_abs_diff"], "onnx_mb": report["onnx"]["bytes"] / 1e6, "onnx": str(export.onnx_path),
+        "variant": variant,
+        "method": report["method"],
+        "macs": report["macs"],
+        "macs_fraction": report["macs"] / report["macs_dense"],
+        "params": report["params"],
+        "precision": report["precision"],
+        "pytorch_top1": pytorch_top1,
+        "onnx_top1": onnx_top1_value,
+        "max_abs_diff": report["parity"]["max_abs_diff"],
+        "onnx_mb": report["onnx"]["bytes"] / 1e6,
+        "onnx": str(export.onnx_path),
     }
 
 
@@ -184,13 +257,19 @@ def engine_columns(onnx_path: Path, settings: BuildSettings) -> dict:
 
     trt = find_tensorrt()
     if trt is None:
-        print(f"no TensorRT installed: skipping the engine for {onnx_path.name} (pip install tensorrt-rtx)")
+        log.warning(f"no TensorRT installed: skipping the engine for {onnx_path.name} (pip install tensorrt-rtx)")
         return {"engine_mb": None, "engine_library": None}
     result = engine_from_onnx(onnx_path, onnx_path.with_suffix(".engine"), settings)
-    return {"engine_mb": result.manifest["engine"]["bytes"] / 1e6, "engine_library": f"{trt.name} {trt.version}", "engine": str(result.engine_path)}
+    return {
+        "engine_mb": result.manifest["engine"]["bytes"] / 1e6,
+        "engine_library": f"{trt.name} {trt.version}",
+        "engine": str(result.engine_path),
+    }
 
 
-def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm: bool = False, int8_path: Optional[Path] = None) -> dict:
+def latency_columns(
+    onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm: bool = False, int8_path: Optional[Path] = None
+) -> dict:
     """Median latency at SUMMARY_BATCH on this machine's CPU: onnxruntime on the ONNX (and on its
     INT8 version) and PyTorch on the compact module, and with `with_timm` timm's own model
     (`model`, the baseline of every speed-up), measured in the same run."""
@@ -213,19 +292,50 @@ def latency_columns(onnx_path: Path, plan: SlimPlan, model: nn.Module, with_timm
     return columns
 
 
-def int8_columns(name: str, onnx_path: Path, plan: SlimPlan, model: nn.Module, data: DataSplits, root: Path, images: torch.Tensor, seed: int,
-                 fp32: tuple[np.ndarray, np.ndarray]) -> dict:
+def int8_columns(
+    name: str,
+    onnx_path: Path,
+    plan: SlimPlan,
+    model: nn.Module,
+    data: DataSplits,
+    root: Path,
+    images: torch.Tensor,
+    seed: int,
+    fp32: tuple[np.ndarray, np.ndarray],
+) -> dict:
     """The variant's fp16 export and INT8 Q/DQ version (vitslim.quantization), measured on the
     validation split against the masked reference: the summary's INT8 table."""
     from .quantization import quantize_and_measure, reference_logits
 
-    fp16 = export_plan(model, plan, root / f"{name}.fp16.onnx", images=images, precision="fp16", images_source=f"validation images of {data.source}",
-                       preprocessing=preprocessing_for(model, data.source)).onnx_path
-    report = quantize_and_measure(onnx_path, data, root / f"{name}.int8.onnx", reference_logits(model, plan, data.val), fp16_path=fp16, seed=seed, fp32=fp32)
+    fp16 = export_plan(
+        model,
+        plan,
+        root / f"{name}.fp16.onnx",
+        images=images,
+        precision="fp16",
+        images_source=f"validation images of {data.source}",
+        preprocessing=preprocessing_for(model, data.source),
+    ).onnx_path
+    report = quantize_and_measure(
+        onnx_path,
+        data,
+        root / f"{name}.int8.onnx",
+        reference_logits(model, plan, data.val),
+        fp16_path=fp16,
+        seed=seed,
+        fp32=fp32,
+    )
     by_precision = {r["precision"]: r for r in report["rows"]}
     int8 = by_precision["int8"]
-    return {"fp16_top1": by_precision["fp16"]["top1"], "int8_top1": int8["top1"], "int8_agreement": int8["agreement"], "int8_cosine": int8["cosine"],
-            "int8_passed": int8["passed"], "int8_mb": int8["mb"], "int8_onnx": str(root / f"{name}.int8.onnx")}
+    return {
+        "fp16_top1": by_precision["fp16"]["top1"],
+        "int8_top1": int8["top1"],
+        "int8_agreement": int8["agreement"],
+        "int8_cosine": int8["cosine"],
+        "int8_passed": int8["passed"],
+        "int8_mb": int8["mb"],
+        "int8_onnx": str(root / f"{name}.int8.onnx"),
+    }
 
 
 def _number(value: Optional[float], unit: str = "") -> str:
@@ -235,29 +345,43 @@ def _number(value: Optional[float], unit: str = "") -> str:
 def int8_markdown(rows: list[dict]) -> str:
     from .quantization import CALIBRATION_IMAGES
 
-    lines = ["", f"INT8 (`vitslim quantize`: Q/DQ on the Linear layers, calibrated on {CALIBRATION_IMAGES} training images; details in "
-             "VARIANT.int8.report.md): top-1 on the validation split in onnxruntime, agreement and cosine against the fp32 masked reference, "
-             f"onnxruntime CPU latency at batch {SUMMARY_BATCH} against the fp32 ONNX in the same run.", "",
-             "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min cosine | MB fp32 → int8 | fp32 ms | int8 ms | fp32 time / int8 time (same variant) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"INT8 (`vitslim quantize`: Q/DQ on the Linear layers, calibrated on {CALIBRATION_IMAGES} training images; details in "
+        "VARIANT.int8.report.md): top-1 on the validation split in onnxruntime, agreement and cosine against the fp32 masked reference, "
+        f"onnxruntime CPU latency at batch {SUMMARY_BATCH} against the fp32 ONNX in the same run.",
+        "",
+        "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min "
+        "cosine | MB fp32 → int8 | fp32 ms | int8 ms | fp32 time / int8 time (same variant) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "int8_top1" not in r:
             continue
         speedup = r["onnxruntime_ms"] / r["int8_ms"] if r.get("int8_ms") else None  # none without deploy.latency
-        lines.append(f"| {r['variant']} | {r['onnx_top1']:.2f} | {r['fp16_top1']:.2f} | {r['int8_top1']:.2f} | {r['int8_agreement']:.1%} | {r['int8_cosine']:.4f} | "
-                     f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {_number(r.get('onnxruntime_ms'))} | {_number(r.get('int8_ms'))} | {_number(speedup, 'x')} |")
+        lines.append(
+            f"| {r['variant']} | {r['onnx_top1']:.2f} | {r['fp16_top1']:.2f} | {r['int8_top1']:.2f} | {r['int8_agreement']:.1%} | {r['int8_cosine']:.4f} | "
+            f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {_number(r.get('onnxruntime_ms'))} | {_number(r.get('int8_ms'))} | {_number(speedup, 'x')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = BuildSettings()) -> str:
     timm_ms = rows[0].get("timm_ms")
-    latency = (f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
-               f"dense model ({_number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
-               "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal." if timm_ms is not None else
-               "Latency: not measured (the recipe's deploy.latency is false). MAC-ideal = dense MACs / variant MACs.")
+    latency = (
+        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
+        f"dense model ({_number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
+        "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal."
+        if timm_ms is not None
+        else "Latency: not measured (the recipe's deploy.latency is false). MAC-ideal = dense MACs / variant MACs."
+    )
     lines = [
-        f"# {title}", "", latency, "",
-        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB | engine MB | onnxruntime ms | PyTorch ms | speed-up vs timm | MAC-ideal | realised / ideal |",
+        f"# {title}",
+        "",
+        latency,
+        "",
+        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB "
+        "| engine MB | onnxruntime ms | PyTorch ms | speed-up vs timm | MAC-ideal | realised / ideal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -271,8 +395,11 @@ def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = Bui
     engines = {r.get("engine_library") for r in rows} - {None}
     if engines:
         precisions = ", ".join(sorted({r["precision"] for r in rows}))
-        lines += ["", f"Engines built ahead of time with {', '.join(sorted(engines))} ({precisions}{', TF32' if settings.tf32 else ''}, "
-                  f"batch profiles {', '.join(map(str, settings.profiles))})."]
+        lines += [
+            "",
+            f"Engines built ahead of time with {', '.join(sorted(engines))} ({precisions}{', TF32' if settings.tf32 else ''}, "
+            f"batch profiles {', '.join(map(str, settings.profiles))}).",
+        ]
     text = "\n".join(lines) + "\n"
     return text + int8_markdown(rows) if any("int8_top1" in r for r in rows) else text
 
@@ -295,10 +422,12 @@ def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> d
     with the same settings; then its info is reused."""
     info = None if restart else _finished_stage(directory, stage)
     if info is not None:
-        print(f"{name}: finished earlier with the same settings ({directory}); skipped", flush=True)
+        log.warning(f"{name}: finished earlier with the same settings ({directory}); skipped")
         return info
     if is_main_process():
-        (directory / STAGE_FILE).unlink(missing_ok=True)  # until this run of the stage finishes, its directory describes no settings
+        (directory / STAGE_FILE).unlink(
+            missing_ok=True
+        )  # until this run of the stage finishes, its directory describes no settings
     barrier()
     info = run()
     if is_main_process():
@@ -314,16 +443,29 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     started = time.perf_counter()
     root = recipe.run_root
     dense_dir = root / "dense"
-    dense_stage = {"model": recipe.model.to_dict(), "data": recipe.data, "train": config_dict(recipe.train),
-                   "checkpoint": recipe.checkpoint, "pretrained": recipe.pretrained}
-    info = _run_stage("dense", dense_dir, dense_stage, restart,
-                      lambda: train_run(recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained, restart))
+    dense_stage = {
+        "model": recipe.model.to_dict(),
+        "data": recipe.data,
+        "train": config_dict(recipe.train),
+        "checkpoint": recipe.checkpoint,
+        "pretrained": recipe.pretrained,
+    }
+    info = _run_stage(
+        "dense",
+        dense_dir,
+        dense_stage,
+        restart,
+        lambda: train_run(
+            recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained, restart
+        ),
+    )
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
     variants = [("dense", dense_dir, info["val_top1"])]
     for name, config in recipe.methods:
         stage = {"method": name, "config": dataclasses.asdict(config), "dense": dense_stage}
-        report = _run_stage(name, root / name, stage, restart, lambda: prune_run(name, config, plan, model, data, root / name, restart))
+        run = functools.partial(prune_run, name, config, plan, model, data, root / name, restart)
+        report = _run_stage(name, root / name, stage, restart, run)
         variants.append((name, root / name, report["top1"]))
     if not is_main_process():
         return {}
@@ -331,21 +473,63 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     exports, rows = {}, []
     for name, run_dir, top1 in variants:
         variant_plan, variant_model = load_run(run_dir)
-        exports[name] = export_plan(variant_model, variant_plan, root / f"{name}.onnx", images=images, images_source=f"validation images of {data.source}",
-                                    preprocessing=preprocessing_for(variant_model, data.source), precision=recipe.deploy.precision,
-                                    token_layout=recipe.deploy.token_layout, channel_layout=recipe.deploy.channel_layout, attention=recipe.deploy.attention)
-        fp32 = onnx_logits(exports[name].onnx_path, data.val)  # one pass over the validation split: the summary's top-1 and the INT8 report's fp32 row
+        exports[name] = export_plan(
+            variant_model,
+            variant_plan,
+            root / f"{name}.onnx",
+            images=images,
+            images_source=f"validation images of {data.source}",
+            preprocessing=preprocessing_for(variant_model, data.source),
+            precision=recipe.deploy.precision,
+            token_layout=recipe.deploy.token_layout,
+            channel_layout=recipe.deploy.channel_layout,
+            attention=recipe.deploy.attention,
+        )
+        fp32 = onnx_logits(
+            exports[name].onnx_path, data.val
+        )  # one pass over the validation split: the summary's top-1 and the INT8 report's fp32 row
         row = summary_row(name, exports[name], top1, top1_of(*fp32))
         if recipe.deploy.int8 and recipe.deploy.precision == "fp32":  # INT8 quantizes fp32 exports
-            row.update(int8_columns(name, exports[name].onnx_path, variant_plan, variant_model, data, root, images, recipe.train.seed, fp32))
+            row.update(
+                int8_columns(
+                    name,
+                    exports[name].onnx_path,
+                    variant_plan,
+                    variant_model,
+                    data,
+                    root,
+                    images,
+                    recipe.train.seed,
+                    fp32,
+                )
+            )
         if recipe.deploy.engines:
             row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
         if recipe.deploy.latency:
-            row.update(latency_columns(exports[name].onnx_path, variant_plan, variant_model, with_timm=name == "dense",
-                                       int8_path=Path(row["int8_onnx"]) if "int8_onnx" in row else None))
+            row.update(
+                latency_columns(
+                    exports[name].onnx_path,
+                    variant_plan,
+                    variant_model,
+                    with_timm=name == "dense",
+                    int8_path=Path(row["int8_onnx"]) if "int8_onnx" in row else None,
+                )
+            )
         rows.append(row)
-    summary = {"recipe": recipe.name, "data": data.source, "seed": recipe.train.seed, "rows": rows, "seconds": time.perf_counter() - started}
+    summary = {
+        "recipe": recipe.name,
+        "data": data.source,
+        "seed": recipe.train.seed,
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
-    write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows, recipe.deploy.build_settings()))
-    block_macs_png({name: e.report["blocks"] for name, e in exports.items()}, root / "block_macs.png", f"{recipe.name}: MACs per block")
+    write_text_atomic(
+        root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows, recipe.deploy.build_settings())
+    )
+    block_macs_png(
+        {name: e.report["blocks"] for name, e in exports.items()},
+        root / "block_macs.png",
+        f"{recipe.name}: MACs per block",
+    )
     return summary

@@ -1,9 +1,10 @@
 """PNG plots for people (matplotlib, headless)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from vitslim.files import atomic_path
+from vitslim.core.files import atomic_path
 
 
 def _pyplot():
@@ -45,7 +46,9 @@ def block_macs_png(rows_by_variant: dict[str, list[dict]], path: Path, title: st
     count = len(rows_by_variant)
     width = 0.8 / max(1, count)
     for offset, (variant, rows) in enumerate(rows_by_variant.items()):
-        axis.bar([r["block"] + offset * width for r in rows], [r["macs"] / 1e6 for r in rows], width=width, label=variant)
+        axis.bar(
+            [r["block"] + offset * width for r in rows], [r["macs"] / 1e6 for r in rows], width=width, label=variant
+        )
     axis.set_xlabel("block")
     axis.set_ylabel("MMACs per image")
     axis.set_title(title)
@@ -60,7 +63,12 @@ def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, titl
     spaces = list(sizes)
     width = 0.8 / len(spaces)
     for offset, space in enumerate(spaces):
-        axis.bar([row["block"] + offset * width for row in kept_dims], [row[space] / sizes[space] for row in kept_dims], width=width, label=f"{space} (of {sizes[space]})")
+        axis.bar(
+            [row["block"] + offset * width for row in kept_dims],
+            [row[space] / sizes[space] for row in kept_dims],
+            width=width,
+            label=f"{space} (of {sizes[space]})",
+        )
     axis.set_xlabel("block")
     axis.set_ylabel("fraction of dims kept")
     axis.set_ylim(0, 1.35)
@@ -69,7 +77,9 @@ def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, titl
     return _save(figure, path)
 
 
-def kept_patches_png(images, token_sets: list[list[int]], num_prefix: int, grid: tuple[int, int], path: Path, title: str) -> Path:
+def kept_patches_png(
+    images, token_sets: list[list[int]], num_prefix: int, grid: tuple[int, int], path: Path, title: str
+) -> Path:
     """Patch Slimming: sample images (rows) with the patches each block outputs (columns) shown
     and the dropped ones dimmed. images: [S, C, H, W]; token_sets: original token ids per block."""
     import numpy as np
@@ -95,7 +105,9 @@ def kept_patches_png(images, token_sets: list[list[int]], num_prefix: int, grid:
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title("input" if column == 0 else f"block {column - 1}\n{len(token_sets[column - 1])} tok", fontsize=8)
+                axis.set_title(
+                    "input" if column == 0 else f"block {column - 1}\n{len(token_sets[column - 1])} tok", fontsize=8
+                )
     figure.suptitle(title, fontsize=9)
     return _save(figure, path)
 
@@ -111,7 +123,9 @@ def attention_analysis_png(analysis: list[dict], static_blocks: int, path: Path,
     right.plot(blocks, [row["effective_rank"] for row in analysis], "o-", color="tab:green", label="effective rank")
     right.set_title("rank of attention maps")
     right_energy = right.twinx()
-    right_energy.plot(blocks, [row["top_energy"] for row in analysis], "s--", color="tab:red", label="top singular energy")
+    right_energy.plot(
+        blocks, [row["top_energy"] for row in analysis], "s--", color="tab:red", label="top singular energy"
+    )
     right_energy.set_ylim(0, 1.05)
     for axis in (left, right):
         axis.set_xlabel("block")

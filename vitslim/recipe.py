@@ -1,14 +1,15 @@
 """Recipes: the whole pipeline as a YAML file, and the built-in default (a small ViT on digits)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from vitslim.core.settings import check_value, setting
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import ModelSpec
 from vitslim.pruning.train import TrainConfig
-from vitslim.settings import check_value, setting
 
 DEFAULT_RECIPE_YAML = """\
 # The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
@@ -35,45 +36,73 @@ _TOP_KEYS = {"name", "model", "data", "train", "methods", "deploy", "out_dir"}
 class DeploySettings:
     """How a recipe exports and builds every variant (the `deploy:` key)."""
 
-    precision: str = setting("fp32", "export precision: fp32, or fp16 (every op in fp16, inputs and outputs fp32; and so an fp16 engine)")
-    attention: str = setting("attention-op", "how attention is exported: attention-op (ONNX Attention op; TensorRT >= 10.14, TensorRT-RTX, "
-                                             "onnxruntime), matmul-softmax (any TensorRT, JetPack 6 included) or ort-mha (onnxruntime only)")
-    token_layout: str = setting("gather", "token selection as a Gather per block, or one permutation then Slices ('slice')")
-    channel_layout: str = setting("gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('masked')")
+    precision: str = setting(
+        "fp32", "export precision: fp32, or fp16 (every op in fp16, inputs and outputs fp32; and so an fp16 engine)"
+    )
+    attention: str = setting(
+        "attention-op",
+        "how attention is exported: attention-op (ONNX Attention op; TensorRT >= 10.14, TensorRT-RTX, "
+        "onnxruntime), matmul-softmax (any TensorRT, JetPack 6 included) or ort-mha (onnxruntime only)",
+    )
+    token_layout: str = setting(
+        "gather", "token selection as a Gather per block, or one permutation then Slices ('slice')"
+    )
+    channel_layout: str = setting(
+        "gather", "pruned LayerNorm-output channels as a Gather ('gather') or zero columns ('masked')"
+    )
     engines: bool = setting(True, "build a TensorRT(-RTX) engine of every variant where one is installed")
-    int8: bool = setting(True, "also quantize every fp32 variant to INT8 (vitslim quantize) and report fp16/int8 accuracy, parity and latency")
-    latency: bool = setting(True, "time every variant on this machine's CPU for the summary (onnxruntime, PyTorch, INT8 and timm's own model); "
-                                  "off where timings mean nothing, e.g. a shared build machine")
+    int8: bool = setting(
+        True,
+        "also quantize every fp32 variant to INT8 (vitslim quantize) and report fp16/int8 accuracy, parity and latency",
+    )
+    latency: bool = setting(
+        True,
+        "time every variant on this machine's CPU for the summary (onnxruntime, PyTorch, INT8 and timm's own model); "
+        "off where timings mean nothing, e.g. a shared build machine",
+    )
     profiles: str = setting("1:8:32", "batch optimisation profiles of the engines, MIN:OPT:MAX, comma-separated")
     tf32: bool = setting(False, "let fp32 engines use TF32 (recorded; held to the tf32 tolerance)")
     optimization_level: Optional[int] = setting(None, "builder optimisation level 0-5 (TensorRT's default 3)")
     hardware_compatibility: str = setting("none", "full TensorRT: none, ampere+ or same-compute-capability")
     version_compatible: bool = setting(False, "full TensorRT: engines later versions can run")
-    compute_capabilities: str = setting("", "TensorRT-RTX targets, comma-separated (e.g. SM86,SM89); empty: its portable set")
+    compute_capabilities: str = setting(
+        "", "TensorRT-RTX targets, comma-separated (e.g. SM86,SM89); empty: its portable set"
+    )
 
     def __post_init__(self) -> None:
-        from vitslim.precision import PRECISIONS
-
+        from vitslim.core.precision import PRECISIONS
         from vitslim.export.attention_form import ATTENTION_FORMS
         from vitslim.export.compact import CHANNEL_LAYOUTS
         from vitslim.export.token_layout import TOKEN_LAYOUTS
 
-        for name, value, allowed in (("precision", self.precision, PRECISIONS), ("token_layout", self.token_layout, TOKEN_LAYOUTS),
-                                     ("channel_layout", self.channel_layout, CHANNEL_LAYOUTS), ("attention", self.attention, tuple(ATTENTION_FORMS))):
+        for name, value, allowed in (
+            ("precision", self.precision, PRECISIONS),
+            ("token_layout", self.token_layout, TOKEN_LAYOUTS),
+            ("channel_layout", self.channel_layout, CHANNEL_LAYOUTS),
+            ("attention", self.attention, tuple(ATTENTION_FORMS)),
+        ):
             if value not in allowed:
                 raise PruningError(f"recipe deploy.{name} {value!r} is not one of {tuple(allowed)}")
         if self.engines and self.attention == "ort-mha":
-            raise PruningError("recipe deploy.attention ort-mha is for onnxruntime only (TensorRT cannot parse it): set deploy.engines: false, "
-                               "or use attention-op")
+            raise PruningError(
+                "recipe deploy.attention ort-mha is for onnxruntime only (TensorRT cannot parse it): set deploy.engines: false, "
+                "or use attention-op"
+            )
         self.build_settings()  # refuses bad profiles and options by name
 
     def build_settings(self):
         from vitslim.deploy.build import BatchProfile, BuildSettings
 
-        return BuildSettings(profiles=tuple(BatchProfile.parse(p.strip()) for p in self.profiles.split(",") if p.strip()), tf32=self.tf32,
-                             optimization_level=self.optimization_level, hardware_compatibility=self.hardware_compatibility,
-                             version_compatible=self.version_compatible,
-                             compute_capabilities=tuple(c.strip() for c in self.compute_capabilities.split(",") if c.strip()))
+        return BuildSettings(
+            profiles=tuple(BatchProfile.parse(p.strip()) for p in self.profiles.split(",") if p.strip()),
+            tf32=self.tf32,
+            optimization_level=self.optimization_level,
+            hardware_compatibility=self.hardware_compatibility,
+            version_compatible=self.version_compatible,
+            compute_capabilities=tuple(c.strip() for c in self.compute_capabilities.split(",") if c.strip()),
+        )
+
+
 _MODEL_KEYS = {"name", "kwargs", "checkpoint", "pretrained"}
 
 
@@ -114,7 +143,11 @@ def _settings(where: str, config_type: type, given) -> Any:
     for key, value in given.items():
         expected = check_value(known[key], value)
         if expected:
-            hint = " (quote it: YAML reads 1:8:32 as a base-60 number)" if expected.startswith("a string") and isinstance(value, int) else ""
+            hint = (
+                " (quote it: YAML reads 1:8:32 as a base-60 number)"
+                if expected.startswith("a string") and isinstance(value, int)
+                else ""
+            )
             raise PruningError(f"recipe {where}.{key}: {value!r} is not {expected}{hint}")
     return config_type(**given)
 
@@ -188,7 +221,9 @@ def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe
         try:
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as error:
-            raise PruningError(f"cannot read recipe {path} ({getattr(error, 'strerror', None) or type(error).__name__}): give a readable YAML file") from None
+            raise PruningError(
+                f"cannot read recipe {path} ({getattr(error, 'strerror', None) or type(error).__name__}): give a readable YAML file"
+            ) from None
     try:
         return recipe_from_dict(apply_overrides(yaml.safe_load(text), list(overrides)))
     except yaml.YAMLError as error:

@@ -20,6 +20,7 @@ Where onnxruntime-gpu is installed, the same ONNX files also run on onnxruntime'
 (plain runs and CUDA-graph replays, parity against the reference, timing).
 Exit 0 when every check passed, 1 when one failed, 2 when no GPU is present (builds still checked).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -32,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED, VitslimError
+from vitslim.core.precision import Parity, compare_outputs, tolerance_for
 from vitslim.deploy.bench import BenchSettings, benchmark
 from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
 from vitslim.deploy.errors import DeployError
@@ -39,14 +42,19 @@ from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.gpu import gpu_info
 from vitslim.deploy.runners import TensorRTRunner
 from vitslim.deploy.tensorrt_lib import LIBRARIES, find_tensorrt
-from vitslim.errors import VitslimError
-from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, NEEDS_ATTENTION_LAYER, TENSORRT_FORMS  # no torch: the runtime image has none
-from vitslim.precision import Parity, compare_outputs, tolerance_for
+from vitslim.export.attention_form import (
+    DEFAULT_ATTENTION_FORM,
+    NEEDS_ATTENTION_LAYER,
+    TENSORRT_FORMS,
+)  # no torch: the runtime image has none
 
-PASS, FAIL, NO_GPU = 0, 1, 2
+PASS, FAIL, NO_GPU = EXIT_OK, EXIT_CHECK_FAILED, EXIT_UNDECIDED
 PROFILES = (BatchProfile(1, 2, 4), BatchProfile(8, 8, 16))
 INSIDE, OUTSIDE = [2, 16], 32  # a batch in each profile, and one in neither
-MODEL = ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "num_classes": 10})
+MODEL = (
+    "deit_tiny_patch16_224",
+    {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "num_classes": 10},
+)
 REFERENCE = "reference.npz"  # per model and checked batch: seeded images and the reference logits
 KIT = "kit.json"  # what a prepared directory holds: models, their profiles, the batches to check, build options
 FP16_MIN_COSINE = 0.999
@@ -73,7 +81,11 @@ def tiny_model_and_plan():
     model = timm.create_model(MODEL[0], **MODEL[1]).eval()
     blocks = (
         BlockPlan(qkv_in=tuple(range(40)), hidden=tuple(range(0, 256, 3))),
-        BlockPlan(kept_tokens=(0, *range(1, 17, 2)), proj_in=tuple(range(0, 24)) + tuple(range(32, 56)), fc1_in=tuple(range(48))),
+        BlockPlan(
+            kept_tokens=(0, *range(1, 17, 2)),
+            proj_in=tuple(range(0, 24)) + tuple(range(32, 56)),
+            fc1_in=tuple(range(48)),
+        ),
         BlockPlan(kept_tokens=(0,)),
     )
     return model, SlimPlan(model=ModelSpec(*MODEL), blocks=blocks, method="selftest")
@@ -82,7 +94,7 @@ def tiny_model_and_plan():
 def write_kit(directory: Path, models: list[dict], arrays: dict, build: Optional[dict] = None) -> Path:
     """A prepared directory: kit.json (each model's ONNX file, precision, profiles, the batches to
     check inside them and one outside) and reference.npz ('NAME/images_B', 'NAME/logits_B')."""
-    from vitslim.files import atomic_path, write_json_atomic
+    from vitslim.core.files import atomic_path, write_json_atomic
 
     with atomic_path(directory / REFERENCE) as tmp:
         with open(tmp, "wb") as handle:
@@ -106,8 +118,18 @@ def prepare(work: Path, progress=print) -> Path:
             progress(f"selftest: exporting the tiny model ({precision}, attention as {form})")
             name = f"tiny-{precision}" + ("" if form == DEFAULT_ATTENTION_FORM else f"-{form}")
             export_plan(model, plan, work / f"{name}.onnx", precision=precision, attention=form)
-            models.append({"name": name, "onnx": f"{name}.onnx", "precision": precision, "profiles": [str(p) for p in PROFILES],
-                           "inside": list(INSIDE), "outside": OUTSIDE, "input": [3, 32, 32], "attention_form": form})
+            models.append(
+                {
+                    "name": name,
+                    "onnx": f"{name}.onnx",
+                    "precision": precision,
+                    "profiles": [str(p) for p in PROFILES],
+                    "inside": list(INSIDE),
+                    "outside": OUTSIDE,
+                    "input": [3, 32, 32],
+                    "attention_form": form,
+                }
+            )
     for batch in INSIDE:
         images = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         with torch.no_grad():
@@ -124,8 +146,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     (vitslim selftest --prepared)."""
     import onnxruntime as ort
 
-    from vitslim.files import write_bytes_atomic, write_text_atomic
-
+    from vitslim.core.files import write_bytes_atomic, write_text_atomic
     from vitslim.deploy.build import onnx_precision, read_onnx
 
     graph = read_onnx(onnx_path).graph
@@ -142,8 +163,16 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
         images = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
         arrays[f"{name}/images_{batch}"] = images
         arrays[f"{name}/logits_{batch}"] = session.run(None, {source.name: images.astype(dtype)})[0].astype(np.float32)
-    model = {"name": name, "onnx": onnx_path.name, "precision": onnx_precision(onnx_path), "profiles": [str(p) for p in profiles],
-             "inside": inside, "outside": max(p.max for p in profiles) + 1, "input": shape, "reference": "onnxruntime (CPU) on the export machine"}
+    model = {
+        "name": name,
+        "onnx": onnx_path.name,
+        "precision": onnx_precision(onnx_path),
+        "profiles": [str(p) for p in profiles],
+        "inside": inside,
+        "outside": max(p.max for p in profiles) + 1,
+        "input": shape,
+        "reference": "onnxruntime (CPU) on the export machine",
+    }
     write_kit(out, [model], arrays, build)
     script = write_text_atomic(out / "run_on_device.sh", RUN_ON_DEVICE)
     script.chmod(0o755)
@@ -171,7 +200,9 @@ def parity_passes(parity: Parity, precision: str) -> tuple[bool, str]:
     return parity.passes(tolerance), str(tolerance.to_dict())
 
 
-def runtime_checks(engine: Path, library: str, model: dict, reference: dict, runtime_cache: Optional[Path] = None) -> list[Check]:
+def runtime_checks(
+    engine: Path, library: str, model: dict, reference: dict, runtime_cache: Optional[Path] = None
+) -> list[Check]:
     """Load, profile choice, parity inside each profile, refusal outside, CUDA-graph replay parity,
     timing, and (TensorRT-RTX, `runtime_cache`) the runtime cache written and accepted again on a
     second load (needs a GPU)."""
@@ -181,36 +212,80 @@ def runtime_checks(engine: Path, library: str, model: dict, reference: dict, run
         with runner:
             checks.append(Check(f"{name}: loads on this GPU", library, True, str(runner.description["gpu"]["name"])))
             for batch in model["inside"]:
-                parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"]))
+                parity = compare_outputs(
+                    reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"])
+                )
                 passed, criterion = parity_passes(parity, precision)
-                checks.append(Check(f"{name}: batch {batch} matches the reference", library, passed,
-                                    f"profile {runner.profile}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f}, "
-                                    f"top-1 agreement {parity.top1_agreement:.0%} (needs {criterion})"))
+                checks.append(
+                    Check(
+                        f"{name}: batch {batch} matches the reference",
+                        library,
+                        passed,
+                        f"profile {runner.profile}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f}, "
+                        f"top-1 agreement {parity.top1_agreement:.0%} (needs {criterion})",
+                    )
+                )
             outside = model["outside"]
             try:
                 runner.infer(np.zeros((outside, *model["input"]), dtype=np.float32))
-                checks.append(Check(f"{name}: batch {outside} (outside every profile) refused", library, False, "it ran"))
+                checks.append(
+                    Check(f"{name}: batch {outside} (outside every profile) refused", library, False, "it ran")
+                )
             except DeployError as error:
-                checks.append(Check(f"{name}: batch {outside} (outside every profile) refused", library, "outside every optimisation profile" in str(error), str(error)))
+                checks.append(
+                    Check(
+                        f"{name}: batch {outside} (outside every profile) refused",
+                        library,
+                        "outside every optimisation profile" in str(error),
+                        str(error),
+                    )
+                )
             batch = model["inside"][-1]
             prepared = runner.prepare(reference[f"{name}/images_{batch}"])  # bound to fixed buffers, enqueue captured
             for _ in range(3):  # TensorRT-RTX captures its own graph after the first enqueues
                 runner.run_prepared(prepared)
             parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.bound_output())
             passed, criterion = parity_passes(parity, precision)
-            how = "a replay of the captured enqueue" if runner.trt.name == "tensorrt" else "TensorRT-RTX's own graph replay"
-            checks.append(Check(f"{name}: CUDA-graph replay at batch {batch} matches the reference", library, passed,
-                                f"{how}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})"))
-            timing = benchmark(runner, np.zeros((batch, *model["input"]), dtype=np.float32), precision,
-                               settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
-            checks.append(Check(f"{name}: timed at batch {batch} (CUDA graph, CUDA events)", library, timing["median_ms"] > 0,
-                                f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
+            how = (
+                "a replay of the captured enqueue"
+                if runner.trt.name == "tensorrt"
+                else "TensorRT-RTX's own graph replay"
+            )
+            checks.append(
+                Check(
+                    f"{name}: CUDA-graph replay at batch {batch} matches the reference",
+                    library,
+                    passed,
+                    f"{how}: max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})",
+                )
+            )
+            timing = benchmark(
+                runner,
+                np.zeros((batch, *model["input"]), dtype=np.float32),
+                precision,
+                settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1),
+                label=name,
+            )
+            checks.append(
+                Check(
+                    f"{name}: timed at batch {batch} (CUDA graph, CUDA events)",
+                    library,
+                    timing["median_ms"] > 0,
+                    f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs",
+                )
+            )
         if runtime_cache is not None:
             with TensorRTRunner(engine, runtime_cache=runtime_cache) as again:
                 again.infer(reference[f"{name}/images_{model['inside'][0]}"])
-                checks.append(Check(f"{name}: runtime cache reloaded", library, again.runtime_cache_loaded is True,
-                                    f"{runner.runtime_cache_path.name}: {runner.runtime_cache_path.stat().st_size} bytes, "
-                                    f"{'accepted' if again.runtime_cache_loaded else 'rejected'} on the second load"))
+                checks.append(
+                    Check(
+                        f"{name}: runtime cache reloaded",
+                        library,
+                        again.runtime_cache_loaded is True,
+                        f"{runner.runtime_cache_path.name}: {runner.runtime_cache_path.stat().st_size} bytes, "
+                        f"{'accepted' if again.runtime_cache_loaded else 'rejected'} on the second load",
+                    )
+                )
     except VitslimError as error:
         checks.append(Check(f"{name}: runs", library, False, str(error)))
     except Exception as error:  # a crash is what this command exists to catch: report it as a failed check
@@ -224,13 +299,27 @@ def onnxruntime_checks(prepared: Path, kit: dict, reference: dict) -> list[Check
     try:
         import onnxruntime as ort
     except ImportError:
-        return [Check("onnxruntime on the GPU", "-", None, "onnxruntime is not installed: pip install onnxruntime-gpu to check it")]
+        return [
+            Check(
+                "onnxruntime on the GPU",
+                "-",
+                None,
+                "onnxruntime is not installed: pip install onnxruntime-gpu to check it",
+            )
+        ]
 
     from vitslim.deploy.runners import OnnxRuntimeRunner
 
     label = f"onnxruntime {ort.__version__}"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return [Check("onnxruntime on the GPU", label, None, "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu to check it")]
+        return [
+            Check(
+                "onnxruntime on the GPU",
+                label,
+                None,
+                "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu to check it",
+            )
+        ]
     checks = []
     for model in kit["models"]:
         name = model["name"]
@@ -239,19 +328,40 @@ def onnxruntime_checks(prepared: Path, kit: dict, reference: dict) -> list[Check
                 how = "CUDA-graph replays" if cuda_graph else "plain runs"
                 with OnnxRuntimeRunner(prepared / model["onnx"], device="cuda", cuda_graph=cuda_graph) as runner:
                     for batch in model["inside"]:
-                        parity = compare_outputs(reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"]))
+                        parity = compare_outputs(
+                            reference[f"{name}/logits_{batch}"], runner.infer(reference[f"{name}/images_{batch}"])
+                        )
                         passed, criterion = parity_passes(parity, model["precision"])
-                        checks.append(Check(f"{name}: batch {batch} on the CUDA provider ({how}) matches the reference", label, passed,
-                                            f"max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})"))
+                        checks.append(
+                            Check(
+                                f"{name}: batch {batch} on the CUDA provider ({how}) matches the reference",
+                                label,
+                                passed,
+                                f"max abs diff {parity.max_abs_diff:.1e}, cosine {parity.cosine:.6f} (needs {criterion})",
+                            )
+                        )
                     batch = model["inside"][-1]
-                    timing = benchmark(runner, reference[f"{name}/images_{batch}"], model["precision"],
-                                       settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1), label=name)
-                    checks.append(Check(f"{name}: timed on the CUDA provider at batch {batch} ({how}, CUDA events)", label, timing["median_ms"] > 0,
-                                        f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs"))
+                    timing = benchmark(
+                        runner,
+                        reference[f"{name}/images_{batch}"],
+                        model["precision"],
+                        settings=BenchSettings(warmup_seconds=0.5, min_seconds=1.0, max_rounds=1),
+                        label=name,
+                    )
+                    checks.append(
+                        Check(
+                            f"{name}: timed on the CUDA provider at batch {batch} ({how}, CUDA events)",
+                            label,
+                            timing["median_ms"] > 0,
+                            f"median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms, {timing['iterations']} runs",
+                        )
+                    )
         except VitslimError as error:
             checks.append(Check(f"{name}: runs on onnxruntime's CUDA provider", label, False, str(error)))
         except Exception as error:  # a crash is what this command exists to catch
-            checks.append(Check(f"{name}: runs on onnxruntime's CUDA provider", label, False, f"{type(error).__name__}: {error}"))
+            checks.append(
+                Check(f"{name}: runs on onnxruntime's CUDA provider", label, False, f"{type(error).__name__}: {error}")
+            )
     return checks
 
 
@@ -259,17 +369,23 @@ def read_kit(prepared: Path) -> tuple[dict, dict]:
     import json
 
     if not (prepared / KIT).is_file() or not (prepared / REFERENCE).is_file():
-        raise DeployError(f"{prepared} holds no {KIT} and {REFERENCE}: make them with 'vitslim selftest --prepare {prepared}' or 'vitslim kit'")
+        raise DeployError(
+            f"{prepared} holds no {KIT} and {REFERENCE}: make them with 'vitslim selftest --prepare {prepared}' or 'vitslim kit'"
+        )
     try:
         kit = json.loads((prepared / KIT).read_text())
         reference = dict(np.load(prepared / REFERENCE))
         fields = ("name", "onnx", "precision", "profiles", "inside", "outside", "input")
-        if not isinstance(kit.get("models"), list) or not all(isinstance(m, dict) and all(f in m for f in fields) for m in kit["models"]):
+        if not isinstance(kit.get("models"), list) or not all(
+            isinstance(m, dict) and all(f in m for f in fields) for m in kit["models"]
+        ):
             raise ValueError("models")
         BuildSettings(**kit.get("build", {}))  # unknown or bad build options: a one-line error here
         return kit, reference
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise DeployError(f"{prepared / KIT} or {REFERENCE} is unreadable or incomplete ({type(error).__name__}): prepare the directory again") from None
+        raise DeployError(
+            f"{prepared / KIT} or {REFERENCE} is unreadable or incomplete ({type(error).__name__}): prepare the directory again"
+        ) from None
 
 
 def run_checks(prepared: Path, library: Optional[str] = None, progress=print) -> list[Check]:
@@ -278,12 +394,26 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
     serves one TensorRT per process)."""
     gpu = gpu_info()
     libraries = [library] if library else [name for name in LIBRARIES if find_tensorrt(name) is not None]
-    checks = [Check("GPU present", "-", True if gpu else None, describe_gpu(gpu) if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped")]
+    checks = [
+        Check(
+            "GPU present",
+            "-",
+            True if gpu else None,
+            describe_gpu(gpu) if gpu else "nvidia-smi sees no NVIDIA GPU: the runtime checks are skipped",
+        )
+    ]
     kit, reference = read_kit(prepared)
     if gpu is not None and library is None:  # once, in the first process (a --library child checks its TensorRT only)
         checks += onnxruntime_checks(prepared, kit, reference)
     if not libraries:
-        return checks + [Check("TensorRT installed", "-", False, "neither tensorrt nor tensorrt_rtx imports: pip install tensorrt (or tensorrt-rtx)")]
+        return checks + [
+            Check(
+                "TensorRT installed",
+                "-",
+                False,
+                "neither tensorrt nor tensorrt_rtx imports: pip install tensorrt (or tensorrt-rtx)",
+            )
+        ]
     for index, library_name in enumerate(libraries):
         if gpu is not None and index > 0:
             checks += _in_subprocess(library_name, prepared)
@@ -292,8 +422,15 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
         label = f"{library_name} {trt.version}"
         for model in kit["models"]:
             if not trt.has_attention_layer and _attention_form(prepared, model) == NEEDS_ATTENTION_LAYER:
-                checks.append(Check(f"{model['name']}: builds", label, None, f"skipped: {label} has no attention layer (TensorRT parses the ONNX "
-                                                                              f"Attention op from 10.14 on): export with --attention matmul-softmax for it"))
+                checks.append(
+                    Check(
+                        f"{model['name']}: builds",
+                        label,
+                        None,
+                        f"skipped: {label} has no attention layer (TensorRT parses the ONNX "
+                        f"Attention op from 10.14 on): export with --attention matmul-softmax for it",
+                    )
+                )
                 continue
             engine = prepared / f"{model['name']}-{library_name}.engine"
             profiles = tuple(BatchProfile.parse(p) for p in model["profiles"])
@@ -302,9 +439,18 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
                 started = time.perf_counter()
                 settings = BuildSettings(profiles=profiles, library=library_name, **kit.get("build", {}))
                 manifest = engine_from_onnx(prepared / model["onnx"], engine, settings).manifest
-                built = manifest["precision"] == model["precision"] and [str(BatchProfile(**p)) for p in manifest["profiles"]] == model["profiles"]
-                checks.append(Check(f"{model['name']}: builds strongly typed, manifest right", label, built,
-                                    f"{time.perf_counter() - started:.1f} s, {manifest['engine']['bytes'] / 1e6:.1f} MB, target {manifest['target']['kind']}"))
+                built = (
+                    manifest["precision"] == model["precision"]
+                    and [str(BatchProfile(**p)) for p in manifest["profiles"]] == model["profiles"]
+                )
+                checks.append(
+                    Check(
+                        f"{model['name']}: builds strongly typed, manifest right",
+                        label,
+                        built,
+                        f"{time.perf_counter() - started:.1f} s, {manifest['engine']['bytes'] / 1e6:.1f} MB, target {manifest['target']['kind']}",
+                    )
+                )
             except VitslimError as error:
                 checks.append(Check(f"{model['name']}: builds", label, False, str(error)))
                 continue
@@ -319,8 +465,8 @@ def run_checks(prepared: Path, library: Optional[str] = None, progress=print) ->
 
 def _attention_form(prepared: Path, model: dict):
     """The kit model's attention form: from kit.json (selftest) or the ONNX's metadata (vitslim kit)."""
+    from vitslim.core.metadata import attention_form_of
     from vitslim.deploy.build import read_onnx
-    from vitslim.metadata import attention_form_of
 
     return model.get("attention_form") or attention_form_of(read_onnx(prepared / model["onnx"]))
 
@@ -332,16 +478,41 @@ def _in_subprocess(library: str, prepared: Path) -> list[Check]:
 
     with tempfile.TemporaryDirectory(prefix="vitslim-selftest-") as directory:
         result = Path(directory) / "checks.json"
-        completed = subprocess.run([sys.executable, "-m", "vitslim", "selftest", "--library", library, "--prepared", str(prepared), "--json", str(result)],
-                                   capture_output=True, text=True, timeout=900)
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vitslim",
+                "selftest",
+                "--library",
+                library,
+                "--prepared",
+                str(prepared),
+                "--json",
+                str(result),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if not result.is_file():
-            return [Check("runs", library, False, f"selftest --library {library} exited {completed.returncode}: {completed.stderr.strip()[-300:]}")]
+            return [
+                Check(
+                    "runs",
+                    library,
+                    False,
+                    f"selftest --library {library} exited {completed.returncode}: {completed.stderr.strip()[-300:]}",
+                )
+            ]
         return [Check(**entry) for entry in json.loads(result.read_text())["checks"][1:]]
 
 
 def table(checks: list[Check]) -> str:
     lines = ["| check | library | result | detail |", "|---|---|---|---|"]
-    lines += [f"| {c.check} | {c.library} | {'pass' if c.passed else 'FAIL' if c.passed is False else 'skipped'} | {c.detail} |" for c in checks]
+    lines += [
+        f"| {c.check} | {c.library} | {'pass' if c.passed else 'FAIL' if c.passed is False else 'skipped'} | {c.detail} |"
+        for c in checks
+    ]
     return "\n".join(lines)
 
 
@@ -352,7 +523,9 @@ def exit_code(checks: list[Check]) -> int:
     return NO_GPU if checks[0].passed is None else PASS
 
 
-def run(work: Optional[Path] = None, library: Optional[str] = None, prepared: Optional[Path] = None) -> tuple[int, list[Check]]:
+def run(
+    work: Optional[Path] = None, library: Optional[str] = None, prepared: Optional[Path] = None
+) -> tuple[int, list[Check]]:
     """Prepare (unless `prepared` is given) into `work` (default: a temporary directory), check."""
     if prepared is not None:
         checks = run_checks(prepared, library)

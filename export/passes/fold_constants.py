@@ -1,4 +1,5 @@
 """Fold every subgraph that depends only on constants (e.g. shape arithmetic, transposed weights)."""
+
 from __future__ import annotations
 
 from .registry import register_pass

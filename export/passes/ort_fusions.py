@@ -4,6 +4,7 @@ attention fusion where the graph matches it): com.microsoft ops that only onnxru
 An optional pass for graphs that onnxruntime will run; BENCHMARKS.md says whether it pays on the
 GPU. Only the offline Python fusions run (opt_level 0), so the graph stays device-neutral.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,9 @@ def ort_fusions(graph):
     from onnxruntime.transformers.optimizer import optimize_model
 
     # num_heads/hidden_size 0: the optimizer reads them per node (pruned blocks differ in width)
-    optimized = optimize_model(gs.export_onnx(graph), model_type="vit", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True)
+    optimized = optimize_model(
+        gs.export_onnx(graph), model_type="vit", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True
+    )
     fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     log.info("ort_fusions: %s", fused or "nothing matched")
     return gs.import_onnx(optimized.model).cleanup().toposort()

@@ -7,6 +7,7 @@ head split and merge around it; keys/values may be longer than queries (rectangu
 and value heads narrower than query heads (VTP). Attention nodes that do not have this shape (a
 mask, causal, q/k norms between the split and the op) are left as they are and counted in the log.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,11 @@ def _head_merge_target(tensor, merged_shape: list[int]):
     """The Reshape when `tensor` only feeds Transpose(0,2,1,3) -> Reshape to [?, N, H*Dv] (`merged_shape` [N, H*Dv])."""
     import onnx_graphsurgeon as gs
 
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Transpose" or list(tensor.outputs[0].attrs.get("perm", [])) != HEAD_SPLIT_PERM:
+    if (
+        len(tensor.outputs) != 1
+        or tensor.outputs[0].op != "Transpose"
+        or list(tensor.outputs[0].attrs.get("perm", [])) != HEAD_SPLIT_PERM
+    ):
         return None
     merged = tensor.outputs[0].outputs[0]
     if len(merged.outputs) != 1 or merged.outputs[0].op != "Reshape":
@@ -56,8 +61,13 @@ def _head_merge_target(tensor, merged_shape: list[int]):
 
 def _plain(node) -> bool:
     attrs = node.attrs
-    return (len(node.inputs) == 3 and len([o for o in node.outputs if o.outputs]) == 1 and not attrs.get("is_causal", 0)
-            and not attrs.get("softcap", 0.0) and not attrs.get("qk_matmul_output_mode", 0))
+    return (
+        len(node.inputs) == 3
+        and len([o for o in node.outputs if o.outputs]) == 1
+        and not attrs.get("is_causal", 0)
+        and not attrs.get("softcap", 0.0)
+        and not attrs.get("qk_matmul_output_mode", 0)
+    )
 
 
 @register_pass("ort_multihead_attention")
@@ -82,8 +92,16 @@ def ort_multihead_attention(graph):
         output = target.outputs[0]
         target.outputs.clear()
         node.outputs.clear()
-        graph.nodes.append(gs.Node("MultiHeadAttention", name=f"{node.name}_mha", domain="com.microsoft", attrs=attrs,
-                                   inputs=[source for source, _ in sources], outputs=[output]))
+        graph.nodes.append(
+            gs.Node(
+                "MultiHeadAttention",
+                name=f"{node.name}_mha",
+                domain="com.microsoft",
+                attrs=attrs,
+                inputs=[source for source, _ in sources],
+                outputs=[output],
+            )
+        )
         replaced += 1
     if replaced:
         log.info("ort_multihead_attention: %d Attention -> MultiHeadAttention, %d left as they were", replaced, kept)

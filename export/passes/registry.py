@@ -3,6 +3,7 @@
 A pass takes an onnx-graphsurgeon Graph, edits it, ends with cleanup().toposort(), returns the
 graph, and is idempotent. `apply_passes` runs a list of them and logs node counts.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Each method module registers itself in `base.METHODS` when imported; this package imports all of
 them explicitly, so the registry is complete as soon as the package is imported.
 """
+
 from __future__ import annotations
 
 from ..errors import PruningError

@@ -4,6 +4,7 @@ A method takes a dense model and data and returns a plan plus the dense-shaped w
 with it; it never edits the caller's model. Method modules register themselves here with
 `register_method`; `vitslim.pruning.methods` imports each of them explicitly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,9 @@ def register_method(name: str, config_type: type) -> Callable:
     return register
 
 
-def dense_start(model: nn.Module, base: SlimPlan, teacher: Optional[nn.Module], method: str) -> tuple[ViTGeometry, nn.Module]:
+def dense_start(
+    model: nn.Module, base: SlimPlan, teacher: Optional[nn.Module], method: str
+) -> tuple[ViTGeometry, nn.Module]:
     """Common entry checks of the methods: a supported model with a dense plan. Returns its
     geometry and the teacher for distillation (a frozen copy of `model` unless one is given)."""
     geometry = supported_geometry(model)

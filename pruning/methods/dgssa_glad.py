@@ -1,5 +1,5 @@
 """DGSSA + GLAD ("Accelerating Vision Transformers Based on Heterogeneous Attention Patterns",
-Yu et al. 2023). Only the abstract is known; the design choices below are ours (README):
+Yu et al. 2023). Only the abstract is known; the design choices below are ours (docs/methods.md):
 
 - analysis: per block and head, how alike attention maps are across images (cosine to the
   dataset-mean map, KL to it) and how low-rank they are (effective rank, top singular energy);
@@ -10,6 +10,7 @@ Yu et al. 2023). Only the abstract is known; the design choices below are ours (
 - GLAD: at pyramid stages (block index -> patch count) the patch tokens are replaced by a learned
   linear map on the token axis, initialised as spatial average pooling; prefix tokens pass.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,17 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.settings import setting
+from vitslim.core.settings import setting
 
+from ..checkpoints import phase_path
 from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..macs import macs_fraction
-from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
-from ..checkpoints import phase_path
 from ..train import TrainConfig, evaluate, fit
+from .base import MethodResult, dense_start, register_method
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
 STATIC_INITS = ("mean-attention", "random")
@@ -42,15 +43,28 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class DGSSAGladConfig:
     static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
-    similarity_threshold: Optional[float] = setting(None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S")
-    pyramid: str = setting("", "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; "
-                           "'auto': stages from the attention's effective rank, to --target-macs; empty: none")
-    target_macs: Optional[float] = setting(None, "GLAD with --pyramid auto: the fraction of dense MACs to keep, in (0, 1]")
+    similarity_threshold: Optional[float] = setting(
+        None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"
+    )
+    pyramid: str = setting(
+        "",
+        "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; "
+        "'auto': stages from the attention's effective rank, to --target-macs; empty: none",
+    )
+    target_macs: Optional[float] = setting(
+        None, "GLAD with --pyramid auto: the fraction of dense MACs to keep, in (0, 1]"
+    )
     finetune_epochs: int = setting(10, "epochs of fine-tuning")
     lr: float = setting(5e-4, "learning rate of the weights")
     static_lr: float = setting(1e-2, "learning rate of the static-attention logits and aggregation matrices")
-    attention_weight: float = setting(1.0, "DGSSA: weight of the guidance term, the row-wise KL divergence from the dense model's maps on the batch to the static ones (0: initialisation only)")
-    static_init: str = setting("mean-attention", "DGSSA: initial static logits: 'mean-attention' (log of the dataset-mean maps) or 'random' (the ablation baseline)")
+    attention_weight: float = setting(
+        1.0,
+        "DGSSA: weight of the guidance term, the row-wise KL divergence from the dense model's maps on the batch to the static ones (0: initialisation only)",
+    )
+    static_init: str = setting(
+        "mean-attention",
+        "DGSSA: initial static logits: 'mean-attention' (log of the dataset-mean maps) or 'random' (the ablation baseline)",
+    )
     distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
     batch_size: int = setting(64, "batch size")
     calibration_images: int = setting(256, "training images (stratified by class, seeded) for the attention statistics")
@@ -96,11 +110,15 @@ def check_pyramid(stages: tuple[tuple[int, int], ...], geometry: ViTGeometry) ->
     previous_block, previous_count = -1, geometry.num_patches
     for block, count in stages:
         if not 0 <= block < geometry.depth:
-            raise PruningError(f"--pyramid stage at block {block} is out of range: the model has blocks 0..{geometry.depth - 1}")
+            raise PruningError(
+                f"--pyramid stage at block {block} is out of range: the model has blocks 0..{geometry.depth - 1}"
+            )
         if block <= previous_block:
             raise PruningError(f"--pyramid stages must be at increasing blocks ({previous_block} then {block})")
         if not 1 <= count < previous_count:
-            raise PruningError(f"--pyramid must shrink: {count} patches at block {block} after {previous_count} (a pyramid that grows is refused)")
+            raise PruningError(
+                f"--pyramid must shrink: {count} patches at block {block} after {previous_count} (a pyramid that grows is refused)"
+            )
         previous_block, previous_count = block, count
 
 
@@ -147,7 +165,9 @@ def pooling_matrix(grid: tuple[int, int], count: int) -> tuple[torch.Tensor, tup
     rows, cols = grid
     pairs = [(r, count // r) for r in range(1, count + 1) if count % r == 0 and r <= rows and count // r <= cols]
     if not pairs:
-        raise PruningError(f"cannot pool a {rows}x{cols} patch grid to {count} tokens: choose a count that fits a smaller grid")
+        raise PruningError(
+            f"cannot pool a {rows}x{cols} patch grid to {count} tokens: choose a count that fits a smaller grid"
+        )
     out_rows, out_cols = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(rows / cols)))
     basis = torch.eye(rows * cols).reshape(rows * cols, 1, rows, cols)
     pooled = F.adaptive_avg_pool2d(basis, (out_rows, out_cols)).reshape(rows * cols, count)
@@ -161,7 +181,14 @@ class _Trainable(nn.Module):
     """The model with learnable static-attention logits and aggregation matrices, applied through a
     plan built on every forward (so timm's forward and the reference hooks do the work)."""
 
-    def __init__(self, model: nn.Module, base: SlimPlan, logits: dict[int, torch.Tensor], aggregations: dict[int, torch.Tensor], teacher: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        base: SlimPlan,
+        logits: dict[int, torch.Tensor],
+        aggregations: dict[int, torch.Tensor],
+        teacher: nn.Module,
+    ) -> None:
         super().__init__()
         self.model, self.base, self.teacher = model, base, teacher
         self.logits = nn.ParameterDict({str(b): nn.Parameter(v.clone()) for b, v in logits.items()})
@@ -175,7 +202,9 @@ class _Trainable(nn.Module):
         for key, matrix in self.aggregations.items():
             blocks[int(key)] = BlockPlan(token_aggregation=matrix)
         for key, logits in self.logits.items():
-            blocks[int(key)] = BlockPlan(token_aggregation=blocks[int(key)].token_aggregation, static_attention=logits.softmax(dim=-1))
+            blocks[int(key)] = BlockPlan(
+                token_aggregation=blocks[int(key)].token_aggregation, static_attention=logits.softmax(dim=-1)
+            )
         return SlimPlan(model=self.base.model, blocks=tuple(blocks), method="dgssa-glad")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,12 +212,17 @@ class _Trainable(nn.Module):
         if self.training and self.logits:
             with torch.no_grad(), recorded_attention(self.teacher) as records:
                 self.teacher(images)
-            self.attention_loss = sum(attention_divergence(plan.blocks[int(b)].static_attention, records[int(b)]["attention"]) for b in self.logits)
+            self.attention_loss = sum(
+                attention_divergence(plan.blocks[int(b)].static_attention, records[int(b)]["attention"])
+                for b in self.logits
+            )
         with plan_applied(self.model, plan, check=False):
             return self.model(images)
 
 
-def analyse_attention(model: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[list[dict], dict[int, torch.Tensor]]:
+def analyse_attention(
+    model: nn.Module, images: torch.Tensor, batch_size: int
+) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-block analysis rows (means over heads, and per head) and the dataset-mean maps [H, N, N]."""
     geometry = supported_geometry(model)
     per_image: dict[int, list[torch.Tensor]] = {}
@@ -203,11 +237,17 @@ def analyse_attention(model: nn.Module, images: torch.Tensor, batch_size: int) -
         maps = torch.cat(per_image[block])
         means[block] = maps.mean(dim=0)
         similarity, rank = attention_similarity(maps), attention_rank(maps, top)
-        rows.append({
-            "block": block, "cosine": float(similarity["cosine"].mean()), "kl": float(similarity["kl"].mean()),
-            "effective_rank": float(rank["effective_rank"].mean()), "top_energy": float(rank["top_energy"].mean()), "top_k": top,
-            "per_head": {name: values.tolist() for name, values in {**similarity, **rank}.items()},
-        })
+        rows.append(
+            {
+                "block": block,
+                "cosine": float(similarity["cosine"].mean()),
+                "kl": float(similarity["kl"].mean()),
+                "effective_rank": float(rank["effective_rank"].mean()),
+                "top_energy": float(rank["top_energy"].mean()),
+                "top_k": top,
+                "per_head": {name: values.tolist() for name, values in {**similarity, **rank}.items()},
+            }
+        )
     return rows, means
 
 
@@ -224,7 +264,9 @@ def static_block_count(config: DGSSAGladConfig, analysis: list[dict], depth: int
     return count
 
 
-def pyramid_for_ranks(ranks: list[float], static: int, kappa: float, grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+def pyramid_for_ranks(
+    ranks: list[float], static: int, kappa: float, grid: tuple[int, int]
+) -> tuple[tuple[int, int], ...]:
     """Stages for one scale `kappa`: block b (after the static ones) needs about kappa x its maps'
     effective rank in patches; the count may only fall with depth, in halvings of the patch grid
     (what average pooling makes cleanly), and a stage starts where it falls."""
@@ -245,14 +287,18 @@ def pyramid_for_ranks(ranks: list[float], static: int, kappa: float, grid: tuple
     return tuple(stages)
 
 
-def auto_pyramid(analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], macs_of, target: float) -> tuple[tuple[int, int], ...]:
+def auto_pyramid(
+    analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], macs_of, target: float
+) -> tuple[tuple[int, int], ...]:
     """The GLAD stages from the effective-rank analysis whose MACs (`macs_of(stages)`, a fraction
     of dense) are the largest not above `target`: bisection on kappa (more kappa, more tokens)."""
     ranks = [row["effective_rank"] for row in analysis]
     low, high = 0.0, float(geometry.num_patches)
     if macs_of(pyramid_for_ranks(ranks, static, low, grid)) > target:
-        raise PruningError(f"--target-macs {target}: even the steepest pyramid the patch grid allows keeps more; "
-                           "raise the target or add static blocks")
+        raise PruningError(
+            f"--target-macs {target}: even the steepest pyramid the patch grid allows keeps more; "
+            "raise the target or add static blocks"
+        )
     for _ in range(30):
         kappa = (low + high) / 2
         if macs_of(pyramid_for_ranks(ranks, static, kappa, grid)) <= target:
@@ -276,7 +322,11 @@ def structure_plan(base: SlimPlan, static: int, stages, geometry: ViTGeometry, g
     average-pooling aggregation (fine-tuning changes these values, never the shapes or the MACs)."""
     blocks = list(base.blocks)
     for b in range(static):
-        blocks[b] = BlockPlan(static_attention=torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens))
+        blocks[b] = BlockPlan(
+            static_attention=torch.full(
+                (geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens
+            )
+        )
     for block, matrix in initial_aggregations(stages, grid).items():
         blocks[block] = BlockPlan(token_aggregation=matrix)  # stages start at or after the last static block
     return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
@@ -291,8 +341,14 @@ def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tenso
 
 
 @register_method("dgssa-glad", DGSSAGladConfig)
-def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
-                     checkpoints: Optional[Path] = None) -> MethodResult:
+def prune_dgssa_glad(
+    model: nn.Module,
+    data: DataSplits,
+    config: DGSSAGladConfig,
+    base: SlimPlan,
+    teacher: Optional[nn.Module] = None,
+    checkpoints: Optional[Path] = None,
+) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
     auto = config.pyramid.strip() == AUTO
@@ -303,22 +359,73 @@ def prune_dgssa_glad(model: nn.Module, data: DataSplits, config: DGSSAGladConfig
     static = static_block_count(config, analysis, geometry.depth)
     grid = patch_grid(model)
     if auto:
-        stages = auto_pyramid(analysis, static, geometry, grid, lambda candidate: macs_fraction(structure_plan(base, static, candidate, geometry, grid), geometry), config.target_macs)
+        stages = auto_pyramid(
+            analysis,
+            static,
+            geometry,
+            grid,
+            lambda candidate: macs_fraction(structure_plan(base, static, candidate, geometry, grid), geometry),
+            config.target_macs,
+        )
         check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
-        raise PruningError(f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks")
+        raise PruningError(
+            f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks"
+        )
     logits = {b: initial_logits(mean_maps[b], config) for b in range(static)}
-    trainable = _Trainable(copy.deepcopy(model), base, logits, initial_aggregations(stages, grid), copy.deepcopy(teacher))
-    report = {"config": asdict(config), "pyramid_from": "effective rank (--pyramid auto)" if auto else "--pyramid", "calibration_classes": calibration.class_histogram, "analysis": analysis, "static_blocks": static, "pyramid": [list(s) for s in stages], "top1_dense": evaluate(model, data.val)}
+    trainable = _Trainable(
+        copy.deepcopy(model), base, logits, initial_aggregations(stages, grid), copy.deepcopy(teacher)
+    )
+    report = {
+        "config": asdict(config),
+        "pyramid_from": "effective rank (--pyramid auto)" if auto else "--pyramid",
+        "calibration_classes": calibration.class_histogram,
+        "analysis": analysis,
+        "static_blocks": static,
+        "pyramid": [list(s) for s in stages],
+        "top1_dense": evaluate(model, data.val),
+    }
     trainable.eval()
     report["top1_before_finetune"] = evaluate(trainable, data.val)
     constants = list(trainable.logits.parameters()) + list(trainable.aggregations.parameters())
-    groups = [{"params": [p for p in trainable.model.parameters() if p.requires_grad], "weight_decay": 0.0}, {"params": constants, "lr": config.static_lr, "weight_decay": 0.0}]
-    train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
-    finetune = fit(trainable, data, train, teacher=teacher, groups=groups, extra_loss=lambda: config.attention_weight * trainable.attention_loss,
-                   checkpoint_path=phase_path(checkpoints, "finetune"))
+    groups = [
+        {"params": [p for p in trainable.model.parameters() if p.requires_grad], "weight_decay": 0.0},
+        {"params": constants, "lr": config.static_lr, "weight_decay": 0.0},
+    ]
+    train = TrainConfig(
+        epochs=config.finetune_epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        distill_weight=config.distill_weight,
+        seed=config.seed,
+        warmup_epochs=0,
+    )
+    finetune = fit(
+        trainable,
+        data,
+        train,
+        teacher=teacher,
+        groups=groups,
+        extra_loss=lambda: config.attention_weight * trainable.attention_loss,
+        checkpoint_path=phase_path(checkpoints, "finetune"),
+    )
     with torch.no_grad():
         plan = trainable.plan()
-        plan = SlimPlan(model=plan.model, blocks=tuple(BlockPlan(token_aggregation=None if b.token_aggregation is None else b.token_aggregation.detach().clone(), static_attention=None if b.static_attention is None else b.static_attention.detach().clone()) for b in plan.blocks), method="dgssa-glad")
-    report.update(top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_before_finetune"], history={"finetune": list(finetune.history)})
-    return MethodResult(plan=plan, model=trainable.model.cpu().eval(), top1=report["top1_after_finetune"], report=report)
+        plan = SlimPlan(
+            model=plan.model,
+            blocks=tuple(
+                BlockPlan(
+                    token_aggregation=None if b.token_aggregation is None else b.token_aggregation.detach().clone(),
+                    static_attention=None if b.static_attention is None else b.static_attention.detach().clone(),
+                )
+                for b in plan.blocks
+            ),
+            method="dgssa-glad",
+        )
+    report.update(
+        top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_before_finetune"],
+        history={"finetune": list(finetune.history)},
+    )
+    return MethodResult(
+        plan=plan, model=trainable.model.cpu().eval(), top1=report["top1_after_finetune"], report=report
+    )

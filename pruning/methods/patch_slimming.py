@@ -9,6 +9,7 @@ fine-tuning block t alone. Then the whole slimmed model is fine-tuned.
 Token sets are kept as original token ids (sorted; prefix tokens first); the plan stores each
 block's set as positions within the previous block's set, so the masks are nested by construction.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,38 +24,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.settings import setting
+from vitslim.core.settings import setting
 
+from ..checkpoints import load_state, phase_path, save_state, weights_digest
 from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..macs import macs_fraction
-from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, blocks_of
-from ..checkpoints import load_state, phase_path, save_state, weights_digest
 from ..train import TrainConfig, evaluate, fit, is_main_process
+from .base import MethodResult, dense_start, register_method
 
 log = logging.getLogger(__name__)
 TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
 # The search is top-down from the tokens the head reads: with a class token that is one token,
 # with a pooled head every token, and nested sets can then never drop one.
-POOLED_HEAD_REFUSAL = ("Patch Slimming needs a class-token head: the top-down search starts from the tokens the head reads, "
-                       "and an average-pooled head reads every token; create the model with global_pool='token' (and a class token)")
+POOLED_HEAD_REFUSAL = (
+    "Patch Slimming needs a class-token head: the top-down search starts from the tokens the head reads, "
+    "and an average-pooled head reads every token; create the model with global_pool='token' (and a class token)"
+)
 
 
 @dataclass(frozen=True)
 class PatchSlimConfig:
-    epsilon: Optional[float] = setting(None, "tolerance on the next block's relative squared reconstruction error (paper 0.01-0.02)")
-    target_macs: Optional[float] = setting(None, "instead of epsilon: the fraction of dense MACs to keep (bisection on epsilon)")
+    epsilon: Optional[float] = setting(
+        None, "tolerance on the next block's relative squared reconstruction error (paper 0.01-0.02)"
+    )
+    target_macs: Optional[float] = setting(
+        None, "instead of epsilon: the fraction of dense MACs to keep (bisection on epsilon)"
+    )
     step: int = setting(10, "r': tokens added per search step (paper 10)")
     block_epochs: int = setting(3, "epochs of single-block fine-tuning per candidate set")
     block_lr: float = setting(1e-4, "learning rate of the single-block fine-tuning")
     finetune_epochs: int = setting(10, "epochs of fine-tuning after the search")
     lr: float = setting(5e-4, "learning rate of the weights")
     batch_size: int = setting(64, "batch size")
-    calibration_images: int = setting(256, "training images (stratified, seeded) that score tokens and check ε; the block tuning never sees them")
-    block_tuning_images: int = setting(256, "further training images (stratified, seeded) that the single-block fine-tuning uses")
+    calibration_images: int = setting(
+        256, "training images (stratified, seeded) that score tokens and check ε; the block tuning never sees them"
+    )
+    block_tuning_images: int = setting(
+        256, "further training images (stratified, seeded) that the single-block fine-tuning uses"
+    )
     distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
     search_iterations: int = setting(8, "bisection steps on epsilon for target_macs")
     seed: int = setting(0, "random seed")
@@ -65,7 +76,9 @@ class PatchSlimConfig:
         if self.epsilon is not None and not self.epsilon > 0:
             raise PruningError(f"--epsilon {self.epsilon} must be > 0 (the paper uses 0.01-0.02)")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
-            raise PruningError(f"--target-macs {self.target_macs} must be in (0, 1]: the fraction of dense MACs to keep")
+            raise PruningError(
+                f"--target-macs {self.target_macs} must be in (0, 1]: the fraction of dense MACs to keep"
+            )
         if self.step < 1 or self.block_epochs < 0 or self.finetune_epochs < 0:
             raise PruningError("--step must be >= 1 and epoch counts >= 0")
         if self.calibration_images < 1 or self.block_tuning_images < 1:
@@ -117,7 +130,7 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
 def plan_from_token_sets(token_sets: TokenSets, base: SlimPlan, num_tokens: int) -> SlimPlan:
     """Each block keeps the positions of its set within the previous block's set (None if equal)."""
     blocks, previous = [], tuple(range(num_tokens))
-    for index, kept in enumerate(token_sets):
+    for kept in token_sets:
         position = {token: p for p, token in enumerate(previous)}
         kept_tokens = None if kept == previous else tuple(position[token] for token in kept)
         blocks.append(BlockPlan(kept_tokens=kept_tokens))
@@ -160,7 +173,12 @@ class _Search:
         with torch.no_grad(), plan_applied(self.student, plan), recorded_attention(self.student) as records:
             for chunk in self.images.split(self.config.batch_size):
                 self.student(chunk)
-                later = [records[b]["attention"][:, :, list(plan.blocks[b].kept_tokens or range(records[b]["attention"].shape[2]))] for b in range(t + 1, self.geometry.depth)]
+                later = [
+                    records[b]["attention"][
+                        :, :, list(plan.blocks[b].kept_tokens or range(records[b]["attention"].shape[2]))
+                    ]
+                    for b in range(t + 1, self.geometry.depth)
+                ]
                 score = path_energy(later) * feature_energy(records[t]["attention"], records[t]["input"])
                 totals += score.sum(dim=0).double()
         return totals / len(self.images)
@@ -180,7 +198,9 @@ class _Search:
             if self.config.block_epochs > 0:
                 self._fit_block(block_t, block_next, self.tuning.inputs[t], self.tuning.outputs[t + 1][:, rows])
             with torch.no_grad():
-                estimate = torch.cat([block_next(block_t(x)) for x in self.check.inputs[t].split(self.config.batch_size)])
+                estimate = torch.cat(
+                    [block_next(block_t(x)) for x in self.check.inputs[t].split(self.config.batch_size)]
+                )
         return relative_error(estimate, self.check.outputs[t + 1][:, rows])
 
     def _fit_block(self, block_t: nn.Module, block_next: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> None:
@@ -282,29 +302,46 @@ def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, confi
 
 
 @register_method("patch-slim", PatchSlimConfig)
-def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
-                         checkpoints: Optional[Path] = None) -> MethodResult:
+def prune_patch_slimming(
+    model: nn.Module,
+    data: DataSplits,
+    config: PatchSlimConfig,
+    base: SlimPlan,
+    teacher: Optional[nn.Module] = None,
+    checkpoints: Optional[Path] = None,
+) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
         raise PruningError(POOLED_HEAD_REFUSAL)
     needed = config.calibration_images + config.block_tuning_images
     if len(data.train) < needed:
-        raise PruningError(f"Patch Slimming draws {config.calibration_images} calibration + {config.block_tuning_images} block-tuning images, "
-                           f"but the training data has {len(data.train)}: lower --calibration-images / --block-tuning-images")
+        raise PruningError(
+            f"Patch Slimming draws {config.calibration_images} calibration + {config.block_tuning_images} block-tuning images, "
+            f"but the training data has {len(data.train)}: lower --calibration-images / --block-tuning-images"
+        )
     torch.manual_seed(config.seed)
     check, tuning = calibration_set(data.train, needed, config.seed).split(config.calibration_images)
     check_features, tuning_features = (_teacher_features(teacher, s.images, config.batch_size) for s in (check, tuning))
 
     def make_search() -> _Search:
-        return _Search(copy.deepcopy(model).eval(), geometry, base, check.images, check_features, tuning_features, config)
+        return _Search(
+            copy.deepcopy(model).eval(), geometry, base, check.images, check_features, tuning_features, config
+        )
 
-    search_path, search_settings = phase_path(checkpoints, "search"), {"config": asdict(config), "data": data.source, "start": weights_digest(model)}
+    search_path, search_settings = (
+        phase_path(checkpoints, "search"),
+        {"config": asdict(config), "data": data.source, "start": weights_digest(model)},
+    )
     found = load_state(search_path, search_settings)
     if found is not None:  # the search of an interrupted run: its tuned weights and token sets
         student = copy.deepcopy(model).eval()
         student.load_state_dict(found["student"])
-        epsilon, token_sets, search_log = found["epsilon"], tuple(tuple(s) for s in found["token_sets"]), found["search_log"]
+        epsilon, token_sets, search_log = (
+            found["epsilon"],
+            tuple(tuple(s) for s in found["token_sets"]),
+            found["search_log"],
+        )
     else:
         if config.target_macs is not None:
             epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
@@ -313,14 +350,36 @@ def prune_patch_slimming(model: nn.Module, data: DataSplits, config: PatchSlimCo
             token_sets, search_log = search.run(epsilon)
         student = search.student
         if search_path is not None and is_main_process():
-            save_state(search_path, search_settings, {"student": student.state_dict(), "epsilon": epsilon, "token_sets": [list(s) for s in token_sets], "search_log": search_log})
+            save_state(
+                search_path,
+                search_settings,
+                {
+                    "student": student.state_dict(),
+                    "epsilon": epsilon,
+                    "token_sets": [list(s) for s in token_sets],
+                    "search_log": search_log,
+                },
+            )
     plan = plan_from_token_sets(token_sets, base, geometry.num_tokens)
-    report = {"config": asdict(config), "epsilon": epsilon, "top1_dense": evaluate(model, data.val),
-              "calibration_classes": check.class_histogram, "block_tuning_classes": tuning.class_histogram,
-              "calibration_indices": list(check.indices), "block_tuning_indices": list(tuning.indices)}
+    report = {
+        "config": asdict(config),
+        "epsilon": epsilon,
+        "top1_dense": evaluate(model, data.val),
+        "calibration_classes": check.class_histogram,
+        "block_tuning_classes": tuning.class_histogram,
+        "calibration_indices": list(check.indices),
+        "block_tuning_indices": list(tuning.indices),
+    }
     masked = MaskedReference(student, plan)
     report["top1_after_search"] = evaluate(masked, data.val)
-    train = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
+    train = TrainConfig(
+        epochs=config.finetune_epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        distill_weight=config.distill_weight,
+        seed=config.seed,
+        warmup_epochs=0,
+    )
     finetune = fit(masked, data, train, teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_search"],

@@ -5,6 +5,7 @@ requested fraction of the gated dimensions, gate values folded into the weights,
 The gates live on the same four channel spaces the SlimPlan selects in (CHANNEL_SPACES), so the
 result is a plan with `qkv_in`, `proj_in`, `fc1_in` and `hidden` per block.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,17 +16,17 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..data import DataSplits
-from vitslim.settings import setting
+from vitslim.core.settings import setting
 
+from ..checkpoints import phase_path
+from ..data import DataSplits
 from ..errors import PruningError
 from ..macs import kept_channels
-from .base import MethodResult, dense_start, register_method
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, scaled_channels
 from ..timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
-from ..checkpoints import phase_path
 from ..train import TrainConfig, evaluate, fit, parameter_groups
+from .base import MethodResult, dense_start, register_method
 
 GateKey = tuple[int, str]  # (block index, channel space)
 
@@ -39,14 +40,22 @@ class VTPConfig:
     lr: float = setting(5e-4, "learning rate of the weights")
     gate_lr: float = setting(1e-2, "learning rate of the gates (they move much further than the weights)")
     batch_size: int = setting(64, "batch size")
-    distill_weight: float = setting(0.0, "weight of logit distillation from the dense model, in [0, 1] (the paper uses none)")
-    round_to: int = setting(8, "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md)")
+    distill_weight: float = setting(
+        0.0, "weight of logit distillation from the dense model, in [0, 1] (the paper uses none)"
+    )
+    round_to: int = setting(
+        8,
+        "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs "
+        "aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md)",
+    )
     per_module: bool = setting(False, "one threshold per gate instead of one global threshold")
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio < 1.0:
-            raise PruningError(f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims")
+            raise PruningError(
+                f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims"
+            )
         if self.l1 < 0:
             raise PruningError(f"--l1 {self.l1} must be >= 0")
         if self.round_to < 1:
@@ -90,7 +99,11 @@ def ranking_scores(gates: Mapping[GateKey, torch.Tensor], seed: int = 0) -> dict
     """|gate| in float64 plus a tiny seeded jitter, so that equal gates (e.g. all still 1) are
     ranked by a fixed random order instead of by position."""
     generator = torch.Generator().manual_seed(seed)
-    return {key: gate.detach().abs().double().cpu() + 1e-9 * torch.rand(gate.numel(), generator=generator, dtype=torch.float64) for key, gate in gates.items()}
+    return {
+        key: gate.detach().abs().double().cpu()
+        + 1e-9 * torch.rand(gate.numel(), generator=generator, dtype=torch.float64)
+        for key, gate in gates.items()
+    }
 
 
 def kept_counts(scores: Mapping[GateKey, torch.Tensor], ratio: float, per_module: bool) -> dict[GateKey, int]:
@@ -125,11 +138,17 @@ def top_indices(scores: torch.Tensor, count: int, groups: int = 1) -> tuple[int,
     """Indices of the `count` largest scores, taken equally from `groups` contiguous groups; sorted."""
     size = scores.numel() // groups
     per_group = count // groups
-    kept = [g * size + int(i) for g in range(groups) for i in torch.topk(scores[g * size:(g + 1) * size], per_group).indices]
+    kept = [
+        g * size + int(i)
+        for g in range(groups)
+        for i in torch.topk(scores[g * size : (g + 1) * size], per_group).indices
+    ]
     return tuple(sorted(kept))
 
 
-def plan_from_gates(gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig) -> SlimPlan:
+def plan_from_gates(
+    gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig
+) -> SlimPlan:
     """The plan that keeps, per gate, the dims that survive the threshold (constrained as above)."""
     scores = ranking_scores(gates, config.seed)
     counts = kept_counts(scores, config.prune_ratio, config.per_module)
@@ -162,7 +181,14 @@ def fold_gates(model: nn.Module, gates: Mapping[GateKey, torch.Tensor]) -> nn.Mo
 
 
 def _train_config(config: VTPConfig, epochs: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, lr=config.lr, batch_size=config.batch_size, distill_weight=config.distill_weight, seed=config.seed, warmup_epochs=0)
+    return TrainConfig(
+        epochs=epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        distill_weight=config.distill_weight,
+        seed=config.seed,
+        warmup_epochs=0,
+    )
 
 
 def kept_dims_table(plan: SlimPlan, geometry: ViTGeometry) -> list[dict]:
@@ -176,23 +202,44 @@ def pruned_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
 
 
 @register_method("vtp", VTPConfig)
-def prune_vtp(model: nn.Module, data: DataSplits, config: VTPConfig, base: SlimPlan, teacher: Optional[nn.Module] = None,
-              checkpoints: Optional[Path] = None) -> MethodResult:
+def prune_vtp(
+    model: nn.Module,
+    data: DataSplits,
+    config: VTPConfig,
+    base: SlimPlan,
+    teacher: Optional[nn.Module] = None,
+    checkpoints: Optional[Path] = None,
+) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "VTP")
     teacher = teacher if config.distill_weight > 0 else None
     report = {"config": asdict(config), "top1_dense": evaluate(model, data.val)}
     gates = VTPGates(geometry)
     gated = GatedModel(copy.deepcopy(model), gates)
-    groups = parameter_groups(gated.model, TrainConfig.weight_decay) + [{"params": list(gates.parameters()), "lr": config.gate_lr, "weight_decay": 0.0}]
-    sparsity = fit(gated, data, _train_config(config, config.sparsity_epochs), teacher=teacher, extra_loss=lambda: config.l1 * gates.l1(), groups=groups,
-                   checkpoint_path=phase_path(checkpoints, "sparsity"))
+    groups = parameter_groups(gated.model, TrainConfig.weight_decay) + [
+        {"params": list(gates.parameters()), "lr": config.gate_lr, "weight_decay": 0.0}
+    ]
+    sparsity = fit(
+        gated,
+        data,
+        _train_config(config, config.sparsity_epochs),
+        teacher=teacher,
+        extra_loss=lambda: config.l1 * gates.l1(),
+        groups=groups,
+        checkpoint_path=phase_path(checkpoints, "sparsity"),
+    )
     report["top1_after_sparsity_training"] = sparsity.val_top1
     plan = plan_from_gates(gates.as_dict(), geometry, base, config)
     folded = fold_gates(gated.model, gates.as_dict())
     masked = MaskedReference(folded, plan)
     report["top1_after_pruning"] = evaluate(masked, data.val)
-    finetune = fit(masked, data, _train_config(config, config.finetune_epochs), teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
+    finetune = fit(
+        masked,
+        data,
+        _train_config(config, config.finetune_epochs),
+        teacher=teacher,
+        checkpoint_path=phase_path(checkpoints, "finetune"),
+    )
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_pruning"],
         pruned_fraction=pruned_fraction(plan, geometry),

@@ -1,18 +1,19 @@
 """Engines built ahead of time with TensorRT-RTX on this CPU machine (full TensorRT where present)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx, manifest_path_of
 from vitslim.deploy.errors import DeployError
-from vitslim.files import sha256_of
 from vitslim.deploy.tensorrt_lib import find_tensorrt
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+
+from vitslim.core.files import sha256_of
 
 TRT = find_tensorrt()
 needs_builder = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_rtx is installed")
@@ -28,11 +29,31 @@ def onnx_files(tmp_path_factory):
     dense = dense_plan(SPEC, 3)
     channel = dense
     for block in range(3):
-        channel = channel.with_block(block, BlockPlan(qkv_in=tuple(range(16)), proj_in=(0, 1, 2, 3, 16, 17, 18, 19), fc1_in=tuple(range(8, 32)), hidden=tuple(range(0, 128, 4))))
-    tokens = dense.with_block(0, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9))).with_block(1, BlockPlan(kept_tokens=(0, 2, 3))).with_block(2, BlockPlan(kept_tokens=(0,)))
-    mixed = dense.with_block(0, BlockPlan(static_attention=torch.rand(2, 17, 17).softmax(-1))).with_block(1, BlockPlan(token_aggregation=torch.rand(4, 16)))
+        channel = channel.with_block(
+            block,
+            BlockPlan(
+                qkv_in=tuple(range(16)),
+                proj_in=(0, 1, 2, 3, 16, 17, 18, 19),
+                fc1_in=tuple(range(8, 32)),
+                hidden=tuple(range(0, 128, 4)),
+            ),
+        )
+    tokens = (
+        dense.with_block(0, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9)))
+        .with_block(1, BlockPlan(kept_tokens=(0, 2, 3)))
+        .with_block(2, BlockPlan(kept_tokens=(0,)))
+    )
+    mixed = dense.with_block(0, BlockPlan(static_attention=torch.rand(2, 17, 17).softmax(-1))).with_block(
+        1, BlockPlan(token_aggregation=torch.rand(4, 16))
+    )
     files = {}
-    for name, plan, layout in (("dense", dense, "gather"), ("channel", channel, "gather"), ("tokens", tokens, "gather"), ("tokens_slice", tokens, "slice"), ("mixed", mixed, "gather")):
+    for name, plan, layout in (
+        ("dense", dense, "gather"),
+        ("channel", channel, "gather"),
+        ("tokens", tokens, "gather"),
+        ("tokens_slice", tokens, "slice"),
+        ("mixed", mixed, "gather"),
+    ):
         files[name] = export_plan(model, plan, root / f"{name}.onnx", images=IMAGES, token_layout=layout).onnx_path
     return files
 
@@ -40,12 +61,17 @@ def onnx_files(tmp_path_factory):
 @needs_builder
 @pytest.mark.parametrize("name", ["dense", "channel", "tokens", "tokens_slice", "mixed"])
 def test_every_exported_graph_builds_with_a_manifest(tmp_path, onnx_files, name):
-    settings = BuildSettings(profiles=(BatchProfile(1, 4, 16), BatchProfile(32, 32, 64)), timing_cache=tmp_path / "timing.cache")
+    settings = BuildSettings(
+        profiles=(BatchProfile(1, 4, 16), BatchProfile(32, 32, 64)), timing_cache=tmp_path / "timing.cache"
+    )
     result = engine_from_onnx(onnx_files[name], tmp_path / f"{name}.engine", settings)
     manifest = json.loads(manifest_path_of(result.engine_path).read_text())
     assert manifest == result.manifest
     assert manifest["library"] == TRT.name and manifest["version"] == TRT.version
-    assert manifest["engine"]["sha256"] == sha256_of(result.engine_path) and manifest["engine"]["bytes"] == result.engine_path.stat().st_size
+    assert (
+        manifest["engine"]["sha256"] == sha256_of(result.engine_path)
+        and manifest["engine"]["bytes"] == result.engine_path.stat().st_size
+    )
     assert manifest["onnx"]["sha256"] == sha256_of(onnx_files[name])
     assert manifest["profiles"] == [{"min": 1, "opt": 4, "max": 16}, {"min": 32, "opt": 32, "max": 64}]
     assert manifest["input"]["shape"] == [-1, 3, 16, 16]
@@ -59,7 +85,9 @@ def test_engine_shrinks_with_the_model(tmp_path):
     dense = dense_plan(SPEC, 3)
     slim = dense
     for block in range(3):
-        slim = slim.with_block(block, BlockPlan(proj_in=tuple(c for c in range(256) if c % 64 < 32), hidden=tuple(range(0, 1024, 2))))
+        slim = slim.with_block(
+            block, BlockPlan(proj_in=tuple(c for c in range(256) if c % 64 < 32), hidden=tuple(range(0, 1024, 2)))
+        )
     sizes, onnx_bytes = {}, {}
     for name, plan in (("dense", dense), ("slim", slim)):
         onnx_path = export_plan(model, plan, tmp_path / f"{name}.onnx", images=IMAGES).onnx_path
@@ -91,11 +119,20 @@ def test_the_onnx_decides_the_precision(tmp_path, onnx_files):
 @needs_builder
 def test_build_options_land_in_the_manifest(tmp_path, onnx_files):
     full = TRT.name == "tensorrt"
-    settings = BuildSettings(tf32=True, optimization_level=2, version_compatible=full, hardware_compatibility="ampere+" if full else "none",
-                             compute_capabilities=("SM86", "SM89") if TRT.name == "tensorrt_rtx" else ())
+    settings = BuildSettings(
+        tf32=True,
+        optimization_level=2,
+        version_compatible=full,
+        hardware_compatibility="ampere+" if full else "none",
+        compute_capabilities=("SM86", "SM89") if TRT.name == "tensorrt_rtx" else (),
+    )
     manifest = engine_from_onnx(onnx_files["channel"], tmp_path / "x.engine", settings).manifest
     assert manifest["manifest_version"] == 3 and manifest["precision"] == "fp32" and manifest["tolerance"] == "tf32"
-    assert manifest["build_options"] == settings.options() and manifest["build_options"]["tf32"] and manifest["build_options"]["optimization_level"] == 2
+    assert (
+        manifest["build_options"] == settings.options()
+        and manifest["build_options"]["tf32"]
+        and manifest["build_options"]["optimization_level"] == 2
+    )
     if not full:
         assert manifest["target"]["compute_capabilities"] == ["SM86", "SM89"]
         with pytest.raises(DeployError, match="--version-compatible is for full TensorRT"):
@@ -105,27 +142,38 @@ def test_build_options_land_in_the_manifest(tmp_path, onnx_files):
 
 
 def test_bad_build_options_are_refused():
-    for options, message in ((dict(optimization_level=7), "must be in 0..5"), (dict(hardware_compatibility="volta"), "is not one of"),
-                             (dict(dla_core=-1), "must be >= 0"), (dict(precision="int4"), "is not one of"), (dict(workspace_mb=0), "must be >= 1")):
+    for options, message in (
+        (dict(optimization_level=7), "must be in 0..5"),
+        (dict(hardware_compatibility="volta"), "is not one of"),
+        (dict(dla_core=-1), "must be >= 0"),
+        (dict(precision="int4"), "is not one of"),
+        (dict(workspace_mb=0), "must be >= 1"),
+    ):
         with pytest.raises(DeployError, match=message):
             BuildSettings(**options)
 
 
 @needs_builder
-def test_timing_cache_from_elsewhere_is_not_used_and_says_why(tmp_path, onnx_files, capsys):
-    if TRT.name == "tensorrt_rtx" and not hasattr(TRT.module.Builder(TRT.logger()).create_builder_config(), "create_timing_cache"):
+def test_timing_cache_from_elsewhere_is_not_used_and_says_why(tmp_path, onnx_files, caplog):
+    if TRT.name == "tensorrt_rtx" and not hasattr(
+        TRT.module.Builder(TRT.logger()).create_builder_config(), "create_timing_cache"
+    ):
         pytest.skip("no timing cache in this library")
     cache = tmp_path / "timing.cache"
     first = engine_from_onnx(onnx_files["dense"], tmp_path / "a.engine", BuildSettings(timing_cache=cache)).manifest
-    assert first["timing_cache"]["used"] is False and first["timing_cache"]["reason"] == "no cache yet" and cache.is_file()
+    assert (
+        first["timing_cache"]["used"] is False and first["timing_cache"]["reason"] == "no cache yet" and cache.is_file()
+    )
     second = engine_from_onnx(onnx_files["dense"], tmp_path / "b.engine", BuildSettings(timing_cache=cache)).manifest
     assert second["timing_cache"]["used"] is True
     key = json.loads((tmp_path / "timing.cache.json").read_text())
-    (tmp_path / "timing.cache.json").write_text(json.dumps({**key, "gpu": {"name": "another GPU", "compute_capability": "7.5"}}))
-    capsys.readouterr()
+    (tmp_path / "timing.cache.json").write_text(
+        json.dumps({**key, "gpu": {"name": "another GPU", "compute_capability": "7.5"}})
+    )
+    caplog.clear()
     third = engine_from_onnx(onnx_files["dense"], tmp_path / "c.engine", BuildSettings(timing_cache=cache)).manifest
     assert third["timing_cache"]["used"] is False and "another GPU" in third["timing_cache"]["reason"]
-    assert "timing cache" in capsys.readouterr().out and json.loads((tmp_path / "timing.cache.json").read_text()) == key
+    assert "timing cache" in caplog.text and json.loads((tmp_path / "timing.cache.json").read_text()) == key
 
 
 @needs_builder
@@ -138,7 +186,12 @@ def test_engine_cache_reuses_an_engine_built_for_the_same_inputs(tmp_path, onnx_
     second, reused = cached_engine(onnx_files["tokens"], tmp_path / "b.engine", settings, tmp_path / "cache")
     assert reused and (tmp_path / "b.engine").read_bytes() == (tmp_path / "a.engine").read_bytes()
     assert second.manifest["engine"]["file"] == "b.engine"
-    other, reused = cached_engine(onnx_files["tokens"], tmp_path / "c.engine", BuildSettings(profiles=(BatchProfile(1, 4, 8),)), tmp_path / "cache")
+    other, reused = cached_engine(
+        onnx_files["tokens"],
+        tmp_path / "c.engine",
+        BuildSettings(profiles=(BatchProfile(1, 4, 8),)),
+        tmp_path / "cache",
+    )
     assert not reused and len(list((tmp_path / "cache").glob("*.engine"))) == 2
 
 
@@ -160,7 +213,9 @@ def test_fp16_export_builds_a_smaller_engine(tmp_path):
     plan = dense_plan(SPEC, 2)
     sizes = {}
     for precision in ("fp32", "fp16"):
-        onnx_path = export_plan(model, plan, tmp_path / f"{precision}.onnx", images=IMAGES, precision=precision).onnx_path
+        onnx_path = export_plan(
+            model, plan, tmp_path / f"{precision}.onnx", images=IMAGES, precision=precision
+        ).onnx_path
         sizes[precision] = engine_from_onnx(onnx_path, tmp_path / f"{precision}.engine").manifest
     assert sizes["fp16"]["precision"] == "fp16" and sizes["fp16"]["engine"]["bytes"] < sizes["fp32"]["engine"]["bytes"]
 
@@ -180,8 +235,11 @@ def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
     engine.write_bytes(engine.read_bytes()[:-1] + b"x")
     with pytest.raises(DeployError, match="changed since it was built"):
         check_engine(engine)
-    for broken, message in (('{"engine": {', "is unreadable"), (json.dumps({"library": "tensorrt_rtx"}), "lacks manifest_version"),
-                            (json.dumps({**manifest, "manifest_version": 1}), "has version 1, this vitslim reads 3")):
+    for broken, message in (
+        ('{"engine": {', "is unreadable"),
+        (json.dumps({"library": "tensorrt_rtx"}), "lacks manifest_version"),
+        (json.dumps({**manifest, "manifest_version": 1}), "has version 1, this vitslim reads 3"),
+    ):
         manifest_path.write_text(broken)
         with pytest.raises(DeployError, match=message):
             check_engine(engine)
@@ -198,14 +256,22 @@ def test_attention_forms_build_and_the_manifest_records_them(tmp_path):
     model = tiny_vit(depth=3)
     plan = dense_plan(SPEC, 3)
     for block in range(3):
-        plan = plan.with_block(block, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9) if block == 0 else None, proj_in=(0, 1, 2, 3, 16, 17, 18, 19)))
+        plan = plan.with_block(
+            block,
+            BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9) if block == 0 else None, proj_in=(0, 1, 2, 3, 16, 17, 18, 19)),
+        )
     has_attention_layer = TRT.has_attention_layer
     for form, precision in (("attention-op", "fp32"), ("attention-op", "fp16"), ("matmul-softmax", "fp16")):
-        onnx_path = export_plan(model, plan, tmp_path / f"{form}-{precision}.onnx", images=IMAGES, attention=form, precision=precision).onnx_path
+        onnx_path = export_plan(
+            model, plan, tmp_path / f"{form}-{precision}.onnx", images=IMAGES, attention=form, precision=precision
+        ).onnx_path
         manifest = engine_from_onnx(onnx_path, tmp_path / f"{form}-{precision}.engine").manifest
         layers = 3 if form == "attention-op" and has_attention_layer else 0
         assert manifest["network"] == {"typing": "strongly typed", "attention_form": form, "attention_layers": layers}
     mha = export_plan(model, plan, tmp_path / "mha.onnx", images=IMAGES, attention="ort-mha").onnx_path
-    with pytest.raises(DeployError, match="com.microsoft.MultiHeadAttention, which TensorRT cannot parse: export with --attention attention-op"):
+    with pytest.raises(
+        DeployError,
+        match="com.microsoft.MultiHeadAttention, which TensorRT cannot parse: export with --attention attention-op",
+    ):
         engine_from_onnx(mha, tmp_path / "mha.engine")
     assert not (tmp_path / "mha.engine").exists()

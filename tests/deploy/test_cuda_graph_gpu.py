@@ -3,13 +3,13 @@ is a device-to-device copy): a captured graph replays what was enqueued, reading
 contents at replay time; a failed or invalidated capture is a one-line error that leaves the
 stream usable; CUDA events time a replay. The TensorRT enqueue inside the capture is what
 `vitslim selftest` checks on a TensorRT machine (replayed output against the reference)."""
+
 from __future__ import annotations
 
 import ctypes
 
 import numpy as np
 import pytest
-
 from vitslim.deploy.cuda_graph import CapturedGraph, CudaRuntime, EventTimer
 from vitslim.deploy.errors import DeployError
 
@@ -23,7 +23,10 @@ def cuda():
     from polygraphy import cuda
 
     stream = cuda.Stream()
-    source, target = cuda.DeviceArray(shape=(1 << 20,), dtype=np.float32), cuda.DeviceArray(shape=(1 << 20,), dtype=np.float32)
+    source, target = (
+        cuda.DeviceArray(shape=(1 << 20,), dtype=np.float32),
+        cuda.DeviceArray(shape=(1 << 20,), dtype=np.float32),
+    )
     yield cuda, CudaRuntime.from_polygraphy(cuda), stream, source, target
     for array in (source, target):
         array.free()
@@ -32,8 +35,14 @@ def cuda():
 
 def copy_on(runtime, stream, source, target):
     def enqueue() -> bool:
-        runtime.call("cudaMemcpyAsync", ctypes.c_void_p(target.ptr), ctypes.c_void_p(source.ptr), ctypes.c_size_t(source.nbytes),
-                     ctypes.c_int(DEVICE_TO_DEVICE), ctypes.c_void_p(stream.ptr))
+        runtime.call(
+            "cudaMemcpyAsync",
+            ctypes.c_void_p(target.ptr),
+            ctypes.c_void_p(source.ptr),
+            ctypes.c_size_t(source.nbytes),
+            ctypes.c_int(DEVICE_TO_DEVICE),
+            ctypes.c_void_p(stream.ptr),
+        )
         return True
 
     return enqueue
@@ -64,11 +73,19 @@ def test_a_captured_graph_replays_with_the_buffers_contents_at_replay_time(cuda)
 
 def test_failed_and_invalidated_captures_are_one_line_errors_that_leave_the_stream_usable(cuda):
     _, runtime, stream, source, target = cuda
-    with pytest.raises(DeployError, match=r"^a copy cannot be captured in a CUDA graph \(it could not be enqueued during stream capture\)"):
+    with pytest.raises(
+        DeployError,
+        match=r"^a copy cannot be captured in a CUDA graph \(it could not be enqueued during stream capture\)",
+    ):
         CapturedGraph(runtime, stream.ptr, lambda: False, "a copy")
 
     def synchronous_copy() -> bool:  # not allowed while a thread-local capture is under way: it invalidates the capture
-        runtime.library.cudaMemcpy(ctypes.c_void_p(target.ptr), ctypes.c_void_p(source.ptr), ctypes.c_size_t(source.nbytes), ctypes.c_int(DEVICE_TO_DEVICE))
+        runtime.library.cudaMemcpy(
+            ctypes.c_void_p(target.ptr),
+            ctypes.c_void_p(source.ptr),
+            ctypes.c_size_t(source.nbytes),
+            ctypes.c_int(DEVICE_TO_DEVICE),
+        )
         return True
 
     with pytest.raises(DeployError, match=r"cannot be captured in a CUDA graph \(cudaErrorStreamCapture"):

@@ -1,4 +1,5 @@
 """The paired A/B gate: its interval, its three verdicts on runners of known speed, and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
+from vitslim.deploy.gate import PASS, REGRESSION, UNDECIDED, ABSettings, median_interval, paired_ab
+from vitslim.deploy.runners import Runner
 
 from benchmarks.gate_ab import SlowedRunner
 from vitslim.cli import main
-from vitslim.deploy.gate import PASS, REGRESSION, UNDECIDED, ABSettings, median_interval, paired_ab
-from vitslim.deploy.runners import Runner
 
 
 class SpinRunner(Runner):
@@ -55,7 +56,11 @@ def test_a_ratio_at_the_threshold_stays_undecided_until_the_time_limit():
     settings = ABSettings(warmup_seconds=0.0, max_seconds=1.0, fail=0.1)
     with SpinRunner(1.0, noise=1.0, seed=1) as a, SlowedRunner(SpinRunner(1.0, noise=1.0, seed=2), 0.1) as b:
         result = paired_ab(a, b, IMAGES, settings)
-    assert result.exit_code == UNDECIDED and "undecided" in result.message and result.interval[0] <= 1.1 <= result.interval[1]
+    assert (
+        result.exit_code == UNDECIDED
+        and "undecided" in result.message
+        and result.interval[0] <= 1.1 <= result.interval[1]
+    )
 
 
 def test_ab_cli_writes_json_and_markdown(tmp_path, capsys):
@@ -65,8 +70,22 @@ def test_ab_cli_writes_json_and_markdown(tmp_path, capsys):
 
     model = tiny_vit()
     export_plan(model, dense_plan(ModelSpec("deit_tiny_patch16_224", {}), 3), tmp_path / "m.onnx")
-    code = main(["gate", "--ab", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--threads", "1", "--warmup-seconds", "0.1",
-                 "--fail", "0.5", "--json", str(tmp_path / "ab.json")])
+    code = main(
+        [
+            "gate",
+            "--ab",
+            str(tmp_path / "m.onnx"),
+            str(tmp_path / "m.onnx"),
+            "--threads",
+            "1",
+            "--warmup-seconds",
+            "0.1",
+            "--fail",
+            "0.5",
+            "--json",
+            str(tmp_path / "ab.json"),
+        ]
+    )
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "ab.json").read_text())
     assert code == report["exit_code"] == PASS, out

@@ -1,18 +1,19 @@
 """The onnxruntime runner: CPU here; on a CUDA machine with onnxruntime-gpu, device-bound IO, the
 graph's own dtype, CUDA-graph replays per batch shape and CUDA-event timing (gpu marker)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.deploy.bench import BenchSettings, benchmark
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.runners import OnnxRuntimeRunner
 from vitslim.export.onnx_export import export_plan
-from vitslim.precision import compare_outputs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+
+from vitslim.core.precision import compare_outputs
 
 IMAGES = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 QUICK = BenchSettings(warmup_seconds=0.0, min_seconds=0.0, min_iterations=5, max_rounds=1)
@@ -22,14 +23,26 @@ QUICK = BenchSettings(warmup_seconds=0.0, min_seconds=0.0, min_iterations=5, max
 def onnx_files(tmp_path_factory):
     """fp32 and fp16 exports of a token- and value-pruned plan, in the default form and in ort-mha."""
     root, model = tmp_path_factory.mktemp("ort"), tiny_vit()
-    plan = dense_plan(ModelSpec("deit_tiny_patch16_224"), 3).with_block(0, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9), proj_in=(0, 1, 2, 3, 16, 17, 18, 19)))
-    return {(precision, form): export_plan(model, plan, root / f"{precision}-{form}.onnx", images=IMAGES, precision=precision, attention=form).onnx_path
-            for precision in ("fp32", "fp16") for form in ("attention-op", "ort-mha")}
+    plan = dense_plan(ModelSpec("deit_tiny_patch16_224"), 3).with_block(
+        0, BlockPlan(kept_tokens=(0, 1, 2, 5, 6, 9), proj_in=(0, 1, 2, 3, 16, 17, 18, 19))
+    )
+    return {
+        (precision, form): export_plan(
+            model, plan, root / f"{precision}-{form}.onnx", images=IMAGES, precision=precision, attention=form
+        ).onnx_path
+        for precision in ("fp32", "fp16")
+        for form in ("attention-op", "ort-mha")
+    }
 
 
 def test_cpu_runner_runs_fp16_graphs_in_their_own_input_dtype(onnx_files):
-    with OnnxRuntimeRunner(onnx_files[("fp32", "attention-op")]) as fp32, OnnxRuntimeRunner(onnx_files[("fp16", "attention-op")]) as fp16:
-        assert fp32.input_dtype == np.float32 and fp16.input_dtype == np.float32  # fp16 exports keep fp32 inputs and outputs
+    with (
+        OnnxRuntimeRunner(onnx_files[("fp32", "attention-op")]) as fp32,
+        OnnxRuntimeRunner(onnx_files[("fp16", "attention-op")]) as fp16,
+    ):
+        assert (
+            fp32.input_dtype == np.float32 and fp16.input_dtype == np.float32
+        )  # fp16 exports keep fp32 inputs and outputs
         parity = compare_outputs(fp32.infer(IMAGES.numpy()), fp16.infer(IMAGES.numpy()))
         assert parity.top1_agreement == 1.0 and parity.max_abs_diff < 1e-2
         fp32.run_prepared(fp32.prepare(IMAGES.numpy()))
@@ -77,8 +90,17 @@ def test_results_stored_before_the_rename_are_measured_again(onnx_files):
     still re-measures (the gate does so for noisy results)."""
     from vitslim.measure import BenchSpec, remeasure, run_bench
 
-    report = run_bench(BenchSpec(artifact=str(onnx_files[("fp32", "attention-op")]), backend="onnxruntime", batches=(2,)), QUICK)
-    stored = {**report, "spec": {**{k: v for k, v in report["spec"].items() if k != "cuda_graph"}, "tensorrt_cuda_graph": True}}
+    report = run_bench(
+        BenchSpec(artifact=str(onnx_files[("fp32", "attention-op")]), backend="onnxruntime", batches=(2,)), QUICK
+    )
+    stored = {
+        **report,
+        "spec": {**{k: v for k, v in report["spec"].items() if k != "cuda_graph"}, "tensorrt_cuda_graph": True},
+    }
     again = remeasure(stored, QUICK)
     # the old switch was TensorRT's alone: an onnxruntime result was measured without graphs, and is again
-    assert again["spec"]["cuda_graph"] is False and "tensorrt_cuda_graph" not in again["spec"] and again["results"][0]["median_ms"] > 0
+    assert (
+        again["spec"]["cuda_graph"] is False
+        and "tensorrt_cuda_graph" not in again["spec"]
+        and again["results"][0]["median_ms"] > 0
+    )

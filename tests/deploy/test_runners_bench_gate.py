@@ -1,4 +1,5 @@
 """Runners against the masked reference, the benchmark statistics, and the regression gate."""
+
 from __future__ import annotations
 
 import time
@@ -6,8 +7,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from benchmarks.gate_ab import SlowedRunner
 from conftest import tiny_vit
 from vitslim.deploy.bench import BenchSettings, benchmark, fingerprint_id, summarize
 from vitslim.deploy.gate import NOT_COMPARABLE, PASS, REGRESSION, compare_results
@@ -15,12 +14,18 @@ from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, To
 from vitslim.deploy.tensorrt_lib import find_tensorrt
 from vitslim.export.compact import compact_from_plan
 from vitslim.export.onnx_export import export_plan
-from vitslim.precision import TOLERANCES, compare_outputs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference
 
+from benchmarks.gate_ab import SlowedRunner
+from vitslim.core.precision import TOLERANCES, compare_outputs
+
 MODEL = tiny_vit()
-PLAN = dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(kept_tokens=(0, 1, 4, 9, 12), hidden=tuple(range(64)))).with_block(2, BlockPlan(kept_tokens=(0,)))
+PLAN = (
+    dense_plan(ModelSpec("tiny"), 3)
+    .with_block(0, BlockPlan(kept_tokens=(0, 1, 4, 9, 12), hidden=tuple(range(64))))
+    .with_block(2, BlockPlan(kept_tokens=(0,)))
+)
 IMAGES = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
 QUICK = BenchSettings(warmup_seconds=0.2, min_seconds=0.5, min_iterations=12, max_cov=10.0, max_rounds=1)
 
@@ -39,7 +44,9 @@ def test_torch_and_onnxruntime_runners_match_the_reference(onnx_path):
     for runner in (TorchRunner(compact_from_plan(MODEL, PLAN)), OnnxRuntimeRunner(onnx_path)):
         with runner:
             for batch in (1, 5, 8):
-                assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).max_abs_diff <= 1e-4, runner.backend
+                assert compare_outputs(reference(IMAGES[:batch]), runner.infer(IMAGES[:batch])).max_abs_diff <= 1e-4, (
+                    runner.backend
+                )
 
 
 def test_summarize_statistics():
@@ -75,13 +82,25 @@ def test_gate_passes_itself_fails_a_15_percent_slowdown_and_refuses_other_finger
     other = {**baseline, "fingerprint": {**baseline["fingerprint"], "precision": "fp16"}}
     other["fingerprint_id"] = fingerprint_id(other["fingerprint"])
     refused = compare_results([other], [baseline], max_cov=10.0)
-    assert refused.exit_code == NOT_COMPARABLE and "precision is 'fp16' here but 'fp32' in the baseline" in refused.message
+    assert (
+        refused.exit_code == NOT_COMPARABLE and "precision is 'fp16' here but 'fp32' in the baseline" in refused.message
+    )
     missing = compare_results([{**baseline, "batch": 64}], [baseline], max_cov=10.0)
-    assert missing.exit_code == NOT_COMPARABLE and "no baseline for steady at batch 64 (the baseline has steady at batch 32)" in missing.message
+    assert (
+        missing.exit_code == NOT_COMPARABLE
+        and "no baseline for steady at batch 64 (the baseline has steady at batch 32)" in missing.message
+    )
 
 
 def test_gate_refuses_noisy_results():
-    result = {"fingerprint_id": "x", "fingerprint": {"batch": 1}, "batch": 1, "median_ms": 1.0, "cov": 0.5, "label": "a"}
+    result = {
+        "fingerprint_id": "x",
+        "fingerprint": {"batch": 1},
+        "batch": 1,
+        "median_ms": 1.0,
+        "cov": 0.5,
+        "label": "a",
+    }
     verdict = compare_results([result], [result], max_cov=0.1)
     assert verdict.exit_code == NOT_COMPARABLE and "re-measure" in verdict.message
 
@@ -129,16 +148,35 @@ def test_tensorrt_runner_matches_the_reference(tmp_path, onnx_path):
 
 def test_speed_ups_are_taken_against_the_baseline_beside_the_mac_ideal():
     from vitslim.deploy.bench import speedup_columns
+
     from vitslim.measure import latency_ratios
 
     assert speedup_columns(10.0, 5.0, 0.4) == {"speedup": 2.0, "mac_ideal": 2.5, "realised_over_ideal": 0.8}
-    results = [{"label": "torch:timm", "batch": 8, "median_ms": 10.0}, {"label": "torch:compact", "batch": 8, "median_ms": 5.0},
-               {"label": "onnxruntime:m.onnx", "batch": 8, "median_ms": 4.0}, {"label": "torch:compact", "batch": 1, "median_ms": 1.0}]
+    results = [
+        {"label": "torch:timm", "batch": 8, "median_ms": 10.0},
+        {"label": "torch:compact", "batch": 8, "median_ms": 5.0},
+        {"label": "onnxruntime:m.onnx", "batch": 8, "median_ms": 4.0},
+        {"label": "torch:compact", "batch": 1, "median_ms": 1.0},
+    ]
     rows = latency_ratios(results, {"torch:compact": 0.5, "onnxruntime:m.onnx": None})
     # batch 1 has no baseline in the same run: no ratio; unknown MACs: no ideal
     assert rows == [
-        {"label": "torch:compact", "batch": 8, "baseline": "torch:timm", "speedup": 2.0, "mac_ideal": 2.0, "realised_over_ideal": 1.0},
-        {"label": "onnxruntime:m.onnx", "batch": 8, "baseline": "torch:timm", "speedup": 2.5, "mac_ideal": None, "realised_over_ideal": None},
+        {
+            "label": "torch:compact",
+            "batch": 8,
+            "baseline": "torch:timm",
+            "speedup": 2.0,
+            "mac_ideal": 2.0,
+            "realised_over_ideal": 1.0,
+        },
+        {
+            "label": "onnxruntime:m.onnx",
+            "batch": 8,
+            "baseline": "torch:timm",
+            "speedup": 2.5,
+            "mac_ideal": None,
+            "realised_over_ideal": None,
+        },
     ]
 
 

@@ -6,14 +6,13 @@ CUDA runtime too), and TensorRT-RTX's runtime cache read, checked and written ba
 numbers, capture into graphs whose replays compute them too, and are timed correctly) is
 `vitslim selftest`'s job on the user's machine; deploy/cuda_graph.py's CUDA calls themselves are
 checked on a real GPU by tests/deploy/test_cuda_graph_gpu.py."""
+
 from __future__ import annotations
 
-import ctypes
 import types
 
 import numpy as np
 import pytest
-
 from vitslim.deploy import runners
 from vitslim.deploy.errors import DeployError
 
@@ -91,8 +90,10 @@ class FakeTrtRunner:
         self.log.append(("profile", index))
 
     def infer(self, feed, check_inputs=True, copy_outputs_to_host=True):
-        (name, images), = feed.items()
-        self.log.append(("infer", name, len(images), images.dtype) if copy_outputs_to_host else ("infer on device", name))
+        ((name, images),) = feed.items()
+        self.log.append(
+            ("infer", name, len(images), images.dtype) if copy_outputs_to_host else ("infer on device", name)
+        )
         return {"logits": np.zeros((images.shape[0], 10), dtype=np.float32)}
 
 
@@ -143,14 +144,23 @@ def fake(monkeypatch):
         CudaGraphStrategy=types.SimpleNamespace(WHOLE_GRAPH_CAPTURE="whole graph", DISABLED="disabled"),
     )
     trt = types.SimpleNamespace(module=module, name="tensorrt", version="10.13", logger=lambda: None)
-    manifest = {"library": "tensorrt", "version": "10.13", "profiles": [{"min": 1, "opt": 2, "max": 4}, {"min": 8, "opt": 8, "max": 16}],
-                "build_options": {"version_compatible": False}, "engine": {"sha256": "x"}, "onnx": {"sha256": "y"}, "precision": "fp16"}
+    manifest = {
+        "library": "tensorrt",
+        "version": "10.13",
+        "profiles": [{"min": 1, "opt": 2, "max": 4}, {"min": 8, "opt": 8, "max": 16}],
+        "build_options": {"version_compatible": False},
+        "engine": {"sha256": "x"},
+        "onnx": {"sha256": "y"},
+        "precision": "fp16",
+    }
     cudart = FakeCudart(log)
     cuda = types.SimpleNamespace(wrapper=lambda: types.SimpleNamespace(handle=cudart), DeviceArray=FakeDeviceArray)
     monkeypatch.setattr(runners, "check_engine", lambda path: manifest)
     monkeypatch.setattr(runners, "require_tensorrt", lambda library: trt)
     monkeypatch.setattr(runners, "import_polygraphy", lambda library: (cuda, FakeTrtRunner))
-    monkeypatch.setattr("vitslim.deploy.gpu.gpu_info", lambda index=0: {"name": "Fake GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(
+        "vitslim.deploy.gpu.gpu_info", lambda index=0: {"name": "Fake GPU", "compute_capability": "9.0"}
+    )
     return types.SimpleNamespace(manifest=manifest, log=log, engine=engine, trt=trt, cudart=cudart)
 
 
@@ -163,14 +173,25 @@ def test_each_batch_gets_the_profile_that_holds_it(tmp_path, fake):
         log = runner.runner.log
     log = [entry for entry in log if not str(entry).startswith("cudaEvent")]
     # profile 0 is active after activation; switching only when the batch needs another profile
-    assert log == ["activate", ("infer", "images", 2, np.float16), ("profile", 1), ("infer", "images", 16, np.float16),
-                   ("profile", 0), ("infer", "images", 3, np.float16), ("profile", 1), ("infer", "images", 8, np.float16), "deactivate"]
+    assert log == [
+        "activate",
+        ("infer", "images", 2, np.float16),
+        ("profile", 1),
+        ("infer", "images", 16, np.float16),
+        ("profile", 0),
+        ("infer", "images", 3, np.float16),
+        ("profile", 1),
+        ("infer", "images", 8, np.float16),
+        "deactivate",
+    ]
 
 
 def test_a_batch_outside_every_profile_is_refused_before_any_work(tmp_path, fake):
     (tmp_path / "m.engine").write_bytes(b"engine")
     with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
-        with pytest.raises(DeployError, match=r"batch 5 is outside every optimisation profile of m.engine \(1..4, 8..16\)"):
+        with pytest.raises(
+            DeployError, match=r"batch 5 is outside every optimisation profile of m.engine \(1..4, 8..16\)"
+        ):
             runner.infer(np.zeros((5, 3, 4, 4), dtype=np.float32))
         assert [entry for entry in runner.runner.log if not str(entry).startswith("cudaEvent")] == ["activate"]
 
@@ -212,22 +233,40 @@ def test_timing_binds_fixed_buffers_and_replays_a_captured_graph(tmp_path, fake)
         prepared = runner.prepare(images)
         # fixed addresses and no output allocator, one enqueue (TensorRT flushes deferred updates
         # there), then the capture of one enqueue on the runner's stream
-        assert fake.log == [("profile", 1), ("shape", "images", (8, 3, 4, 4)), ("address", "images", 4096 + 8 + 3 + 4 + 4),
-                            ("allocator", "logits", None), ("address", "logits", 4096 + 8 + 10), "enqueue",
-                            "cudaStreamBeginCapture", "enqueue", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags"]
+        assert fake.log == [
+            ("profile", 1),
+            ("shape", "images", (8, 3, 4, 4)),
+            ("address", "images", 4096 + 8 + 3 + 4 + 4),
+            ("allocator", "logits", None),
+            ("address", "logits", 4096 + 8 + 10),
+            "enqueue",
+            "cudaStreamBeginCapture",
+            "enqueue",
+            "cudaStreamEndCapture",
+            "cudaGraphInstantiateWithFlags",
+        ]
         assert str((8, 3, 4, 4)) in runner.setup_seconds
         del fake.log[:]
         runner.time_ms(prepared)
         runner.time_ms(prepared)
-        assert fake.log == [TIMING_EVENTS[0], "cudaGraphLaunch", *TIMING_EVENTS[1:]] * 2  # replays only: no enqueue, no capture
+        assert (
+            fake.log == [TIMING_EVENTS[0], "cudaGraphLaunch", *TIMING_EVENTS[1:]] * 2
+        )  # replays only: no enqueue, no capture
         assert runner.bound_output().shape == (8, 10)
         del fake.log[:]
         runner.infer(images)  # Polygraphy rebinds the context to its own buffers: the graph goes
         assert fake.log == ["cudaGraphExecDestroy", "cudaGraphDestroy", ("infer", "images", 8, np.float16)]
         del fake.log[:]
         runner.time_ms(prepared)  # and is captured again, outside the timed interval
-        assert fake.log[-9:] == ["cudaStreamBeginCapture", "enqueue", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags",
-                                 TIMING_EVENTS[0], "cudaGraphLaunch", *TIMING_EVENTS[1:]]
+        assert fake.log[-9:] == [
+            "cudaStreamBeginCapture",
+            "enqueue",
+            "cudaStreamEndCapture",
+            "cudaGraphInstantiateWithFlags",
+            TIMING_EVENTS[0],
+            "cudaGraphLaunch",
+            *TIMING_EVENTS[1:],
+        ]
         assert runner.description["cuda_graph"] is True
 
 
@@ -235,12 +274,21 @@ def test_a_failed_capture_is_a_one_line_error_and_leaves_no_binding(tmp_path, fa
     (tmp_path / "m.engine").write_bytes(b"engine")
     with runners.TensorRTRunner(tmp_path / "m.engine") as runner:
         fake.engine.enqueue_succeeds[:] = [True, False]  # the warm-up enqueue works, the captured one does not
-        with pytest.raises(DeployError, match=r"^m.engine cannot be captured in a CUDA graph \(it could not be enqueued during stream capture\): time it with --no-cuda-graph$"):
+        with pytest.raises(
+            DeployError,
+            match=r"^m.engine cannot be captured in a CUDA graph \(it could not be enqueued during stream capture\): time it with --no-cuda-graph$",
+        ):
             runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
-        assert fake.log[-3:] == ["enqueue", "cudaStreamEndCapture", "cudaGraphDestroy"]  # capture ended, the partial graph freed
+        assert fake.log[-3:] == [
+            "enqueue",
+            "cudaStreamEndCapture",
+            "cudaGraphDestroy",
+        ]  # capture ended, the partial graph freed
         assert runner._bound is None
         fake.cudart.failing["cudaStreamEndCapture"] = 901  # capture invalidated by an operation TensorRT cannot capture
-        with pytest.raises(DeployError, match=r"cannot be captured in a CUDA graph \(cudaErrorStreamCaptureInvalidated\)"):
+        with pytest.raises(
+            DeployError, match=r"cannot be captured in a CUDA graph \(cudaErrorStreamCaptureInvalidated\)"
+        ):
             runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
 
 
@@ -253,7 +301,11 @@ def test_tensorrt_rtx_replays_its_own_graph_and_without_graphs_polygraphy_enqueu
         prepared = runner.prepare(np.zeros((2, 3, 4, 4), dtype=np.float32))
         del fake.log[:]
         runner.time_ms(prepared)
-        assert fake.log == [TIMING_EVENTS[0], "enqueue", *TIMING_EVENTS[1:]]  # a bare enqueue: RTX captures and replays inside
+        assert fake.log == [
+            TIMING_EVENTS[0],
+            "enqueue",
+            *TIMING_EVENTS[1:],
+        ]  # a bare enqueue: RTX captures and replays inside
     assert "cudaStreamBeginCapture" not in fake.log
     fake.engine.config = types.SimpleNamespace()
     with runners.TensorRTRunner(tmp_path / "m.engine", cuda_graph=False) as runner:
@@ -275,7 +327,7 @@ class FakeRuntimeCache:
         return b"kernels compiled on this GPU"
 
 
-def test_tensorrt_rtx_runtime_cache_is_read_checked_and_written_back(tmp_path, fake, capsys):
+def test_tensorrt_rtx_runtime_cache_is_read_checked_and_written_back(tmp_path, fake, caplog):
     fake.manifest["library"], fake.trt.name = "tensorrt_rtx", "tensorrt_rtx"
     fake.manifest["engine"]["sha256"] = "ab" * 32
     (tmp_path / "m.engine").write_bytes(b"engine")
@@ -283,20 +335,26 @@ def test_tensorrt_rtx_runtime_cache_is_read_checked_and_written_back(tmp_path, f
     cache_file = cache_dir / ("ab" * 8 + runners.RUNTIME_CACHE_SUFFIX)
 
     def load():
-        fake.engine.config = types.SimpleNamespace(create_runtime_cache=FakeRuntimeCache, set_runtime_cache=lambda cache: True)
+        fake.engine.config = types.SimpleNamespace(
+            create_runtime_cache=FakeRuntimeCache, set_runtime_cache=lambda cache: True
+        )
         with runners.TensorRTRunner(tmp_path / "m.engine", runtime_cache=cache_dir) as runner:
             assert fake.engine.config.cuda_graph_strategy == "whole graph"
         return runner
 
-    assert load().runtime_cache_loaded is None and cache_file.read_bytes() == b"kernels compiled on this GPU"  # none yet: written at the end
+    assert (
+        load().runtime_cache_loaded is None and cache_file.read_bytes() == b"kernels compiled on this GPU"
+    )  # none yet: written at the end
     assert load().runtime_cache_loaded is True  # read back and accepted
     cache_file.write_bytes(b"kernels of another GPU")
-    capsys.readouterr()
+    caplog.clear()
     assert load().runtime_cache_loaded is False
-    assert "was made for another GPU, driver or version: not used" in capsys.readouterr().out
+    assert "was made for another GPU, driver or version: not used" in caplog.text
     assert cache_file.read_bytes() == b"kernels compiled on this GPU"  # replaced
     fake.manifest["library"] = "tensorrt"
-    with pytest.raises(DeployError, match="was built by tensorrt, whose engines carry their kernels: drop --runtime-cache"):
+    with pytest.raises(
+        DeployError, match="was built by tensorrt, whose engines carry their kernels: drop --runtime-cache"
+    ):
         runners.TensorRTRunner(tmp_path / "m.engine", runtime_cache=cache_dir)
 
 
@@ -307,7 +365,11 @@ def test_timing_a_batch_prepared_before_another_profile_was_chosen_switches_back
         runner.prepare(np.zeros((8, 3, 4, 4), dtype=np.float32))  # profile 1
         del fake.log[:]
         runner.time_ms(small)
-        assert fake.log[:3] == ["cudaGraphExecDestroy", "cudaGraphDestroy", ("profile", 0)]  # unbound, then back to the batch's profile
+        assert fake.log[:3] == [
+            "cudaGraphExecDestroy",
+            "cudaGraphDestroy",
+            ("profile", 0),
+        ]  # unbound, then back to the batch's profile
         assert ("shape", "images", (2, 3, 4, 4)) in fake.log and fake.log[-4] == "cudaGraphLaunch"
         runner.infer(np.zeros((2, 3, 4, 4), dtype=np.float32))
         with pytest.raises(DeployError, match="no batch is bound"):
@@ -317,8 +379,9 @@ def test_timing_a_batch_prepared_before_another_profile_was_chosen_switches_back
 def test_bench_checks_the_engine_once_and_refuses_an_out_of_profile_batch_first(tmp_path, fake, monkeypatch):
     """Checking an engine hashes all of it (seconds for a large one): bench checks it once and hands
     the manifest on (batches, input shape, precision, runner, export report)."""
-    from vitslim import measure
     from vitslim.deploy.bench import BenchSettings
+
+    from vitslim import measure
 
     checked = []
     monkeypatch.setattr(measure, "check_engine", lambda path: checked.append(path) or fake.manifest)
@@ -326,10 +389,15 @@ def test_bench_checks_the_engine_once_and_refuses_an_out_of_profile_batch_first(
     fake.manifest.update(input={"shape": [-1, 3, 4, 4]}, onnx={"file": "m.onnx", "sha256": "y"})
     (tmp_path / "m.engine").write_bytes(b"engine")
     settings = BenchSettings(warmup_seconds=0, min_seconds=0, min_iterations=3, max_iterations=3, max_rounds=1)
-    report = measure.run_bench(measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 8)), settings)
-    assert len(checked) == 1 and [(r["batch"], r["fingerprint"]["precision"], r["fingerprint"]["artifact_sha256"]) for r in report["results"]] == [
-        (2, "fp16", "x"), (8, "fp16", "x")]
+    report = measure.run_bench(
+        measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 8)), settings
+    )
+    assert len(checked) == 1 and [
+        (r["batch"], r["fingerprint"]["precision"], r["fingerprint"]["artifact_sha256"]) for r in report["results"]
+    ] == [(2, "fp16", "x"), (8, "fp16", "x")]
     work_logged = len(fake.log)  # CUDA and TensorRT calls
     with pytest.raises(DeployError, match="batch 5 is outside every optimisation profile"):
-        measure.run_bench(measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 5)), settings)
+        measure.run_bench(
+            measure.BenchSpec(artifact=str(tmp_path / "m.engine"), backend="tensorrt", batches=(2, 5)), settings
+        )
     assert len(checked) == 2 and len(fake.log) == work_logged  # refused before batch 2 was run

@@ -5,17 +5,17 @@ import json
 import onnx
 import pytest
 import torch
+from conftest import tiny_vit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import tiny_vit
 from vitslim.export.compact import slice_linear
 from vitslim.export.errors import ExportError
 from vitslim.export.onnx_export import export_plan, run_onnxruntime
-from vitslim.errors import VitslimError
-from vitslim.precision import Tolerance, compare_outputs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference
+
+from vitslim.core.errors import VitslimError
+from vitslim.core.precision import Tolerance, compare_outputs
 
 SPEC = ModelSpec("deit_tiny_patch16_224")
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -46,7 +46,7 @@ def test_compare_outputs():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_outputs_never_pass(bad):
     """One NaN or Inf logit fails every tolerance, even where argmax still agrees."""
-    from vitslim.precision import TOLERANCES
+    from vitslim.core.precision import TOLERANCES
 
     reference = torch.tensor([[1.0, 2.0], [3.0, 1.0]]).numpy()
     candidate = reference.copy()
@@ -80,7 +80,9 @@ def test_token_pruned_export_is_static_and_smaller(tmp_path):
     gathers = [n for n in graph.graph.node if n.op_type == "Gather"]
     initializers = {i.name for i in graph.graph.initializer}
     constants = {n.output[0] for n in graph.graph.node if n.op_type == "Constant"}
-    assert gathers and all(n.input[1] in initializers | constants for n in gathers), "token Gathers must use constant indices"
+    assert gathers and all(n.input[1] in initializers | constants for n in gathers), (
+        "token Gathers must use constant indices"
+    )
     for batch in (1, 7):  # batch is dynamic
         images = torch.randn(batch, 3, 16, 16)
         with torch.no_grad():
@@ -96,12 +98,22 @@ def test_static_attention_block_has_no_softmax_or_qk(tmp_path):
     # dynamic blocks: one qkv GEMM (32 -> 96) and proj (32 -> 32); the static block has only v and proj
     shapes = [w["shape"] for w in report["weight_shapes"]]
     assert shapes.count([32, 96]) == 2 and shapes.count([32, 32]) == 2 + 2
-    assert [1, 2, 17, 17] in [w["shape"] for w in report["weight_shapes"]] or [2, 17, 17] in [w["shape"] for w in report["weight_shapes"]]
+    assert [1, 2, 17, 17] in [w["shape"] for w in report["weight_shapes"]] or [2, 17, 17] in [
+        w["shape"] for w in report["weight_shapes"]
+    ]
 
 
 def test_channel_pruned_weights_are_physically_smaller(tmp_path):
     model = tiny_vit()
-    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(qkv_in=tuple(range(0, 32, 2)), proj_in=(0, 1, 2, 3, 16, 17, 18, 19), fc1_in=tuple(range(8)), hidden=tuple(range(0, 128, 4))))
+    plan = dense_plan(SPEC, 3).with_block(
+        1,
+        BlockPlan(
+            qkv_in=tuple(range(0, 32, 2)),
+            proj_in=(0, 1, 2, 3, 16, 17, 18, 19),
+            fc1_in=tuple(range(8)),
+            hidden=tuple(range(0, 128, 4)),
+        ),
+    )
     report = export_plan(model, plan, tmp_path / "vtp.onnx", images=IMAGES).report
     shapes = [w["shape"] for w in report["weight_shapes"]]
     assert [16, 72] in shapes  # one qkv GEMM from 16 of 32 LayerNorm channels: q 32 + k 32 + v 4 per head x 2 heads
@@ -113,7 +125,9 @@ def test_channel_pruned_weights_are_physically_smaller(tmp_path):
 def test_parity_failure_leaves_no_file(tmp_path):
     model = tiny_vit()
     with pytest.raises(ExportError, match="differs from the masked reference"):
-        export_plan(model, cls_only_plan(), tmp_path / "bad.onnx", images=IMAGES, tolerance=Tolerance(max_abs_diff=-1.0))
+        export_plan(
+            model, cls_only_plan(), tmp_path / "bad.onnx", images=IMAGES, tolerance=Tolerance(max_abs_diff=-1.0)
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -127,7 +141,11 @@ def test_dense_deit_small_export(tmp_path):
     assert report["parity"]["max_abs_diff"] <= 1e-4
 
 
-@settings(max_examples=max(5, settings.default.max_examples // 3), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # each example exports twice
+@settings(
+    max_examples=max(5, settings.default.max_examples // 3),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)  # each example exports twice
 @given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(0, 16), min_size=3, max_size=3))
 def test_slice_layout_matches_reference(tmp_path_factory, seed, sizes):
     """Random nested token sets (Patch-Slimming-like): permutation + Slices == masked reference."""
@@ -156,8 +174,12 @@ def test_fp16_export_runs_every_op_in_fp16(tmp_path):
     graph = onnx.load(str(tmp_path / "fp16.onnx")).graph
     fp16_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert fp16_weights and graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    checked = [node for node in graph.node if node.op_type in ("LayerNormalization", "Attention") and node.input[0] in dtypes]
+    dtypes = {
+        v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)
+    }
+    checked = [
+        node for node in graph.node if node.op_type in ("LayerNormalization", "Attention") and node.input[0] in dtypes
+    ]
     assert checked and all(dtypes[node.input[0]] == onnx.TensorProto.FLOAT16 for node in checked)
     assert [node.op_type for node in graph.node].count("Cast") == 2
 
@@ -166,7 +188,9 @@ def test_dynamic_attention_exports_as_the_chain_tensorrt_fuses(tmp_path):
     """In the matmul-softmax form, every dynamic attention (full, with cut queries, with narrower
     VTP value heads) is MatMul -> Softmax -> MatMul: the pattern older TensorRT fuses."""
     model = tiny_vit()
-    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(kept_tokens=(0, 1, 2, 3, 7), proj_in=(0, 1, 2, 3, 16, 17, 18, 19)))
+    plan = dense_plan(SPEC, 3).with_block(
+        1, BlockPlan(kept_tokens=(0, 1, 2, 3, 7), proj_in=(0, 1, 2, 3, 16, 17, 18, 19))
+    )
     plan = plan.with_block(2, BlockPlan(proj_in=tuple(c for c in range(32) if c % 16 < 8)))
     export_plan(model, plan, tmp_path / "m.onnx", images=IMAGES, attention="matmul-softmax")
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
@@ -182,10 +206,14 @@ def test_masked_channel_layout_has_no_channel_gathers_and_keeps_parity(tmp_path)
     """The masked layout reads pruned LayerNorm outputs through zero weight columns: no Gather,
     full-width qkv and fc1, the same function."""
     model = tiny_vit()
-    plan = dense_plan(SPEC, 3).with_block(1, BlockPlan(qkv_in=tuple(range(0, 32, 2)), fc1_in=tuple(range(8)), hidden=tuple(range(0, 128, 4))))
+    plan = dense_plan(SPEC, 3).with_block(
+        1, BlockPlan(qkv_in=tuple(range(0, 32, 2)), fc1_in=tuple(range(8)), hidden=tuple(range(0, 128, 4)))
+    )
     gathered = export_plan(model, plan, tmp_path / "gather.onnx", images=IMAGES).report
     masked = export_plan(model, plan, tmp_path / "masked.onnx", images=IMAGES, channel_layout="masked").report
     assert gathered["ops"].get("Gather", 0) - masked["ops"].get("Gather", 0) == 2
     assert [w["shape"] for w in masked["weight_shapes"]].count([32, 96]) == 3  # block 1's qkv reads all 32 channels
     assert [16, 96] in [w["shape"] for w in gathered["weight_shapes"]]
-    assert masked["parity"]["max_abs_diff"] <= 1e-4 and masked["macs"] == gathered["macs"]  # the plan's MACs, not the zeros'
+    assert (
+        masked["parity"]["max_abs_diff"] <= 1e-4 and masked["macs"] == gathered["macs"]
+    )  # the plan's MACs, not the zeros'

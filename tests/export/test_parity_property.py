@@ -1,17 +1,17 @@
 """Compact module and exported ONNX against the masked reference on random valid plans."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-
 from conftest import tiny_vit
+from hypothesis import HealthCheck, given, settings
+from plans import random_plans
 from vitslim.export.attention_form import ATTENTION_FORMS
 from vitslim.export.compact import CHANNEL_LAYOUTS, compact_from_plan
 from vitslim.export.onnx_export import export_plan, run_onnxruntime
-from plans import random_plans
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import geometry_of
 
@@ -37,7 +37,9 @@ FORM_OPS = {"attention-op": "Attention", "matmul-softmax": "Softmax", "ort-mha":
 
 
 @pytest.mark.parametrize("form", ATTENTION_FORMS)
-@settings(deadline=None, max_examples=5, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None, max_examples=5, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(plan=random_plans(GEOMETRY))
 def test_onnx_matches_reference(form, plan, tmp_path_factory):
     """Every attention form on random plans (rectangular queries, narrower value heads, static

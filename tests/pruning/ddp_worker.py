@@ -1,12 +1,12 @@
 """Run under torchrun by test_train.py: fine-tune a tiny ViT on digits with DDP, then write this
 rank's final weights digest and the initial digest to OUT_DIR/rank{N}.txt."""
+
 import hashlib
 import os
 import sys
 
 import torch
 from conftest import tiny_vit  # tests/ is on PYTHONPATH (test_train.py sets it)
-
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.train import TrainConfig, distributed_context, fit
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from vitslim.pruning.data import digits_splits, load_data, split_indices
 from vitslim.pruning.errors import PruningError
 
@@ -95,7 +94,35 @@ def test_train_on_an_image_folder_with_the_default_augmentation(tmp_path):
     from vitslim.cli import main
 
     _write_images(tmp_path / "data", per_class=4)
-    model = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2", "num_classes=2"]
-    assert main(["train", *model, "--data", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--out", str(tmp_path / "run")]) == 0
+    model = [
+        "--model",
+        "deit_tiny_patch16_224",
+        "--model-kwargs",
+        "img_size=16",
+        "patch_size=4",
+        "embed_dim=32",
+        "depth=1",
+        "num_heads=2",
+        "num_classes=2",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                *model,
+                "--data",
+                str(tmp_path / "data"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "run" / "info.json").read_text())
     assert info["augmentation"]["policy"] == "rand-m9-mstd0.5-inc1" and info["augmentation"]["mixup"] == 0.8

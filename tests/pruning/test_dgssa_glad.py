@@ -2,15 +2,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.data import digits_splits
-from vitslim.pruning.methods.dgssa_glad import (
-    DGSSAGladConfig, attention_divergence, attention_rank, attention_similarity, check_pyramid, parse_pyramid, pooling_matrix, prune_dgssa_glad,
-)
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.methods.dgssa_glad import (
+    DGSSAGladConfig,
+    attention_divergence,
+    attention_rank,
+    attention_similarity,
+    check_pyramid,
+    parse_pyramid,
+    pooling_matrix,
+    prune_dgssa_glad,
+)
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference, recorded_attention
 from vitslim.pruning.timm_adapter import geometry_of
@@ -59,7 +65,9 @@ def test_identity_aggregation_equals_the_dense_model():
 
 def test_method_exports_static_blocks_without_softmax(tmp_path):
     model = tiny_vit(num_classes=10)
-    config = DGSSAGladConfig(static_blocks=1, pyramid="1:8,2:4", finetune_epochs=1, calibration_images=64, batch_size=32)
+    config = DGSSAGladConfig(
+        static_blocks=1, pyramid="1:8,2:4", finetune_epochs=1, calibration_images=64, batch_size=32
+    )
     result = prune_dgssa_glad(model, DATA, config, dense_plan(ModelSpec("tiny"), 3))
     assert result.report["static_blocks"] == 1 and len(result.report["analysis"]) == 3
     blocks = result.plan.blocks
@@ -80,7 +88,13 @@ def test_similarity_threshold_picks_the_leading_run():
 
 @pytest.mark.parametrize(
     "pyramid, message",
-    [("1:8,2:12", "must shrink"), ("5:8", "out of range"), ("2:8,1:4", "increasing blocks"), ("1-8", "not BLOCK:PATCHES"), ("1:20", "must shrink")],
+    [
+        ("1:8,2:12", "must shrink"),
+        ("5:8", "out of range"),
+        ("2:8,1:4", "increasing blocks"),
+        ("1-8", "not BLOCK:PATCHES"),
+        ("1:20", "must shrink"),
+    ],
 )
 def test_bad_pyramids(pyramid, message):
     geometry = geometry_of(tiny_vit())
@@ -90,13 +104,18 @@ def test_bad_pyramids(pyramid, message):
 
 def test_bad_settings():
     with pytest.raises(PruningError, match="larger than the model's depth 3"):
-        prune_dgssa_glad(tiny_vit(num_classes=10), DATA, DGSSAGladConfig(static_blocks=4, calibration_images=32, batch_size=32), dense_plan(ModelSpec("tiny"), 3))
+        prune_dgssa_glad(
+            tiny_vit(num_classes=10),
+            DATA,
+            DGSSAGladConfig(static_blocks=4, calibration_images=32, batch_size=32),
+            dense_plan(ModelSpec("tiny"), 3),
+        )
     with pytest.raises(PruningError, match="not both"):
         DGSSAGladConfig(static_blocks=2, similarity_threshold=0.5)
 
 
 def test_deit_small_structure_with_four_static_blocks_and_pyramid():
-    """deit_small_patch16_224, 4 static blocks, pyramid 7:98,10:49 (README compares with the paper's 2.21x)."""
+    """deit_small_patch16_224, 4 static blocks, pyramid 7:98,10:49 (docs/methods.md compares with the paper's 2.21x)."""
     import timm
 
     with torch.device("meta"):
@@ -104,7 +123,9 @@ def test_deit_small_structure_with_four_static_blocks_and_pyramid():
     plan = dense_plan(ModelSpec("deit_small_patch16_224"), 12)
     for block in range(4):
         plan = plan.with_block(block, BlockPlan(static_attention=torch.full((6, 197, 197), 1 / 197)))
-    plan = plan.with_block(7, BlockPlan(token_aggregation=pooling_matrix((14, 14), 98)[0])).with_block(10, BlockPlan(token_aggregation=pooling_matrix((7, 14), 49)[0]))
+    plan = plan.with_block(7, BlockPlan(token_aggregation=pooling_matrix((14, 14), 98)[0])).with_block(
+        10, BlockPlan(token_aggregation=pooling_matrix((7, 14), 49)[0])
+    )
     ratio = plan_macs(dense_plan(plan.model, 12), geometry)["total"] / plan_macs(plan, geometry)["total"]
     assert ratio == pytest.approx(1.4586, abs=1e-3)  # 4.599 -> 3.153 GMACs
 
@@ -117,13 +138,14 @@ def test_attention_guidance_gradient_is_of_the_task_losss_order():
     import copy
 
     import torch.nn.functional as F
-
     from vitslim.pruning.methods.dgssa_glad import _Trainable, initial_logits
 
     model = tiny_vit(num_classes=10)
     config = DGSSAGladConfig(static_blocks=1, static_init="random")
     start = initial_logits(torch.empty(2, 17, 17), config)
-    trainable = _Trainable(copy.deepcopy(model), dense_plan(ModelSpec("tiny"), 3), {0: start}, {}, copy.deepcopy(model)).train()
+    trainable = _Trainable(
+        copy.deepcopy(model), dense_plan(ModelSpec("tiny"), 3), {0: start}, {}, copy.deepcopy(model)
+    ).train()
     images = torch.stack([DATA.train[i][0] for i in range(32)])
     labels = torch.tensor([DATA.train[i][1] for i in range(32)])
     logits = trainable.logits["0"]
@@ -131,7 +153,9 @@ def test_attention_guidance_gradient_is_of_the_task_losss_order():
     with torch.no_grad(), recorded_attention(model) as records:
         model(images)
     dense = records[0]["attention"]
-    guidance = torch.autograd.grad(config.attention_weight * attention_divergence(logits.softmax(-1), dense), logits)[0].norm()
+    guidance = torch.autograd.grad(config.attention_weight * attention_divergence(logits.softmax(-1), dense), logits)[
+        0
+    ].norm()
     mse = torch.autograd.grad(F.mse_loss(logits.softmax(-1).expand_as(dense), dense), logits)[0].norm()
     assert 0.1 < float(guidance / task) < 10, (float(guidance), float(task))
     assert float(guidance / mse) > 20, (float(guidance), float(mse))  # 43x with 17 tokens; the gap grows with N
@@ -145,9 +169,18 @@ def test_guidance_moves_the_static_maps_toward_the_dense_ones():
         model(IMAGES)
     divergence = {}
     for weight in (0.0, 1.0):
-        config = DGSSAGladConfig(static_blocks=1, finetune_epochs=1, attention_weight=weight, static_init="random", calibration_images=32, batch_size=32)
+        config = DGSSAGladConfig(
+            static_blocks=1,
+            finetune_epochs=1,
+            attention_weight=weight,
+            static_init="random",
+            calibration_images=32,
+            batch_size=32,
+        )
         result = prune_dgssa_glad(model, DATA, config, dense_plan(ModelSpec("tiny"), 3))
-        divergence[weight] = float(attention_divergence(result.plan.blocks[0].static_attention, records[0]["attention"]))
+        divergence[weight] = float(
+            attention_divergence(result.plan.blocks[0].static_attention, records[0]["attention"])
+        )
     assert divergence[1.0] < 0.9 * divergence[0.0], divergence
 
 
@@ -163,10 +196,14 @@ def test_pyramid_follows_the_effective_rank():
 
 def test_auto_pyramid_meets_the_mac_target(tmp_path):
     model = tiny_vit(num_classes=10)
-    config = DGSSAGladConfig(static_blocks=1, pyramid="auto", target_macs=0.7, finetune_epochs=0, calibration_images=32, batch_size=32)
+    config = DGSSAGladConfig(
+        static_blocks=1, pyramid="auto", target_macs=0.7, finetune_epochs=0, calibration_images=32, batch_size=32
+    )
     result = prune_dgssa_glad(model, DATA, config, dense_plan(ModelSpec("tiny"), 3))
     geometry = geometry_of(model)
-    fraction = plan_macs(result.plan, geometry)["total"] / plan_macs(dense_plan(ModelSpec("tiny"), 3), geometry)["total"]
+    fraction = (
+        plan_macs(result.plan, geometry)["total"] / plan_macs(dense_plan(ModelSpec("tiny"), 3), geometry)["total"]
+    )
     assert result.report["pyramid"] and fraction <= 0.7 and result.report["pyramid_from"].startswith("effective rank")
     check_pyramid(tuple(tuple(s) for s in result.report["pyramid"]), geometry)
     with pytest.raises(PruningError, match="go together"):

@@ -3,13 +3,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import tiny_vit
 from hypothesis import HealthCheck, given, settings
+from plans import random_plans
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-from conftest import tiny_vit
 from vitslim.export.compact import compact_from_plan
-from plans import random_plans
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.timm_adapter import geometry_of
@@ -26,7 +25,10 @@ def counted_macs(module: torch.nn.Module, input_shape) -> float:
     return counter.get_total_flops() / 2
 
 
-@pytest.mark.parametrize("name, gmacs", [("deit_tiny_patch16_224", 1.254), ("deit_small_patch16_224", 4.599), ("deit_base_patch16_224", 17.564)])
+@pytest.mark.parametrize(
+    "name, gmacs",
+    [("deit_tiny_patch16_224", 1.254), ("deit_small_patch16_224", 4.599), ("deit_base_patch16_224", 17.564)],
+)
 def test_dense_deit_macs(name, gmacs):
     with torch.device("meta"):
         geometry = geometry_of(timm.create_model(name))
@@ -44,7 +46,9 @@ def test_analytic_macs_match_flop_counter(plan):
 def test_rectangular_and_static_blocks_cost_less():
     dense = plan_macs(dense_plan(ModelSpec("tiny"), 3), GEOMETRY)
     cls_only = plan_macs(dense_plan(ModelSpec("tiny"), 3).with_block(2, BlockPlan(kept_tokens=(0,))), GEOMETRY)
-    static = plan_macs(dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(static_attention=torch.rand(2, 17, 17))), GEOMETRY)
+    static = plan_macs(
+        dense_plan(ModelSpec("tiny"), 3).with_block(0, BlockPlan(static_attention=torch.rand(2, 17, 17))), GEOMETRY
+    )
     n, d = GEOMETRY.num_tokens, GEOMETRY.dim
     # last block: queries, proj and MLP for 1 token instead of 17; keys/values still for 17
     assert dense["blocks"][2] - cls_only["blocks"][2] == (n - 1) * (10 * d * d + 2 * d * n)

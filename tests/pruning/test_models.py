@@ -2,18 +2,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import TINY, tiny_vit
+from safetensors.torch import save_file
 from vitslim.pruning.errors import PruningError
-from vitslim.pruning.models import create_model, load_weights, model_from_checkpoint, parse_model_kwargs, read_checkpoint, save_weights
+from vitslim.pruning.models import (
+    create_model,
+    load_weights,
+    model_from_checkpoint,
+    parse_model_kwargs,
+    read_checkpoint,
+    save_weights,
+)
 from vitslim.pruning.plan import ModelSpec
 
 SPEC = ModelSpec("deit_tiny_patch16_224", TINY)
 
 
 def test_parse_model_kwargs():
-    assert parse_model_kwargs(["img_size=32", "class_token=false", "global_pool=avg"]) == {"img_size": 32, "class_token": False, "global_pool": "avg"}
+    assert parse_model_kwargs(["img_size=32", "class_token=false", "global_pool=avg"]) == {
+        "img_size": 32,
+        "class_token": False,
+        "global_pool": "avg",
+    }
     with pytest.raises(PruningError, match="not KEY=VALUE"):
         parse_model_kwargs(["img_size"])
 

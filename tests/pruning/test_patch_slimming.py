@@ -3,16 +3,21 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from conftest import tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import tiny_vit
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.methods.patch_slimming import (
-    PatchSlimConfig, feature_energy, path_energy, path_energy_brute_force, plan_from_token_sets, prune_patch_slimming, ranked_candidates,
+    PatchSlimConfig,
+    feature_energy,
+    path_energy,
+    path_energy_brute_force,
+    plan_from_token_sets,
+    prune_patch_slimming,
+    ranked_candidates,
 )
 from vitslim.pruning.plan import ModelSpec, dense_plan, validate
 from vitslim.pruning.timm_adapter import geometry_of
@@ -56,7 +61,9 @@ def check_search_result(model, result):
     prefix = tuple(range(geometry.num_prefix_tokens))
     assert tuple(sets[-1]) == prefix, "the last block outputs only the prefix tokens"
     report = result.report
-    assert not set(report["calibration_indices"]) & set(report["block_tuning_indices"]), "ε is checked on images the block tuning never saw"
+    assert not set(report["calibration_indices"]) & set(report["block_tuning_indices"]), (
+        "ε is checked on images the block tuning never saw"
+    )
     for upper, lower in zip(sets[1:], sets[:-1]):
         assert set(upper) <= set(lower), "masks must be nested"
     assert all(tuple(s[: len(prefix)]) == prefix for s in sets), "prefix tokens are kept everywhere"
@@ -65,13 +72,19 @@ def check_search_result(model, result):
 
 @pytest.mark.parametrize(
     "name, overrides",
-    [("deit_tiny_patch16_224", {}), ("deit_tiny_distilled_patch16_224", {}), ("vit_small_patch16_224", {"reg_tokens": 2})],
+    [
+        ("deit_tiny_patch16_224", {}),
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("vit_small_patch16_224", {"reg_tokens": 2}),
+    ],
 )
 def test_search_nests_masks_and_keeps_prefix_tokens(tmp_path, name, overrides):
     model = tiny_vit(name, num_classes=10, **overrides)
     result = prune_patch_slimming(model, DATA, PatchSlimConfig(epsilon=0.05, **FAST), dense_plan(ModelSpec(name), 3))
     geometry = check_search_result(model, result)
-    report = export_plan(result.model, result.plan, tmp_path / "ps.onnx", images=torch.stack([DATA.val[i][0] for i in range(4)])).report
+    report = export_plan(
+        result.model, result.plan, tmp_path / "ps.onnx", images=torch.stack([DATA.val[i][0] for i in range(4)])
+    ).report
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["macs"] < report["macs_dense"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "ps.onnx")).graph.node}
     assert not ops & {"TopK", "NonZero", "ScatterElements", "ScatterND", "GatherElements", "Where", "ArgMax"}
@@ -112,13 +125,23 @@ def test_bad_settings(kwargs, message):
 
 def test_more_calibration_images_than_training_data_is_refused():
     with pytest.raises(PruningError, match="lower --calibration-images / --block-tuning-images"):
-        prune_patch_slimming(tiny_vit(num_classes=10), DATA, PatchSlimConfig(epsilon=0.02, calibration_images=1000, block_tuning_images=1000), dense_plan(ModelSpec("tiny"), 3))
+        prune_patch_slimming(
+            tiny_vit(num_classes=10),
+            DATA,
+            PatchSlimConfig(epsilon=0.02, calibration_images=1000, block_tuning_images=1000),
+            dense_plan(ModelSpec("tiny"), 3),
+        )
 
 
 @pytest.mark.parametrize("overrides", [{"global_pool": "avg"}, {"global_pool": "avg", "class_token": False}])
 def test_average_pooled_and_class_token_free_models_are_refused_with_the_reason(overrides):
     with pytest.raises(PruningError, match="needs a class-token head.*global_pool='token'"):
-        prune_patch_slimming(tiny_vit(num_classes=10, **overrides), DATA, PatchSlimConfig(epsilon=0.05, **FAST), dense_plan(ModelSpec("tiny", overrides), 3))
+        prune_patch_slimming(
+            tiny_vit(num_classes=10, **overrides),
+            DATA,
+            PatchSlimConfig(epsilon=0.05, **FAST),
+            dense_plan(ModelSpec("tiny", overrides), 3),
+        )
 
 
 @pytest.mark.slow
@@ -130,7 +153,17 @@ def test_deit_small_distilled_keeps_both_prefix_tokens():
     torch.manual_seed(0)
     model = timm.create_model("deit_small_distilled_patch16_224", img_size=64, num_classes=10).eval()
     data = digits_splits(3, (64, 64))
-    config = PatchSlimConfig(epsilon=0.05, step=8, block_epochs=1, finetune_epochs=0, calibration_images=32, block_tuning_images=32, batch_size=32)
-    result = prune_patch_slimming(model, data, config, dense_plan(ModelSpec("deit_small_distilled_patch16_224", {"img_size": 64}), 12))
+    config = PatchSlimConfig(
+        epsilon=0.05,
+        step=8,
+        block_epochs=1,
+        finetune_epochs=0,
+        calibration_images=32,
+        block_tuning_images=32,
+        batch_size=32,
+    )
+    result = prune_patch_slimming(
+        model, data, config, dense_plan(ModelSpec("deit_small_distilled_patch16_224", {"img_size": 64}), 12)
+    )
     check_search_result(model, result)
     assert result.report["token_sets"][-1] == [0, 1]

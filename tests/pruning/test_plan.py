@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan, load_plan, save_plan, token_counts, validate
@@ -20,8 +19,12 @@ def geometry():
 
 def mixed_plan(geometry):
     plan = dense_plan(SPEC, geometry.depth)
-    plan = plan.with_block(0, BlockPlan(kept_tokens=(0, 2, 3, 9), qkv_in=(1, 5, 7), proj_in=(0, 3, 16, 20), hidden=(4, 8)))
-    return plan.with_block(1, BlockPlan(token_aggregation=torch.rand(2, 3), static_attention=torch.rand(2, 3, 3), fc1_in=(0, 31)))
+    plan = plan.with_block(
+        0, BlockPlan(kept_tokens=(0, 2, 3, 9), qkv_in=(1, 5, 7), proj_in=(0, 3, 16, 20), hidden=(4, 8))
+    )
+    return plan.with_block(
+        1, BlockPlan(token_aggregation=torch.rand(2, 3), static_attention=torch.rand(2, 3, 3), fc1_in=(0, 31))
+    )
 
 
 def test_round_trip_keeps_every_field(tmp_path, geometry):
@@ -33,7 +36,11 @@ def test_round_trip_keeps_every_field(tmp_path, geometry):
 
 
 def test_token_counts_follow_aggregation_and_selection(geometry):
-    assert [(c.arriving, c.read, c.written) for c in token_counts(mixed_plan(geometry), geometry)] == [(17, 17, 4), (4, 3, 3), (3, 3, 3)]
+    assert [(c.arriving, c.read, c.written) for c in token_counts(mixed_plan(geometry), geometry)] == [
+        (17, 17, 4),
+        (4, 3, 3),
+        (3, 3, 3),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -48,8 +55,14 @@ def test_token_counts_follow_aggregation_and_selection(geometry):
         (BlockPlan(hidden=()), "block 1 field hidden: keeps nothing"),
         (BlockPlan(proj_in=(0, 1, 16)), "block 1 field proj_in: heads keep [2, 1] value channels"),
         (BlockPlan(static_attention=torch.rand(2, 17, 16)), "block 1 field static_attention: shape (2, 17, 16)"),
-        (BlockPlan(static_attention=torch.full((2, 17, 17), float("nan"))), "block 1 field static_attention: contains NaN"),
-        (BlockPlan(token_aggregation=torch.rand(4, 17)), "block 1 field token_aggregation: shape (4, 17) must be [M >= 1, 16]"),
+        (
+            BlockPlan(static_attention=torch.full((2, 17, 17), float("nan"))),
+            "block 1 field static_attention: contains NaN",
+        ),
+        (
+            BlockPlan(token_aggregation=torch.rand(4, 17)),
+            "block 1 field token_aggregation: shape (4, 17) must be [M >= 1, 16]",
+        ),
     ],
 )
 def test_validate_names_block_and_field(geometry, block, message):
@@ -85,7 +98,9 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(PruningError, match="schema version 99"):
         load_plan(tmp_path)
-    (tmp_path / "plan.json").write_text(json.dumps({"schema_version": 1, "model": {"name": "x"}, "blocks": [{"static_attention": True}]}))
+    (tmp_path / "plan.json").write_text(
+        json.dumps({"schema_version": 1, "model": {"name": "x"}, "blocks": [{"static_attention": True}]})
+    )
     with pytest.raises(PruningError, match="plan tensor blocks.0.static_attention is missing"):
         load_plan(tmp_path)
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference, plan_applied
@@ -82,7 +81,13 @@ def test_masks_change_the_output():
     model = tiny_vit()
     peaked = torch.zeros(2, 17, 17)
     peaked[:, :, 3] = 1.0
-    for field, value in (("qkv_in", (0,)), ("proj_in", (0, 16)), ("fc1_in", (3,)), ("hidden", (5,)), ("static_attention", peaked)):
+    for field, value in (
+        ("qkv_in", (0,)),
+        ("proj_in", (0, 16)),
+        ("fc1_in", (3,)),
+        ("hidden", (5,)),
+        ("static_attention", peaked),
+    ):
         plan = dense_plan(SPEC, 3).with_block(0, BlockPlan(**{field: value}))
         with torch.no_grad():
             assert not torch.allclose(MaskedReference(model, plan)(IMAGES), model(IMAGES), atol=1e-4), field

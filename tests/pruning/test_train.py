@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_vit
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.errors import PruningError
@@ -37,7 +36,13 @@ def test_short_training_learns_digits(tmp_path):
     data = digits_splits(3, (16, 16))
     model = tiny_vit(num_classes=10)
     before = evaluate(model, data.val)
-    result = fit(model, data, TrainConfig(epochs=10, lr=2e-3, augment="none"), checkpoint_path=tmp_path / "train.pt", progress=False)
+    result = fit(
+        model,
+        data,
+        TrainConfig(epochs=10, lr=2e-3, augment="none"),
+        checkpoint_path=tmp_path / "train.pt",
+        progress=False,
+    )
     assert len(result.history) == 10 and result.history[-1]["loss"] < result.history[0]["loss"]
     # Learning, not a trained accuracy (which moves by CPU): the loss falls by a third and top-1 is
     # well above chance (10 %).
@@ -60,7 +65,14 @@ def test_fit_resumes_where_it_was_interrupted_with_identical_weights(tmp_path):
         return 0.0
 
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_vit(num_classes=10), data, config, checkpoint_path=tmp_path / "train.pt", extra_loss=interrupt_in_epoch_2, progress=False)
+        fit(
+            tiny_vit(num_classes=10),
+            data,
+            config,
+            checkpoint_path=tmp_path / "train.pt",
+            extra_loss=interrupt_in_epoch_2,
+            progress=False,
+        )
     resumed = tiny_vit(num_classes=10)
     result = fit(resumed, data, config, checkpoint_path=tmp_path / "train.pt", progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -77,7 +89,13 @@ def test_pure_distillation_moves_the_student_toward_the_teacher():
             return distillation_loss(student(images), teacher(images), 1.0).item()
 
     before = gap()
-    fit(student, data, TrainConfig(epochs=1, lr=1e-3, distill_weight=1.0, augment="none"), teacher=teacher, progress=False)
+    fit(
+        student,
+        data,
+        TrainConfig(epochs=1, lr=1e-3, distill_weight=1.0, augment="none"),
+        teacher=teacher,
+        progress=False,
+    )
     assert gap() < 0.5 * before
 
 
@@ -86,7 +104,16 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     """torchrun with the gloo backend: both ranks train and end with identical weights."""
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(worker.parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
@@ -99,7 +126,6 @@ def test_augmentation_defaults_follow_the_data(tmp_path):
     """DeiT's recipe on ImageFolder data, affine jitter on digits; explicit settings win; Mixup needs even batches."""
     import numpy as np
     from PIL import Image
-
     from vitslim.pruning.data import augmented_dataset, load_data
     from vitslim.pruning.train import resolve_augmentation
 
@@ -110,7 +136,9 @@ def test_augmentation_defaults_follow_the_data(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         for i in range(4):
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / name / f"{i}.png"
+            )
     folder = load_data(str(tmp_path), 3, (16, 16))
     deit = resolve_augmentation(TrainConfig(), folder)
     assert deit.policy == "rand-m9-mstd0.5-inc1" and (deit.mixup, deit.cutmix) == (0.8, 1.0)
@@ -126,6 +154,11 @@ def test_augmentation_defaults_follow_the_data(tmp_path):
 
 def test_mixup_and_label_smoothing_train(tmp_path):
     model = tiny_vit(num_classes=10)
-    result = fit(model, digits_splits(3, (16, 16)), TrainConfig(epochs=1, batch_size=32, augment="none", mixup=0.8, cutmix=1.0, label_smoothing=0.1), progress=False)
+    result = fit(
+        model,
+        digits_splits(3, (16, 16)),
+        TrainConfig(epochs=1, batch_size=32, augment="none", mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+        progress=False,
+    )
     assert result.augmentation == {"policy": None, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -4,19 +4,26 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import tiny_vit
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.methods.vtp import (
+    GatedModel,
+    VTPConfig,
+    VTPGates,
+    constrained_count,
+    fold_gates,
+    kept_counts,
+    plan_from_gates,
+    pruned_fraction,
+    ranking_scores,
+)
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import CHANNEL_SPACES, block_parts, count_params, geometry_of
-from vitslim.pruning.methods.vtp import (
-    GatedModel, VTPConfig, VTPGates, constrained_count, fold_gates, kept_counts, plan_from_gates, pruned_fraction, ranking_scores,
-)
 
 MODEL = tiny_vit()
 GEOMETRY = geometry_of(MODEL)  # 3 blocks, dim 32, 2 heads of 16, hidden 128
@@ -71,7 +78,12 @@ def test_threshold_removes_the_requested_fraction(seed, ratio, per_module):
     total = sum(s.numel() for s in scores.values())
     removed = total - sum(counts.values())
     assert abs(removed - ratio * total) <= (len(scores) if per_module else 1)
-    plan = plan_from_gates(random_gates(seed).as_dict(), GEOMETRY, BASE, VTPConfig(prune_ratio=ratio, per_module=per_module, seed=seed, round_to=1))
+    plan = plan_from_gates(
+        random_gates(seed).as_dict(),
+        GEOMETRY,
+        BASE,
+        VTPConfig(prune_ratio=ratio, per_module=per_module, seed=seed, round_to=1),
+    )
     # after making value widths equal per head: still within 1 dim per module
     assert abs(pruned_fraction(plan, GEOMETRY) * total - ratio * total) <= len(scores)
 
@@ -130,7 +142,12 @@ def test_vtp_export_is_physically_smaller_with_no_gates(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"prune_ratio": 0.0}, "must be in \\(0, 1\\)"), ({"prune_ratio": 1.0}, "must be in \\(0, 1\\)"), ({"l1": -1e-4}, "--l1 -0.0001 must be >= 0"), ({"round_to": 0}, "--round-to 0")],
+    [
+        ({"prune_ratio": 0.0}, "must be in \\(0, 1\\)"),
+        ({"prune_ratio": 1.0}, "must be in \\(0, 1\\)"),
+        ({"l1": -1e-4}, "--l1 -0.0001 must be >= 0"),
+        ({"round_to": 0}, "--round-to 0"),
+    ],
 )
 def test_bad_settings(kwargs, message):
     with pytest.raises(PruningError, match=message):
@@ -143,9 +160,14 @@ def test_deit_base_structure_at_40_percent():
 
     model = timm.create_model("deit_base_patch16_224")
     geometry = geometry_of(model)
-    plan = plan_from_gates(VTPGates(geometry).as_dict(), geometry, dense_plan(ModelSpec("deit_base_patch16_224"), 12), VTPConfig(prune_ratio=0.4, round_to=1))
+    plan = plan_from_gates(
+        VTPGates(geometry).as_dict(),
+        geometry,
+        dense_plan(ModelSpec("deit_base_patch16_224"), 12),
+        VTPConfig(prune_ratio=0.4, round_to=1),
+    )
     from vitslim.export.compact import compact_from_plan
 
     assert abs(pruned_fraction(plan, geometry) - 0.4) < 0.001
-    assert 43e6 < count_params(compact_from_plan(model, plan)) < 45e6  # paper: about 48 M (see README)
+    assert 43e6 < count_params(compact_from_plan(model, plan)) < 45e6  # paper: about 48 M (see docs/methods.md)
     assert 8.9e9 < plan_macs(plan, geometry)["total"] < 9.2e9  # paper: about 10.0 G

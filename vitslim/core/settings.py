@@ -3,6 +3,7 @@
 The CLI flags, the recipe keys and the reports are generated from these dataclasses
 (`vitslim.cli` reads `help_of`), so a default or a description lives in one place.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,4 +40,6 @@ def check_value(field: dataclasses.Field, value: Any) -> Optional[str]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         return None
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind] + (" or null" if optional else "")
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind] + (
+        " or null" if optional else ""
+    )

@@ -1,6 +1,7 @@
 """What travels inside an exported ONNX (its metadata_props) and from there into engine
 manifests: a leaf module, so export/ (which writes it) and deploy/ (which reads it) share the
 keys without importing each other."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Export parity (ONNX vs the masked PyTorch reference), `vitslim compare` (any run
 reference) and the CLI's defaults all take their thresholds from TOLERANCES. Comparison is a
 separate step on saved arrays (numpy only), so deploy/ can use it without torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,9 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     if reference.shape != candidate.shape:
-        raise VitslimError(f"output shapes differ: reference {reference.shape} vs candidate {candidate.shape}: compare outputs of the same model and batch")
+        raise VitslimError(
+            f"output shapes differ: reference {reference.shape} vs candidate {candidate.shape}: compare outputs of the same model and batch"
+        )
     flat_ref = reference.reshape(len(reference), -1)
     flat_cand = candidate.reshape(len(candidate), -1)
     norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_cand, axis=1)

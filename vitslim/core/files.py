@@ -4,6 +4,7 @@ A reader never sees a half-written file: each writer writes a temporary file bes
 and renames it onto the target only on success. Depends on the standard library only, so that
 deploy/ can use it where only numpy and TensorRT are installed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from vitslim.errors import VitslimError
+from vitslim.core.errors import VitslimError
 
 
 @contextlib.contextmanager
@@ -28,7 +29,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise VitslimError(f"cannot write {target}: a part of {target.parent} is a file, not a directory; choose another path") from None
+        raise VitslimError(
+            f"cannot write {target}: a part of {target.parent} is a file, not a directory; choose another path"
+        ) from None
     if target.is_dir():
         raise VitslimError(f"cannot write {target}: it is a directory; choose a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)

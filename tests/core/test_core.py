@@ -1,0 +1,50 @@
+"""vitslim.core: exit codes, atomic files, settings, metadata — the facts every layer shares."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import onnx
+import pytest
+
+from vitslim.core import errors
+from vitslim.core.files import atomic_path, sha256_of, write_json_atomic
+from vitslim.core.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY, attention_form_of, preprocessing_of
+from vitslim.core.settings import check_value, help_of, setting
+
+
+def test_exit_codes_are_distinct_and_verdicts_are_never_crashes():
+    codes = {name: value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert len(set(codes.values())) == len(codes), codes
+    assert errors.EXIT_INTERNAL_ERROR not in (errors.EXIT_OK, errors.EXIT_CHECK_FAILED, errors.EXIT_UNDECIDED)
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "result.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text().strip().startswith("{") and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    assert len(sha256_of(target)) == 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    ratio: float = setting(0.5, "a fraction")
+    count: Optional[int] = setting(None, "how many")
+
+
+def test_settings_carry_their_help_and_check_their_values():
+    ratio, count = dataclasses.fields(_Settings)
+    assert help_of(ratio) == "a fraction" and _Settings().ratio == 0.5
+    assert check_value(ratio, 1) is None and check_value(ratio, "x") == "a number"
+    assert check_value(count, None) is None and check_value(count, True) == "an integer or null"
+
+
+def test_metadata_readers_tolerate_what_other_exporters_write():
+    model = onnx.ModelProto()
+    assert attention_form_of(model) is None and preprocessing_of(model) is None
+    onnx.helper.set_model_props(model, {ATTENTION_FORM_KEY: "attention-op", PREPROCESSING_KEY: "not json"})
+    assert attention_form_of(model) == "attention-op" and preprocessing_of(model) is None
