@@ -28,9 +28,8 @@ from .tensorrt_lib import TensorRT, require_tensorrt
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # what vitslim takes for a serialized engine
-MANIFEST_VERSION = (
-    3  # 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
-)
+# 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
+MANIFEST_VERSION = 3
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 
@@ -77,9 +76,8 @@ class BuildSettings:
     workspace_mb: Optional[int] = None
     timing_cache: Optional[Path] = None
     library: Optional[str] = None  # "tensorrt" or "tensorrt_rtx"; None picks the installed one
-    tf32: bool = (
-        False  # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
-    )
+    # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
+    tf32: bool = False
     optimization_level: Optional[int] = None  # builder optimisation level 0-5 (TensorRT's default: 3)
     hardware_compatibility: str = "none"  # none | ampere+ | same-compute-capability (TensorRT 10+, RTX)
     version_compatible: bool = False  # an engine later TensorRT versions can run (lean runtime inside)

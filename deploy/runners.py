@@ -543,9 +543,8 @@ class TensorRTRunner(Runner):
                 f"--runtime-cache holds the kernels TensorRT-RTX compiles at run time, but {self.engine_path.name} was built by "
                 f"{self.manifest['library']}, whose engines carry their kernels: drop --runtime-cache"
             )
-        self.runtime_cache_loaded: Optional[bool] = (
-            None  # whether the cache file was read and accepted (None: none read)
-        )
+        # whether the cache file was read and accepted (None: none read)
+        self.runtime_cache_loaded: Optional[bool] = None
         self.runner = self.engine = self.context = self._bound = self._timer = self._runtime_cache = None
         self.setup_seconds: dict[str, float] = {}
 

@@ -34,9 +34,8 @@ class BenchSpec:
     torch_mode: str = "eager"
     torch_dtype: str = "fp32"
     threads: Optional[int] = None
-    cuda_graph: bool = (
-        True  # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
-    )
+    # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
+    cuda_graph: bool = True
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
 

@@ -11,9 +11,8 @@ cannot read a traceback as "regression".
 """
 
 EXIT_OK = 0  # success; gate: pass; selftest: every check passed
-EXIT_CHECK_FAILED = (
-    1  # compare parity outside tolerance, gate regression, a refused gate --accept, a failed selftest check
-)
+# compare parity outside tolerance, gate regression, a refused gate --accept, a failed selftest check
+EXIT_CHECK_FAILED = 1
 EXIT_UNDECIDED = 2  # gate undecided or not comparable; selftest without a GPU (builds checked, nothing run)
 EXIT_BAD_INPUT = 3  # VitslimError and argparse usage errors: one line naming the problem and the fix
 EXIT_INTERNAL_ERROR = 4  # an exception vitslim did not anticipate (a bug): one line, --debug for the traceback
