@@ -122,11 +122,35 @@ def read_onnx(onnx_path: Path):
     if not Path(onnx_path).is_file():
         raise DeployError(f"ONNX file {onnx_path} does not exist: export one with 'vitslim export'")
     try:
-        return onnx.load(str(onnx_path), load_external_data=False)
+        model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:  # protobuf raises several decode error types
         raise DeployError(
             f"{onnx_path} is not a valid ONNX file ({type(error).__name__}): re-export it with 'vitslim export'"
         ) from None
+    check_external_data(model, Path(onnx_path))
+    return model
+
+
+def check_external_data(model, onnx_path: Path) -> None:
+    """Weights stored beside an ONNX must be regular files in its folder: a location that leaves
+    the folder, or a symlink, would let an ONNX from elsewhere read any file into an engine
+    (onnx and onnxruntime refuse them too; TensorRT's parser does not)."""
+    folder = onnx_path.resolve().parent
+    for tensor in model.graph.initializer:
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        if location is None:
+            continue
+        path = onnx_path.parent / location
+        if (
+            Path(location).is_absolute()
+            or folder not in path.resolve().parents
+            or path.is_symlink()
+            or not path.is_file()
+        ):
+            raise DeployError(
+                f"{onnx_path}: the external weights of {tensor.name} ({location!r}) are not a regular file in its folder "
+                "(absolute paths, '..' and links are refused): re-export it with 'vitslim export'"
+            )
 
 
 def onnx_precision(onnx_path: Path) -> str:

@@ -14,6 +14,7 @@ Two ways to decide whether a candidate is slower than its baseline:
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -21,9 +22,9 @@ from typing import Optional
 import numpy as np
 
 from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED
-from vitslim.core.settings import setting
+from vitslim.core.settings import non_finite_fields, setting
 
-from .bench import BenchSettings, comparison_key, device_timer
+from .bench import BenchSettings, comparison_key, device_timer, fingerprint_id
 from .errors import DeployError
 from .runners import Runner
 
@@ -95,6 +96,23 @@ def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], O
     return None, f"{what}: {differences[0]}"
 
 
+def baseline_file_name(result: dict) -> str:
+    """The file a stored baseline result goes to in a --baseline-dir: a readable slug of its label
+    and batch, then the digest of its comparison key. Derived here, never taken from the file,
+    so no label can name a path outside the directory."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(result.get("label") or "result")).strip("-.")[:60] or "result"
+    return f"{slug}-b{int(result['batch'])}-{fingerprint_id(result['fingerprint'])}.json"
+
+
+def check_thresholds(warn: float, fail: float, max_cov: float) -> None:
+    """Gate thresholds are finite fractions: a NaN or infinite one would switch the gate off."""
+    for name, value in (("--warn", warn), ("--fail", fail), ("--max-cov", max_cov)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise DeployError(f"{name} {value!r} must be a finite fraction >= 0 (e.g. 0.10 for 10 %)")
+    if warn > fail:
+        raise DeployError(f"--warn {warn} is above --fail {fail}: a warning must come before a failure")
+
+
 def compare_results(
     current: list[dict],
     baseline: list[dict],
@@ -104,6 +122,7 @@ def compare_results(
 ) -> GateVerdict:
     """Pair each current result with its baseline twin; a result without one, or too noisy to
     judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1)."""
+    check_thresholds(warn, fail, max_cov)
     pairs = []
     for result in current:
         twin, why = baseline_twin(result, baseline)
@@ -152,6 +171,9 @@ class ABSettings:
     warmup_seconds: float = setting(1.0, "warm-up of each artifact before timing")
 
     def __post_init__(self) -> None:
+        if non_finite_fields(self):
+            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
+            raise DeployError(f"{flags} must be a finite number (not NaN or infinity)")
         if not 0 < self.fail < 10 or not 0.5 <= self.confidence < 1:
             raise DeployError(
                 f"A/B settings: need 0 < --fail < 10 and 0.5 <= --confidence < 1 (got {self.fail}, {self.confidence})"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vitslim.core.settings import setting
+from vitslim.core.settings import non_finite_fields, setting
 
 from .checkpoints import generator_states, load_state, restore_generators, save_state, weights_digest
 from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
@@ -52,14 +52,18 @@ class TrainConfig:
         "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits",
     )
     mixup: Optional[float] = setting(
-        None, "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 on ImageFolder data, 0 on digits"
+        None,
+        "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 with a RandAugment policy on ImageFolder data, else 0",
     )
     cutmix: Optional[float] = setting(
-        None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 on ImageFolder data, 0 on digits"
+        None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 with a RandAugment policy on ImageFolder data, else 0"
     )
     label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
 
     def __post_init__(self) -> None:
+        if non_finite_fields(self):
+            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
+            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
         if self.num_workers is not None and self.num_workers < 0:
             raise PruningError(f"--num-workers {self.num_workers} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -219,15 +223,19 @@ class Augmentation:
 
 def resolve_augmentation(config: TrainConfig, data: DataSplits) -> Augmentation:
     """DeiT's recipe (RandAugment, Mixup 0.8, CutMix 1.0) on ImageFolder data unless the settings
-    say otherwise; small affine jitter on digits (in-memory tensors: no image files to RandAugment)."""
+    say otherwise; small affine jitter on digits (in-memory tensors: no image files to RandAugment).
+    Mixup and CutMix default on only with a timm policy on image files ('affine' and 'none': off)."""
     images = data.image_files
     policy = (
         (DEIT_AUGMENT if images else AFFINE)
         if config.augment == "auto"
         else (None if config.augment == "none" else config.augment)
     )
-    mixup = config.mixup if config.mixup is not None else (0.8 if images else 0.0)
-    cutmix = config.cutmix if config.cutmix is not None else (1.0 if images else 0.0)
+    # DeiT's Mixup/CutMix belong to DeiT's recipe: on by default only beside a timm policy on image
+    # files; 'affine' and 'none' mean no mixing unless asked (a tiny model barely learns with it)
+    deit_recipe = images and policy not in (None, AFFINE)
+    mixup = config.mixup if config.mixup is not None else (0.8 if deit_recipe else 0.0)
+    cutmix = config.cutmix if config.cutmix is not None else (1.0 if deit_recipe else 0.0)
     if (mixup or cutmix) and config.batch_size % 2:
         raise PruningError(
             f"Mixup/CutMix pair images within a batch: --batch-size {config.batch_size} must be even (or --mixup 0 --cutmix 0)"
@@ -345,11 +353,17 @@ def fit(
                 loss = _step_loss(trained, teacher, images, labels, config, device, augmentation.label_smoothing)
             if extra_loss is not None:
                 loss = loss + extra_loss()
+            step_loss = float(loss.detach())  # the bar shows it anyway: no extra synchronisation
+            if not math.isfinite(step_loss):  # the weights would turn NaN and every later step with them
+                raise PruningError(
+                    f"training diverged in epoch {epoch + 1} (loss {step_loss}): lower --lr (now {config.lr:g}) "
+                    "or check the data and the starting weights"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
+            loss_sum, batches = loss_sum + step_loss, batches + 1
             bar.set_postfix(loss=f"{loss_sum / batches:.3f}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)

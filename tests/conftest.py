@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,32 @@ def tiny_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, **overrides) ->
 @pytest.fixture
 def tiny_model():
     return tiny_vit()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny model (tests/tiny.py) trained 2 epochs on digits by the `train` command in a
+    subprocess, as a user runs it: one per test process, shared by every test that needs a trained
+    run directory. Read-only: copy it before changing it."""
+    from tiny import TINY_MODEL
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "vitslim",
+        "train",
+        *TINY_MODEL,
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--out",
+        str(run),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,30 +13,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import TINY_MODEL
 
 from vitslim.cli import main
 from vitslim.core.errors import EXIT_BAD_INPUT
 
-TINY = [
-    "--model",
-    "deit_tiny_patch16_224",
-    "--model-kwargs",
-    "img_size=16",
-    "patch_size=4",
-    "embed_dim=32",
-    "depth=2",
-    "num_heads=2",
-    "num_classes=10",
-]
 QUICK_BENCH = ["--warmup-seconds", "0", "--min-seconds", "0", "--min-iterations", "2", "--max-rounds", "1"]
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, tiny_run):
     """Valid inputs the cases start from: run/, model.onnx, results.json, and model.engine if
     TensorRT-RTX can build here."""
     art = tmp_path_factory.mktemp("artifacts")
-    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(art / "run")]) == 0
+    shutil.copytree(tiny_run, art / "run")
     assert main(["export", str(art / "run"), "--out", str(art / "model.onnx")]) == 0
     assert (
         main(
@@ -212,29 +202,29 @@ def plain_onnx(tmp: Path, art: Path) -> None:
 
 CASES = [
     # train
-    ("train-no-data", None, ["train", *TINY, "--out", "{tmp}/r"], "the following arguments are required: --data"),
+    ("train-no-data", None, ["train", *TINY_MODEL, "--out", "{tmp}/r"], "the following arguments are required: --data"),
     (
         "train-missing-data",
         None,
-        ["train", *TINY, "--data", "{tmp}/nowhere", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "{tmp}/nowhere", "--out", "{tmp}/r"],
         "neither 'digits' nor a readable directory",
     ),
     (
         "train-data-is-file",
         text("d.txt", "x"),
-        ["train", *TINY, "--data", "{tmp}/d.txt", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "{tmp}/d.txt", "--out", "{tmp}/r"],
         "neither 'digits' nor a readable directory",
     ),
     (
         "train-empty-data",
         empty_dir("data"),
-        ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "{tmp}/data", "--out", "{tmp}/r"],
         "is not an ImageFolder",
     ),
     (
         "train-imageless-data",
         image_folder(False),
-        ["train", *TINY, "--data", "{tmp}/data", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "{tmp}/data", "--out", "{tmp}/r"],
         "is not an ImageFolder",
     ),
     (
@@ -242,7 +232,7 @@ CASES = [
         image_folder(True, corrupt=True),
         [
             "train",
-            *TINY[:-1],
+            *TINY_MODEL[:-1],
             "num_classes=2",
             "--data",
             "{tmp}/data",
@@ -258,62 +248,62 @@ CASES = [
     (
         "train-class-count",
         None,
-        ["train", *TINY[:-1], "num_classes=5", "--data", "digits", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL[:-1], "num_classes=5", "--data", "digits", "--out", "{tmp}/r"],
         "model has 5 classes but data 'digits' has 10",
     ),
     (
         "train-missing-checkpoint",
         None,
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/no.safetensors", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/no.safetensors", "--out", "{tmp}/r"],
         "does not exist",
     ),
     (
         "train-random-checkpoint",
         random_bytes("w.safetensors"),
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
         "unreadable or corrupt",
     ),
     (
         "train-random-pth",
         random_bytes("w.pth"),
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.pth", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/w.pth", "--out", "{tmp}/r"],
         "unreadable or corrupt",
     ),
     (
         "train-truncated-checkpoint",
         truncated("run/weights.safetensors", "w.safetensors"),
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/w.safetensors", "--out", "{tmp}/r"],
         "unreadable or corrupt",
     ),
     (
         "train-checkpoint-other-architecture",
         other_architecture,
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/deeper.safetensors", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/deeper.safetensors", "--out", "{tmp}/r"],
         "unexpected blocks.2",
     ),
     (
         "train-checkpoint-is-directory",
         empty_dir("ckpt"),
-        ["train", *TINY, "--data", "digits", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/r"],
         "is a directory",
     ),
     (
         "train-negative-epochs",
         None,
-        ["train", *TINY, "--data", "digits", "--epochs", "-1", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--epochs", "-1", "--out", "{tmp}/r"],
         "training needs epochs >= 0",
     ),
     (
         "train-zero-batch",
         None,
-        ["train", *TINY, "--data", "digits", "--batch-size", "0", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--batch-size", "0", "--out", "{tmp}/r"],
         "batch_size >= 1",
     ),
-    ("train-zero-lr", None, ["train", *TINY, "--data", "digits", "--lr", "0", "--out", "{tmp}/r"], "lr > 0"),
+    ("train-zero-lr", None, ["train", *TINY_MODEL, "--data", "digits", "--lr", "0", "--out", "{tmp}/r"], "lr > 0"),
     (
         "train-epochs-not-int",
         None,
-        ["train", *TINY, "--data", "digits", "--epochs", "two", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--epochs", "two", "--out", "{tmp}/r"],
         "invalid int value: 'two'",
     ),
     (
@@ -341,31 +331,31 @@ CASES = [
     (
         "train-negative-workers",
         None,
-        ["train", *TINY, "--data", "digits", "--num-workers", "-1", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--num-workers", "-1", "--out", "{tmp}/r"],
         "--num-workers -1 must be >= 0",
     ),
     (
         "train-negative-mixup",
         None,
-        ["train", *TINY, "--data", "digits", "--mixup", "-1", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--mixup", "-1", "--out", "{tmp}/r"],
         "--mixup and --cutmix must be >= 0",
     ),
     (
         "train-randaugment-on-digits",
         None,
-        ["train", *TINY, "--data", "digits", "--augment", "rand-m9", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--augment", "rand-m9", "--out", "{tmp}/r"],
         "RandAugment needs image files",
     ),
     (
         "train-out-is-file",
         text("r", "x"),
-        ["train", *TINY, "--data", "digits", "--epochs", "0", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--epochs", "0", "--out", "{tmp}/r"],
         "is a file",
     ),
     (
         "train-unknown-flag",
         None,
-        ["train", *TINY, "--data", "digits", "--epoch", "3", "--out", "{tmp}/r"],
+        ["train", *TINY_MODEL, "--data", "digits", "--epoch", "3", "--out", "{tmp}/r"],
         "unrecognized arguments",
     ),
     # prune
@@ -396,7 +386,7 @@ CASES = [
     (
         "prune-run-and-model",
         None,
-        ["prune", "{art}/run", *TINY, "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
+        ["prune", "{art}/run", *TINY_MODEL, "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
         "not both",
     ),
     (
@@ -756,6 +746,73 @@ CASES = [
         text("b/x.json", "[1"),
         ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b"],
         "cannot read baseline",
+    ),
+    # what a results file says cannot switch the gate off (issue 23)
+    (
+        "gate-nan-median",
+        results_edit(lambda d: d["results"][0].update(median_ms=float("nan"))),
+        ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"],
+        "finite, positive numbers",
+    ),
+    (
+        "gate-infinite-cov-in-baseline",
+        results_edit(lambda d: d["results"][0].update(cov=float("inf"))),
+        ["gate", "{art}/results.json", "--baseline", "{tmp}/results.json"],
+        "finite, positive numbers",
+    ),
+    (
+        "gate-float-batch",
+        results_edit(lambda d: d["results"][0].update(batch=8.5)),
+        ["gate", "{tmp}/results.json", "--baseline", "{art}/results.json"],
+        "an integer batch",
+    ),
+    (
+        "gate-path-as-fingerprint-id",
+        results_edit(lambda d: d["results"][0].update(fingerprint_id="../../elsewhere/x")),
+        ["gate", "{tmp}/results.json", "--baseline-dir", "{tmp}/b", "--accept"],
+        "does not match its fingerprint",
+    ),
+    (
+        "gate-fail-nan",
+        None,
+        ["gate", "{art}/results.json", "--baseline", "{art}/results.json", "--fail", "nan"],
+        "--fail nan must be a finite",
+    ),
+    (
+        "gate-fail-inf",
+        None,
+        ["gate", "{art}/results.json", "--baseline", "{art}/results.json", "--fail", "inf"],
+        "--fail inf must be a finite",
+    ),
+    (
+        "gate-max-cov-nan",
+        None,
+        ["gate", "{art}/results.json", "--baseline", "{art}/results.json", "--max-cov", "nan"],
+        "--max-cov nan must be a finite",
+    ),
+    (
+        "gate-ab-max-seconds-nan",
+        None,
+        ["gate", "--ab", "{art}/model.onnx", "{art}/model.onnx", "--max-seconds", "nan"],
+        "--max-seconds must be a finite",
+    ),
+    (
+        "bench-warmup-inf",
+        None,
+        ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--warmup-seconds", "inf"],
+        "--warmup-seconds must be a finite",
+    ),
+    (
+        "train-lr-inf",
+        None,
+        ["train", *TINY_MODEL, "--data", "digits", "--lr", "inf", "--out", "{tmp}/r"],
+        "--lr must be a finite",
+    ),
+    (
+        "train-warmup-epochs-nan",
+        None,
+        ["train", *TINY_MODEL, "--data", "digits", "--warmup-epochs", "nan", "--out", "{tmp}/r"],
+        "--warmup-epochs must be a finite",
     ),
     ("gate-ab-missing", None, ["gate", "--ab", "{art}/model.onnx", "{tmp}/no.onnx"], "does not exist"),
     (

@@ -18,17 +18,6 @@ from vitslim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-TINY = [
-    "--model",
-    "deit_tiny_patch16_224",
-    "--model-kwargs",
-    "img_size=16",
-    "patch_size=4",
-    "embed_dim=32",
-    "depth=2",
-    "num_heads=2",
-    "num_classes=10",
-]
 
 
 def copy_sources() -> list[str]:
@@ -60,13 +49,12 @@ def test_hadolint_is_clean():
 
 
 @pytest.mark.slow
-def test_entrypoint_builds_caches_and_runs_the_command(tmp_path):
+def test_entrypoint_builds_caches_and_runs_the_command(tmp_path, tiny_run):
     from vitslim.deploy.tensorrt_lib import find_tensorrt
 
     if find_tensorrt() is None:
         pytest.skip("no TensorRT here to build with (pip install tensorrt-rtx)")
-    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "tiny.onnx")]) == 0
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "models" / "tiny.onnx")]) == 0
     first = run_entrypoint(
         tmp_path, "--batch 1:2:4", "inspect", str(tmp_path / "engines" / "tiny.engine"), "--no-layers"
     )

@@ -11,18 +11,6 @@ from vitslim.deploy.errors import DeployError
 from vitslim import selftest
 from vitslim.cli import main
 
-TINY = [
-    "--model",
-    "deit_tiny_patch16_224",
-    "--model-kwargs",
-    "img_size=16",
-    "patch_size=4",
-    "embed_dim=32",
-    "depth=2",
-    "num_heads=2",
-    "num_classes=10",
-]
-
 
 def test_verdicts():
     gpu, no_gpu = selftest.Check("GPU present", "-", True, "H100"), selftest.Check("GPU present", "-", None, "none")
@@ -74,9 +62,8 @@ def test_prepared_selftest_needs_its_reference(tmp_path):
         selftest.run_checks(tmp_path)
 
 
-def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(run)]) == 0
+def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, capsys, tiny_run):
+    run = tiny_run
     assert (
         main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     )  # the run's data (digits) from its info.json
@@ -104,11 +91,10 @@ def test_inspect_shows_preprocessing_and_compare_refuses_other_data(tmp_path, ca
     assert "| onnxruntime | fp32 | 2 |" in capsys.readouterr().out
 
 
-def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_path, capsys):
+def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_path, capsys, tiny_run):
     from vitslim.deploy.tensorrt_lib import find_tensorrt
 
-    assert main(["train", *TINY, "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "run")]) == 0
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx")]) == 0
     assert (
         main(["kit", str(tmp_path / "m.onnx"), "--batch", "1:2:4", "--dla-core", "0", "--out", str(tmp_path / "kit")])
         == 0
@@ -182,3 +168,41 @@ def test_a_tensorrt_without_an_attention_layer_skips_the_attention_op_models_and
     assert [c.check.split(":")[0] for c in built] == ["tiny-fp32-matmul-softmax", "tiny-fp16-matmul-softmax"] and all(
         c.passed for c in built
     )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(name="../../outside"), "is not a plain name"),
+        (lambda m: m.update(name="/tmp/x"), "is not a plain name"),
+        (lambda m: m.update(onnx="/etc/hostname"), "is not a file in"),
+        (lambda m: m.update(onnx="../m.onnx"), "is not a file in"),
+        (lambda m: m.update(inside=[2.5]), "batches must be integers"),
+        (lambda m: m.update(outside=10**9), "batches must be integers"),
+    ],
+    ids=["name-escapes", "name-absolute", "onnx-absolute", "onnx-escapes", "float-batch", "huge-batch"],
+)
+def test_a_kit_names_only_files_inside_itself(tmp_path, prepared_kit, edit, message):
+    """A kit comes from another machine: its names never become paths outside it (issue 23)."""
+    import shutil
+
+    kit_dir = tmp_path / "kit"
+    shutil.copytree(prepared_kit, kit_dir)
+    kit = json.loads((kit_dir / "kit.json").read_text())
+    edit(kit["models"][0])
+    (kit_dir / "kit.json").write_text(json.dumps(kit))
+    with pytest.raises(DeployError, match=message):
+        selftest.read_kit(kit_dir)
+
+
+def test_a_kit_onnx_that_is_a_link_is_refused(tmp_path, prepared_kit):
+    import shutil
+
+    kit_dir = tmp_path / "kit"
+    shutil.copytree(prepared_kit, kit_dir)
+    kit = json.loads((kit_dir / "kit.json").read_text())
+    onnx = kit_dir / kit["models"][0]["onnx"]
+    onnx.rename(tmp_path / "real.onnx")
+    onnx.symlink_to(tmp_path / "real.onnx")
+    with pytest.raises(DeployError, match="links are refused"):
+        selftest.read_kit(kit_dir)

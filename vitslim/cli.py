@@ -310,15 +310,16 @@ def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
     directory = Path(args.baseline_dir)
     if directory.exists() and not directory.is_dir():
         raise DeployError(f"--baseline-dir {directory} is a file: use --baseline {directory}")
-    return directory, [
-        load_baseline_result(p) for p in sorted(directory.glob("*.json"))
-    ] if directory.is_dir() else None
+    if not directory.is_dir():
+        return directory, None
+    # temporary files of an interrupted --accept start with a dot: never a baseline
+    return directory, [load_baseline_result(p) for p in sorted(directory.glob("*.json")) if not p.name.startswith(".")]
 
 
 def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     """Store `current` as the baseline (atomically) and say what it replaced."""
     from vitslim.core.files import write_json_atomic
-    from vitslim.deploy.gate import baseline_twin
+    from vitslim.deploy.gate import baseline_file_name, baseline_twin
 
     for result in current["results"]:
         twin = baseline_twin(result, stored or [])[0] if stored else None
@@ -330,7 +331,7 @@ def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
         write_json_atomic(args.baseline, current)
     else:
         for result in current["results"]:
-            write_json_atomic(Path(args.baseline_dir) / f"{result['fingerprint_id']}.json", result)
+            write_json_atomic(Path(args.baseline_dir) / baseline_file_name(result), result)
     print(f"baseline updated: {args.baseline or args.baseline_dir}")
 
 
@@ -424,6 +425,9 @@ def cmd_run(args) -> int:
     root = recipe.run_root
     print((root / "summary.md").read_text())
     print(f"done in {summary['seconds']:.0f} s; reports under {root}")
+    if summary["failed_checks"] and not args.allow_failed_checks:
+        print(f"vitslim run: {len(summary['failed_checks'])} check(s) failed (summary.md lists them)", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return EXIT_OK
 
 
@@ -913,6 +917,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="override one recipe value by its dotted key (YAML value), e.g. --set methods.vtp.finetune_epochs=1 (repeat)",
+    )
+    run.add_argument(
+        "--allow-failed-checks",
+        action="store_true",
+        help="exit 0 even when a variant misses a tolerance (fp16, INT8); it is still listed in summary.md",
     )
     run.add_argument(
         "--restart",

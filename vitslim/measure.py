@@ -6,6 +6,7 @@ where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jet
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -490,16 +491,29 @@ def _check_result(result, path: Path) -> dict:
         raise DeployError(
             f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'"
         )
+    from vitslim.deploy.bench import fingerprint_id
+
+    numbers_ok = all(
+        isinstance(result[key], (int, float)) and not isinstance(result[key], bool) and math.isfinite(result[key])
+        for key in ("median_ms", "cov")
+    )
     if (
-        not all(
-            isinstance(result[key], (int, float)) and not isinstance(result[key], bool)
-            for key in ("batch", "median_ms", "cov")
-        )
+        not numbers_ok
+        or not isinstance(result["batch"], int)
+        or isinstance(result["batch"], bool)
+        or result["batch"] < 1
         or result["median_ms"] <= 0
+        or result["cov"] < 0
         or not isinstance(result["fingerprint"], dict)
+        or not isinstance(result.get("label", ""), str)
     ):
         raise DeployError(
-            f"{path} holds a result whose batch, median_ms, cov or fingerprint is not what 'vitslim bench --json' writes: measure again"
+            f"{path} holds a result whose batch, median_ms, cov, label or fingerprint is not what 'vitslim bench --json' "
+            "writes (finite, positive numbers; an integer batch): measure again"
+        )
+    if result["fingerprint_id"] != fingerprint_id(result["fingerprint"]):  # binds the id to what was measured
+        raise DeployError(
+            f"{path} holds a result whose fingerprint_id does not match its fingerprint (edited?): measure again"
         )
     return result
 

@@ -329,6 +329,7 @@ def int8_columns(
     int8 = by_precision["int8"]
     return {
         "fp16_top1": by_precision["fp16"]["top1"],
+        "fp16_passed": by_precision["fp16"]["passed"],
         "int8_top1": int8["top1"],
         "int8_agreement": int8["agreement"],
         "int8_cosine": int8["cosine"],
@@ -401,7 +402,26 @@ def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = Bui
             f"batch profiles {', '.join(map(str, settings.profiles))}).",
         ]
     text = "\n".join(lines) + "\n"
-    return text + int8_markdown(rows) if any("int8_top1" in r for r in rows) else text
+    text = text + int8_markdown(rows) if any("int8_top1" in r for r in rows) else text
+    failed = failed_checks(rows)
+    if failed:
+        text += "\n**Failed checks** (the run exits 1 unless `--allow-failed-checks`):\n\n" + "".join(
+            f"- {f}\n" for f in failed
+        )
+    return text
+
+
+def failed_checks(rows: list[dict]) -> list[str]:
+    """Every tolerance a variant missed, one line each (fp32 parity is refused at export already)."""
+    from vitslim.core.precision import tolerance_for
+
+    failed = []
+    for r in rows:
+        for precision in ("fp16", "int8"):
+            if r.get(f"{precision}_passed") is False:
+                rule = tolerance_for(precision).to_dict()
+                failed.append(f"{r['variant']}: {precision} outside its tolerance {rule} against the masked reference")
+    return failed
 
 
 STAGE_FILE = "recipe_stage.json"  # in each stage's run directory: the settings it was made with
@@ -521,6 +541,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
         "data": data.source,
         "seed": recipe.train.seed,
         "rows": rows,
+        "failed_checks": failed_checks(rows),
         "seconds": time.perf_counter() - started,
     }
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))

@@ -23,6 +23,7 @@ Exit 0 when every check passed, 1 when one failed, 2 when no GPU is present (bui
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -152,8 +153,8 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     graph = read_onnx(onnx_path).graph
     shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
     out.mkdir(parents=True, exist_ok=True)
-    name = onnx_path.stem
-    write_bytes_atomic(out / onnx_path.name, onnx_path.read_bytes())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", onnx_path.stem).strip("-.")[:64] or "model"  # fits KIT_NAME
+    write_bytes_atomic(out / f"{name}.onnx", onnx_path.read_bytes())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     source = session.get_inputs()[0]
     dtype = np.float16 if "float16" in source.type else np.float32
@@ -165,7 +166,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
         arrays[f"{name}/logits_{batch}"] = session.run(None, {source.name: images.astype(dtype)})[0].astype(np.float32)
     model = {
         "name": name,
-        "onnx": onnx_path.name,
+        "onnx": f"{name}.onnx",
         "precision": onnx_precision(onnx_path),
         "profiles": [str(p) for p in profiles],
         "inside": inside,
@@ -381,11 +382,38 @@ def read_kit(prepared: Path) -> tuple[dict, dict]:
         ):
             raise ValueError("models")
         BuildSettings(**kit.get("build", {}))  # unknown or bad build options: a one-line error here
-        return kit, reference
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise DeployError(
             f"{prepared / KIT} or {REFERENCE} is unreadable or incomplete ({type(error).__name__}): prepare the directory again"
         ) from None
+    for model in kit["models"]:
+        _check_kit_model(prepared, model)
+    return kit, reference
+
+
+KIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a kit's model names become engine file names
+
+
+def _check_kit_model(prepared: Path, model: dict) -> None:
+    """A kit's model entry names files inside the kit and nothing else: its name is a plain slug
+    (engines and manifests are named after it), its ONNX a regular file in the kit's folder."""
+    name, onnx = model["name"], model["onnx"]
+    if not isinstance(name, str) or not KIT_NAME.fullmatch(name):
+        raise DeployError(
+            f"{prepared / KIT}: model name {name!r} is not a plain name (letters, digits, . _ -): prepare the kit again"
+        )
+    path = prepared / str(onnx)
+    inside = path.resolve().parent == prepared.resolve()
+    if not isinstance(onnx, str) or Path(onnx).name != onnx or not inside or path.is_symlink() or not path.is_file():
+        raise DeployError(
+            f"{prepared / KIT}: model {name}'s ONNX {onnx!r} is not a file in {prepared} (paths and links are refused): "
+            "prepare the kit again"
+        )
+    numbers = [model["outside"], *model["inside"]] if isinstance(model["inside"], list) else [None]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 65536 for n in numbers):
+        raise DeployError(
+            f"{prepared / KIT}: model {name}'s batches must be integers in 1..65536: prepare the kit again"
+        )
 
 
 def run_checks(prepared: Path, library: Optional[str] = None, progress=print) -> list[Check]:

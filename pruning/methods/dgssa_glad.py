@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.core.settings import setting
+from vitslim.core.settings import non_finite_fields, setting
 
 from ..checkpoints import phase_path
 from ..data import DataSplits, calibration_set
@@ -71,10 +71,18 @@ class DGSSAGladConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
+        if non_finite_fields(self):
+            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
+            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
         if self.static_blocks is not None and self.similarity_threshold is not None:
             raise PruningError("give --static-blocks K or --similarity-threshold S, not both")
         if self.static_blocks is not None and self.static_blocks < 0:
             raise PruningError(f"--static-blocks {self.static_blocks} must be >= 0")
+        if not self.static_blocks and self.similarity_threshold is None and not self.pyramid.strip():
+            raise PruningError(
+                "dgssa-glad with neither static blocks nor a pyramid changes nothing: give --static-blocks K, "
+                "--similarity-threshold S or --pyramid (e.g. --pyramid auto --target-macs 0.5)"
+            )
         if self.similarity_threshold is not None and not -1 <= self.similarity_threshold <= 1:
             raise PruningError(f"--similarity-threshold {self.similarity_threshold} is a cosine similarity, in [-1, 1]")
         if self.finetune_epochs < 0 or self.attention_weight < 0:

@@ -275,3 +275,33 @@ def test_attention_forms_build_and_the_manifest_records_them(tmp_path):
     ):
         engine_from_onnx(mha, tmp_path / "mha.engine")
     assert not (tmp_path / "mha.engine").exists()
+
+
+@pytest.mark.parametrize("where", ["symlink", "parent", "absolute"])
+def test_external_weights_outside_the_onnx_folder_are_refused(tmp_path, onnx_files, where):
+    """An ONNX from elsewhere must not read any file into an engine through its external data."""
+    import onnx
+    from vitslim.deploy.build import read_onnx
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(
+        onnx.load(str(onnx_files["dense"])),
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        location="w.bin",
+        size_threshold=0,
+    )
+    assert read_onnx(folder / "m.onnx").graph.initializer  # its own weights file beside it: fine
+    (folder / "w.bin").rename(tmp_path / "w.bin")
+    if where == "symlink":
+        (folder / "w.bin").symlink_to(tmp_path / "w.bin")
+    else:
+        model = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "../w.bin" if where == "parent" else str(tmp_path / "w.bin")
+        onnx.save(model, str(folder / "m.onnx"))
+    with pytest.raises(DeployError, match="absolute paths, '..' and links are refused"):
+        read_onnx(folder / "m.onnx")

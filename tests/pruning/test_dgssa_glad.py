@@ -208,3 +208,9 @@ def test_auto_pyramid_meets_the_mac_target(tmp_path):
     check_pyramid(tuple(tuple(s) for s in result.report["pyramid"]), geometry)
     with pytest.raises(PruningError, match="go together"):
         DGSSAGladConfig(pyramid="auto")
+
+
+@pytest.mark.parametrize("settings", [{}, {"static_blocks": 0}, {"static_blocks": 0, "pyramid": " "}])
+def test_settings_that_change_nothing_are_refused(settings):
+    with pytest.raises(PruningError, match="changes nothing"):
+        DGSSAGladConfig(**settings)

@@ -143,6 +143,13 @@ def test_augmentation_defaults_follow_the_data(tmp_path):
     deit = resolve_augmentation(TrainConfig(), folder)
     assert deit.policy == "rand-m9-mstd0.5-inc1" and (deit.mixup, deit.cutmix) == (0.8, 1.0)
     assert resolve_augmentation(TrainConfig(augment="none", mixup=0, cutmix=0), folder).policy is None
+    # 'affine' and 'none' on image files: no Mixup/CutMix unless asked for (issue 24)
+    for plain in ("affine", "none"):
+        assert (
+            resolve_augmentation(TrainConfig(augment=plain), folder).mixup,
+            resolve_augmentation(TrainConfig(augment=plain), folder).cutmix,
+        ) == (0.0, 0.0)
+    assert resolve_augmentation(TrainConfig(augment="affine", mixup=0.2), folder).mixup == 0.2
     augmented = augmented_dataset(folder.train, deit.policy)
     assert len(augmented) == len(folder.train) and augmented[0][0].shape == folder.train[0][0].shape
     assert torch.equal(folder.train[0][0], folder.train[0][0]), "the plain training set stays deterministic"
@@ -162,3 +169,16 @@ def test_mixup_and_label_smoothing_train(tmp_path):
     )
     assert result.augmentation == {"policy": None, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_that_diverges_stops_with_one_line_and_no_nan_weights(tmp_path):
+    """A learning rate so large that the weights overflow: the next non-finite loss stops training
+    (nothing NaN is returned or saved), and NaN or infinite settings are refused up front."""
+    from vitslim.pruning.errors import PruningError
+
+    data = digits_splits(3, (16, 16))
+    with pytest.raises(PruningError, match="training diverged in epoch 1"):
+        fit(tiny_vit(num_classes=10), data, TrainConfig(epochs=1, lr=1e30, augment="none"), progress=False)
+    for bad in ({"lr": float("inf")}, {"warmup_epochs": float("nan")}):
+        with pytest.raises(PruningError, match="must be a finite number"):
+            TrainConfig(**bad)

@@ -43,3 +43,16 @@ def check_value(field: dataclasses.Field, value: Any) -> Optional[str]:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind] + (
         " or null" if optional else ""
     )
+
+
+def non_finite_fields(settings: Any) -> list[str]:
+    """The fields of a settings dataclass whose number is NaN or infinite. Every comparison with
+    NaN is false, so a NaN threshold or duration would silently switch a check or a limit off;
+    settings refuse them by name in __post_init__."""
+    import math
+
+    return [
+        field.name
+        for field in dataclasses.fields(settings)
+        if isinstance(getattr(settings, field.name), float) and not math.isfinite(getattr(settings, field.name))
+    ]
