@@ -13,17 +13,18 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.core.metadata import attention_form_of, preprocessing_of
 from vitslim.core.precision import GRAPH_PRECISIONS, graph_precision
+from vitslim.core.settings import check_value, setting
 
 from .errors import DeployError
 from .gpu import gpu_info
-from .tensorrt_lib import TensorRT, require_tensorrt
+from .tensorrt_lib import LIBRARIES, TensorRT, require_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,79 @@ HARDWARE_COMPATIBILITY = {
 }
 
 
+# What a manifest records as build_options, and what kits and recipes may set besides profiles.
+BUILD_OPTIONS = (
+    "tf32",
+    "optimization_level",
+    "hardware_compatibility",
+    "version_compatible",
+    "compute_capabilities",
+    "dla_core",
+    "gpu_fallback",
+    "workspace_mb",
+)
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: Optional[str] = None  # None: the ONNX's; any other value than the ONNX's is refused
-    profiles: tuple[BatchProfile, ...] = (DEFAULT_PROFILE,)
-    workspace_mb: Optional[int] = None
-    timing_cache: Optional[Path] = None
-    library: Optional[str] = None  # "tensorrt" or "tensorrt_rtx"; None picks the installed one
-    # let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)
-    tf32: bool = False
-    optimization_level: Optional[int] = None  # builder optimisation level 0-5 (TensorRT's default: 3)
-    hardware_compatibility: str = "none"  # none | ampere+ | same-compute-capability (TensorRT 10+, RTX)
-    version_compatible: bool = False  # an engine later TensorRT versions can run (lean runtime inside)
-    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("SM86", "SM89"); () = its portable default
-    dla_core: Optional[int] = None  # Jetson Orin: build for this DLA core
-    gpu_fallback: bool = True  # with dla_core: layers DLA cannot run go to the GPU
+    """How an engine is built, declared once: the flags of `vitslim build` and `vitslim kit`, a
+    recipe's deploy keys and the manifest's build_options are generated from these fields."""
+
+    precision: Optional[str] = setting(
+        None,
+        "must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's",
+        choices=GRAPH_PRECISIONS,
+    )
+    profiles: tuple[BatchProfile, ...] = setting(
+        (DEFAULT_PROFILE,),
+        "a batch optimisation profile (repeat for several)",
+        flag="--batch",
+        metavar="MIN:OPT:MAX",
+        item=BatchProfile.parse,
+    )
+    workspace_mb: Optional[int] = setting(None, "workspace memory limit (MB)", flag="--workspace", metavar="MB")
+    timing_cache: Optional[Path] = setting(
+        None,
+        "timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back",
+        metavar="FILE",
+        item=Path,
+    )
+    library: Optional[str] = setting(
+        None, "tensorrt or tensorrt_rtx; default: tensorrt if installed, else tensorrt_rtx", choices=LIBRARIES
+    )
+    tf32: bool = setting(
+        False, "let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)"
+    )
+    optimization_level: Optional[int] = setting(
+        None, "builder optimisation level (TensorRT's default 3)", metavar="0-5"
+    )
+    hardware_compatibility: str = setting(
+        "none",
+        "full TensorRT: an engine for any Ampere+ GPU or any GPU of the build GPU's compute capability",
+        choices=tuple(HARDWARE_COMPATIBILITY),
+    )
+    version_compatible: bool = setting(
+        False, "full TensorRT: an engine later TensorRT versions can run (carries its lean runtime)"
+    )
+    compute_capabilities: tuple[str, ...] = setting(
+        (),
+        "TensorRT-RTX: a target GPU architecture, e.g. SM86 (repeat); default its portable set",
+        flag="--compute-capability",
+        metavar="SMxy",
+        item=str,
+    )
+    dla_core: Optional[int] = setting(None, "Jetson Orin: build for this DLA core", metavar="N")
+    gpu_fallback: bool = setting(
+        True, "with --dla-core: layers DLA cannot run go to the GPU (--no-gpu-fallback: fail instead)"
+    )
 
     def __post_init__(self) -> None:
+        for name in ("profiles", "compute_capabilities"):  # a kit's or recipe's JSON/YAML list
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", Path(self.timing_cache))
+        if self.library is not None and self.library not in LIBRARIES:
+            raise DeployError(f"library {self.library!r} is not one of {LIBRARIES}")
         if self.precision is not None and self.precision not in GRAPH_PRECISIONS:
             raise DeployError(f"precision {self.precision!r} is not one of {GRAPH_PRECISIONS}")
         if not self.profiles:
@@ -103,16 +160,43 @@ class BuildSettings:
 
     def options(self) -> dict:
         """What the manifest records of these settings (the build options)."""
-        return {
-            "tf32": self.tf32,
-            "optimization_level": self.optimization_level,
-            "hardware_compatibility": self.hardware_compatibility,
-            "version_compatible": self.version_compatible,
-            "compute_capabilities": list(self.compute_capabilities),
-            "dla_core": self.dla_core,
-            "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
-            "workspace_mb": self.workspace_mb,
-        }
+        options = {name: getattr(self, name) for name in BUILD_OPTIONS}
+        options["compute_capabilities"] = list(self.compute_capabilities)
+        if self.dla_core is None:
+            options["gpu_fallback"] = None  # meaningless without a DLA core
+        return options
+
+
+def build_settings_from_text(values: dict, where: str) -> BuildSettings:
+    """BuildSettings from values read as text or YAML (a recipe's deploy keys, a CLI's strings):
+    each field's `item` spelling parses it; a tuple field takes a list or a comma-separated string.
+    Unknown keys and values of the wrong type are refused by name."""
+    known = {f.name: f for f in fields(BuildSettings)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DeployError(f"{where}: unknown build setting(s) {unknown}; known: {sorted(known)}")
+    parsed = {}
+    for name, value in values.items():
+        field, kind = known[name], str(known[name].type)
+        item = field.metadata.get("item")
+        if kind.startswith("tuple["):
+            parts = value.split(",") if isinstance(value, str) else value
+            if not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts):
+                hint = " (quote it: YAML reads 1:8:32 as a base-60 number)" if isinstance(value, int) else ""
+                raise DeployError(f"{where}.{name}: {value!r} is not a list or a comma-separated string{hint}")
+            parsed[name] = tuple(item(p.strip()) for p in parts if p.strip())
+        elif item is not None and value is not None:
+            parsed[name] = item(value) if isinstance(value, str) else _wrong_type(where, name, value, "a string")
+        else:
+            expected = check_value(field, value)
+            if expected:
+                _wrong_type(where, name, value, expected)
+            parsed[name] = value
+    return BuildSettings(**parsed)
+
+
+def _wrong_type(where: str, name: str, value, expected: str):
+    raise DeployError(f"{where}.{name}: {value!r} is not {expected}")
 
 
 def read_onnx(onnx_path: Path):
@@ -136,7 +220,7 @@ def check_external_data(model, onnx_path: Path) -> None:
     the folder, or a symlink, would let an ONNX from elsewhere read any file into an engine
     (onnx and onnxruntime refuse them too; TensorRT's parser does not)."""
     folder = onnx_path.resolve().parent
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
         if location is None:
             continue
@@ -151,6 +235,23 @@ def check_external_data(model, onnx_path: Path) -> None:
                 f"{onnx_path}: the external weights of {tensor.name} ({location!r}) are not a regular file in its folder "
                 "(absolute paths, '..' and links are refused): re-export it with 'vitslim export'"
             )
+
+
+def _all_tensors(graph):
+    """Every TensorProto of `graph`: initializers, sparse initializers, and the tensors of node
+    attributes (Constant values), subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
 
 
 def onnx_precision(onnx_path: Path) -> str:

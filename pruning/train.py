@@ -257,6 +257,17 @@ def _mixing(augmentation: Augmentation, num_classes: int):
     )
 
 
+def _finite_everywhere(value: float, device: torch.device, context: DistributedContext) -> bool:
+    """Whether `value` is finite on every process: under torchrun every rank must stop together, or
+    the others would wait in the next gradient all-reduce for one that left."""
+    finite = math.isfinite(value)
+    if context.world_size == 1:
+        return finite
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _step_loss(model, teacher, images, labels, config: TrainConfig, device, smoothing: float = 0.0) -> torch.Tensor:
     """Task loss on hard labels or on Mixup's soft targets [B, classes], plus distillation."""
     with _autocast(device, config.amp):
@@ -354,9 +365,9 @@ def fit(
             if extra_loss is not None:
                 loss = loss + extra_loss()
             step_loss = float(loss.detach())  # the bar shows it anyway: no extra synchronisation
-            if not math.isfinite(step_loss):  # the weights would turn NaN and every later step with them
+            if not _finite_everywhere(step_loss, device, context):  # else the weights turn NaN, and every step after
                 raise PruningError(
-                    f"training diverged in epoch {epoch + 1} (loss {step_loss}): lower --lr (now {config.lr:g}) "
+                    f"training diverged in epoch {epoch + 1} (loss {step_loss} on this process): lower --lr (now {config.lr:g}) "
                     "or check the data and the starting weights"
                 )
             optimizer.zero_grad(set_to_none=True)

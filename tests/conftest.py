@@ -63,6 +63,13 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The default recipe end to end (marker e2e, about 7 minutes) runs only when a -m expression
+    # names it (make test-e2e: -m e2e), whatever else -m selects: `make test` stays fast.
+    if "e2e" not in (config.option.markexpr or ""):
+        deselected = [item for item in items if "e2e" in item.keywords]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if "e2e" not in item.keywords]
     # Long end-to-end tests first, so that under pytest-xdist they start at once on their own
     # worker while the many short tests share the other.
     items.sort(key=lambda item: "slow" not in item.keywords)

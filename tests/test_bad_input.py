@@ -967,6 +967,10 @@ def test_there_are_at_least_60_cases():
     assert len(CASES) >= 60 and len({case[0] for case in CASES}) == len(CASES)
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception, match="is not a run directory"):
-        main(["--debug", "export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys):
+    """--debug (before or after the command) adds the traceback; the exit code stays 3, never a verdict."""
+    for argv in (["--debug", "export"], ["export", "--debug"]):
+        assert main([*argv, str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" in err and last.startswith("vitslim export: error:") and "is not a run directory" in last

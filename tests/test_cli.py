@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from vitslim.deploy.runners import check_engine
 from vitslim.pruning.errors import PruningError
 
 from vitslim.cli import default_torch_mode, main
-from vitslim.core.errors import EXIT_BAD_INPUT
+from vitslim.core.errors import EXIT_BAD_INPUT, VitslimError
 from vitslim.core.files import sha256_of
 from vitslim.core.precision import TOLERANCES
 from vitslim.recipe import load_recipe
@@ -172,14 +173,16 @@ def test_default_run_meets_its_targets(tmp_path):
     (docker / "models").mkdir(parents=True)
     for onnx in shipped:
         shutil.copy(onnx, docker / "models" / onnx.name)
-    build_args = " ".join(f"--batch {profile}" for profile in recipe.deploy.profiles.split(","))
+    build_args = " ".join(f"--batch {profile}" for profile in recipe.build.profiles)
     started = run_entrypoint(docker, build_args, "inspect", str(docker / "engines" / "vtp.int8.engine"), "--no-layers")
     assert started.returncode == 0, started.stderr[-3000:]
     assert started.stdout.count("built ") == len(shipped) and "int8" in started.stdout
     for onnx in shipped:
         manifest = check_engine(docker / "engines" / f"{onnx.stem}.engine")
         assert manifest["onnx"]["sha256"] == sha256_of(onnx) and manifest["precision"] == onnx_precision(onnx)
-        assert [f"{p['min']}:{p['opt']}:{p['max']}" for p in manifest["profiles"]] == recipe.deploy.profiles.split(",")
+        assert [f"{p['min']}:{p['opt']}:{p['max']}" for p in manifest["profiles"]] == [
+            str(p) for p in recipe.build.profiles
+        ]
     assert {onnx_precision(onnx) for onnx in shipped} == {"fp32", "fp16", "int8"}
     restarted = run_entrypoint(docker, build_args, "inspect", str(docker / "engines" / "dense.engine"), "--no-layers")
     assert restarted.returncode == 0 and restarted.stdout.count("copied from the engine cache") == len(shipped), (
@@ -271,11 +274,17 @@ def test_bench_then_gate(tmp_path, capsys):
     # a label cannot name a path: the file name is derived, and stays inside the directory
     hostile = json.loads(current.read_text())
     for result in hostile["results"]:
-        result["label"] = "../../escaped/" + result["label"]
+        result["label"] = result["fingerprint"]["label"] = "../../escaped/" + result["label"]
+        result["fingerprint_id"] = fingerprint_id(result["fingerprint"])
     (tmp_path / "hostile.json").write_text(json.dumps(hostile))
     elsewhere = tmp_path / "b2"
     assert main(["gate", str(tmp_path / "hostile.json"), "--baseline-dir", str(elsewhere), "--accept"]) == 0
     assert not (tmp_path / "escaped").exists() and len(list(elsewhere.glob("escaped-*.json"))) == 4
+    # a baseline stored under an older file name is replaced, not left to shadow the new one
+    legacy = baselines / f"{report['results'][0]['fingerprint_id']}.json"
+    legacy.write_text(json.dumps(report["results"][0]))
+    assert main(["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100", "--accept"]) == 0
+    assert not legacy.exists() and len([p for p in baselines.glob("*.json") if not p.name.startswith(".")]) == 4
     # a re-export of the same model (other bytes) is still comparable; another CPU is not, by name
     reexported = json.loads(current.read_text())
     for result in reexported["results"]:
@@ -341,17 +350,62 @@ def test_recipe_overrides_by_dotted_key():
 
 
 def test_recipe_deploy_settings_reach_the_build():
+    """A recipe's build keys are BuildSettings' fields (declared once), read from YAML values."""
     recipe = load_recipe(
         None,
-        ["deploy.precision=fp16", "deploy.profiles='1:2:4,8:8:16'", "deploy.tf32=true", "deploy.optimization_level=2"],
+        [
+            "deploy.precision=fp16",
+            "deploy.profiles='1:2:4,8:8:16'",
+            "deploy.tf32=true",
+            "deploy.optimization_level=2",
+            "deploy.compute_capabilities=[SM86, SM89]",
+            "deploy.dla_core=0",
+        ],
     )
-    settings = recipe.deploy.build_settings()
+    settings = recipe.build
     assert recipe.deploy.precision == "fp16" and [str(p) for p in settings.profiles] == ["1:2:4", "8:8:16"]
-    assert (
-        settings.tf32
-        and settings.optimization_level == 2
-        and load_recipe(None).deploy.build_settings().profiles[0].opt == 8
+    assert settings.tf32 and settings.optimization_level == 2 and settings.compute_capabilities == ("SM86", "SM89")
+    assert settings.options()["dla_core"] == 0 and load_recipe(None).build.profiles[0].opt == 8
+    for bad, message in (
+        ("deploy.tf32=maybe", "recipe deploy.tf32: 'maybe' is not true or false"),
+        ("deploy.profiles=[1]", "recipe deploy.profiles: [1] is not a list or a comma-separated string"),
+        ("deploy.workspace=8", "unknown key(s) ['workspace']"),
+    ):
+        with pytest.raises(VitslimError, match=re.escape(message)):
+            load_recipe(None, [bad])
+
+
+def test_build_and_kit_flags_are_the_build_settings_fields():
+    """`vitslim build`'s and `vitslim kit`'s flags come from BuildSettings: a field added there is
+    a flag, a recipe key and a manifest build option without another declaration."""
+    import dataclasses
+
+    from vitslim.deploy.build import BUILD_OPTIONS, BuildSettings, build_settings_from_text
+
+    from vitslim.cli import build_flag_names, build_parser, build_settings_from_args
+
+    assert set(BuildSettings().options()) == set(BUILD_OPTIONS) <= {f.name for f in dataclasses.fields(BuildSettings)}
+    kit_args = vars(build_parser("kit").parse_args(["kit", "m.onnx", "--out", "kit"]))
+    kit_flags = set(kit_args) & {f.name for f in dataclasses.fields(BuildSettings)}
+    assert kit_flags == {"profiles", *BUILD_OPTIONS}  # no timing cache, library or precision from a kit
+    args = build_parser("build").parse_args(
+        [
+            "build",
+            "m.onnx",
+            "--batch",
+            "1:2:4",
+            "--batch",
+            "8",
+            "--no-gpu-fallback",
+            "--dla-core",
+            "1",
+            "--out",
+            "m.engine",
+        ]
     )
+    settings = build_settings_from_text(build_settings_from_args(args, build_flag_names("build")), "vitslim build")
+    assert [str(p) for p in settings.profiles] == ["1:2:4", "8:8:8"] and settings.options()["gpu_fallback"] is False
+    assert settings.dla_core == 1 and settings.timing_cache is None
 
 
 def test_an_unexpected_error_has_its_own_exit_code_never_a_verdict(monkeypatch, capsys):
@@ -366,8 +420,10 @@ def test_an_unexpected_error_has_its_own_exit_code_never_a_verdict(monkeypatch, 
     assert main(["gate", "current.json", "--baseline-dir", "b"]) == EXIT_INTERNAL_ERROR
     line = error_line(capsys)
     assert line.startswith("vitslim gate: internal error: KeyError") and "--debug" in line
-    with pytest.raises(KeyError):
-        main(["gate", "current.json", "--baseline-dir", "b", "--debug"])  # --debug after the command, too
+    assert (
+        main(["gate", "current.json", "--baseline-dir", "b", "--debug"]) == EXIT_INTERNAL_ERROR
+    )  # after the command, too
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_verbose_is_accepted_after_the_command_and_shows_only_vitslim_steps(tmp_path):

@@ -100,7 +100,7 @@ def test_a_kit_for_another_device_builds_and_is_checked_like_the_selftest(tmp_pa
         == 0
     )
     kit = json.loads((tmp_path / "kit" / "kit.json").read_text())
-    assert kit["build"] == {"dla_core": 0, "gpu_fallback": True}
+    assert kit["build"] == {"dla_core": 0}  # what was asked; the rest are BuildSettings defaults
     assert (
         kit["models"][0]["profiles"] == ["1:2:4"]
         and kit["models"][0]["inside"] == [2]

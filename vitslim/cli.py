@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from vitslim.core.errors import (
     EXIT_TERMINATED,
     VitslimError,
 )
-from vitslim.core.precision import GRAPH_PRECISIONS, PRECISIONS, TOLERANCES
+from vitslim.core.precision import PRECISIONS, TOLERANCES
 from vitslim.core.settings import help_of, value_type
 from vitslim.pruning.errors import PruningError
 
@@ -183,23 +184,53 @@ def cmd_prune(args) -> int:
     return EXIT_OK
 
 
-def cmd_build(args) -> int:
-    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile, BuildSettings, cached_engine, engine_from_onnx
+def build_flag_names(command: str) -> tuple[str, ...]:
+    """The BuildSettings fields a command offers as flags: `build` all of them; `kit` the profiles
+    and the build options a device builds with (never a file or a library of this machine)."""
+    from vitslim.deploy.build import BUILD_OPTIONS, BuildSettings
 
-    settings = BuildSettings(
-        precision=args.precision,
-        profiles=tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)]),
-        workspace_mb=args.workspace,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-        library=args.library,
-        tf32=args.tf32,
-        optimization_level=args.optimization_level,
-        hardware_compatibility=args.hardware_compatibility,
-        version_compatible=args.version_compatible,
-        compute_capabilities=tuple(args.compute_capability or ()),
-        dla_core=args.dla_core,
-        gpu_fallback=not args.no_gpu_fallback,
-    )
+    if command == "build":
+        return tuple(field.name for field in dataclasses.fields(BuildSettings))
+    return ("profiles", *BUILD_OPTIONS)
+
+
+def add_build_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """One flag per BuildSettings field in `names`, spelled, typed and explained by the field.
+    Values stay text here; build_settings_from_args parses them (one-line errors, not argparse's)."""
+    from vitslim.deploy.build import BuildSettings
+
+    group = parser.add_argument_group("engine build settings")
+    for field in dataclasses.fields(BuildSettings):
+        if field.name not in names:
+            continue
+        meta, kind = field.metadata, str(field.type)
+        flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+        default = ", ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        shown = "" if "default" in help_of(field) else f" (default: {default if default not in (None, '') else 'none'})"
+        text = f"{help_of(field)}{shown}".replace("%", "%%")
+        common = dict(dest=field.name, default=None, help=text)
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind.startswith("tuple["):
+            group.add_argument(flag, action="append", metavar=meta.get("metavar"), **common)
+        elif "item" in meta:
+            group.add_argument(flag, metavar=meta.get("metavar"), **common)
+        else:
+            value_kind = value_type(field)[0]
+            group.add_argument(
+                flag, type=value_kind, choices=meta.get("choices"), metavar=meta.get("metavar"), **common
+            )
+
+
+def build_settings_from_args(args, names: tuple[str, ...]) -> dict:
+    """The build settings given on the command line (those not given keep BuildSettings' defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_build(args) -> int:
+    from vitslim.deploy.build import build_settings_from_text, cached_engine, engine_from_onnx
+
+    settings = build_settings_from_text(build_settings_from_args(args, build_flag_names("build")), "vitslim build")
     if args.cache:
         result, reused = cached_engine(args.onnx, args.out, settings, args.cache)
     else:
@@ -316,6 +347,20 @@ def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
     return directory, [load_baseline_result(p) for p in sorted(directory.glob("*.json")) if not p.name.startswith(".")]
 
 
+def _stored_twins(directory: Path, result: dict) -> set[Path]:
+    """The files of a --baseline-dir holding a result of the same label, batch and fingerprint_id."""
+    from .measure import load_baseline_result
+
+    key = (result.get("label", ""), result["batch"], result["fingerprint_id"])
+    twins = set()
+    for path in directory.glob("*.json"):
+        if not path.name.startswith("."):
+            stored = load_baseline_result(path)
+            if (stored.get("label", ""), stored["batch"], stored["fingerprint_id"]) == key:
+                twins.add(path)
+    return twins
+
+
 def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     """Store `current` as the baseline (atomically) and say what it replaced."""
     from vitslim.core.files import write_json_atomic
@@ -330,8 +375,11 @@ def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     if args.baseline:
         write_json_atomic(args.baseline, current)
     else:
+        directory = Path(args.baseline_dir)
         for result in current["results"]:
-            write_json_atomic(Path(args.baseline_dir) / baseline_file_name(result), result)
+            target = write_json_atomic(directory / baseline_file_name(result), result)
+            for twin in _stored_twins(directory, result) - {target}:  # e.g. an older file name for it
+                twin.unlink()
     print(f"baseline updated: {args.baseline or args.baseline_dir}")
 
 
@@ -498,13 +546,16 @@ def cmd_selftest(args) -> int:
 def cmd_kit(args) -> int:
     import subprocess
 
-    from vitslim.deploy.build import DEFAULT_PROFILE, BatchProfile
+    from vitslim.deploy.build import build_settings_from_text
 
     from .selftest import make_kit
 
-    profiles = tuple(BatchProfile.parse(b) for b in args.batch or [str(DEFAULT_PROFILE)])
-    build = {"dla_core": args.dla_core, "gpu_fallback": not args.no_gpu_fallback} if args.dla_core is not None else {}
-    out = make_kit(Path(args.onnx), Path(args.out), profiles, build)
+    given = build_settings_from_args(args, build_flag_names("kit"))
+    settings = build_settings_from_text(given, "vitslim kit")  # checked here, built on the device
+    # kit.json records what was asked (JSON lists for tuples); the device's vitslim builds with it
+    asked = {name: getattr(settings, name) for name in given if name != "profiles"}
+    build = {name: list(value) if isinstance(value, tuple) else value for name, value in asked.items()}
+    out = make_kit(Path(args.onnx), Path(args.out), settings.profiles, build)
     root = Path(__file__).resolve().parents[1]
     if (root / "pyproject.toml").is_file():  # a source checkout: put vitslim's wheel in the kit
         built = subprocess.run(
@@ -560,7 +611,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; the flags of `command` (one of TORCH_COMMANDS) are generated from its
     settings dataclasses, the other commands' flags need no torch."""
     from vitslim.deploy.bench import BenchSettings
-    from vitslim.deploy.build import DEFAULT_PROFILE
     from vitslim.deploy.gate import FAIL_ABOVE, WARN_ABOVE, ABSettings
     from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES
 
@@ -665,56 +715,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build a TensorRT engine (+ manifest) from an exported ONNX")
     build.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    build.add_argument(
-        "--precision",
-        choices=GRAPH_PRECISIONS,
-        help="must match the ONNX's (every build is strongly typed: the ONNX decides); default: the ONNX's",
-    )
-    build.add_argument(
-        "--batch",
-        action="append",
-        metavar="MIN:OPT:MAX",
-        help=f"a batch optimisation profile (repeat for several); default {DEFAULT_PROFILE}",
-    )
-    build.add_argument(
-        "--timing-cache",
-        help="timing cache file, used if it was made with this library, version and GPU (key in FILE.json), then written back",
-    )
-    build.add_argument("--workspace", type=int, metavar="MB", help="workspace memory limit")
-    build.add_argument(
-        "--library", choices=("tensorrt", "tensorrt_rtx"), help="default: tensorrt if installed, else tensorrt_rtx"
-    )
-    build.add_argument(
-        "--tf32",
-        action="store_true",
-        help="let fp32 matrix products use TF32 (recorded; compare then holds the engine to the tf32 tolerance)",
-    )
-    build.add_argument(
-        "--optimization-level", type=int, metavar="0-5", help="builder optimisation level (TensorRT's default 3)"
-    )
-    build.add_argument(
-        "--hardware-compatibility",
-        choices=("none", "ampere+", "same-compute-capability"),
-        default="none",
-        help="full TensorRT: an engine for any Ampere+ GPU or any GPU of the build GPU's compute capability",
-    )
-    build.add_argument(
-        "--version-compatible",
-        action="store_true",
-        help="an engine later TensorRT versions can run (carries its lean runtime)",
-    )
-    build.add_argument(
-        "--compute-capability",
-        action="append",
-        metavar="SMxy",
-        help="TensorRT-RTX: a target GPU architecture, e.g. SM86 (repeat); default its portable set",
-    )
-    build.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
-    build.add_argument(
-        "--no-gpu-fallback",
-        action="store_true",
-        help="with --dla-core: fail instead of running layers DLA cannot on the GPU",
-    )
+    add_build_flags(build, build_flag_names("build"))
     build.add_argument(
         "--cache",
         metavar="DIR",
@@ -884,13 +885,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "which builds and checks the engine there with the device's own TensorRT",
     )
     kit.add_argument("onnx", help="MODEL.onnx from 'vitslim export'")
-    kit.add_argument(
-        "--batch", action="append", metavar="MIN:OPT:MAX", help="batch optimisation profile (repeat); default 1:8:32"
-    )
-    kit.add_argument("--dla-core", type=int, help="Jetson Orin: build for this DLA core")
-    kit.add_argument(
-        "--no-gpu-fallback", action="store_true", help="with --dla-core: no GPU fallback for layers DLA cannot run"
-    )
+    add_build_flags(kit, build_flag_names("kit"))
     kit.add_argument("--out", required=True, help="the kit's directory")
     kit.set_defaults(func=cmd_kit)
 
@@ -988,8 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except VitslimError as error:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, and still the exit code of bad input (never a verdict)
+            traceback.print_exc()
         print(f"vitslim {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -1000,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TERMINATED
     except Exception as error:  # noqa: BLE001 (a bug must not read as a verdict: its own exit code)
         if args.debug:
-            raise
+            traceback.print_exc()
         print(
             f"vitslim {args.command}: internal error: {type(error).__name__}: {one_line(error)} "
             "(rerun with --debug for the traceback and report it)",

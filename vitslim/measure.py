@@ -381,6 +381,8 @@ def load_results(path: Path) -> dict:
         raise DeployError(
             f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'"
         )
+    if not data["results"]:
+        raise DeployError(f"{path} holds no results: a gate needs something measured (vitslim bench --json)")
     for result in data["results"]:
         _check_result(result, path)
     return data
@@ -511,7 +513,14 @@ def _check_result(result, path: Path) -> dict:
             f"{path} holds a result whose batch, median_ms, cov, label or fingerprint is not what 'vitslim bench --json' "
             "writes (finite, positive numbers; an integer batch): measure again"
         )
-    if result["fingerprint_id"] != fingerprint_id(result["fingerprint"]):  # binds the id to what was measured
+    measured = result["fingerprint"]
+    if result.get("label", "") != measured.get("label", "") or result["batch"] != measured.get("batch"):
+        raise DeployError(
+            f"{path} holds a result whose label or batch differs from its fingerprint's (edited?): measure again"
+        )
+    if result["fingerprint_id"] != fingerprint_id(
+        measured
+    ):  # binds the id to what was measured (integrity, not a signature)
         raise DeployError(
             f"{path} holds a result whose fingerprint_id does not match its fingerprint (edited?): measure again"
         )

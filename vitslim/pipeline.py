@@ -524,7 +524,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
                 )
             )
         if recipe.deploy.engines:
-            row.update(engine_columns(exports[name].onnx_path, recipe.deploy.build_settings()))
+            row.update(engine_columns(exports[name].onnx_path, recipe.build))
         if recipe.deploy.latency:
             row.update(
                 latency_columns(
@@ -545,9 +545,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
         "seconds": time.perf_counter() - started,
     }
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=1))
-    write_text_atomic(
-        root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows, recipe.deploy.build_settings())
-    )
+    write_text_atomic(root / "summary.md", summary_markdown(f"vitslim run: {recipe.name}", rows, recipe.build))
     block_macs_png(
         {name: e.report["blocks"] for name, e in exports.items()},
         root / "block_macs.png",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vitslim.core.settings import check_value, setting
+from vitslim.deploy.build import BUILD_OPTIONS, BuildSettings, build_settings_from_text
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import ModelSpec
 from vitslim.pruning.train import TrainConfig
@@ -60,14 +61,6 @@ class DeploySettings:
         "time every variant on this machine's CPU for the summary (onnxruntime, PyTorch, INT8 and timm's own model); "
         "off where timings mean nothing, e.g. a shared build machine",
     )
-    profiles: str = setting("1:8:32", "batch optimisation profiles of the engines, MIN:OPT:MAX, comma-separated")
-    tf32: bool = setting(False, "let fp32 engines use TF32 (recorded; held to the tf32 tolerance)")
-    optimization_level: Optional[int] = setting(None, "builder optimisation level 0-5 (TensorRT's default 3)")
-    hardware_compatibility: str = setting("none", "full TensorRT: none, ampere+ or same-compute-capability")
-    version_compatible: bool = setting(False, "full TensorRT: engines later versions can run")
-    compute_capabilities: str = setting(
-        "", "TensorRT-RTX targets, comma-separated (e.g. SM86,SM89); empty: its portable set"
-    )
 
     def __post_init__(self) -> None:
         from vitslim.core.precision import PRECISIONS
@@ -88,19 +81,6 @@ class DeploySettings:
                 "recipe deploy.attention ort-mha is for onnxruntime only (TensorRT cannot parse it): set deploy.engines: false, "
                 "or use attention-op"
             )
-        self.build_settings()  # refuses bad profiles and options by name
-
-    def build_settings(self):
-        from vitslim.deploy.build import BatchProfile, BuildSettings
-
-        return BuildSettings(
-            profiles=tuple(BatchProfile.parse(p.strip()) for p in self.profiles.split(",") if p.strip()),
-            tf32=self.tf32,
-            optimization_level=self.optimization_level,
-            hardware_compatibility=self.hardware_compatibility,
-            version_compatible=self.version_compatible,
-            compute_capabilities=tuple(c.strip() for c in self.compute_capabilities.split(",") if c.strip()),
-        )
 
 
 _MODEL_KEYS = {"name", "kwargs", "checkpoint", "pretrained"}
@@ -117,6 +97,7 @@ class Recipe:
     pretrained: bool = False
     methods: tuple[tuple[str, Any], ...] = ()  # (method name, its config), in run order
     deploy: DeploySettings = DeploySettings()
+    build: BuildSettings = BuildSettings()  # how every engine is built: the deploy keys of BuildSettings
 
     @property
     def run_root(self) -> Path:
@@ -183,8 +164,20 @@ def recipe_from_dict(data: dict) -> Recipe:
         checkpoint=model.get("checkpoint"),
         pretrained=bool(model.get("pretrained", False)),
         methods=_method_configs(data.get("methods") or {}),
-        deploy=_settings("deploy", DeploySettings, data.get("deploy") or {}),
+        **_deploy_and_build(data.get("deploy") or {}),
     )
+
+
+def _deploy_and_build(given) -> dict:
+    """The recipe's `deploy:` mapping, split: how variants are exported (DeploySettings) and how
+    engines are built (BuildSettings' profiles and build options, declared once in deploy/build.py)."""
+    if not isinstance(given, dict):
+        raise PruningError(f"recipe deploy: a mapping of setting -> value, not {type(given).__name__}")
+    build_keys = {"profiles", *BUILD_OPTIONS}
+    own = {f.name for f in fields(DeploySettings)}
+    _check_keys("deploy", given, own | build_keys)
+    build = build_settings_from_text({k: v for k, v in given.items() if k in build_keys}, "recipe deploy")
+    return {"deploy": _settings("deploy", DeploySettings, {k: v for k, v in given.items() if k in own}), "build": build}
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -37,7 +37,7 @@ import numpy as np
 from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED, VitslimError
 from vitslim.core.precision import Parity, compare_outputs, tolerance_for
 from vitslim.deploy.bench import BenchSettings, benchmark
-from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
+from vitslim.deploy.build import BUILD_OPTIONS, BatchProfile, BuildSettings, build_settings_from_text, engine_from_onnx
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.gpu import gpu_info
@@ -381,7 +381,10 @@ def read_kit(prepared: Path) -> tuple[dict, dict]:
             isinstance(m, dict) and all(f in m for f in fields) for m in kit["models"]
         ):
             raise ValueError("models")
-        BuildSettings(**kit.get("build", {}))  # unknown or bad build options: a one-line error here
+        build = kit.get("build", {})
+        if not isinstance(build, dict) or not set(build) <= set(BUILD_OPTIONS):
+            raise ValueError("build")  # only build options: never a file (timing cache) or a library
+        build_settings_from_text(build, f"{prepared / KIT} build")  # bad values: a one-line error here
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise DeployError(
             f"{prepared / KIT} or {REFERENCE} is unreadable or incomplete ({type(error).__name__}): prepare the directory again"
@@ -409,6 +412,13 @@ def _check_kit_model(prepared: Path, model: dict) -> None:
             f"{prepared / KIT}: model {name}'s ONNX {onnx!r} is not a file in {prepared} (paths and links are refused): "
             "prepare the kit again"
         )
+    profiles = model["profiles"]
+    if not isinstance(profiles, list) or not profiles or not all(isinstance(p, str) for p in profiles):
+        raise DeployError(
+            f"{prepared / KIT}: model {name}'s profiles must be a list of MIN:OPT:MAX: prepare the kit again"
+        )
+    for profile in profiles:
+        BatchProfile.parse(profile)  # a one-line error for a bad one
     numbers = [model["outside"], *model["inside"]] if isinstance(model["inside"], list) else [None]
     if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 65536 for n in numbers):
         raise DeployError(

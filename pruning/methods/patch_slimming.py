@@ -215,6 +215,11 @@ class _Search:
         for _ in range(self.config.block_epochs):
             for batch in torch.randperm(len(inputs), generator=generator).split(self.config.batch_size):
                 loss = F.mse_loss(block_next(block_t(inputs[batch])), target[batch])
+                if not torch.isfinite(loss):  # else the error turns NaN and the search silently keeps every token
+                    raise PruningError(
+                        f"Patch Slimming's block tuning diverged (loss {float(loss)}): lower --block-lr "
+                        f"(now {self.config.block_lr:g})"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -234,6 +239,10 @@ class _Search:
             sets = self.sets_with_dense_below(token_sets, t)
             sets[t] = kept
             error = self.reconstruction(sets, t)
+            if not math.isfinite(error):
+                raise PruningError(
+                    f"Patch Slimming: block {t + 1}'s reconstruction error is {error}: check the weights and --block-lr"
+                )
             tried.append({"tokens": len(kept), "error": error})
             if error <= epsilon or count >= len(candidates):
                 return kept, tried

@@ -122,13 +122,24 @@ def test_channel_pruned_weights_are_physically_smaller(tmp_path):
     assert report["params"] < report["params_dense"]
 
 
-def test_parity_failure_leaves_no_file(tmp_path):
-    model = tiny_vit()
+def test_parity_failure_leaves_no_file(tmp_path, monkeypatch):
+    import vitslim.export.onnx_export as onnx_export
+
+    from vitslim.core.precision import Parity
+
+    def far_off(reference, candidate):  # an export whose outputs differ: what parity must catch
+        return Parity(max_abs_diff=1.0, cosine=0.5, top1_agreement=0.0, batch=len(reference))
+
+    monkeypatch.setattr(onnx_export, "compare_outputs", far_off)
     with pytest.raises(ExportError, match="differs from the masked reference"):
-        export_plan(
-            model, cls_only_plan(), tmp_path / "bad.onnx", images=IMAGES, tolerance=Tolerance(max_abs_diff=-1.0)
-        )
+        export_plan(tiny_vit(), cls_only_plan(), tmp_path / "bad.onnx", images=IMAGES)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bound", [float("nan"), float("inf"), -1.0])
+def test_a_tolerance_that_would_pass_everything_is_refused(bound):
+    with pytest.raises(VitslimError, match="must be a finite number >= 0"):
+        Tolerance(max_abs_diff=bound)
 
 
 @pytest.mark.slow

@@ -28,6 +28,13 @@ class Tolerance:
     max_abs_diff: Optional[float] = None  # on logits
     top1_agreement: Optional[float] = None  # fraction of images with the same top-1 class
 
+    def __post_init__(self) -> None:
+        # a NaN bound would pass everything (every comparison with NaN is false)
+        if self.max_abs_diff is not None and not (math.isfinite(self.max_abs_diff) and self.max_abs_diff >= 0):
+            raise VitslimError(f"tolerance {self.max_abs_diff!r} must be a finite number >= 0 (e.g. 1e-4)")
+        if self.top1_agreement is not None and not 0 <= self.top1_agreement <= 1:
+            raise VitslimError(f"top-1 agreement bound {self.top1_agreement!r} must be a fraction in [0, 1]")
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 

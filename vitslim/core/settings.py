@@ -10,9 +10,12 @@ import dataclasses
 from typing import Any, Optional
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 (argparse's name for it)
-    """A dataclass field with `default` and the one-line `help` the CLI shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, **spelling: Any) -> Any:  # noqa: A002 (argparse's name for it)
+    """A dataclass field with `default` and the one-line `help` the CLI shows. `spelling` says
+    how the field reads from text where its name and type do not: `flag` (the CLI flag, default
+    --field-name), `choices`, `metavar`, and `item` (turns one text value into the field's value,
+    or into one element of a tuple field, e.g. BatchProfile.parse)."""
+    return dataclasses.field(default=default, metadata={"help": help, **spelling})
 
 
 def help_of(field: dataclasses.Field) -> str:
