@@ -19,8 +19,6 @@ from vitslim.core.settings import non_finite_fields, setting
 from .errors import DeployError
 from .runners import Runner
 
-RESULT_VERSION = 1
-
 
 @dataclass(frozen=True)
 class BenchSettings:

@@ -14,7 +14,6 @@ Two ways to decide whether a candidate is slower than its baseline:
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -24,7 +23,7 @@ import numpy as np
 from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED
 from vitslim.core.settings import non_finite_fields, setting
 
-from .bench import BenchSettings, comparison_key, device_timer, fingerprint_id
+from .bench import BenchSettings, comparison_key, device_timer
 from .errors import DeployError
 from .runners import Runner
 
@@ -94,14 +93,6 @@ def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], O
     if None in differences:
         return same_point[differences.index(None)], None
     return None, f"{what}: {differences[0]}"
-
-
-def baseline_file_name(result: dict) -> str:
-    """The file a stored baseline result goes to in a --baseline-dir: a readable slug of its label
-    and batch, then the digest of its comparison key. Derived here, never taken from the file,
-    so no label can name a path outside the directory."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(result.get("label") or "result")).strip("-.")[:60] or "result"
-    return f"{slug}-b{int(result['batch'])}-{fingerprint_id(result['fingerprint'])}.json"
 
 
 def check_thresholds(warn: float, fail: float, max_cov: float) -> None:

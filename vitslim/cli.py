@@ -330,8 +330,7 @@ def cmd_compare(args) -> int:
 def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
     """(where the baseline is stored, its results); results None when nothing is stored there yet."""
     from vitslim.deploy.errors import DeployError
-
-    from .measure import load_baseline_result, load_results
+    from vitslim.deploy.results import load_results, stored_baselines
 
     if args.baseline:
         path = Path(args.baseline)
@@ -341,30 +340,14 @@ def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
     directory = Path(args.baseline_dir)
     if directory.exists() and not directory.is_dir():
         raise DeployError(f"--baseline-dir {directory} is a file: use --baseline {directory}")
-    if not directory.is_dir():
-        return directory, None
-    # temporary files of an interrupted --accept start with a dot: never a baseline
-    return directory, [load_baseline_result(p) for p in sorted(directory.glob("*.json")) if not p.name.startswith(".")]
-
-
-def _stored_twins(directory: Path, result: dict) -> set[Path]:
-    """The files of a --baseline-dir holding a result of the same label, batch and fingerprint_id."""
-    from .measure import load_baseline_result
-
-    key = (result.get("label", ""), result["batch"], result["fingerprint_id"])
-    twins = set()
-    for path in directory.glob("*.json"):
-        if not path.name.startswith("."):
-            stored = load_baseline_result(path)
-            if (stored.get("label", ""), stored["batch"], stored["fingerprint_id"]) == key:
-                twins.add(path)
-    return twins
+    return directory, stored_baselines(directory)
 
 
 def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     """Store `current` as the baseline (atomically) and say what it replaced."""
     from vitslim.core.files import write_json_atomic
-    from vitslim.deploy.gate import baseline_file_name, baseline_twin
+    from vitslim.deploy.gate import baseline_twin
+    from vitslim.deploy.results import store_baselines
 
     for result in current["results"]:
         twin = baseline_twin(result, stored or [])[0] if stored else None
@@ -375,11 +358,7 @@ def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     if args.baseline:
         write_json_atomic(args.baseline, current)
     else:
-        directory = Path(args.baseline_dir)
-        for result in current["results"]:
-            target = write_json_atomic(directory / baseline_file_name(result), result)
-            for twin in _stored_twins(directory, result) - {target}:  # e.g. an older file name for it
-                twin.unlink()
+        store_baselines(Path(args.baseline_dir), current["results"])
     print(f"baseline updated: {args.baseline or args.baseline_dir}")
 
 
@@ -413,8 +392,9 @@ def cmd_gate(args) -> int:
     from vitslim.deploy.bench import BenchSettings
     from vitslim.deploy.errors import DeployError
     from vitslim.deploy.gate import NOT_COMPARABLE, PASS, compare_results
+    from vitslim.deploy.results import load_results
 
-    from .measure import load_results, remeasure
+    from .measure import remeasure
 
     if args.ab:
         if args.current or args.baseline or args.baseline_dir or args.accept:

@@ -6,7 +6,6 @@ where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jet
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,11 +14,12 @@ import numpy as np
 
 from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
 from vitslim.core.precision import compare_outputs, tolerance_for
-from vitslim.deploy.bench import RESULT_VERSION, BenchSettings, benchmark, host_description, speedup_columns
+from vitslim.deploy.bench import BenchSettings, benchmark, host_description, speedup_columns
 from vitslim.deploy.build import ENGINE_SUFFIXES
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
+from vitslim.deploy.results import RESULT_VERSION
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
 
 
@@ -364,30 +364,6 @@ def remeasure(report: dict, settings: BenchSettings) -> dict:
     return run_bench(spec, settings)
 
 
-def load_results(path: Path) -> dict:
-    """A 'vitslim bench --json' result file, checked field by field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeployError(
-            f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'"
-        ) from None
-    if not isinstance(data, dict) or data.get("version") != RESULT_VERSION or not isinstance(data.get("results"), list):
-        raise DeployError(
-            f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'"
-        )
-    if not data["results"]:
-        raise DeployError(f"{path} holds no results: a gate needs something measured (vitslim bench --json)")
-    for result in data["results"]:
-        _check_result(result, path)
-    return data
-
-
 def _ab_side(
     artifact: Path, batch: int, device: str, threads: Optional[int], cuda_graph: bool, runtime_cache: Optional[str]
 ) -> tuple[Runner, tuple[int, ...]]:
@@ -483,56 +459,3 @@ def ab_markdown(report: dict) -> str:
             "",
         ]
     )
-
-
-RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
-
-
-def _check_result(result, path: Path) -> dict:
-    if not isinstance(result, dict) or any(key not in result for key in RESULT_FIELDS):
-        raise DeployError(
-            f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'"
-        )
-    from vitslim.deploy.bench import fingerprint_id
-
-    numbers_ok = all(
-        isinstance(result[key], (int, float)) and not isinstance(result[key], bool) and math.isfinite(result[key])
-        for key in ("median_ms", "cov")
-    )
-    if (
-        not numbers_ok
-        or not isinstance(result["batch"], int)
-        or isinstance(result["batch"], bool)
-        or result["batch"] < 1
-        or result["median_ms"] <= 0
-        or result["cov"] < 0
-        or not isinstance(result["fingerprint"], dict)
-        or not isinstance(result.get("label", ""), str)
-    ):
-        raise DeployError(
-            f"{path} holds a result whose batch, median_ms, cov, label or fingerprint is not what 'vitslim bench --json' "
-            "writes (finite, positive numbers; an integer batch): measure again"
-        )
-    measured = result["fingerprint"]
-    if result.get("label", "") != measured.get("label", "") or result["batch"] != measured.get("batch"):
-        raise DeployError(
-            f"{path} holds a result whose label or batch differs from its fingerprint's (edited?): measure again"
-        )
-    if result["fingerprint_id"] != fingerprint_id(
-        measured
-    ):  # binds the id to what was measured (integrity, not a signature)
-        raise DeployError(
-            f"{path} holds a result whose fingerprint_id does not match its fingerprint (edited?): measure again"
-        )
-    return result
-
-
-def load_baseline_result(path: Path) -> dict:
-    """One result of a --baseline-dir (written there by 'vitslim gate --accept')."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept"
-        ) from None
-    return _check_result(data, path)

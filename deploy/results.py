@@ -1,0 +1,125 @@
+"""The benchmark results format (`vitslim bench --json`) and stored baselines (`vitslim gate
+--accept`): the one reader and writer of both, with the format's version.
+
+A results file is {"version": RESULT_VERSION, "results": [result, ...], ...}; a result holds
+RESULT_FIELDS. A --baseline-dir holds one result per file, named by `baseline_file_name` (never by
+anything a file says). Every reader validates before anything uses a value: finite positive
+numbers, an integer batch, and a fingerprint_id that is the digest of the result's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+from vitslim.core.files import write_json_atomic
+
+from .bench import fingerprint_id
+from .errors import DeployError
+
+RESULT_VERSION = 1
+RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
+
+
+def check_result(result, path) -> dict:
+    """`result` if it is what 'vitslim bench --json' writes, else a one-line DeployError naming `path`."""
+    if not isinstance(result, dict) or any(key not in result for key in RESULT_FIELDS):
+        raise DeployError(
+            f"{path} holds a result without {', '.join(RESULT_FIELDS)}: write results with 'vitslim bench --json'"
+        )
+    numbers_ok = all(
+        isinstance(result[key], (int, float)) and not isinstance(result[key], bool) and math.isfinite(result[key])
+        for key in ("median_ms", "cov")
+    )
+    if (
+        not numbers_ok
+        or not isinstance(result["batch"], int)
+        or isinstance(result["batch"], bool)
+        or result["batch"] < 1
+        or result["median_ms"] <= 0
+        or result["cov"] < 0
+        or not isinstance(result["fingerprint"], dict)
+        or not isinstance(result.get("label", ""), str)
+    ):
+        raise DeployError(
+            f"{path} holds a result whose batch, median_ms, cov, label or fingerprint is not what 'vitslim bench --json' "
+            "writes (finite, positive numbers; an integer batch): measure again"
+        )
+    measured = result["fingerprint"]
+    if result.get("label", "") != measured.get("label", "") or result["batch"] != measured.get("batch"):
+        raise DeployError(
+            f"{path} holds a result whose label or batch differs from its fingerprint's (edited?): measure again"
+        )
+    # the id is bound to what was measured: integrity against mistakes and mixed-up files, not a signature
+    if result["fingerprint_id"] != fingerprint_id(measured):
+        raise DeployError(
+            f"{path} holds a result whose fingerprint_id does not match its fingerprint (edited?): measure again"
+        )
+    return result
+
+
+def load_baseline_result(path: Path) -> dict:
+    """One result of a --baseline-dir (written there by 'vitslim gate --accept')."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DeployError(
+            f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept"
+        ) from None
+    return check_result(data, path)
+
+
+def load_results(path: Path) -> dict:
+    """A 'vitslim bench --json' result file, checked field by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(
+            f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DeployError(
+            f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'"
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != RESULT_VERSION or not isinstance(data.get("results"), list):
+        raise DeployError(
+            f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'"
+        )
+    if not data["results"]:
+        raise DeployError(f"{path} holds no results: a gate needs something measured (vitslim bench --json)")
+    for result in data["results"]:
+        check_result(result, path)
+    return data
+
+
+def baseline_file_name(result: dict) -> str:
+    """The file a stored baseline result goes to in a --baseline-dir: a readable slug of its label
+    and batch, then the digest of its comparison key. Derived here, never taken from the file,
+    so no label can name a path outside the directory."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(result.get("label") or "result")).strip("-.")[:60] or "result"
+    return f"{slug}-b{int(result['batch'])}-{fingerprint_id(result['fingerprint'])}.json"
+
+
+def stored_baselines(directory: Path) -> Optional[list[dict]]:
+    """Every result stored in a --baseline-dir, or None when the directory does not exist yet.
+    Files starting with a dot (an interrupted --accept's temporary files) are never read."""
+    if not directory.is_dir():
+        return None
+    return [load_baseline_result(path) for path in sorted(directory.glob("*.json")) if not path.name.startswith(".")]
+
+
+def store_baselines(directory: Path, results: list[dict]) -> None:
+    """Each result into its own file of `directory` (atomically); an older file holding the same
+    result (same label, batch and fingerprint_id, e.g. under an earlier naming) is removed."""
+    for result in results:
+        target = write_json_atomic(directory / baseline_file_name(result), result)
+        key = (result.get("label", ""), result["batch"], result["fingerprint_id"])
+        for path in directory.glob("*.json"):
+            if path != target and not path.name.startswith("."):
+                stored = load_baseline_result(path)
+                if (stored.get("label", ""), stored["batch"], stored["fingerprint_id"]) == key:
+                    path.unlink()
