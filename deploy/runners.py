@@ -25,6 +25,11 @@ from .tensorrt_lib import LIBRARIES, require_tensorrt
 log = logging.getLogger(__name__)
 
 
+def numpy_dtype_of(ort_type: str):
+    """numpy's dtype for an onnxruntime IO type ('tensor(float16)' -> float16; fp32 otherwise)."""
+    return np.float16 if "float16" in ort_type else np.float32
+
+
 class Runner:
     """Base: subclasses implement activate/deactivate, infer and the device-resident pair."""
 
@@ -230,7 +235,7 @@ class OnnxRuntimeRunner(Runner):
             )
         graph_input = self.session.get_inputs()[0]
         self.input_name, self.output_name = graph_input.name, self.session.get_outputs()[0].name
-        self.input_dtype = np.float16 if "float16" in graph_input.type else np.float32
+        self.input_dtype = numpy_dtype_of(graph_input.type)
 
     def _cuda_options(self, ort) -> dict:
         from .cuda_graph import CudaRuntime, EventTimer
@@ -297,7 +302,7 @@ class OnnxRuntimeRunner(Runner):
         device_id = 0  # the first visible GPU (see __init__)
         images = ort.OrtValue.ortvalue_from_numpy(host, "cuda", device_id)
         output_meta = self.session.get_outputs()[0]
-        output_dtype = np.float16 if "float16" in output_meta.type else np.float32
+        output_dtype = numpy_dtype_of(output_meta.type)
         output_shape = [len(host)] + [int(d) for d in output_meta.shape[1:]]
         output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, output_dtype, "cuda", device_id)
         binding = self.session.io_binding()

@@ -7,7 +7,6 @@ LayerNormalization, Gelu (opset >= 20), Gather/Slice and attention in the chosen
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,8 +23,8 @@ from vitslim.pruning.plan import SlimPlan, dense_plan, token_counts, validate
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import count_params, input_shape_of, supported_geometry
 
-from vitslim.core.files import atomic_path
-from vitslim.core.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY
+from vitslim.core.files import atomic_path, sha256_of
+from vitslim.core.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY, write_metadata
 from vitslim.core.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
 
 from .attention_form import DEFAULT_ATTENTION_FORM, attention_form
@@ -191,9 +190,7 @@ def export_plan(
             ATTENTION_FORM_KEY: form.name,
             **({} if preprocessing is None else {PREPROCESSING_KEY: json.dumps(preprocessing, sort_keys=True)}),
         }
-        for key, value in metadata.items():
-            entry = exported.metadata_props.add()
-            entry.key, entry.value = key, value
+        write_metadata(exported, metadata)
         onnx.save(exported, str(tmp))
         parity = compare_outputs(reference, run_onnxruntime(tmp, inputs.numpy()))
         if not parity.passes(tolerance):
@@ -202,7 +199,7 @@ def export_plan(
                 f"top-1 agreement {parity.top1_agreement:.1%}); nothing written"
             )
         onnx_bytes = tmp.stat().st_size
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = sha256_of(tmp)
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
     report = {
         "model": plan.model.to_dict(),

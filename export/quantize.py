@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from vitslim.core.files import atomic_path
+from vitslim.core.metadata import QUANTIZATION_KEY, write_metadata
 
 from .errors import ExportError
 
@@ -141,10 +142,9 @@ def quantize_int8(
             stray = sorted(set(placement["dq_consumers"]) - set(QUANTIZED_OP_TYPES) - set(MOVEMENT_OP_TYPES))
             if stray:
                 raise ExportError(f"quantization put Q/DQ before {stray}, which must stay in float; nothing written")
-            entry = quantized.metadata_props.add()
-            entry.key, entry.value = (
-                "vitslim.quantization",
-                "int8 Q/DQ: Linear weights per channel, activations per tensor, symmetric",
+            write_metadata(
+                quantized,
+                {QUANTIZATION_KEY: "int8 Q/DQ: Linear weights per channel, activations per tensor, symmetric"},
             )
             onnx.save(quantized, str(tmp))
             size = tmp.stat().st_size

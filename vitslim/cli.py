@@ -255,13 +255,13 @@ def default_torch_mode(backend: str, device: str, no_cuda_graph: bool) -> str:
 def cmd_bench(args) -> int:
     from vitslim.deploy.bench import BenchSettings
 
-    from .measure import BenchSpec, bench_markdown, run_bench, write_bench
+    from .measure import DEFAULT_BATCHES, BenchSpec, bench_markdown, run_bench, write_bench
 
     spec = BenchSpec(
         artifact=args.artifact,
         backend=args.backend,
         device=args.device,
-        batches=tuple(args.batch or [1, 8]),
+        batches=tuple(args.batch or DEFAULT_BATCHES),
         run_dir=args.run,
         torch_mode=args.torch_mode or default_torch_mode(args.backend, args.device, args.no_cuda_graph),
         torch_dtype=args.torch_dtype,
@@ -286,11 +286,17 @@ def cmd_compare(args) -> int:
     from vitslim.pruning.run_dir import load_run
     from vitslim.pruning.timm_adapter import input_shape_of
 
-    from .measure import check_batch_sizes, check_onnx_inputs, check_preprocessing, compare_with_reference
+    from .measure import (
+        DEFAULT_BATCHES,
+        check_batch_sizes,
+        check_onnx_inputs,
+        check_preprocessing,
+        compare_with_reference,
+    )
     from .pipeline import data_for, preprocessing_for
 
     plan, model = load_run(args.run_dir)
-    batches = list(args.batch or [1, 8])
+    batches = list(args.batch or DEFAULT_BATCHES)
     check_batch_sizes(batches)
     candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
     precisions = {"torch:compact": "fp32"}
@@ -590,9 +596,13 @@ def _layouts() -> dict[str, tuple[str, ...]]:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; the flags of `command` (one of TORCH_COMMANDS) are generated from its
     settings dataclasses, the other commands' flags need no torch."""
+    from vitslim.core.precision import CALIBRATION_IMAGES
     from vitslim.deploy.bench import BenchSettings
     from vitslim.deploy.gate import FAIL_ABOVE, WARN_ABOVE, ABSettings
     from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES
+    from vitslim.deploy.tensorrt_lib import LIBRARIES
+
+    from .measure import DEFAULT_BATCHES
 
     parser = _Parser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -713,7 +723,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     bench.add_argument("--backend", required=True, choices=("torch", "onnxruntime", "tensorrt"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
-    bench.add_argument("--batch", type=int, action="append", help="batch size (repeat); default 1 and 8")
+    bench.add_argument("--batch", type=int, action="append", help=f"batch size (repeat); default {DEFAULT_BATCHES}")
     bench.add_argument(
         "--run",
         help="also time timm's own model (torch:timm, the baseline of every speed-up), the compact module "
@@ -750,7 +760,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         required=True,
         help="'digits' or an ImageFolder directory: the comparison's images come from its validation split",
     )
-    compare.add_argument("--batch", type=int, action="append", help="batch sizes without an engine; default 1 and 8")
+    compare.add_argument(
+        "--batch", type=int, action="append", help=f"batch sizes without an engine; default {DEFAULT_BATCHES}"
+    )
     compare.add_argument(
         "--precision",
         choices=tuple(TOLERANCES),
@@ -826,8 +838,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     quantize.add_argument(
         "--calibration-images",
         type=int,
-        default=256,
-        help="images drawn (stratified, seeded) from the training split (default 256)",
+        default=CALIBRATION_IMAGES,
+        help=f"images drawn (stratified, seeded) from the training split (default {CALIBRATION_IMAGES})",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     quantize.add_argument(
@@ -842,9 +854,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="on a GPU machine: build a tiny model with each installed TensorRT, run it in and out of "
         "its profiles, check parity, time it (exit 0 pass, 1 a check failed, 2 no GPU)",
     )
-    selftest.add_argument(
-        "--library", choices=("tensorrt", "tensorrt_rtx"), help="only this TensorRT (default: each installed)"
-    )
+    selftest.add_argument("--library", choices=LIBRARIES, help="only this TensorRT (default: each installed)")
     selftest.add_argument("--work", help="keep the ONNX files and engines here (default: a temporary directory)")
     selftest.add_argument(
         "--prepare",

@@ -22,6 +22,8 @@ from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.results import RESULT_VERSION
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
 
+DEFAULT_BATCHES = (1, 8)  # bench and compare without an engine: the latency floor and a small batch
+
 
 @dataclass(frozen=True)
 class BenchSpec:
@@ -30,7 +32,7 @@ class BenchSpec:
     artifact: str
     backend: str
     device: str = "cpu"
-    batches: tuple[int, ...] = (1, 8)
+    batches: tuple[int, ...] = DEFAULT_BATCHES
     run_dir: Optional[str] = None  # also measure timm's own model and the compact modules of this run
     torch_mode: str = "eager"
     torch_dtype: str = "fp32"

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from vitslim.core.files import write_json_atomic, write_text_atomic
-from vitslim.core.precision import compare_outputs, tolerance_for
+from vitslim.core.precision import CALIBRATION_IMAGES, compare_outputs, tolerance_for
 from vitslim.export.onnx_export import run_onnxruntime
 from vitslim.export.quantize import quantize_int8
 from vitslim.pruning.data import DataSplits, calibration_set
-
-CALIBRATION_IMAGES = 256  # the default draw from the training split
 
 
 def onnx_logits(onnx_path: Path, dataset, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:

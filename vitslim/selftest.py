@@ -41,7 +41,7 @@ from vitslim.deploy.build import BUILD_OPTIONS, BatchProfile, BuildSettings, bui
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gpu import describe as describe_gpu
 from vitslim.deploy.gpu import gpu_info
-from vitslim.deploy.runners import TensorRTRunner
+from vitslim.deploy.runners import TensorRTRunner, numpy_dtype_of
 from vitslim.deploy.tensorrt_lib import LIBRARIES, find_tensorrt
 from vitslim.export.attention_form import (
     DEFAULT_ATTENTION_FORM,
@@ -157,7 +157,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     write_bytes_atomic(out / f"{name}.onnx", onnx_path.read_bytes())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     source = session.get_inputs()[0]
-    dtype = np.float16 if "float16" in source.type else np.float32
+    dtype = numpy_dtype_of(source.type)
     inside = sorted({p.opt for p in profiles})
     arrays = {}
     for batch in inside:

@@ -9,6 +9,14 @@ from typing import Optional
 
 PREPROCESSING_KEY = "vitslim.preprocessing"  # JSON of pruning.data.preprocessing(): how images become the input
 ATTENTION_FORM_KEY = "vitslim.attention_form"  # the name of export.attention_form's form the graph was written in
+QUANTIZATION_KEY = "vitslim.quantization"  # how an INT8 graph was quantized (export.quantize)
+
+
+def write_metadata(model, entries: dict[str, str]) -> None:
+    """Add `entries` (key -> text) to an onnx.ModelProto's metadata_props: the one writer of them."""
+    for key, value in entries.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _metadata(model, key: str) -> Optional[str]:

@@ -51,6 +51,9 @@ TOLERANCES = {
 }
 
 
+CALIBRATION_IMAGES = 256  # INT8: the default calibration draw from the training split
+
+
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in TOLERANCES:
         raise VitslimError(f"precision {precision!r} is not one of {tuple(TOLERANCES)}")
