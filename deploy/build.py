@@ -23,14 +23,13 @@ from vitslim.core.precision import GRAPH_PRECISIONS, graph_precision
 from vitslim.core.settings import check_value, setting
 
 from .errors import DeployError
-from .gpu import gpu_info
+from .gpu import gpu_description
+from .manifest import MANIFEST_VERSION, TargetKind, manifest_path_of, write_manifest
 from .tensorrt_lib import LIBRARIES, TensorRT, require_tensorrt
 
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # what vitslim takes for a serialized engine
-# 2: strongly typed everywhere, build_options, tolerance, timing_cache; 3: network (typing, attention)
-MANIFEST_VERSION = 3
 # TensorRT-RTX with no compute capability set builds a portable engine (its documentation).
 RTX_DEFAULT_TARGETS = ["SM80", "SM86", "SM89", "SM120 and later"]
 
@@ -388,25 +387,19 @@ def _timing_cache(trt: TensorRT, config, path: Optional[Path]) -> tuple[object, 
     return cache, {"file": str(path), "used": reason is None, "reason": reason, "key": key}
 
 
-def gpu_description() -> Optional[dict]:
-    """Name and compute capability of GPU 0 (deploy.gpu, no torch), or None without a GPU."""
-    info = gpu_info()
-    return None if info is None else {"name": info["name"], "compute_capability": info["compute_capability"]}
-
-
 def engine_target(trt: TensorRT, settings: BuildSettings) -> dict:
     """What the engine runs on: for RTX the compute capabilities it was built for; for full
     TensorRT the build GPU, or any Ampere+ GPU / the same compute capability with a hardware
     compatibility level; a DLA core on Jetson."""
     if trt.name == "tensorrt_rtx":
         targets = list(settings.compute_capabilities) or RTX_DEFAULT_TARGETS
-        return {"kind": "portable (ahead of time)", "compute_capabilities": targets, "build_gpu": gpu_description()}
+        return {"kind": TargetKind.PORTABLE.value, "compute_capabilities": targets, "build_gpu": gpu_description()}
     kind = {
-        "none": "device-specific",
-        "ampere+": "any Ampere or later GPU",
-        "same-compute-capability": "same compute capability",
+        "none": TargetKind.DEVICE_SPECIFIC,
+        "ampere+": TargetKind.AMPERE_PLUS,
+        "same-compute-capability": TargetKind.SAME_COMPUTE_CAPABILITY,
     }[settings.hardware_compatibility]
-    return {"kind": kind, "gpu": gpu_description(), "dla_core": settings.dla_core}
+    return {"kind": kind.value, "gpu": gpu_description(), "dla_core": settings.dla_core}
 
 
 @dataclass(frozen=True)
@@ -414,10 +407,6 @@ class BuildResult:
     engine_path: Path
     manifest_path: Path
     manifest: dict = field(default_factory=dict)
-
-
-def manifest_path_of(engine_path: Path) -> Path:
-    return engine_path.with_suffix(engine_path.suffix + ".json")
 
 
 def engine_from_onnx(
@@ -482,7 +471,7 @@ def engine_from_onnx(
             "processor": platform.processor() or platform.machine(),
         },
     }
-    manifest_path = write_json_atomic(manifest_path_of(out_path), manifest)
+    manifest_path = write_manifest(out_path, manifest)
     return BuildResult(engine_path=out_path, manifest_path=manifest_path, manifest=manifest)
 
 
@@ -510,6 +499,29 @@ def _copy_engine(source: Path, target: Path) -> dict:
     return manifest
 
 
+def _cache_entry_matches(manifest, cached: Path, onnx_path: Path, trt: TensorRT, settings: BuildSettings) -> bool:
+    """A cache entry is used only when its manifest says it is this request's engine: these bytes
+    under this name, from this ONNX, library and version, with these profiles and options (an
+    entry copied over another's, or edited, is rebuilt instead of trusted by its own word)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("engine"), dict):
+        return False
+    wanted = {
+        "engine": (cached.name, sha256_of(cached)),
+        "onnx": sha256_of(onnx_path),
+        "library": (trt.name, trt.version),
+        "profiles": [asdict(p) for p in settings.profiles],
+        "build_options": settings.options(),
+    }
+    found = {
+        "engine": (manifest["engine"].get("file"), manifest["engine"].get("sha256")),
+        "onnx": (manifest.get("onnx") or {}).get("sha256"),
+        "library": (manifest.get("library"), manifest.get("version")),
+        "profiles": manifest.get("profiles"),
+        "build_options": manifest.get("build_options"),
+    }
+    return found == wanted and settings.precision in (None, manifest.get("precision"))
+
+
 def cached_engine(
     onnx_path: str | Path, out_path: str | Path, settings: BuildSettings, cache: str | Path
 ) -> tuple[BuildResult, bool]:
@@ -525,7 +537,7 @@ def cached_engine(
             manifest = json.loads(manifest_path_of(cached).read_text())
         except (OSError, ValueError):
             manifest = {}  # a damaged cache entry is rebuilt (and replaced)
-        if isinstance(manifest, dict) and manifest.get("engine", {}).get("sha256") == sha256_of(cached):
+        if _cache_entry_matches(manifest, cached, onnx_path, trt, settings):
             manifest = _copy_engine(cached, out_path)
             return BuildResult(engine_path=out_path, manifest_path=manifest_path_of(out_path), manifest=manifest), True
     result = engine_from_onnx(onnx_path, out_path, settings)

@@ -77,3 +77,9 @@ def gpu_info(index: int = 0) -> Optional[dict]:
     if info is None:
         return None
     return {**info, "sm_count": _sm_count(index)}
+
+
+def gpu_description() -> Optional[dict]:
+    """Name and compute capability of GPU 0 (no torch), or None without a GPU: what manifests record."""
+    info = gpu_info()
+    return None if info is None else {"name": info["name"], "compute_capability": info["compute_capability"]}

@@ -18,9 +18,9 @@ import numpy as np
 
 from vitslim.core.files import sha256_of
 
-from .build import MANIFEST_VERSION, gpu_description, manifest_path_of
 from .errors import DeployError
-from .tensorrt_lib import LIBRARIES, require_tensorrt
+from .manifest import check_engine
+from .tensorrt_lib import require_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -347,112 +347,10 @@ class OnnxRuntimeRunner(Runner):
         return description
 
 
-MANIFEST_FIELDS = (
-    "manifest_version",
-    "library",
-    "version",
-    "target",
-    "precision",
-    "profiles",
-    "input",
-    "network",
-    "onnx",
-    "engine",
-)
-
-
-def read_manifest(engine_path: Path) -> dict:
-    """The manifest beside `engine_path` (ENGINE.json), checked for its version and fields."""
-    manifest_path = manifest_path_of(engine_path)
-    if not engine_path.is_file():
-        raise DeployError(f"engine {engine_path} does not exist: build it with 'vitslim build'")
-    if not manifest_path.is_file():
-        raise DeployError(f"engine {engine_path} has no manifest {manifest_path.name}: rebuild it with 'vitslim build'")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'"
-        ) from None
-    missing = [name for name in MANIFEST_FIELDS if not isinstance(manifest, dict) or name not in manifest]
-    if missing:
-        raise DeployError(
-            f"engine manifest {manifest_path} lacks {', '.join(missing)}: rebuild the engine with 'vitslim build'"
-        )
-    if manifest["library"] not in LIBRARIES:
-        raise DeployError(
-            f"engine manifest {manifest_path} names library {manifest['library']!r}, not one of {LIBRARIES}: rebuild the engine with 'vitslim build'"
-        )
-    if manifest["manifest_version"] != MANIFEST_VERSION:
-        raise DeployError(
-            f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine"
-        )
-    return manifest
-
-
 def check_batches(manifest: dict, batches, engine_name: str) -> None:
     """Refuse, before any work, a batch size that no optimisation profile of the engine holds."""
     for batch in batches:
         profile_for(manifest["profiles"], batch, engine_name)
-
-
-def _capability(text: str) -> tuple[int, int]:
-    major, _, minor = str(text).partition(".")
-    return int(major), int(minor or 0)
-
-
-def check_target(target: dict, here: Optional[dict]) -> None:
-    """Refuse an engine built for another GPU than `here` (gpu_description()), by the manifest's
-    target: device-specific and same-compute-capability engines need the build GPU's compute
-    capability, Ampere+ engines compute capability 8.0 or later, RTX engines one of their targets."""
-    kind, built = target.get("kind"), (target.get("gpu") or {}).get("compute_capability")
-    if kind in ("device-specific", "same compute capability"):
-        if built is None:
-            raise DeployError(
-                "the engine's manifest does not say which GPU it was built for (built without a visible GPU?): rebuild it on the GPU that runs it"
-            )
-        if here is None or _capability(here["compute_capability"]) != _capability(built):
-            raise DeployError(
-                f"engine was built for {target['gpu']} but this machine has {here or 'no NVIDIA GPU'}: rebuild it here"
-            )
-    elif kind == "any Ampere or later GPU":
-        if here is None or _capability(here["compute_capability"]) < (8, 0):
-            raise DeployError(
-                f"engine was built for Ampere or later GPUs but this machine has {here or 'no NVIDIA GPU'}"
-            )
-    elif kind == "portable (ahead of time)" and here is not None:
-        targets = target.get("compute_capabilities") or []
-        capability = _capability(here["compute_capability"])
-        covered = any(capability == _sm(t) or (t.endswith(" and later") and capability >= _sm(t)) for t in targets)
-        if not covered:
-            sm = "SM{}{}".format(*capability)
-            raise DeployError(
-                f"engine was built for {targets} but this GPU ({here['name']}) is {sm}: rebuild for it "
-                f"(--compute-capability {sm} where TensorRT-RTX supports it) or use full TensorRT"
-            )
-
-
-def _sm(target: str) -> tuple[int, int]:
-    """'SM86' -> (8, 6), 'SM120 and later' -> (12, 0)."""
-    digits = target.split()[0].removeprefix("SM")
-    return int(digits[:-1]), int(digits[-1])
-
-
-def check_engine(engine_path: Path) -> dict:
-    """Refuse an engine whose manifest is missing, whose bytes changed, or that was built by another
-    library/version or for another GPU than the one here. Returns the manifest."""
-    manifest = read_manifest(engine_path)
-    if sha256_of(engine_path) != manifest["engine"]["sha256"]:
-        raise DeployError(
-            f"engine {engine_path} changed since it was built (sha256 differs from its manifest): rebuild it"
-        )
-    trt = require_tensorrt(manifest["library"])
-    if trt.version != manifest["version"]:
-        raise DeployError(
-            f"engine was built with {manifest['library']} {manifest['version']} but {trt.version} is installed: rebuild it"
-        )
-    check_target(manifest["target"], gpu_description())
-    return manifest
 
 
 def import_polygraphy(library: str):

@@ -15,7 +15,7 @@ from entrypoint import run_entrypoint
 from tiny import TINY_MODEL
 from vitslim.deploy.bench import fingerprint_id
 from vitslim.deploy.build import onnx_precision
-from vitslim.deploy.runners import check_engine
+from vitslim.deploy.manifest import check_engine
 from vitslim.pruning.errors import PruningError
 
 from vitslim.cli import default_torch_mode, main

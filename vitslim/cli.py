@@ -280,7 +280,8 @@ def cmd_bench(args) -> int:
 def cmd_compare(args) -> int:
     from vitslim.core.metadata import preprocessing_of
     from vitslim.deploy.build import onnx_precision, read_onnx
-    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner, check_engine
+    from vitslim.deploy.manifest import check_engine
+    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
     from vitslim.export.compact import compact_from_plan
     from vitslim.pruning.data import calibration_set
     from vitslim.pruning.run_dir import load_run

@@ -63,7 +63,8 @@ def describe_onnx(path: Path) -> dict:
 
 def describe_engine(path: Path, layers: bool = True) -> dict:
     from vitslim.deploy.gpu import gpu_info
-    from vitslim.deploy.runners import TensorRTRunner, check_engine
+    from vitslim.deploy.manifest import check_engine
+    from vitslim.deploy.runners import TensorRTRunner
 
     manifest = check_engine(path)
     description = {

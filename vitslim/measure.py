@@ -19,8 +19,9 @@ from vitslim.deploy.build import ENGINE_SUFFIXES
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
+from vitslim.deploy.manifest import check_engine
 from vitslim.deploy.results import RESULT_VERSION
-from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches, check_engine
+from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches
 
 DEFAULT_BATCHES = (1, 8)  # bench and compare without an engine: the latency floor and a small batch
 

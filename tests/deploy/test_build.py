@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from conftest import tiny_vit
-from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx, manifest_path_of
+from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
 from vitslim.deploy.errors import DeployError
+from vitslim.deploy.manifest import manifest_path_of
 from vitslim.deploy.tensorrt_lib import find_tensorrt
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
@@ -193,6 +194,33 @@ def test_engine_cache_reuses_an_engine_built_for_the_same_inputs(tmp_path, onnx_
         tmp_path / "cache",
     )
     assert not reused and len(list((tmp_path / "cache").glob("*.engine"))) == 2
+    # another engine and its manifest copied over an entry: rebuilt, not trusted by its own word (issue 23)
+    entries = sorted((tmp_path / "cache").glob("*.engine"))
+    victim, intruder = entries[0], entries[1]
+    victim.write_bytes(intruder.read_bytes())
+    manifest_path_of(victim).write_text(manifest_path_of(intruder).read_text())
+    again, reused = cached_engine(onnx_files["tokens"], tmp_path / "d.engine", settings, tmp_path / "cache")
+    assert not reused and [str(BatchProfile(**p)) for p in again.manifest["profiles"]] == ["1:2:4"]
+
+
+@needs_builder
+def test_a_renamed_engine_and_manifest_pair_is_refused(tmp_path, onnx_files):
+    """A manifest names its engine file: a pair renamed together no longer describes itself."""
+    from vitslim.deploy.manifest import read_manifest
+
+    built = engine_from_onnx(
+        onnx_files["dense"], tmp_path / "a.engine", BuildSettings(profiles=(BatchProfile(1, 2, 4),))
+    )
+    assert read_manifest(built.engine_path)["engine"]["file"] == "a.engine"
+    (tmp_path / "a.engine").rename(tmp_path / "b.engine")
+    manifest_path_of(tmp_path / "a.engine").rename(manifest_path_of(tmp_path / "b.engine"))
+    with pytest.raises(DeployError, match="describes 'a.engine', not b.engine"):
+        read_manifest(tmp_path / "b.engine")
+    manifest = json.loads(manifest_path_of(tmp_path / "b.engine").read_text())
+    manifest["engine"]["file"], manifest["target"]["kind"] = "b.engine", "any GPU you like"
+    manifest_path_of(tmp_path / "b.engine").write_text(json.dumps(manifest))
+    with pytest.raises(DeployError, match="unknown target kind"):
+        read_manifest(tmp_path / "b.engine")
 
 
 @pytest.mark.parametrize("text", ["8:4:16", "a:b:c", "0:1:2", "1:2"])
@@ -222,7 +250,8 @@ def test_fp16_export_builds_a_smaller_engine(tmp_path):
 
 @needs_builder
 def test_loading_checks_the_manifest_first(tmp_path, onnx_files):
-    from vitslim.deploy.runners import TensorRTRunner, check_engine
+    from vitslim.deploy.manifest import check_engine
+    from vitslim.deploy.runners import TensorRTRunner
 
     engine = engine_from_onnx(onnx_files["dense"], tmp_path / "m.engine").engine_path
     assert check_engine(engine)["engine"]["bytes"] == engine.stat().st_size

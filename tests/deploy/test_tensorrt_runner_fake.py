@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import pytest
+from vitslim.deploy import manifest as manifest_module
 from vitslim.deploy import runners
 from vitslim.deploy.errors import DeployError
 
@@ -206,20 +207,22 @@ def test_no_gpu_is_a_one_line_error(tmp_path, fake, monkeypatch):
 def test_engine_targets_against_the_gpu_here():
     portable = {"kind": "portable (ahead of time)", "compute_capabilities": ["SM80", "SM86", "SM89", "SM120 and later"]}
     for capability in ("8.0", "8.9", "12.0", "12.1"):
-        runners.check_target(portable, {"name": "g", "compute_capability": capability})
+        manifest_module.check_target(portable, {"name": "g", "compute_capability": capability})
     for capability in ("7.5", "9.0"):  # Turing; Hopper is no TensorRT-RTX target
         with pytest.raises(DeployError, match=f"is SM{capability.replace('.', '')}"):
-            runners.check_target(portable, {"name": "g", "compute_capability": capability})
+            manifest_module.check_target(portable, {"name": "g", "compute_capability": capability})
     specific = {"kind": "device-specific", "gpu": {"name": "H100", "compute_capability": "9.0"}}
-    runners.check_target(specific, {"name": "H100", "compute_capability": "9.0"})
+    manifest_module.check_target(specific, {"name": "H100", "compute_capability": "9.0"})
     with pytest.raises(DeployError, match="rebuild it here"):
-        runners.check_target(specific, {"name": "A10", "compute_capability": "8.6"})
+        manifest_module.check_target(specific, {"name": "A10", "compute_capability": "8.6"})
     with pytest.raises(DeployError, match="does not say which GPU"):
-        runners.check_target({"kind": "device-specific", "gpu": None}, {"name": "A10", "compute_capability": "8.6"})
+        manifest_module.check_target(
+            {"kind": "device-specific", "gpu": None}, {"name": "A10", "compute_capability": "8.6"}
+        )
     ampere = {"kind": "any Ampere or later GPU", "gpu": {"compute_capability": "8.6"}}
-    runners.check_target(ampere, {"name": "L4", "compute_capability": "8.9"})
+    manifest_module.check_target(ampere, {"name": "L4", "compute_capability": "8.9"})
     with pytest.raises(DeployError, match="Ampere or later"):
-        runners.check_target(ampere, {"name": "T4", "compute_capability": "7.5"})
+        manifest_module.check_target(ampere, {"name": "T4", "compute_capability": "7.5"})
 
 
 TIMING_EVENTS = ["cudaEventRecord", "cudaEventRecord", "cudaEventSynchronize", "cudaEventElapsedTime"]
