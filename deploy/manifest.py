@@ -67,7 +67,7 @@ def read_manifest(engine_path: Path) -> dict:
         raise DeployError(f"engine {engine_path} has no manifest {manifest_path.name}: rebuild it with 'vitslim build'")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
         raise DeployError(
             f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'"
         ) from None

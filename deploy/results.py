@@ -65,7 +65,7 @@ def load_baseline_result(path: Path) -> dict:
     """One result of a --baseline-dir (written there by 'vitslim gate --accept')."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
         raise DeployError(
             f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept"
         ) from None
@@ -81,7 +81,7 @@ def load_results(path: Path) -> dict:
         )
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
         raise DeployError(
             f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'"
         ) from None

@@ -773,6 +773,12 @@ CASES = [
         "does not match its fingerprint",
     ),
     (
+        "gate-deeply-nested-current",
+        text("c.json", "[" * 100000 + "]" * 100000),
+        ["gate", "{tmp}/c.json", "--baseline", "{art}/results.json"],
+        "cannot read benchmark results",
+    ),
+    (
         "gate-fail-nan",
         None,
         ["gate", "{art}/results.json", "--baseline", "{art}/results.json", "--fail", "nan"],
