@@ -51,6 +51,7 @@ class GateVerdict:
     exit_code: int
     message: str
     rows: tuple[GateRow, ...] = field(default_factory=tuple)
+    noisy: str = ""  # "current" or "baseline" when a side was too noisy to compare
 
     def table(self) -> str:
         lines = [
@@ -66,6 +67,10 @@ class GateVerdict:
 
 def noisy_results(results: list[dict], max_cov: float) -> list[dict]:
     return [r for r in results if r["cov"] > max_cov]
+
+
+def _what(result: dict) -> str:
+    return f"{result.get('label') or 'result'} at batch {result['batch']}"
 
 
 def first_difference(current: dict, baseline: dict) -> Optional[str]:
@@ -126,12 +131,22 @@ def compare_results(
         if twin is None:
             return GateVerdict(NOT_COMPARABLE, f"not comparable: {why}")
         pairs.append((result, twin))
-    noisy = noisy_results([r for pair in pairs for r in pair], max_cov)
-    if noisy:
+    noisy_baseline = noisy_results([stored for _, stored in pairs], max_cov)
+    if noisy_baseline:  # measuring CURRENT again cannot help: the stored side is the noisy one
         return GateVerdict(
             NOT_COMPARABLE,
-            f"not comparable: coefficient of variation {noisy[0]['cov']:.1%} > {max_cov:.0%}; "
-            "re-measure on a quieter machine or use the paired gate (vitslim gate --ab)",
+            f"not comparable: the baseline of {_what(noisy_baseline[0])} is too noisy (coefficient of variation "
+            f"{noisy_baseline[0]['cov']:.1%} > {max_cov:.0%}): store a quieter one (gate --accept --force on a quiet machine)",
+            noisy="baseline",
+        )
+    noisy_current = noisy_results([result for result, _ in pairs], max_cov)
+    if noisy_current:
+        return GateVerdict(
+            NOT_COMPARABLE,
+            f"not comparable: the current {_what(noisy_current[0])} is too noisy (coefficient of variation "
+            f"{noisy_current[0]['cov']:.1%} > {max_cov:.0%}): re-measure on a quieter machine or use the paired gate "
+            "(vitslim gate --ab)",
+            noisy="current",
         )
     rows = []
     for result, reference in pairs:

@@ -278,8 +278,23 @@ def test_bench_then_gate(tmp_path, capsys):
         result["fingerprint_id"] = fingerprint_id(result["fingerprint"])
     (tmp_path / "hostile.json").write_text(json.dumps(hostile))
     elsewhere = tmp_path / "b2"
-    assert main(["gate", str(tmp_path / "hostile.json"), "--baseline-dir", str(elsewhere), "--accept"]) == 0
+    assert (
+        main(["gate", str(tmp_path / "hostile.json"), "--baseline-dir", str(elsewhere), "--max-cov", "100", "--accept"])
+        == 0
+    )
     assert not (tmp_path / "escaped").exists() and len(list(elsewhere.glob("escaped-*.json"))) == 4
+    # a baseline noisier than the gate's limit is not stored (every later gate would be 'not comparable')
+    noisy = json.loads(current.read_text())
+    noisy["results"][0]["cov"] = 0.5
+    (tmp_path / "noisy.json").write_text(json.dumps(noisy))
+    capsys.readouterr()
+    quiet = ["--max-cov", "0.3", "--remeasure", "0", "--accept"]
+    assert main(["gate", str(tmp_path / "noisy.json"), "--baseline-dir", str(tmp_path / "b3"), *quiet]) == 2
+    assert (
+        f"{noisy['results'][0]['label']} at batch 2 has a coefficient of variation of 50.0%" in capsys.readouterr().out
+    )
+    assert not (tmp_path / "b3").exists()
+    assert main(["gate", str(tmp_path / "noisy.json"), "--baseline-dir", str(tmp_path / "b3"), *quiet, "--force"]) == 0
     # a baseline stored under an older file name is replaced, not left to shadow the new one
     legacy = baselines / f"{report['results'][0]['fingerprint_id']}.json"
     legacy.write_text(json.dumps(report["results"][0]))
@@ -328,7 +343,7 @@ def test_bench_then_gate(tmp_path, capsys):
     # no baseline yet: an error naming the path, unless --accept creates it
     assert main(["gate", str(current), "--baseline", str(tmp_path / "new.json")]) == EXIT_BAD_INPUT
     assert (
-        main(["gate", str(current), "--baseline", str(tmp_path / "new.json"), "--accept"]) == 0
+        main(["gate", str(current), "--baseline", str(tmp_path / "new.json"), "--max-cov", "100", "--accept"]) == 0
         and (tmp_path / "new.json").is_file()
     )
 

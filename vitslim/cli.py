@@ -23,6 +23,7 @@ from vitslim.core.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
+    EXIT_UNDECIDED,
     VitslimError,
 )
 from vitslim.core.precision import PRECISIONS, TOLERANCES
@@ -398,7 +399,7 @@ def _gate_ab(args) -> int:
 def cmd_gate(args) -> int:
     from vitslim.deploy.bench import BenchSettings
     from vitslim.deploy.errors import DeployError
-    from vitslim.deploy.gate import NOT_COMPARABLE, PASS, compare_results
+    from vitslim.deploy.gate import PASS, GateVerdict, compare_results, noisy_results
     from vitslim.deploy.results import load_results
 
     from .measure import remeasure
@@ -415,14 +416,15 @@ def cmd_gate(args) -> int:
         )
     current = load_results(Path(args.current))
     where, stored = _stored_baseline(args)
-    if not stored:  # no file, or an empty directory: nothing to gate against yet
-        if not args.accept:
-            raise DeployError(f"no baseline at {where}: check the path, or store CURRENT there with --accept")
-        _accept(args, current, None)
-        return EXIT_OK
-    verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
+    if not stored and not args.accept:  # no file, or an empty directory: nothing to gate against yet
+        raise DeployError(f"no baseline at {where}: check the path, or store CURRENT there with --accept")
+    if not stored:
+        verdict = GateVerdict(PASS, "no baseline yet")
+    else:
+        verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     for attempt in range(args.remeasure):
-        if verdict.exit_code != NOT_COMPARABLE or "coefficient of variation" not in verdict.message:
+        noisy = verdict.noisy == "current" or (args.accept and noisy_results(current["results"], args.max_cov))
+        if not noisy:
             break
         print(f"too noisy; measuring again ({attempt + 1}/{args.remeasure})")
         measured_with = {
@@ -430,15 +432,26 @@ def cmd_gate(args) -> int:
             "max_cov": args.max_cov,
         }  # the bench's own timing settings
         current = remeasure(current, BenchSettings(**measured_with))
-        verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
+        if stored:
+            verdict = compare_results(current["results"], stored, args.warn, args.fail, args.max_cov)
     if verdict.rows:
         print(verdict.table())
-    print(f"gate: {verdict.message}")
+    if stored:
+        print(f"gate: {verdict.message}")
     if not args.accept:
         return verdict.exit_code
     if verdict.exit_code != PASS and not args.force:
         print("gate: --accept refused: this result does not pass the gate; pass --force to store it anyway")
         return verdict.exit_code
+    noisy = noisy_results(current["results"], args.max_cov)
+    if noisy and not args.force:  # every later gate against it would be 'not comparable'
+        first = noisy[0]
+        print(
+            f"gate: --accept refused: {first.get('label') or 'result'} at batch {first['batch']} has a coefficient of "
+            f"variation of {first['cov']:.1%} > --max-cov {args.max_cov:.0%}; measure on a quieter machine, raise "
+            "--max-cov, or pass --force"
+        )
+        return EXIT_UNDECIDED
     _accept(args, current, stored)
     return EXIT_OK
 

@@ -102,7 +102,18 @@ def test_gate_refuses_noisy_results():
         "label": "a",
     }
     verdict = compare_results([result], [result], max_cov=0.1)
-    assert verdict.exit_code == NOT_COMPARABLE and "re-measure" in verdict.message
+    assert (
+        verdict.exit_code == NOT_COMPARABLE
+        and verdict.noisy == "baseline"
+        and "the baseline of a at batch 1" in verdict.message
+    )
+    quiet = {**result, "cov": 0.01}
+    verdict = compare_results([result], [quiet], max_cov=0.1)  # only measuring CURRENT again can help here
+    assert (
+        verdict.noisy == "current"
+        and "the current a at batch 1 is too noisy" in verdict.message
+        and "re-measure" in verdict.message
+    )
 
 
 def test_benchmark_records_a_fingerprint(onnx_path):
