@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from .errors import DeployError
 from .runners import Runner
@@ -30,9 +30,7 @@ class BenchSettings:
     max_rounds: int = setting(3, "measurement rounds at most (the quietest is kept)")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise DeployError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, DeployError)
         if self.warmup_seconds < 0 or self.min_seconds < 0 or self.max_cov <= 0:
             raise DeployError("timing settings: --warmup-seconds and --min-seconds must be >= 0 and --max-cov > 0")
         if not 1 <= self.min_iterations <= self.max_iterations or self.max_rounds < 1:

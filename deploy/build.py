@@ -184,18 +184,16 @@ def build_settings_from_text(values: dict, where: str) -> BuildSettings:
                 hint = " (quote it: YAML reads 1:8:32 as a base-60 number)" if isinstance(value, int) else ""
                 raise DeployError(f"{where}.{name}: {value!r} is not a list or a comma-separated string{hint}")
             parsed[name] = tuple(item(p.strip()) for p in parts if p.strip())
-        elif item is not None and value is not None:
-            parsed[name] = item(value) if isinstance(value, str) else _wrong_type(where, name, value, "a string")
+            continue
+        parses = item is not None and value is not None  # a Path: text in, the field's value out
+        if parses:
+            expected = None if isinstance(value, str) else "a string"
         else:
             expected = check_value(field, value)
-            if expected:
-                _wrong_type(where, name, value, expected)
-            parsed[name] = value
+        if expected:
+            raise DeployError(f"{where}.{name}: {value!r} is not {expected}")
+        parsed[name] = item(value) if parses else value
     return BuildSettings(**parsed)
-
-
-def _wrong_type(where: str, name: str, value, expected: str):
-    raise DeployError(f"{where}.{name}: {value!r} is not {expected}")
 
 
 def read_onnx(onnx_path: Path):
@@ -475,11 +473,11 @@ def engine_from_onnx(
     return BuildResult(engine_path=out_path, manifest_path=manifest_path, manifest=manifest)
 
 
-def engine_cache_key(onnx_path: Path, trt: TensorRT, settings: BuildSettings) -> str:
-    """What decides an engine's bytes: the ONNX bytes, library and version, GPU, precision,
-    profiles and build options (a short sha256 of them)."""
+def engine_cache_key(onnx_sha256: str, trt: TensorRT, settings: BuildSettings) -> str:
+    """What decides an engine's bytes: the ONNX bytes (their sha256), library and version, GPU,
+    precision, profiles and build options (a short sha256 of them)."""
     key = {
-        "onnx": sha256_of(onnx_path),
+        "onnx": onnx_sha256,
         "library": trt.name,
         "version": trt.version,
         "gpu": gpu_description(),
@@ -499,7 +497,7 @@ def _copy_engine(source: Path, target: Path) -> dict:
     return manifest
 
 
-def _cache_entry_matches(manifest, cached: Path, onnx_path: Path, trt: TensorRT, settings: BuildSettings) -> bool:
+def _cache_entry_matches(manifest, cached: Path, onnx_sha256: str, trt: TensorRT, settings: BuildSettings) -> bool:
     """A cache entry is used only when its manifest says it is this request's engine: these bytes
     under this name, from this ONNX, library and version, with these profiles and options (an
     entry copied over another's, or edited, is rebuilt instead of trusted by its own word)."""
@@ -507,7 +505,7 @@ def _cache_entry_matches(manifest, cached: Path, onnx_path: Path, trt: TensorRT,
         return False
     wanted = {
         "engine": (cached.name, sha256_of(cached)),
-        "onnx": sha256_of(onnx_path),
+        "onnx": onnx_sha256,
         "library": (trt.name, trt.version),
         "profiles": [asdict(p) for p in settings.profiles],
         "build_options": settings.options(),
@@ -531,13 +529,14 @@ def cached_engine(
     onnx_path, out_path, cache = Path(onnx_path), Path(out_path), Path(cache)
     read_onnx(onnx_path)  # a one-line error for a missing or unreadable file before anything else
     trt = require_tensorrt(settings.library)
-    cached = cache / f"{onnx_path.stem}-{engine_cache_key(onnx_path, trt, settings)}.engine"
+    onnx_sha256 = sha256_of(onnx_path)
+    cached = cache / f"{onnx_path.stem}-{engine_cache_key(onnx_sha256, trt, settings)}.engine"
     if cached.is_file() and manifest_path_of(cached).is_file():
         try:
             manifest = json.loads(manifest_path_of(cached).read_text())
         except (OSError, ValueError):
             manifest = {}  # a damaged cache entry is rebuilt (and replaced)
-        if _cache_entry_matches(manifest, cached, onnx_path, trt, settings):
+        if _cache_entry_matches(manifest, cached, onnx_sha256, trt, settings):
             manifest = _copy_engine(cached, out_path)
             return BuildResult(engine_path=out_path, manifest_path=manifest_path_of(out_path), manifest=manifest), True
     result = engine_from_onnx(onnx_path, out_path, settings)

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from .bench import BenchSettings, comparison_key, device_timer
 from .errors import DeployError
@@ -183,9 +183,7 @@ class ABSettings:
     warmup_seconds: float = setting(1.0, "warm-up of each artifact before timing")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise DeployError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, DeployError)
         if not 0 < self.fail < 10 or not 0.5 <= self.confidence < 1:
             raise DeployError(
                 f"A/B settings: need 0 < --fail < 10 and 0.5 <= --confidence < 1 (got {self.fail}, {self.confidence})"

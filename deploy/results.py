@@ -105,21 +105,28 @@ def baseline_file_name(result: dict) -> str:
 
 
 def stored_baselines(directory: Path) -> Optional[list[dict]]:
-    """Every result stored in a --baseline-dir, or None when the directory does not exist yet.
-    Files starting with a dot (an interrupted --accept's temporary files) are never read."""
+    """Every result stored in a --baseline-dir, or None when the directory does not exist yet."""
     if not directory.is_dir():
         return None
-    return [load_baseline_result(path) for path in sorted(directory.glob("*.json")) if not path.name.startswith(".")]
+    return [load_baseline_result(path) for path in _baseline_files(directory)]
 
 
 def store_baselines(directory: Path, results: list[dict]) -> None:
     """Each result into its own file of `directory` (atomically); an older file holding the same
     result (same label, batch and fingerprint_id, e.g. under an earlier naming) is removed."""
+    before = {path: _baseline_key(load_baseline_result(path)) for path in _baseline_files(directory)}
     for result in results:
         target = write_json_atomic(directory / baseline_file_name(result), result)
-        key = (result.get("label", ""), result["batch"], result["fingerprint_id"])
-        for path in directory.glob("*.json"):
-            if path != target and not path.name.startswith("."):
-                stored = load_baseline_result(path)
-                if (stored.get("label", ""), stored["batch"], stored["fingerprint_id"]) == key:
-                    path.unlink()
+        for path, key in before.items():
+            if path != target and key == _baseline_key(result):
+                path.unlink()
+
+
+def _baseline_key(result: dict) -> tuple:
+    return result.get("label", ""), result["batch"], result["fingerprint_id"]
+
+
+def _baseline_files(directory: Path) -> list[Path]:
+    """A --baseline-dir's results; files starting with a dot (an interrupted --accept's temporary
+    files) are never read."""
+    return sorted(path for path in directory.glob("*.json") if not path.name.startswith("."))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from .checkpoints import generator_states, load_state, restore_generators, save_state, weights_digest
 from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
@@ -61,9 +61,7 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, PruningError)
         if self.num_workers is not None and self.num_workers < 0:
             raise PruningError(f"--num-workers {self.num_workers} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

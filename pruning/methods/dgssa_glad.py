@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from ..checkpoints import phase_path
 from ..data import DataSplits, calibration_set
@@ -71,9 +71,7 @@ class DGSSAGladConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, PruningError)
         if self.static_blocks is not None and self.similarity_threshold is not None:
             raise PruningError("give --static-blocks K or --similarity-threshold S, not both")
         if self.static_blocks is not None and self.static_blocks < 0:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from ..checkpoints import load_state, phase_path, save_state, weights_digest
 from ..data import DataSplits, calibration_set
@@ -71,9 +71,7 @@ class PatchSlimConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, PruningError)
         if (self.epsilon is None) == (self.target_macs is None):
             raise PruningError("give exactly one of --epsilon E (e.g. 0.02) or --target-macs F (e.g. 0.55)")
         if self.epsilon is not None and not self.epsilon > 0:

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from vitslim.core.settings import non_finite_fields, setting
+from vitslim.core.settings import refuse_non_finite, setting
 
 from ..checkpoints import phase_path
 from ..data import DataSplits
@@ -52,9 +52,7 @@ class VTPConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        if non_finite_fields(self):
-            flags = ", ".join("--" + name.replace("_", "-") for name in non_finite_fields(self))
-            raise PruningError(f"{flags} must be a finite number (not NaN or infinity)")
+        refuse_non_finite(self, PruningError)
         if not 0.0 < self.prune_ratio < 1.0:
             raise PruningError(
                 f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims"

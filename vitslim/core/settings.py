@@ -59,3 +59,12 @@ def non_finite_fields(settings: Any) -> list[str]:
         for field in dataclasses.fields(settings)
         if isinstance(getattr(settings, field.name), float) and not math.isfinite(getattr(settings, field.name))
     ]
+
+
+def refuse_non_finite(settings: Any, error_type: type[Exception]) -> None:
+    """Raise `error_type` naming the flags of every NaN or infinite field of `settings` (call it
+    first in a settings dataclass's __post_init__)."""
+    names = non_finite_fields(settings)
+    if names:
+        flags = ", ".join("--" + name.replace("_", "-") for name in names)
+        raise error_type(f"{flags} must be a finite number (not NaN or infinity)")
