@@ -44,19 +44,19 @@ class SlowedRunner(Runner):
         self.inner, self.fraction, self.sleep = inner, fraction, sleep
         self.device, self.backend = inner.device, inner.backend
 
-    def activate(self) -> None:
+    def activate_impl(self) -> None:
         self.inner.activate()
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self.inner.deactivate()
 
-    def infer(self, images):
+    def infer_impl(self, images):
         return self.inner.infer(images)
 
-    def prepare(self, images):
+    def prepare_impl(self, images):
         return self.inner.prepare(images)
 
-    def run_prepared(self, prepared) -> None:
+    def run_prepared_impl(self, prepared) -> None:
         started = time.perf_counter()
         self.inner.run_prepared(prepared)
         finished = time.perf_counter()

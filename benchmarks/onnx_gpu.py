@@ -106,9 +106,8 @@ def _time_onnx(path: Path, images: np.ndarray, label: str) -> dict:
 
 def _time_torch(module: torch.nn.Module, images: np.ndarray, label: str) -> dict:
     # a copy: the runner moves its module to the GPU in fp16, and the exports read the fp32 model
-    return benchmark(
-        TorchRunner(copy.deepcopy(module), "cuda", "cuda_graph", "fp16"), images, "fp16", None, SETTINGS, label=label
-    )
+    with TorchRunner(copy.deepcopy(module), "cuda", "cuda_graph", "fp16") as runner:
+        return benchmark(runner, images, "fp16", None, SETTINGS, label=label)
 
 
 def time_onnx_gpu(

@@ -112,14 +112,8 @@ def time_gpu(
                 for point, module in modules:
                     if mode == "compile" and (point.variant not in COMPILED_VARIANTS or name not in compile_models):
                         continue
-                    result = benchmark(
-                        TorchRunner(module, device, mode, dtype),
-                        images_for(model, batch),
-                        dtype,
-                        None,
-                        settings,
-                        label=point.variant,
-                    )
+                    with TorchRunner(module, device, mode, dtype) as runner:
+                        result = benchmark(runner, images_for(model, batch), dtype, None, settings, label=point.variant)
                     dense_ms = dense_ms or result["median_ms"]
                     row = _row(name, "torch", mode, point, result, dense_ms)
                     rows.append(row)

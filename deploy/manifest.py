@@ -8,12 +8,11 @@ kind, or one that describes another engine file.
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-from vitslim.core.files import sha256_of, write_json_atomic
+from vitslim.core.files import read_json, sha256_of, write_json_atomic
 
 from .errors import DeployError
 from .gpu import gpu_description
@@ -65,12 +64,7 @@ def read_manifest(engine_path: Path) -> dict:
         raise DeployError(f"engine {engine_path} does not exist: build it with 'vitslim build'")
     if not manifest_path.is_file():
         raise DeployError(f"engine {engine_path} has no manifest {manifest_path.name}: rebuild it with 'vitslim build'")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"engine manifest {manifest_path} is unreadable ({type(error).__name__}): rebuild the engine with 'vitslim build'"
-        ) from None
+    manifest = read_json(manifest_path, "engine manifest", "rebuild the engine with 'vitslim build'", DeployError)
     missing = [name for name in MANIFEST_FIELDS if not isinstance(manifest, dict) or name not in manifest]
     if missing:
         raise DeployError(
@@ -154,3 +148,21 @@ def check_engine(engine_path: Path) -> dict:
         )
     check_target(manifest["target"], gpu_description())
     return manifest
+
+
+def profile_for(profiles: list[dict], batch: int, engine_name: str = "the engine") -> int:
+    """The index of the first optimisation profile whose [min, max] holds `batch`."""
+    for index, profile in enumerate(profiles):
+        if profile["min"] <= batch <= profile["max"]:
+            return index
+    ranges = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
+    raise DeployError(
+        f"batch {batch} is outside every optimisation profile of {engine_name} ({ranges}): "
+        f"use a batch in range or rebuild with --batch MIN:OPT:MAX"
+    )
+
+
+def check_batches(manifest: dict, batches, engine_name: str) -> None:
+    """Refuse, before any work, a batch size that no optimisation profile of the engine holds."""
+    for batch in batches:
+        profile_for(manifest["profiles"], batch, engine_name)

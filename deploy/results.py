@@ -9,13 +9,12 @@ numbers, an integer batch, and a fingerprint_id that is the digest of the result
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Optional
 
-from vitslim.core.files import write_json_atomic
+from vitslim.core.files import read_json, write_json_atomic
 
 from .bench import fingerprint_id
 from .errors import DeployError
@@ -63,28 +62,14 @@ def check_result(result, path) -> dict:
 
 def load_baseline_result(path: Path) -> dict:
     """One result of a --baseline-dir (written there by 'vitslim gate --accept')."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"cannot read baseline {path} ({type(error).__name__}): delete it and store a new one with --accept"
-        ) from None
+    data = read_json(path, "baseline", "delete it and store a new one with --accept", DeployError)
     return check_result(data, path)
 
 
 def load_results(path: Path) -> dict:
     """A 'vitslim bench --json' result file, checked field by field."""
     path = Path(path)
-    if not path.is_file():
-        raise DeployError(
-            f"benchmark results {path} do not exist: write them with 'vitslim bench ARTIFACT --json {path}'"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
-        raise DeployError(
-            f"cannot read benchmark results {path} ({type(error).__name__}): write them again with 'vitslim bench --json'"
-        ) from None
+    data = read_json(path, "benchmark results", f"write them with 'vitslim bench ARTIFACT --json {path}'", DeployError)
     if not isinstance(data, dict) or data.get("version") != RESULT_VERSION or not isinstance(data.get("results"), list):
         raise DeployError(
             f"{path} is not a vitslim benchmark result of version {RESULT_VERSION}: write it again with 'vitslim bench --json'"

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from vitslim.core.files import atomic_path
+from vitslim.core.files import atomic_path, read_json
 
 from .errors import PruningError
 from .timm_adapter import CHANNEL_SPACES, ViTGeometry, supported_geometry
@@ -250,17 +250,6 @@ def save_plan(plan: SlimPlan, directory: str | Path) -> Path:
     return directory / PLAN_JSON
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PruningError(
-            f"no plan at {path}: pass a run directory written by 'vitslim train' or 'vitslim prune'"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PruningError(f"plan {path} is not valid JSON ({error}): re-create the run directory") from None
-
-
 def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
     if not isinstance(data, dict):
         raise PruningError(f"plan JSON is malformed (a {type(data).__name__}, not a mapping): re-create the plan")
@@ -294,7 +283,12 @@ def load_plan(directory: str | Path) -> SlimPlan:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    data = _read_json(directory / PLAN_JSON)
+    data = read_json(
+        directory / PLAN_JSON,
+        "plan",
+        "pass a run directory written by 'vitslim train' or 'vitslim prune' (or re-create this one)",
+        PruningError,
+    )
     tensor_path = directory / PLAN_TENSORS
     try:
         tensors = load_file(str(tensor_path)) if tensor_path.exists() else {}

@@ -552,7 +552,7 @@ CASES = [
         "plan-truncated-json",
         run_copy(edit=lambda run: (run / "plan.json").write_text('{"schema_version": 1, "blo')),
         ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
-        "is not valid JSON",
+        "is unreadable",
     ),
     (
         "plan-random-tensors",
@@ -704,18 +704,18 @@ CASES = [
     # gate
     ("gate-nothing", None, ["gate"], "give CURRENT.json and one of --baseline"),
     ("gate-missing-baseline", None, ["gate", "{art}/results.json", "--baseline", "{tmp}/typo.json"], "no baseline at"),
-    ("gate-missing-current", None, ["gate", "{tmp}/none.json", "--baseline", "{art}/results.json"], "do not exist"),
+    ("gate-missing-current", None, ["gate", "{tmp}/none.json", "--baseline", "{art}/results.json"], "does not exist"),
     (
         "gate-random-current",
         random_bytes("c.json"),
         ["gate", "{tmp}/c.json", "--baseline", "{art}/results.json"],
-        "cannot read benchmark results",
+        "is unreadable",
     ),
     (
         "gate-truncated-baseline",
         truncated("results.json", "b.json"),
         ["gate", "{art}/results.json", "--baseline", "{tmp}/b.json"],
-        "cannot read benchmark results",
+        "is unreadable",
     ),
     (
         "gate-wrong-version",
@@ -745,7 +745,7 @@ CASES = [
         "gate-corrupt-baseline-in-dir",
         text("b/x.json", "[1"),
         ["gate", "{art}/results.json", "--baseline-dir", "{tmp}/b"],
-        "cannot read baseline",
+        "is unreadable",
     ),
     # what a results file says cannot switch the gate off (issue 23)
     (
@@ -776,7 +776,7 @@ CASES = [
         "gate-deeply-nested-current",
         text("c.json", "[" * 100000 + "]" * 100000),
         ["gate", "{tmp}/c.json", "--baseline", "{art}/results.json"],
-        "cannot read benchmark results",
+        "is unreadable",
     ),
     (
         "gate-fail-nan",

@@ -279,15 +279,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from vitslim.core.metadata import preprocessing_of
-    from vitslim.deploy.build import onnx_precision, read_onnx
-    from vitslim.deploy.manifest import check_engine
-    from vitslim.deploy.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
-    from vitslim.export.compact import compact_from_plan
     from vitslim.pruning.data import calibration_set
-    from vitslim.pruning.run_dir import load_run
     from vitslim.pruning.timm_adapter import input_shape_of
 
+    from .artifacts import EngineArtifact, OnnxArtifact, RunArtifact, RunnerOptions, open_artifact
     from .measure import (
         DEFAULT_BATCHES,
         check_batch_sizes,
@@ -297,25 +292,27 @@ def cmd_compare(args) -> int:
     )
     from .pipeline import data_for, preprocessing_for
 
-    plan, model = load_run(args.run_dir)
+    run = RunArtifact(Path(args.run_dir))
+    plan, model = run.run
     batches = list(args.batch or DEFAULT_BATCHES)
     check_batch_sizes(batches)
-    candidates = {"torch:compact": TorchRunner(compact_from_plan(model, plan), device=args.device)}
+    options = RunnerOptions(device=args.device, runtime_cache=args.runtime_cache)
+    candidates = {"torch:compact": run.runner(options)}
     precisions = {"torch:compact": "fp32"}
     recorded = {}
     if args.onnx:
-        check_onnx_inputs(Path(args.onnx), input_shape_of(model))
-        recorded[args.onnx] = preprocessing_of(read_onnx(Path(args.onnx)))
-        candidates["onnxruntime"] = OnnxRuntimeRunner(args.onnx, device=args.device)
-        precisions["onnxruntime"] = args.precision or onnx_precision(Path(args.onnx))
+        onnx = open_artifact(args.onnx, OnnxArtifact.backend)
+        check_onnx_inputs(onnx, input_shape_of(model))
+        recorded[args.onnx] = onnx.preprocessing
+        # numbers, not timing: onnxruntime runs uncaptured (capturing is for timing)
+        candidates["onnxruntime"] = onnx.runner(dataclasses.replace(options, cuda_graph=False))
+        precisions["onnxruntime"] = args.precision or onnx.precision()
     if args.engine:
-        manifest = check_engine(Path(args.engine))
-        recorded[args.engine] = manifest["preprocessing"]
-        candidates["tensorrt"] = TensorRTRunner(args.engine, runtime_cache=args.runtime_cache)
-        precisions["tensorrt"] = (
-            args.precision or manifest["tolerance"]
-        )  # the engine's own precision (tf32 if built so)
-        batches = sorted({b for p in manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
+        engine = open_artifact(args.engine, EngineArtifact.backend)
+        recorded[args.engine] = engine.preprocessing
+        candidates["tensorrt"] = engine.runner(options)
+        precisions["tensorrt"] = args.precision or engine.tolerance  # the engine's own (tf32 if built so)
+        batches = sorted({b for p in engine.manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
     data = data_for(model, args.data)
     for artifact, steps in recorded.items():
         check_preprocessing(artifact, steps, preprocessing_for(model, data.source))
@@ -480,21 +477,22 @@ def cmd_run(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from vitslim.deploy.build import read_onnx
+    from vitslim.core.metadata import class_count_of
     from vitslim.export.errors import ExportError
     from vitslim.export.quantize import check_quantizable
     from vitslim.pruning.data import load_data
 
-    from .measure import check_onnx_inputs, onnx_input_shape
+    from .artifacts import OnnxArtifact
+    from .measure import check_onnx_inputs
     from .quantization import quantize_and_measure, quantize_markdown, reference_logits, report_path
 
     if args.calibration_images < 1:
         raise ExportError(f"--calibration-images {args.calibration_images}: INT8 needs at least one calibration image")
     onnx_path = Path(args.onnx)
-    graph = read_onnx(onnx_path)
-    check_quantizable(graph, onnx_path)  # already quantized, fp16, not a vitslim ViT: refused before any work
-    shape = onnx_input_shape(onnx_path)
-    classes = graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    onnx = OnnxArtifact(onnx_path)
+    check_quantizable(onnx.model, onnx_path)  # already quantized, fp16, not a vitslim ViT: refused before any work
+    shape = onnx.input_shape
+    classes = class_count_of(onnx.model)
     data = load_data(args.data, shape[0], tuple(shape[1:]))
     if classes != data.num_classes:
         raise ExportError(
@@ -506,7 +504,7 @@ def cmd_quantize(args) -> int:
         from vitslim.pruning.timm_adapter import input_shape_of
 
         plan, model = load_run(args.run)
-        check_onnx_inputs(onnx_path, input_shape_of(model))
+        check_onnx_inputs(onnx, input_shape_of(model))
         reference = reference_logits(model, plan, data.val)
     report = quantize_and_measure(
         onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed

@@ -1,27 +1,26 @@
-"""Orchestration of compare / bench / gate for the CLI: builds the runners (from pruning/export
-artifacts) that deploy/ then compares and times. torch, timm and pruning/export are imported only
-where a PyTorch model is involved, so that benchmarking and gating engines or ONNX files works
-where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jetson)."""
+"""Orchestration of compare / bench / gate for the CLI: the artifacts' runners (vitslim.artifacts)
+compared with the masked reference and timed by deploy/. torch, timm and pruning/export are
+imported only where a PyTorch model is involved, so that benchmarking and gating engines or ONNX
+files works where only numpy, onnx and TensorRT are installed (the Docker runtime image, Jetson)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.core.files import write_bytes_atomic, write_json_atomic
 from vitslim.core.precision import compare_outputs, tolerance_for
 from vitslim.deploy.bench import BenchSettings, benchmark, host_description, speedup_columns
-from vitslim.deploy.build import ENGINE_SUFFIXES
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
-from vitslim.deploy.manifest import check_engine
 from vitslim.deploy.results import RESULT_VERSION
-from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, check_batches
+from vitslim.deploy.runners import Runner, TorchRunner
+
+from .artifacts import OnnxArtifact, RunArtifact, RunnerOptions, open_artifact
 
 DEFAULT_BATCHES = (1, 8)  # bench and compare without an engine: the latency floor and a small batch
 
@@ -42,12 +41,15 @@ class BenchSpec:
     cuda_graph: bool = True
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
-
-ARTIFACT_KINDS = {
-    "onnxruntime": "an ONNX file (.onnx)",
-    "tensorrt": "a TensorRT engine (.engine)",
-    "torch": "a run directory",
-}
+    def runner_options(self) -> RunnerOptions:
+        return RunnerOptions(
+            device=self.device,
+            threads=self.threads,
+            cuda_graph=self.cuda_graph,
+            runtime_cache=self.runtime_cache,
+            torch_mode=self.torch_mode,
+            torch_dtype=self.torch_dtype,
+        )
 
 
 def check_batch_sizes(batches) -> None:
@@ -56,41 +58,12 @@ def check_batch_sizes(batches) -> None:
             raise DeployError(f"--batch {batch} must be >= 1")
 
 
-def artifact_backend(artifact: Path) -> str:
-    """The backend that runs `artifact`, from what it is: a directory -> torch, .engine ->
-    tensorrt, anything else -> onnxruntime (its bytes are checked when it is read)."""
-    if artifact.is_dir():
-        return "torch"
-    return "tensorrt" if artifact.suffix in ENGINE_SUFFIXES else "onnxruntime"
-
-
-def check_artifact(artifact: Path, backend: str) -> None:
-    """A one-line error for a missing artifact or one given to the wrong backend."""
-    if backend not in ARTIFACT_KINDS:
-        raise DeployError(f"unknown backend {backend!r}: torch, onnxruntime or tensorrt")
-    if not artifact.exists():
-        raise DeployError(
-            f"artifact {artifact} does not exist: give an exported .onnx, a built .engine or a run directory"
-        )
-    kind = artifact_backend(artifact)
-    if kind != backend:
-        raise DeployError(f"{artifact} is {ARTIFACT_KINDS[kind]}, not {ARTIFACT_KINDS[backend]}: use --backend {kind}")
-
-
-def onnx_input_shape(onnx_path: Path) -> tuple[int, ...]:
-    """The per-image input shape (C, H, W) of an ONNX file."""
-    from vitslim.deploy.build import read_onnx
-
-    graph = read_onnx(onnx_path).graph
-    return tuple(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
-
-
-def check_onnx_inputs(onnx_path: Path, shape: tuple[int, ...]) -> None:
+def check_onnx_inputs(onnx: OnnxArtifact, shape: tuple[int, ...]) -> None:
     """Refuse an ONNX file that takes other images than the run's model."""
-    found = onnx_input_shape(onnx_path)
-    if found != tuple(shape):
+    if onnx.input_shape != tuple(shape):
         raise DeployError(
-            f"{onnx_path} takes inputs of shape {found} but the run's model takes {tuple(shape)}: export this run with 'vitslim export RUN_DIR'"
+            f"{onnx.path} takes inputs of shape {onnx.input_shape} but the run's model takes {tuple(shape)}: "
+            "export this run with 'vitslim export RUN_DIR'"
         )
 
 
@@ -107,53 +80,6 @@ def check_preprocessing(artifact, recorded: Optional[dict], expected: Optional[d
     )
 
 
-def _precision_of(artifact: Path, backend: str, manifest: Optional[dict]) -> str:
-    if backend == "tensorrt":
-        return manifest["precision"]
-    if backend == "onnxruntime":
-        from vitslim.deploy.build import onnx_precision
-
-        return onnx_precision(artifact)
-    return "fp32"
-
-
-def _input_shape(spec: BenchSpec, run: Optional[tuple], manifest: Optional[dict]) -> tuple[int, ...]:
-    artifact = Path(spec.artifact)
-    if spec.backend == "tensorrt":
-        return tuple(manifest["input"]["shape"][1:])
-    if spec.backend == "onnxruntime":
-        return onnx_input_shape(artifact)
-    from vitslim.pruning.timm_adapter import input_shape_of
-
-    return input_shape_of(run[1])
-
-
-def _engine_manifest(spec: BenchSpec) -> Optional[dict]:
-    """The checked manifest of a TensorRT artifact (None for the other backends): checked once per
-    bench or gate side, since checking hashes the whole engine."""
-    return check_engine(Path(spec.artifact)) if spec.backend == "tensorrt" else None
-
-
-def artifact_runner(spec: BenchSpec, run: Optional[tuple], manifest: Optional[dict]) -> Runner:
-    """The runner of the artifact; `run` is its (plan, model) for the torch backend, `manifest`
-    the engine's checked manifest for the tensorrt backend."""
-    artifact = Path(spec.artifact)
-    check_artifact(artifact, spec.backend)
-    if spec.backend == "onnxruntime":
-        return OnnxRuntimeRunner(
-            artifact,
-            device=spec.device,
-            threads=spec.threads,
-            cuda_graph=spec.cuda_graph and spec.device.startswith("cuda"),
-        )
-    if spec.backend == "tensorrt":
-        return TensorRTRunner(artifact, cuda_graph=spec.cuda_graph, runtime_cache=spec.runtime_cache, manifest=manifest)
-    from vitslim.export.compact import compact_from_plan
-
-    plan, model = run
-    return TorchRunner(compact_from_plan(model, plan), device=spec.device, mode=spec.torch_mode, dtype=spec.torch_dtype)
-
-
 def _measure(runner: Runner, label: str, batches, shape, precision, sha, settings) -> list[dict]:
     generator = np.random.default_rng(0)
     results = []
@@ -164,34 +90,40 @@ def _measure(runner: Runner, label: str, batches, shape, precision, sha, setting
     return results
 
 
+def _set_torch_threads(threads: Optional[int]) -> None:
+    """PyTorch's thread count is process-wide (onnxruntime takes `threads` per session)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dict:
     """Bench the artifact and, with run_dir, timm's own model (the baseline of every speed-up) and
     the run's compact modules, in the same process, device and dtype."""
-    artifact = Path(spec.artifact)
-    check_artifact(artifact, spec.backend)
+    artifact = open_artifact(spec.artifact, spec.backend)
     check_batch_sizes(spec.batches)
-    manifest = _engine_manifest(spec)
-    if manifest is not None:
-        check_batches(manifest, spec.batches, artifact.name)
-    if spec.threads and (spec.backend == "torch" or spec.run_dir):
-        import torch
-
-        torch.set_num_threads(spec.threads)
-    run = _load_run(artifact) if spec.backend == "torch" else None
-    shape = _input_shape(spec, run, manifest)
-    sha = manifest["engine"]["sha256"] if manifest else sha256_of(artifact) if artifact.is_file() else None
-    precision = spec.torch_dtype if spec.backend == "torch" else _precision_of(artifact, spec.backend, manifest)
-    if (
-        spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32")
-    ):  # int8 against fp32 baselines
+    artifact.check_batches(spec.batches)
+    if spec.backend == "torch" or spec.run_dir:
+        _set_torch_threads(spec.threads)
+    options = spec.runner_options()
+    precision = artifact.precision(options)
+    # int8 is measured against fp32 baselines
+    if spec.run_dir and precision != spec.torch_dtype and not (precision == "int8" and spec.torch_dtype == "fp32"):
         raise DeployError(
-            f"{artifact.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}"
+            f"{artifact.path.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}"
         )
-    label = f"{spec.backend}:{artifact.name}"
-    results = _measure(artifact_runner(spec, run, manifest), label, spec.batches, shape, precision, sha, settings)
-    fractions = {label: _macs_fraction(*run) if run else _export_report_macs_fraction(spec, manifest)}
+    shape = artifact.input_shape
+    results = _measure(
+        artifact.runner(options), artifact.label, spec.batches, shape, precision, artifact.digest, settings
+    )
+    fractions = {artifact.label: artifact.macs_fraction()}
     if spec.run_dir:
-        more_results, more_fractions = _torch_baselines(spec, shape, settings)
+        # like with like: an engine runs on the GPU, so do its baselines
+        torch_device = "cuda" if spec.backend == "tensorrt" else spec.device
+        more_results, more_fractions = _torch_baselines(
+            RunArtifact(Path(spec.run_dir)), spec, torch_device, shape, settings
+        )
         results, fractions = results + more_results, {**fractions, **more_fractions}
     return {
         "version": RESULT_VERSION,
@@ -201,56 +133,26 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
     }
 
 
-def _load_run(directory):
-    from vitslim.pruning.run_dir import load_run
-
-    return load_run(directory)
-
-
-def _macs_fraction(plan, model) -> float:
-    from vitslim.pruning.macs import macs_fraction
-    from vitslim.pruning.timm_adapter import geometry_of
-
-    return macs_fraction(plan, geometry_of(model))
-
-
-def _torch_baselines(spec: BenchSpec, shape: tuple[int, ...], settings: BenchSettings) -> tuple[list[dict], dict]:
+def _torch_baselines(
+    run: RunArtifact, spec: BenchSpec, device: str, shape: tuple[int, ...], settings: BenchSettings
+) -> tuple[list[dict], dict]:
     """timm's own model (the baseline users already run), the run's compact module, and the compact
     module of the dense plan (the compact module's own overhead), each timed like the artifact."""
     from vitslim.export.compact import compact_from_plan
     from vitslim.pruning.plan import dense_plan
 
-    plan, model = _load_run(spec.run_dir)
-    torch_device = (
-        "cuda" if spec.backend == "tensorrt" else spec.device
-    )  # like with like: an engine runs on the GPU, so do its baselines
+    plan, model = run.run
     dense = dense_plan(plan.model, len(plan.blocks))
-    fractions = {"torch:timm": 1.0, "torch:compact": _macs_fraction(plan, model), "torch:dense": 1.0}
+    fractions = {"torch:timm": 1.0, "torch:compact": run.macs_fraction(), "torch:dense": 1.0}
     results = []
     for torch_label, module in (
         ("torch:timm", model),
         ("torch:compact", compact_from_plan(model, plan)),
         ("torch:dense", compact_from_plan(model, dense)),
     ):
-        runner = TorchRunner(module, torch_device, spec.torch_mode, spec.torch_dtype)
+        runner = TorchRunner(module, device, spec.torch_mode, spec.torch_dtype)
         results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
     return results, fractions
-
-
-def _export_report_macs_fraction(spec: BenchSpec, manifest: Optional[dict]) -> Optional[float]:
-    """From the export report beside the ONNX (FILE.report.json; for an engine, beside the ONNX its
-    manifest names); None if there is none or it describes another export."""
-    artifact = Path(spec.artifact)
-    onnx_path = artifact if spec.backend == "onnxruntime" else artifact.with_name(manifest["onnx"]["file"])
-    from vitslim.export.report import report_paths
-
-    report = report_paths(onnx_path)[0]
-    if not report.is_file() or not onnx_path.is_file():
-        return None
-    data = json.loads(report.read_text())
-    if data.get("onnx", {}).get("sha256") != sha256_of(onnx_path):
-        return None  # the report describes another export
-    return data["macs"] / data["macs_dense"]
 
 
 def latency_ratios(
@@ -367,25 +269,11 @@ def remeasure(report: dict, settings: BenchSettings) -> dict:
     return run_bench(spec, settings)
 
 
-def _ab_side(
-    artifact: Path, batch: int, device: str, threads: Optional[int], cuda_graph: bool, runtime_cache: Optional[str]
-) -> tuple[Runner, tuple[int, ...]]:
-    """The runner and input shape of one side of a paired A/B gate (backend from what it is)."""
-    backend = artifact_backend(artifact)
-    check_artifact(artifact, backend)
-    spec = BenchSpec(
-        artifact=str(artifact),
-        backend=backend,
-        device=device,
-        threads=threads,
-        cuda_graph=cuda_graph,
-        runtime_cache=runtime_cache,
-    )  # only the TensorRT runner reads it
-    run = _load_run(artifact) if backend == "torch" else None
-    manifest = _engine_manifest(spec)
-    if manifest is not None:
-        check_batches(manifest, [batch], artifact.name)
-    return artifact_runner(spec, run, manifest), _input_shape(spec, run, manifest)
+def _ab_side(artifact: Path, batch: int, options: RunnerOptions) -> tuple[Runner, tuple[int, ...]]:
+    """The runner and input shape of one side of a paired A/B gate (its kind from what it is)."""
+    side = open_artifact(artifact)
+    side.check_batches([batch])
+    return side.runner(options), side.input_shape
 
 
 def run_ab(
@@ -403,12 +291,11 @@ def run_ab(
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
     baseline, candidate = Path(baseline), Path(candidate)
     check_batch_sizes([batch])
-    if threads and (baseline.is_dir() or candidate.is_dir()):  # PyTorch sides; onnxruntime takes `threads` itself
-        import torch
-
-        torch.set_num_threads(threads)
+    if baseline.is_dir() or candidate.is_dir():  # PyTorch sides
+        _set_torch_threads(threads)
+    options = RunnerOptions(device=device, threads=threads, cuda_graph=cuda_graph, runtime_cache=runtime_cache)
     (base_runner, base_shape), (cand_runner, cand_shape) = (
-        _ab_side(side, batch, device, threads, cuda_graph, runtime_cache) for side in (baseline, candidate)
+        _ab_side(side, batch, options) for side in (baseline, candidate)
     )
     if base_shape != cand_shape:
         raise DeployError(

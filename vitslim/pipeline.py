@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitslim.core.files import write_text_atomic
+from vitslim.core.files import output_lock, write_text_atomic
 from vitslim.deploy.bench import BenchSettings, speedup_columns
 from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan
@@ -26,8 +27,8 @@ from vitslim.pruning.errors import PruningError
 from vitslim.pruning.macs import plan_macs
 from vitslim.pruning.methods import get_method
 from vitslim.pruning.models import model_from_checkpoint
-from vitslim.pruning.plan import ModelSpec, SlimPlan, dense_plan
-from vitslim.pruning.run_dir import load_run, save_run
+from vitslim.pruning.plan import PLAN_JSON, ModelSpec, SlimPlan, dense_plan
+from vitslim.pruning.run_dir import begin_run, load_run, read_info, save_run
 from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
 from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_main_process
 
@@ -60,10 +61,12 @@ def preprocessing_for(model: nn.Module, source: Optional[str]) -> Optional[dict]
 
 def run_data_source(run_dir: Optional[str | Path]) -> Optional[str]:
     """The data a run directory was trained or pruned on (its info.json), if it says."""
-    try:
-        return json.loads((Path(run_dir) / "info.json").read_text()).get("data") if run_dir else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    return read_info(run_dir).get("data") if run_dir else None
+
+
+def writing(out: Path, option: str = "--out"):
+    """`out`'s write lock, held by the main process (the other DDP ranks write nothing there)."""
+    return output_lock(out, option) if is_main_process() else contextlib.nullcontext()
 
 
 def checkpoint_dir(out: Path, restart: bool) -> Path:
@@ -88,6 +91,11 @@ def train_run(
 ) -> dict:
     """Fine-tune the dense model and write a run directory (dense plan + weights + info + curve).
     An interrupted run resumes from its last epoch when rerun (`restart`: start over)."""
+    with writing(out):
+        return _train_run(spec, data_source, config, out, checkpoint, pretrained, restart)
+
+
+def _train_run(spec, data_source, config, out, checkpoint, pretrained, restart) -> dict:
     torch.manual_seed(config.seed)  # the initial weights too, so that a run is reproducible
     model = model_from_checkpoint(spec, checkpoint, pretrained)
     data = data_for(model, data_source)
@@ -103,9 +111,10 @@ def train_run(
     }
     if not is_main_process():
         return info
-    save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
+    begin_run(out)
     if result.history:
         training_curve_png(list(result.history), out / "training.png", f"{spec.name} on {data.source}")
+    save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run directory is complete
     return info
 
@@ -187,7 +196,7 @@ def prune_model(
 def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
     """The run directory of a pruned model: plan, weights, info.json, prune_report.md and the method's plot."""
     report, plan, geometry = result.report, result.plan, geometry_of(result.model)
-    save_run(out, plan, result.model, info=report)
+    begin_run(out)  # the human-readable files first, the run itself (plan last) after them
     write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
     if report["method"] == "vtp":
         kept_dims_png(
@@ -212,6 +221,7 @@ def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
             out / "kept_patches.png",
             f"Patch Slimming on {plan.model.name}: kept patches per block",
         )
+    save_run(out, plan, result.model, info=report)
 
 
 def prune_run(
@@ -219,12 +229,13 @@ def prune_run(
 ) -> dict:
     """Run a registered method and write its run directory (on the main process); return the
     report. An interrupted run resumes from its last checkpoint when rerun (`restart`: start over)."""
-    checkpoints = checkpoint_dir(out, restart)
-    result = prune_model(method_name, config, plan, model, data, checkpoints)
-    if is_main_process():
-        write_prune_run(result, data, out)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return result.report
+    with writing(out):
+        checkpoints = checkpoint_dir(out, restart)
+        result = prune_model(method_name, config, plan, model, data, checkpoints)
+        if is_main_process():
+            write_prune_run(result, data, out)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        return result.report
 
 
 def summary_row(
@@ -430,11 +441,10 @@ STAGE_FILE = "recipe_stage.json"  # in each stage's run directory: the settings 
 def _finished_stage(directory: Path, stage: dict) -> Optional[dict]:
     """info.json of a stage that finished earlier with exactly these settings, else None."""
     try:
-        if json.loads((directory / STAGE_FILE).read_text()) == stage and (directory / "plan.json").is_file():
-            return json.loads((directory / "info.json").read_text())
-    except (OSError, ValueError):
-        pass
-    return None
+        recorded = json.loads((directory / STAGE_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None  # never finished (or the record is damaged): run the stage again
+    return read_info(directory) if recorded == stage and (directory / PLAN_JSON).is_file() else None
 
 
 def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> dict:
@@ -460,6 +470,11 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
     """Train the dense model, run each method, export every variant with parity checked, and write
     the summary under runs/NAME. Stages that finished earlier with the same settings are skipped,
     interrupted ones resume (`restart`: everything from the start)."""
+    with writing(recipe.run_root, "the recipe's run directory"):
+        return _run_recipe(recipe, restart)
+
+
+def _run_recipe(recipe: Recipe, restart: bool) -> dict:
     started = time.perf_counter()
     root = recipe.run_root
     dense_dir = root / "dense"

@@ -148,10 +148,12 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     import onnxruntime as ort
 
     from vitslim.core.files import write_bytes_atomic, write_text_atomic
-    from vitslim.deploy.build import onnx_precision, read_onnx
+    from vitslim.core.metadata import image_shape_of
+    from vitslim.core.precision import graph_precision
+    from vitslim.deploy.build import read_onnx
 
-    graph = read_onnx(onnx_path).graph
-    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
+    graph = read_onnx(onnx_path)
+    shape = list(image_shape_of(graph))
     out.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", onnx_path.stem).strip("-.")[:64] or "model"  # fits KIT_NAME
     write_bytes_atomic(out / f"{name}.onnx", onnx_path.read_bytes())
@@ -167,7 +169,7 @@ def make_kit(onnx_path: Path, out: Path, profiles: tuple[BatchProfile, ...], bui
     model = {
         "name": name,
         "onnx": f"{name}.onnx",
-        "precision": onnx_precision(onnx_path),
+        "precision": graph_precision(graph),
         "profiles": [str(p) for p in profiles],
         "inside": inside,
         "outside": max(p.max for p in profiles) + 1,

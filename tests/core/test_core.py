@@ -48,3 +48,36 @@ def test_metadata_readers_tolerate_what_other_exporters_write():
     assert attention_form_of(model) is None and preprocessing_of(model) is None
     onnx.helper.set_model_props(model, {ATTENTION_FORM_KEY: "attention-op", PREPROCESSING_KEY: "not json"})
     assert attention_form_of(model) == "attention-op" and preprocessing_of(model) is None
+
+
+def test_read_json_names_the_resolved_file_and_the_fix_in_one_line(tmp_path, monkeypatch):
+    from vitslim.core.files import read_json
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.VitslimError, match=f"results {tmp_path}/r.json does not exist: measure first"):
+        read_json("r.json", "results", "measure first")
+    for name, text in (("bad.json", "{not json"), ("deep.json", "[" * 100_000 + "]" * 100_000)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(errors.VitslimError, match=f"results {tmp_path}/{name} is unreadable") as raised:
+            read_json(name, "results", "measure first")
+        assert "\n" not in str(raised.value)
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(errors.VitslimError, match="UnicodeDecodeError"):
+        read_json(tmp_path / "bytes.json", "results", "measure first")
+
+
+def test_a_second_writer_of_one_output_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+    from vitslim.core.files import LOCK_FILE, output_lock
+
+    with output_lock(tmp_path / "run"):
+        # flock locks belong to an open file: a second open in this process stands for another process
+        with pytest.raises(errors.VitslimError, match="is being written by another vitslim process"):
+            with output_lock(tmp_path / "run"):
+                pass
+    with output_lock(tmp_path / "run"):  # released on leaving: the next writer gets it
+        pass
+    assert (tmp_path / "run" / LOCK_FILE).name.startswith(".")  # hidden from every reader's glob
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(errors.VitslimError, match="is a file"):
+        with output_lock(tmp_path / "file"):
+            pass

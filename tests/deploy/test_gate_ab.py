@@ -22,7 +22,7 @@ class SpinRunner(Runner):
     def __init__(self, milliseconds: float, noise: float = 0.0, seed: int = 0) -> None:
         self.seconds, self.noise, self.rng = milliseconds / 1000, noise, np.random.default_rng(seed)
 
-    def infer(self, images):
+    def infer_impl(self, images):
         factor = 1.0 + (self.rng.uniform(-self.noise, 3 * self.noise) if self.noise else 0.0)
         deadline = time.perf_counter() + self.seconds * factor
         while time.perf_counter() < deadline:

@@ -62,7 +62,7 @@ class SteadyRunner(Runner):
 
     backend = "steady"
 
-    def infer(self, images):
+    def infer_impl(self, images):
         time.sleep(0.04)
         return np.zeros((len(images), 5), dtype=np.float32)
 

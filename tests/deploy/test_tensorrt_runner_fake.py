@@ -16,6 +16,7 @@ import pytest
 from vitslim.deploy import manifest as manifest_module
 from vitslim.deploy import runners
 from vitslim.deploy.errors import DeployError
+from vitslim.deploy.runners import tensorrt_runner
 
 
 class FakeContext:
@@ -156,9 +157,9 @@ def fake(monkeypatch):
     }
     cudart = FakeCudart(log)
     cuda = types.SimpleNamespace(wrapper=lambda: types.SimpleNamespace(handle=cudart), DeviceArray=FakeDeviceArray)
-    monkeypatch.setattr(runners, "check_engine", lambda path: manifest)
-    monkeypatch.setattr(runners, "require_tensorrt", lambda library: trt)
-    monkeypatch.setattr(runners, "import_polygraphy", lambda library: (cuda, FakeTrtRunner))
+    monkeypatch.setattr(tensorrt_runner, "check_engine", lambda path: manifest)
+    monkeypatch.setattr(tensorrt_runner, "require_tensorrt", lambda library: trt)
+    monkeypatch.setattr(tensorrt_runner, "import_polygraphy", lambda library: (cuda, FakeTrtRunner))
     monkeypatch.setattr(
         "vitslim.deploy.gpu.gpu_info", lambda index=0: {"name": "Fake GPU", "compute_capability": "9.0"}
     )
@@ -384,11 +385,13 @@ def test_bench_checks_the_engine_once_and_refuses_an_out_of_profile_batch_first(
     the manifest on (batches, input shape, precision, runner, export report)."""
     from vitslim.deploy.bench import BenchSettings
 
-    from vitslim import measure
+    from vitslim import artifacts, measure
 
     checked = []
-    monkeypatch.setattr(measure, "check_engine", lambda path: checked.append(path) or fake.manifest)
-    monkeypatch.setattr(runners, "check_engine", lambda path: pytest.fail("the runner checked the engine again"))
+    monkeypatch.setattr(artifacts, "check_engine", lambda path: checked.append(path) or fake.manifest)
+    monkeypatch.setattr(
+        tensorrt_runner, "check_engine", lambda path: pytest.fail("the runner checked the engine again")
+    )
     fake.manifest.update(input={"shape": [-1, 3, 4, 4]}, onnx={"file": "m.onnx", "sha256": "y"})
     (tmp_path / "m.engine").write_bytes(b"engine")
     settings = BenchSettings(warmup_seconds=0, min_seconds=0, min_iterations=3, max_iterations=3, max_rounds=1)

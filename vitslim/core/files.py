@@ -70,3 +70,46 @@ def sha256_of(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str, error: type[VitslimError] = VitslimError):
+    """The JSON value in `path`; a file that is missing or cannot be read or parsed (bad bytes,
+    bad JSON, nesting deeper than Python's recursion limit) is one line of `error`: "`what`
+    PATH is unreadable (WHY): `fix`", PATH resolved so the user sees which file was tried."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} {path.resolve()} does not exist: {fix}") from None
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as problem:
+        raise error(f"{what} {path.resolve()} is unreadable ({type(problem).__name__}): {fix}") from None
+
+
+LOCK_FILE = ".vitslim.lock"  # hidden: no reader's glob sees it
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Hold `directory`'s write lock while writing it: a second vitslim process writing the same
+    output is refused in one line instead of racing the first (the last writer would win). An
+    advisory lock (flock) on a hidden file inside the directory; the kernel releases it when the
+    process ends, however it ends, so a crash never leaves a stale lock."""
+    import fcntl
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise VitslimError(f"{option} {directory} is a file: give a directory") from None
+    handle = open(directory / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VitslimError(
+                f"{option} {directory.resolve()} is being written by another vitslim process: wait for it to finish, "
+                f"or choose another {option}"
+            ) from None
+        yield
+    finally:
+        handle.close()

@@ -1,6 +1,6 @@
 """What travels inside an exported ONNX (its metadata_props) and from there into engine
-manifests: a leaf module, so export/ (which writes it) and deploy/ (which reads it) share the
-keys without importing each other."""
+manifests, and the readers of its input and output shapes: a leaf module, so export/ (which
+writes it) and deploy/ (which reads it) share the keys without importing each other."""
 
 from __future__ import annotations
 
@@ -38,3 +38,18 @@ def preprocessing_of(model) -> Optional[dict]:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def tensor_dims(value_info) -> list:
+    """The dimensions of a graph input or output: numbers, symbolic ones by their names."""
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def image_shape_of(model) -> tuple[int, ...]:
+    """The per-image input shape (C, H, W) of an onnx.ModelProto (the batch dimension dropped)."""
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+
+
+def class_count_of(model) -> int:
+    """The number of logits per image of an onnx.ModelProto's first output."""
+    return model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
