@@ -32,7 +32,7 @@ from .compact import compact_from_plan
 from .errors import ExportError
 from .passes import DEFAULT_PASSES, apply_passes
 from .precision import fp16_from_fp32
-from .report import io_shapes, matmul_weight_shapes, op_inventory, write_report
+from .report import REPORT_VERSION, io_shapes, matmul_weight_shapes, op_inventory, write_report
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def export_plan(
         digest = sha256_of(tmp)
     macs_dense = plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"]
     report = {
+        "report_version": REPORT_VERSION,
         "model": plan.model.to_dict(),
         "method": plan.method,
         "token_layout": token_layout,

@@ -88,7 +88,6 @@ def markdown_report(report: dict) -> str:
 
 def write_report(report: dict, onnx_path: Path) -> tuple[Path, Path]:
     json_path, md_path = report_paths(onnx_path)
-    report = {"report_version": REPORT_VERSION, **report}
     write_text_atomic(json_path, json.dumps(report, indent=1))
     write_text_atomic(md_path, markdown_report(report))
     return json_path, md_path

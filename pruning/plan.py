@@ -1,4 +1,8 @@
-"""SlimPlan: the only contract between pruning/ (which writes plans) and export/ (which reads them).
+"""SlimPlan: the slim architecture as data, what pruning/ writes and export/ builds from.
+
+Every decision a method makes travels in the plan and nowhere else. export/ also uses pruning's
+masked reference (what parity is checked against), its MAC counting and its timm adapter (the
+model's geometry), which describe the model and never a method's choices.
 
 A plan says, per block, what survives: which tokens the block outputs, which channels each
 prunable linear reads, whether attention is a constant matrix, and whether the patch tokens are

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitslim.core.files import output_lock, write_text_atomic
-from vitslim.deploy.bench import BenchSettings, speedup_columns
+from vitslim.deploy.bench import BenchSettings
 from vitslim.deploy.build import BuildSettings
 from vitslim.export.onnx_export import ExportResult, export_plan
 from vitslim.pruning.checkpoints import CHECKPOINT_DIR, phase_path
@@ -29,12 +29,14 @@ from vitslim.pruning.methods import get_method
 from vitslim.pruning.models import model_from_checkpoint
 from vitslim.pruning.plan import PLAN_JSON, ModelSpec, SlimPlan, dense_plan
 from vitslim.pruning.run_dir import begin_run, load_run, read_info, save_run
-from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of, patch_grid
+from vitslim.pruning.timm_adapter import count_params, geometry_of, input_shape_of
 from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_main_process
 
-from .plots import attention_analysis_png, block_macs_png, kept_dims_png, kept_patches_png, training_curve_png
+from .plots import block_macs_png, training_curve_png
+from .prune_report import model_title, write_prune_report
 from .quantization import onnx_logits, top1_of
 from .recipe import Recipe
+from .summary import SUMMARY_BATCH, failed_checks, summary_markdown
 
 log = logging.getLogger(__name__)
 
@@ -113,51 +115,12 @@ def _train_run(spec, data_source, config, out, checkpoint, pretrained, restart) 
         return info
     begin_run(out)
     if result.history:
-        training_curve_png(list(result.history), out / "training.png", f"{spec.name} on {data.source}")
+        training_curve_png(
+            list(result.history), out / "training.png", f"{model_title(spec.name, geometry_of(model))} on {data.source}"
+        )
     save_run(out, dense_plan(spec, len(model.blocks)), model.cpu(), info)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run directory is complete
     return info
-
-
-def prune_report_markdown(report: dict) -> str:
-    lines = [
-        f"# Prune report: {report['model']['name']} with {report['method']}",
-        "",
-        f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
-        f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
-    ]
-    lines += [f"- {key.replace('_', ' ')}: {value:.2f} %" for key, value in report.items() if key.startswith("top1_")]
-    if "pruned_fraction" in report:
-        lines.append(f"- Gated dims pruned: {report['pruned_fraction']:.1%}")
-    lines += ["", "## Settings", "", "```", json.dumps(report["config"], indent=1), "```"]
-    if report.get("kept_dims"):
-        spaces = [k for k in report["kept_dims"][0] if k != "block"]
-        lines += [
-            "",
-            "## Kept dims per block",
-            "",
-            "| block | " + " | ".join(spaces) + " |",
-            "|---" * (len(spaces) + 1) + "|",
-        ]
-        lines += [
-            f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]
-        ]
-    if report.get("analysis"):
-        lines += [
-            "",
-            f"## Attention analysis (static blocks: {report['static_blocks']}, pyramid: {report['pyramid']})",
-            "",
-            "| block | cosine to mean map | KL to mean map | effective rank | top singular energy |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |"
-            for a in report["analysis"]
-        ]
-    if report.get("kept_tokens"):
-        lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
-        lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -195,33 +158,9 @@ def prune_model(
 
 def write_prune_run(result: PruneResult, data: DataSplits, out: Path) -> None:
     """The run directory of a pruned model: plan, weights, info.json, prune_report.md and the method's plot."""
-    report, plan, geometry = result.report, result.plan, geometry_of(result.model)
     begin_run(out)  # the human-readable files first, the run itself (plan last) after them
-    write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
-    if report["method"] == "vtp":
-        kept_dims_png(
-            report["kept_dims"],
-            geometry.channel_sizes,
-            out / "kept_dims.png",
-            f"VTP on {plan.model.name}: kept dims per block",
-        )
-    if report["method"] == "dgssa-glad":
-        attention_analysis_png(
-            report["analysis"],
-            report["static_blocks"],
-            out / "attention_analysis.png",
-            f"DGSSA/GLAD analysis of {plan.model.name} on {data.source}",
-        )
-    if report["method"] == "patch-slim":
-        kept_patches_png(
-            calibration_set(data.val, 4).images,
-            report["token_sets"],
-            geometry.num_prefix_tokens,
-            patch_grid(result.model),
-            out / "kept_patches.png",
-            f"Patch Slimming on {plan.model.name}: kept patches per block",
-        )
-    save_run(out, plan, result.model, info=report)
+    write_prune_report(result.report, result.plan, result.model, data, out)
+    save_run(out, result.plan, result.model, info=result.report)
 
 
 def prune_run(
@@ -257,7 +196,6 @@ def summary_row(
     }
 
 
-SUMMARY_BATCH = 8
 SUMMARY_BENCH = BenchSettings(warmup_seconds=0.5, min_seconds=1.5, min_iterations=20, max_rounds=2)
 
 
@@ -348,91 +286,6 @@ def int8_columns(
         "int8_mb": int8["mb"],
         "int8_onnx": str(root / f"{name}.int8.onnx"),
     }
-
-
-def _number(value: Optional[float], unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:.2f}{unit}"
-
-
-def int8_markdown(rows: list[dict]) -> str:
-    from .quantization import CALIBRATION_IMAGES
-
-    lines = [
-        "",
-        f"INT8 (`vitslim quantize`: Q/DQ on the Linear layers, calibrated on {CALIBRATION_IMAGES} training images; details in "
-        "VARIANT.int8.report.md): top-1 on the validation split in onnxruntime, agreement and cosine against the fp32 masked reference, "
-        f"onnxruntime CPU latency at batch {SUMMARY_BATCH} against the fp32 ONNX in the same run.",
-        "",
-        "| variant | top-1 fp32 | top-1 fp16 | top-1 int8 | int8 agreement | int8 min "
-        "cosine | MB fp32 → int8 | fp32 ms | int8 ms | fp32 time / int8 time (same variant) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "int8_top1" not in r:
-            continue
-        speedup = r["onnxruntime_ms"] / r["int8_ms"] if r.get("int8_ms") else None  # none without deploy.latency
-        lines.append(
-            f"| {r['variant']} | {r['onnx_top1']:.2f} | {r['fp16_top1']:.2f} | {r['int8_top1']:.2f} | {r['int8_agreement']:.1%} | {r['int8_cosine']:.4f} | "
-            f"{r['onnx_mb']:.2f} → {r['int8_mb']:.2f} | {_number(r.get('onnxruntime_ms'))} | {_number(r.get('int8_ms'))} | {_number(speedup, 'x')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def summary_markdown(title: str, rows: list[dict], settings: BuildSettings = BuildSettings()) -> str:
-    timm_ms = rows[0].get("timm_ms")
-    latency = (
-        f"Latency: median ms per batch of {SUMMARY_BATCH} on this machine's CPU, fp32 eager (p90 in brackets). Speed-up = timm's own "
-        f"dense model ({_number(timm_ms)} ms, the model users already run) / the variant's PyTorch compact module, same run; "
-        "MAC-ideal = dense MACs / variant MACs; realised / ideal = speed-up / MAC-ideal."
-        if timm_ms is not None
-        else "Latency: not measured (the recipe's deploy.latency is false). MAC-ideal = dense MACs / variant MACs."
-    )
-    lines = [
-        f"# {title}",
-        "",
-        latency,
-        "",
-        "| variant | MMACs | % of dense | params | top-1 PyTorch | top-1 ONNX | max abs diff | ONNX MB "
-        "| engine MB | onnxruntime ms | PyTorch ms | speed-up vs timm | MAC-ideal | realised / ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ratios = speedup_columns(timm_ms, r["torch_ms"], r["macs_fraction"]) if timm_ms and r.get("torch_ms") else {}
-        lines.append(
-            f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_fraction']:.1f} | {r['params']:,} | "
-            f"{_number(r['pytorch_top1'])} | {_number(r['onnx_top1'])} | {r['max_abs_diff']:.1e} | {r['onnx_mb']:.2f} | {_number(r.get('engine_mb'))} | "
-            f"{_number(r.get('onnxruntime_ms'))} ({_number(r.get('onnxruntime_p90_ms'))}) | {_number(r.get('torch_ms'))} ({_number(r.get('torch_p90_ms'))}) | "
-            f"{_number(ratios.get('speedup'), 'x')} | {1 / r['macs_fraction']:.2f}x | {_number(ratios.get('realised_over_ideal'))} |"
-        )
-    engines = {r.get("engine_library") for r in rows} - {None}
-    if engines:
-        precisions = ", ".join(sorted({r["precision"] for r in rows}))
-        lines += [
-            "",
-            f"Engines built ahead of time with {', '.join(sorted(engines))} ({precisions}{', TF32' if settings.tf32 else ''}, "
-            f"batch profiles {', '.join(map(str, settings.profiles))}).",
-        ]
-    text = "\n".join(lines) + "\n"
-    text = text + int8_markdown(rows) if any("int8_top1" in r for r in rows) else text
-    failed = failed_checks(rows)
-    if failed:
-        text += "\n**Failed checks** (the run exits 1 unless `--allow-failed-checks`):\n\n" + "".join(
-            f"- {f}\n" for f in failed
-        )
-    return text
-
-
-def failed_checks(rows: list[dict]) -> list[str]:
-    """Every tolerance a variant missed, one line each (fp32 parity is refused at export already)."""
-    from vitslim.core.precision import tolerance_for
-
-    failed = []
-    for r in rows:
-        for precision in ("fp16", "int8"):
-            if r.get(f"{precision}_passed") is False:
-                rule = tolerance_for(precision).to_dict()
-                failed.append(f"{r['variant']}: {precision} outside its tolerance {rule} against the masked reference")
-    return failed
 
 
 STAGE_FILE = "recipe_stage.json"  # in each stage's run directory: the settings it was made with
@@ -564,6 +417,6 @@ def _run_recipe(recipe: Recipe, restart: bool) -> dict:
     block_macs_png(
         {name: e.report["blocks"] for name, e in exports.items()},
         root / "block_macs.png",
-        f"{recipe.name}: MACs per block",
+        f"{recipe.name}: MACs per block of {model_title(recipe.model.name, geometry_of(model))}",
     )
     return summary

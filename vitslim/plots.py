@@ -16,6 +16,21 @@ def _pyplot():
     return plt
 
 
+def _block_axis(axis, blocks, offset: float = 0.0) -> None:
+    """Blocks are integers: one tick per block (at the centre of its group of bars), labelled."""
+    blocks = sorted(set(blocks))
+    axis.set_xticks([b + offset for b in blocks])
+    axis.set_xticklabels([str(b) for b in blocks])
+    axis.set_xlabel("block")
+
+
+def _legend_outside(axis, handles=None, labels=None) -> None:
+    """The legend right of the plot, never over the data."""
+    if handles is None:
+        handles, labels = axis.get_legend_handles_labels()
+    axis.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0)
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     with atomic_path(path) as tmp:
@@ -35,31 +50,35 @@ def training_curve_png(history: list[dict], path: Path, title: str) -> Path:
     top1_axis = loss_axis.twinx()
     top1_axis.plot(epochs, [h["val_top1"] for h in history], color="tab:orange", label="val top-1")
     top1_axis.set_ylabel("val top-1 (%)", color="tab:orange")
-    loss_axis.set_title(title)
+    if len(epochs) < 12:
+        loss_axis.set_xticks(epochs)  # whole epochs
+    loss_axis.set_title(title, fontsize=9)
     return _save(figure, path)
 
 
 def block_macs_png(rows_by_variant: dict[str, list[dict]], path: Path, title: str) -> Path:
     """Per-block MACs (millions) of each variant as grouped bars."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = plt.subplots(figsize=(8, 3.8))
     count = len(rows_by_variant)
     width = 0.8 / max(1, count)
+    blocks = []
     for offset, (variant, rows) in enumerate(rows_by_variant.items()):
         axis.bar(
             [r["block"] + offset * width for r in rows], [r["macs"] / 1e6 for r in rows], width=width, label=variant
         )
-    axis.set_xlabel("block")
+        blocks += [r["block"] for r in rows]
+    _block_axis(axis, blocks, offset=(count - 1) * width / 2)
     axis.set_ylabel("MMACs per image")
-    axis.set_title(title)
-    axis.legend()
+    axis.set_title(title, fontsize=9)
+    _legend_outside(axis)
     return _save(figure, path)
 
 
 def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, title: str) -> Path:
     """VTP: fraction of each gated channel space kept, per block."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = plt.subplots(figsize=(8, 3.8))
     spaces = list(sizes)
     width = 0.8 / len(spaces)
     for offset, space in enumerate(spaces):
@@ -69,11 +88,11 @@ def kept_dims_png(kept_dims: list[dict], sizes: dict[str, int], path: Path, titl
             width=width,
             label=f"{space} (of {sizes[space]})",
         )
-    axis.set_xlabel("block")
+    _block_axis(axis, [row["block"] for row in kept_dims], offset=(len(spaces) - 1) * width / 2)
     axis.set_ylabel("fraction of dims kept")
-    axis.set_ylim(0, 1.35)
-    axis.set_title(title)
-    axis.legend(fontsize="small", ncol=4, loc="upper center")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(title, fontsize=9)
+    _legend_outside(axis)
     return _save(figure, path)
 
 
@@ -113,26 +132,37 @@ def kept_patches_png(
 
 
 def attention_analysis_png(analysis: list[dict], static_blocks: int, path: Path, title: str) -> Path:
-    """DGSSA/GLAD: per block, cross-image similarity of attention maps and their low-rankness."""
+    """DGSSA/GLAD: per block, cross-image similarity of attention maps (left) and their
+    low-rankness (right: effective rank on the left axis, top singular energy on the right)."""
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     blocks = [row["block"] for row in analysis]
     left.plot(blocks, [row["cosine"] for row in analysis], "o-", label="cosine to mean map")
     left.plot(blocks, [row["kl"] for row in analysis], "s--", label="KL to mean map")
-    left.set_title("similarity across images")
+    left.set_title("similarity across images", fontsize=9)
+    left.set_ylabel("cosine / KL divergence")
     right.plot(blocks, [row["effective_rank"] for row in analysis], "o-", color="tab:green", label="effective rank")
-    right.set_title("rank of attention maps")
-    right_energy = right.twinx()
-    right_energy.plot(
-        blocks, [row["top_energy"] for row in analysis], "s--", color="tab:red", label="top singular energy"
-    )
-    right_energy.set_ylim(0, 1.05)
+    right.set_title("rank of attention maps", fontsize=9)
+    right.set_ylabel("effective rank", color="tab:green")
+    energy = right.twinx()
+    energy.plot(blocks, [row["top_energy"] for row in analysis], "s--", color="tab:red", label="top singular energy")
+    energy.set_ylim(0, 1.05)
+    energy.set_ylabel("top singular energy", color="tab:red")
     for axis in (left, right):
-        axis.set_xlabel("block")
+        _block_axis(axis, blocks)
         if static_blocks:
-            axis.axvspan(-0.5, static_blocks - 0.5, color="grey", alpha=0.15, label="static")
-    left.legend(fontsize="small")
-    right.legend(loc="upper left", fontsize="small")
-    right_energy.legend(loc="upper right", fontsize="small")
+            axis.axvspan(-0.5, static_blocks - 0.5, color="grey", alpha=0.15, label="static blocks")
+    _legend_outside(left)
+    handles, labels = right.get_legend_handles_labels()
+    more_handles, more_labels = energy.get_legend_handles_labels()
+    # the right panel's legend goes below it: right of it is its second axis
+    right.legend(
+        handles + more_handles,
+        labels + more_labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18),
+        ncol=3,
+        fontsize="small",
+    )
     figure.suptitle(title, fontsize=9)
     return _save(figure, path)

@@ -30,7 +30,12 @@ class MethodResult:
 class Method:
     name: str
     config_type: type  # a frozen dataclass whose __post_init__ validates the settings
-    run: Callable[..., MethodResult]  # run(model, data, config, base, teacher=None) -> MethodResult
+    # run(model, data, config, base, teacher=None, checkpoints=None) -> MethodResult
+    #   model: the dense timm model (never edited); data: DataSplits; config: an instance of
+    #   config_type; base: the model's dense plan; teacher: the distillation teacher (None: a frozen
+    #   copy of model); checkpoints: a directory where the method writes each fine-tuning phase's
+    #   checkpoint (pruning.checkpoints.phase_path) and resumes an interrupted run from (None: none).
+    run: Callable[..., MethodResult]
 
 
 METHODS: dict[str, Method] = {}

@@ -67,16 +67,17 @@ def test_read_json_names_the_resolved_file_and_the_fix_in_one_line(tmp_path, mon
 
 
 def test_a_second_writer_of_one_output_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
-    from vitslim.core.files import LOCK_FILE, output_lock
+    from vitslim.core.files import output_lock
 
     with output_lock(tmp_path / "run"):
         # flock locks belong to an open file: a second open in this process stands for another process
         with pytest.raises(errors.VitslimError, match="is being written by another vitslim process"):
             with output_lock(tmp_path / "run"):
                 pass
+    assert not (tmp_path / "run").exists()  # made for the work, left empty: removed again
     with output_lock(tmp_path / "run"):  # released on leaving: the next writer gets it
-        pass
-    assert (tmp_path / "run" / LOCK_FILE).name.startswith(".")  # hidden from every reader's glob
+        (tmp_path / "run" / "weights").write_text("w")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["weights"]  # no lock file left behind
     (tmp_path / "file").write_text("x")
     with pytest.raises(errors.VitslimError, match="is a file"):
         with output_lock(tmp_path / "file"):

@@ -85,23 +85,22 @@ def read_json(path: str | os.PathLike, what: str, fix: str, error: type[VitslimE
         raise error(f"{what} {path.resolve()} is unreadable ({type(problem).__name__}): {fix}") from None
 
 
-LOCK_FILE = ".vitslim.lock"  # hidden: no reader's glob sees it
-
-
 @contextlib.contextmanager
 def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator[None]:
     """Hold `directory`'s write lock while writing it: a second vitslim process writing the same
     output is refused in one line instead of racing the first (the last writer would win). An
-    advisory lock (flock) on a hidden file inside the directory; the kernel releases it when the
-    process ends, however it ends, so a crash never leaves a stale lock."""
+    advisory lock (flock) on the directory itself, so no lock file is left behind; the kernel
+    releases it when the process ends, however it ends, so a crash never leaves a stale lock. A
+    directory made here and still empty at the end (the work was refused) is removed again."""
     import fcntl
 
     directory = Path(directory)
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise VitslimError(f"{option} {directory} is a file: give a directory") from None
-    handle = open(directory / LOCK_FILE, "a+")
+    handle = os.open(directory, os.O_RDONLY)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,4 +111,7 @@ def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator
             ) from None
         yield
     finally:
-        handle.close()
+        os.close(handle)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty

@@ -1,0 +1,39 @@
+"""Reports people read: every method's plot is declared once, block axes are integers, titles
+name the model's real geometry."""
+
+from __future__ import annotations
+
+from conftest import tiny_vit
+
+from vitslim import plots
+from vitslim.prune_report import METHOD_PLOTS, model_title
+from vitslim.pruning.methods import METHODS
+from vitslim.pruning.timm_adapter import geometry_of
+
+
+def test_every_method_plot_belongs_to_a_registered_method():
+    assert set(METHOD_PLOTS) <= set(METHODS) and set(METHOD_PLOTS) == {"vtp", "dgssa-glad", "patch-slim"}
+
+
+def test_block_axes_are_labelled_with_whole_blocks():
+    plt = plots._pyplot()
+    figure, axis = plt.subplots()
+    plots._block_axis(axis, [0, 1, 2, 3, 1], offset=0.25)
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert list(axis.get_xticks()) == [0.25, 1.25, 2.25, 3.25] and axis.get_xlabel() == "block"
+    plt.close(figure)
+
+
+def test_titles_name_the_geometry_the_model_was_built_with():
+    title = model_title("deit_tiny_patch16_224", geometry_of(tiny_vit()))
+    assert title == "deit_tiny_patch16_224 (depth 3, width 32, 2 heads, 16 patches)"
+
+
+def test_each_plot_is_written(tmp_path):
+    rows = [
+        {"block": b, "macs": 1e6, "cosine": 0.5, "kl": 0.1, "effective_rank": 2.0, "top_energy": 0.5} for b in range(3)
+    ]
+    plots.block_macs_png({"dense": rows, "slim": rows}, tmp_path / "m.png", "t")
+    plots.attention_analysis_png(rows, 1, tmp_path / "a.png", "t")
+    plots.kept_dims_png([{"block": b, "hidden": 64} for b in range(3)], {"hidden": 128}, tmp_path / "k.png", "t")
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("m.png", "a.png", "k.png"))

@@ -1,0 +1,116 @@
+"""What a pruned run directory shows people: prune_report.md and the method's own plot.
+
+Each method's plot is declared once, in METHOD_PLOTS (a method without one gets the report alone).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from vitslim.core.files import write_text_atomic
+from vitslim.pruning.data import DataSplits, calibration_set
+from vitslim.pruning.plan import SlimPlan
+from vitslim.pruning.timm_adapter import ViTGeometry, geometry_of, patch_grid
+
+from .plots import attention_analysis_png, kept_dims_png, kept_patches_png
+
+
+def model_title(name: str, geometry: ViTGeometry) -> str:
+    """A model as plot titles name it: timm's name and the geometry it was built with (a custom
+    4-block model is not the 12-block model its timm name suggests)."""
+    return (
+        f"{name} (depth {geometry.depth}, width {geometry.dim}, {geometry.num_heads} heads, "
+        f"{geometry.num_patches} patches)"
+    )
+
+
+def prune_report_markdown(report: dict) -> str:
+    lines = [
+        f"# Prune report: {report['model']['name']} with {report['method']}",
+        "",
+        f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
+        f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
+    ]
+    lines += [f"- {key.replace('_', ' ')}: {value:.2f} %" for key, value in report.items() if key.startswith("top1_")]
+    if "pruned_fraction" in report:
+        lines.append(f"- Gated dims pruned: {report['pruned_fraction']:.1%}")
+    lines += ["", "## Settings", "", "```", json.dumps(report["config"], indent=1), "```"]
+    if report.get("kept_dims"):
+        spaces = [k for k in report["kept_dims"][0] if k != "block"]
+        lines += [
+            "",
+            "## Kept dims per block",
+            "",
+            "| block | " + " | ".join(spaces) + " |",
+            "|---" * (len(spaces) + 1) + "|",
+        ]
+        lines += [
+            f"| {row['block']} | " + " | ".join(str(row[s]) for s in spaces) + " |" for row in report["kept_dims"]
+        ]
+    if report.get("analysis"):
+        lines += [
+            "",
+            f"## Attention analysis (static blocks: {report['static_blocks']}, pyramid: {report['pyramid']})",
+            "",
+            "| block | cosine to mean map | KL to mean map | effective rank | top singular energy |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |"
+            for a in report["analysis"]
+        ]
+    if report.get("kept_tokens"):
+        lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
+        lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]
+    return "\n".join(lines) + "\n"
+
+
+def _vtp_plot(report: dict, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> None:
+    geometry = geometry_of(model)
+    kept_dims_png(
+        report["kept_dims"],
+        geometry.channel_sizes,
+        out / "kept_dims.png",
+        f"VTP: kept dims per block\n{model_title(plan.model.name, geometry)}",
+    )
+
+
+def _dgssa_glad_plot(report: dict, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> None:
+    attention_analysis_png(
+        report["analysis"],
+        report["static_blocks"],
+        out / "attention_analysis.png",
+        f"DGSSA/GLAD attention analysis on {data.source}\n{model_title(plan.model.name, geometry_of(model))}",
+    )
+
+
+def _patch_slimming_plot(report: dict, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> None:
+    geometry = geometry_of(model)
+    kept_patches_png(
+        calibration_set(data.val, 4).images,
+        report["token_sets"],
+        geometry.num_prefix_tokens,
+        patch_grid(model),
+        out / "kept_patches.png",
+        f"Patch Slimming: kept patches per block\n{model_title(plan.model.name, geometry)}",
+    )
+
+
+# method name (pruning.methods' registry) -> its plot
+METHOD_PLOTS: dict[str, Callable[[dict, SlimPlan, nn.Module, DataSplits, Path], None]] = {
+    "vtp": _vtp_plot,
+    "dgssa-glad": _dgssa_glad_plot,
+    "patch-slim": _patch_slimming_plot,
+}
+
+
+def write_prune_report(report: dict, plan: SlimPlan, model: nn.Module, data: DataSplits, out: Path) -> None:
+    """prune_report.md and the method's plot (if it has one) into the run directory `out`."""
+    write_text_atomic(out / "prune_report.md", prune_report_markdown(report))
+    plot = METHOD_PLOTS.get(report["method"])
+    if plot is not None:
+        plot(report, plan, model, data, out)
