@@ -4,11 +4,11 @@ name the model's real geometry."""
 from __future__ import annotations
 
 from conftest import tiny_vit
+from vitslim.pruning.methods import METHODS
+from vitslim.pruning.timm_adapter import geometry_of
 
 from vitslim import plots
 from vitslim.prune_report import METHOD_PLOTS, model_title
-from vitslim.pruning.methods import METHODS
-from vitslim.pruning.timm_adapter import geometry_of
 
 
 def test_every_method_plot_belongs_to_a_registered_method():
