@@ -3,8 +3,10 @@ directory, with deterministic train/val splits, resized to the model's input."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -115,6 +117,33 @@ def read_image(path: str):
             return Image.open(handle).convert("RGB")
     except (OSError, ValueError) as error:
         raise PruningError(f"image {path} cannot be read ({type(error).__name__}): remove or replace it") from None
+
+
+def guarded_batches(batches: Iterable, what: str) -> Iterator:
+    """`batches` (a DataLoader, or a progress bar over one) with any exception raised while
+    reading or transforming images (in a loader worker too) turned into one line of PruningError:
+    it is the data's or the augmentation's problem, not a crash. The original stays chained for
+    --debug."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:
+            # a loader worker's exception arrives as "Caught X in DataLoader worker process N." plus
+            # the worker's traceback: its last line names the problem
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(error).__name__
+            if isinstance(error, PruningError):
+                if len(lines) == 1:
+                    raise
+                raise PruningError(re.sub(r"^[\w.]*PruningError: ", "", reason)) from error  # ours, from a worker
+            raise PruningError(
+                f"preparing a {what} batch failed ({reason[:300]}): check the images, or choose another --augment "
+                "(affine or none)"
+            ) from error
+        yield batch
 
 
 def _image_folder(path: Path, transform):

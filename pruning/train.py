@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -23,12 +23,42 @@ from torch.utils.data.distributed import DistributedSampler
 from vitslim.core.settings import refuse_non_finite, setting
 
 from .checkpoints import generator_states, load_state, restore_generators, save_state, weights_digest
-from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset
+from .data import AFFINE, DEIT_AUGMENT, DataSplits, augmented_dataset, guarded_batches
 from .errors import PruningError
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class AugmentationSettings:
+    """How training images are augmented and labels mixed or smoothed, declared once: `train`'s
+    TrainConfig and every method's settings (its fine-tuning) extend it, so the CLI's `train` and
+    `prune`, recipes and the API offer the same four settings with the same defaults."""
+
+    augment: str = setting(
+        "auto",
+        "training-image augmentation: a timm RandAugment policy (ImageFolder data), e.g. 'rand-m9-mstd0.5-inc1' (DeiT's); "
+        "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits",
+    )
+    mixup: Optional[float] = setting(
+        None,
+        "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 with a RandAugment policy on ImageFolder data, else 0",
+    )
+    cutmix: Optional[float] = setting(
+        None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 with a RandAugment policy on ImageFolder data, else 0"
+    )
+    label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
+
+    def __post_init__(self) -> None:
+        refuse_non_finite(self, PruningError)
+        if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= self.label_smoothing < 1:
+            raise PruningError("--mixup and --cutmix must be >= 0 and --label-smoothing in [0, 1)")
+
+    def augmentation_settings(self) -> dict:
+        """The four settings, for a TrainConfig of a method's fine-tuning phase."""
+        return {field.name: getattr(self, field.name) for field in fields(AugmentationSettings)}
+
+
+@dataclass(frozen=True)
+class TrainConfig(AugmentationSettings):
     epochs: int = setting(30, "training epochs")
     lr: float = setting(1e-3, "peak learning rate (AdamW)")
     min_lr: float = setting(1e-5, "learning rate at the end of the cosine schedule")
@@ -46,30 +76,15 @@ class TrainConfig:
         "data-loader worker processes; default: none for digits (tensors in memory), "
         "min(8, CPUs per process) for ImageFolder data (decoding and augmentation)",
     )
-    augment: str = setting(
-        "auto",
-        "training-image augmentation: a timm RandAugment policy (ImageFolder data), e.g. 'rand-m9-mstd0.5-inc1' (DeiT's); "
-        "'affine' (small rotations, shifts, scalings of image tensors, any data); 'none'; 'auto': DeiT's on ImageFolder data, 'affine' on digits",
-    )
-    mixup: Optional[float] = setting(
-        None,
-        "Mixup alpha (timm.data.Mixup); 0 turns it off; default: DeiT's 0.8 with a RandAugment policy on ImageFolder data, else 0",
-    )
-    cutmix: Optional[float] = setting(
-        None, "CutMix alpha; 0 turns it off; default: DeiT's 1.0 with a RandAugment policy on ImageFolder data, else 0"
-    )
-    label_smoothing: float = setting(0.0, "label smoothing of the task loss (DeiT: 0.1)")
 
     def __post_init__(self) -> None:
-        refuse_non_finite(self, PruningError)
+        super().__post_init__()
         if self.num_workers is not None and self.num_workers < 0:
             raise PruningError(f"--num-workers {self.num_workers} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise PruningError(
                 f"training needs epochs >= 0, batch_size >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})"
             )
-        if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= self.label_smoothing < 1:
-            raise PruningError("--mixup and --cutmix must be >= 0 and --label-smoothing in [0, 1)")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise PruningError(f"distill_weight {self.distill_weight} must be in [0, 1]")
 
@@ -156,7 +171,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     was_training = model.training
     model.eval()
     correct = total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
+    for images, labels in guarded_batches(DataLoader(dataset, batch_size=batch_size), "validation"):
         predictions = _logits(model(images.to(device))).argmax(dim=-1).cpu()
         correct += int((predictions == labels).sum())
         total += len(labels)
@@ -353,7 +368,7 @@ def fit(
             mininterval=1.0,
             disable=None if progress and context.is_main else True,
         )  # None: only on a terminal
-        for images, labels in bar:
+        for images, labels in guarded_batches(bar, "training"):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixing is not None and len(images) % 2 == 0:  # soft targets; smoothing is inside them
                 images, targets = mixing(images, labels)

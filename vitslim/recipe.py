@@ -14,8 +14,9 @@ from vitslim.pruning.train import TrainConfig
 
 DEFAULT_RECIPE_YAML = """\
 # The built-in default: a 6-block ViT (64 wide, 2 heads, 4x4 patches) trained on scikit-learn's
-# digits at 32x32 on the CPU, then exported to ONNX with parity checked. Training (and every
-# method's fine-tuning) uses the digits default augmentation, small random affine jitter.
+# digits at 32x32 on the CPU, then exported to ONNX with parity checked. Training uses the digits
+# default augmentation, small random affine jitter; every method's fine-tuning takes train's
+# augmentation settings (augment, mixup, cutmix, label_smoothing) unless its own section sets them.
 name: digits-vit
 model:
   name: deit_tiny_patch16_224
@@ -133,14 +134,19 @@ def _settings(where: str, config_type: type, given) -> Any:
     return config_type(**given)
 
 
-def _method_configs(methods) -> tuple[tuple[str, Any], ...]:
+def _method_configs(methods, train: TrainConfig) -> tuple[tuple[str, Any], ...]:
+    """Each method's settings; its fine-tuning takes the train section's augmentation settings
+    (augment, mixup, cutmix, label_smoothing) unless its own section sets them."""
     from vitslim.pruning.methods import get_method
 
     if not isinstance(methods, dict):
         raise PruningError("recipe methods: a mapping of method name -> settings, e.g. {vtp: {prune_ratio: 0.4}}")
     configs = []
     for name, settings in methods.items():
-        configs.append((name, _settings(f"methods.{name}", get_method(name).config_type, settings or {})))
+        if settings is not None and not isinstance(settings, dict):
+            raise PruningError(f"recipe methods.{name}: a mapping of setting -> value, not {type(settings).__name__}")
+        given = {**train.augmentation_settings(), **(settings or {})}
+        configs.append((name, _settings(f"methods.{name}", get_method(name).config_type, given)))
     return tuple(configs)
 
 
@@ -163,7 +169,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         out_dir=Path(data.get("out_dir", "runs")),
         checkpoint=model.get("checkpoint"),
         pretrained=bool(model.get("pretrained", False)),
-        methods=_method_configs(data.get("methods") or {}),
+        methods=_method_configs(data.get("methods") or {}, train),
         **_deploy_and_build(data.get("deploy") or {}),
     )
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.core.settings import refuse_non_finite, setting
+from vitslim.core.settings import setting
 
 from ..checkpoints import phase_path
 from ..data import DataSplits, calibration_set
@@ -32,7 +32,7 @@ from ..macs import macs_fraction
 from ..plan import BlockPlan, SlimPlan
 from ..reference import plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
-from ..train import TrainConfig, evaluate, fit
+from ..train import AugmentationSettings, TrainConfig, evaluate, fit
 from .base import MethodResult, dense_start, register_method
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
@@ -41,7 +41,7 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class DGSSAGladConfig:
+class DGSSAGladConfig(AugmentationSettings):
     static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
     similarity_threshold: Optional[float] = setting(
         None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"
@@ -71,7 +71,7 @@ class DGSSAGladConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        refuse_non_finite(self, PruningError)
+        super().__post_init__()  # the augmentation settings; every float finite
         if self.static_blocks is not None and self.similarity_threshold is not None:
             raise PruningError("give --static-blocks K or --similarity-threshold S, not both")
         if self.static_blocks is not None and self.static_blocks < 0:
@@ -405,6 +405,7 @@ def prune_dgssa_glad(
         distill_weight=config.distill_weight,
         seed=config.seed,
         warmup_epochs=0,
+        **config.augmentation_settings(),
     )
     finetune = fit(
         trainable,
@@ -431,6 +432,7 @@ def prune_dgssa_glad(
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_before_finetune"],
         history={"finetune": list(finetune.history)},
+        augmentation=finetune.augmentation,  # what the fine-tuning applied ("auto" resolved)
     )
     return MethodResult(
         plan=plan, model=trainable.model.cpu().eval(), top1=report["top1_after_finetune"], report=report

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitslim.core.settings import refuse_non_finite, setting
+from vitslim.core.settings import setting
 
 from ..checkpoints import load_state, phase_path, save_state, weights_digest
 from ..data import DataSplits, calibration_set
@@ -33,7 +33,7 @@ from ..macs import macs_fraction
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, blocks_of
-from ..train import TrainConfig, evaluate, fit, is_main_process
+from ..train import AugmentationSettings, TrainConfig, evaluate, fit, is_main_process
 from .base import MethodResult, dense_start, register_method
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ POOLED_HEAD_REFUSAL = (
 
 
 @dataclass(frozen=True)
-class PatchSlimConfig:
+class PatchSlimConfig(AugmentationSettings):
     epsilon: Optional[float] = setting(
         None, "tolerance on the next block's relative squared reconstruction error (paper 0.01-0.02)"
     )
@@ -71,7 +71,7 @@ class PatchSlimConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        refuse_non_finite(self, PruningError)
+        super().__post_init__()  # the augmentation settings; every float finite
         if (self.epsilon is None) == (self.target_macs is None):
             raise PruningError("give exactly one of --epsilon E (e.g. 0.02) or --target-macs F (e.g. 0.55)")
         if self.epsilon is not None and not self.epsilon > 0:
@@ -389,6 +389,7 @@ def prune_patch_slimming(
         distill_weight=config.distill_weight,
         seed=config.seed,
         warmup_epochs=0,
+        **config.augmentation_settings(),
     )
     finetune = fit(masked, data, train, teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
     report.update(
@@ -397,5 +398,6 @@ def prune_patch_slimming(
         token_sets=[list(s) for s in token_sets],
         search=search_log,
         history={"finetune": list(finetune.history)},
+        augmentation=finetune.augmentation,  # what the fine-tuning applied ("auto" resolved)
     )
     return MethodResult(plan=plan, model=student.cpu().eval(), top1=report["top1_after_finetune"], report=report)

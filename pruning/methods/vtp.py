@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from vitslim.core.settings import refuse_non_finite, setting
+from vitslim.core.settings import setting
 
 from ..checkpoints import phase_path
 from ..data import DataSplits
@@ -25,14 +25,14 @@ from ..macs import kept_channels
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, scaled_channels
 from ..timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
-from ..train import TrainConfig, evaluate, fit, parameter_groups
+from ..train import AugmentationSettings, TrainConfig, evaluate, fit, parameter_groups
 from .base import MethodResult, dense_start, register_method
 
 GateKey = tuple[int, str]  # (block index, channel space)
 
 
 @dataclass(frozen=True)
-class VTPConfig:
+class VTPConfig(AugmentationSettings):
     prune_ratio: float = setting(0.4, "fraction of all gated dimensions to remove, in (0, 1)")
     l1: float = setting(1e-4, "weight λ of the sparsity penalty λ·Σ|gate| (the paper's value is 1e-4)")
     sparsity_epochs: int = setting(5, "epochs of sparsity training with the gates")
@@ -52,7 +52,7 @@ class VTPConfig:
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
-        refuse_non_finite(self, PruningError)
+        super().__post_init__()  # the augmentation settings; every float finite
         if not 0.0 < self.prune_ratio < 1.0:
             raise PruningError(
                 f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims"
@@ -189,6 +189,7 @@ def _train_config(config: VTPConfig, epochs: int) -> TrainConfig:
         distill_weight=config.distill_weight,
         seed=config.seed,
         warmup_epochs=0,
+        **config.augmentation_settings(),
     )
 
 
@@ -246,5 +247,6 @@ def prune_vtp(
         pruned_fraction=pruned_fraction(plan, geometry),
         kept_dims=kept_dims_table(plan, geometry),
         history={"sparsity": list(sparsity.history), "finetune": list(finetune.history)},
+        augmentation=finetune.augmentation,  # what both phases applied ("auto" resolved)
     )
     return MethodResult(plan=plan, model=folded.cpu().eval(), top1=report["top1_after_finetune"], report=report)
