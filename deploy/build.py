@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from vitslim.core.files import sha256_of, write_bytes_atomic, write_json_atomic
+from vitslim.core.limits import MAX_BATCH, MAX_WORKSPACE_MB
 from vitslim.core.metadata import attention_form_of, preprocessing_of
 from vitslim.core.precision import GRAPH_PRECISIONS, graph_precision
 from vitslim.core.settings import check_value, setting
@@ -51,8 +52,8 @@ class BatchProfile:
             raise DeployError(f"batch profile {text!r} is not MIN:OPT:MAX (e.g. 1:8:32)") from None
         if len(values) == 1:
             values *= 3
-        if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
-            raise DeployError(f"batch profile {text!r} must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+        if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2] <= MAX_BATCH:
+            raise DeployError(f"batch profile {text!r} must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}")
         return cls(*values)
 
     def __str__(self) -> str:
@@ -154,8 +155,8 @@ class BuildSettings:
             )
         if self.dla_core is not None and self.dla_core < 0:
             raise DeployError(f"--dla-core {self.dla_core} must be >= 0")
-        if self.workspace_mb is not None and self.workspace_mb < 1:
-            raise DeployError(f"--workspace {self.workspace_mb} must be >= 1 (MB)")
+        if self.workspace_mb is not None and not 1 <= self.workspace_mb <= MAX_WORKSPACE_MB:
+            raise DeployError(f"--workspace {self.workspace_mb} must be >= 1 and at most {MAX_WORKSPACE_MB} (MB)")
 
     def options(self) -> dict:
         """What the manifest records of these settings (the build options)."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitslim.core.files import atomic_path
+from vitslim.core.limits import MAX_IMAGE_SIDE
 
 from .errors import PruningError
 from .plan import ModelSpec
@@ -37,6 +38,12 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
 
     if not timm.is_model(spec.name):
         raise PruningError(f"unknown timm model {spec.name!r}: see timm.list_models('*vit*') or '*deit*'")
+    sides = spec.kwargs.get("img_size", 0)
+    sides = sides if isinstance(sides, (list, tuple)) else [sides]
+    if any(isinstance(side, int) and side > MAX_IMAGE_SIDE for side in sides):
+        raise PruningError(
+            f"img_size {spec.kwargs['img_size']} is larger than {MAX_IMAGE_SIDE} pixels a side: give a smaller one"
+        )
     try:
         model = timm.create_model(spec.name, pretrained=pretrained, **dict(spec.kwargs))
     except TypeError as error:

@@ -313,6 +313,13 @@ CASES = [
         "unknown timm model 'deit_nano'",
     ),
     (
+        "train-huge-image",
+        None,
+        ["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=100000", "--data", "digits"]
+        + ["--out", "{tmp}/r"],
+        "larger than 4096 pixels a side",
+    ),
+    (
         "train-bad-model-kwargs",
         None,
         [
@@ -615,6 +622,30 @@ CASES = [
         None,
         ["build", "{art}/model.onnx", "--batch", "0:1:2", "--out", "{tmp}/x.engine"],
         "1 <= MIN <= OPT <= MAX",
+    ),
+    (
+        "build-profile-huge",
+        None,
+        ["build", "{art}/model.onnx", "--batch", "1:8:1000000000", "--out", "{tmp}/x.engine"],
+        "MAX <= 65536",
+    ),
+    (
+        "build-workspace-huge",
+        None,
+        ["build", "{art}/model.onnx", "--workspace", "99999999999", "--out", "{tmp}/x.engine"],
+        "at most 1048576 (MB)",
+    ),
+    (
+        "bench-batch-huge",
+        None,
+        ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--batch", "1000000"],
+        "at most 65536",
+    ),
+    (
+        "bench-newline-in-path",
+        None,
+        ["bench", "{tmp}/a\nvitslim: all checks passed.onnx", "--backend", "onnxruntime"],
+        "a\\nvitslim: all checks passed.onnx does not exist",
     ),
     # bench
     ("bench-missing-artifact", None, ["bench", "{tmp}/no.onnx", "--backend", "onnxruntime"], "does not exist"),

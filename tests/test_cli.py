@@ -364,6 +364,31 @@ def test_recipe_overrides_by_dotted_key():
             load_recipe(None, [bad])
 
 
+def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "r.yaml").write_text(
+        "name: r\nmodel: {name: deit_tiny_patch16_224, checkpoint: weights/dense.safetensors}\n"
+        "data: photos\nout_dir: runs\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    recipe = load_recipe("project/r.yaml")
+    assert recipe.data == str(folder / "photos") and recipe.checkpoint == str(folder / "weights/dense.safetensors")
+    assert recipe.run_root == folder / "runs" / "r"
+    assert load_recipe(None).data == "digits" and load_recipe(None).out_dir == Path("runs")  # no file: as given
+    (folder / "abs.yaml").write_text(f"name: a\nmodel: {{name: deit_tiny_patch16_224}}\ndata: {tmp_path}\n")
+    assert load_recipe(folder / "abs.yaml").data == str(tmp_path)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(PruningError, match="uses a YAML alias") as raised:
+        load_recipe(tmp_path / "bomb.yaml")
+    assert len(str(raised.value)) < 300
+
+
 def test_recipe_deploy_settings_reach_the_build():
     """A recipe's build keys are BuildSettings' fields (declared once), read from YAML values."""
     recipe = load_recipe(

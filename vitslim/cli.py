@@ -26,6 +26,7 @@ from vitslim.core.errors import (
     EXIT_UNDECIDED,
     VitslimError,
 )
+from vitslim.core.limits import MAX_MESSAGE_CHARS
 from vitslim.core.precision import PRECISIONS, TOLERANCES
 from vitslim.core.settings import help_of, value_type
 from vitslim.pruning.errors import PruningError
@@ -949,13 +950,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def one_line(error: BaseException) -> str:
-    """The message of `error` as one line. An error raised in a DataLoader worker arrives with the
-    worker's traceback in its message; the original message is its last line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    last = lines[-1]
-    if len(lines) > 1 and last.startswith("vitslim.") and ": " in last:
-        return last.split(": ", 1)[1]
-    return last if len(lines) > 1 else lines[0]
+    """The message of `error` as one line of at most MAX_MESSAGE_CHARS. An error raised in a
+    DataLoader worker arrives with the worker's traceback in its message; the original message is
+    its last line. Any other line break (a file name holding one) is shown as \\n, so that the
+    line cannot be rewritten by what a file or a path says."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    if text.startswith("Caught ") and "DataLoader worker" in lines[0]:
+        last = lines[-1]
+        text = last.split(": ", 1)[1] if last.startswith("vitslim.") and ": " in last else last
+    text = text.replace("\r", "\\r").replace("\n", "\\n") or type(error).__name__
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 20] + f" ... ({len(text)} characters)"
+    return text
 
 
 def _terminated(signum, frame):

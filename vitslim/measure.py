@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from vitslim.core.files import write_bytes_atomic, write_json_atomic
+from vitslim.core.limits import MAX_BATCH
 from vitslim.core.precision import compare_outputs, tolerance_for
 from vitslim.deploy.bench import BenchSettings, benchmark, host_description, speedup_columns
 from vitslim.deploy.errors import DeployError
@@ -54,8 +55,8 @@ class BenchSpec:
 
 def check_batch_sizes(batches) -> None:
     for batch in batches:
-        if batch < 1:
-            raise DeployError(f"--batch {batch} must be >= 1")
+        if not 1 <= batch <= MAX_BATCH:
+            raise DeployError(f"--batch {batch} must be >= 1 and at most {MAX_BATCH}")
 
 
 def check_onnx_inputs(onnx: OnnxArtifact, shape: tuple[int, ...]) -> None:

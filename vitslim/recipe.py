@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from vitslim.core.settings import check_value, setting
 from vitslim.deploy.build import BUILD_OPTIONS, BuildSettings, build_settings_from_text
+from vitslim.pruning.data import DIGITS
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.plan import ModelSpec
 from vitslim.pruning.train import TrainConfig
@@ -150,7 +151,17 @@ def _method_configs(methods, train: TrainConfig) -> tuple[tuple[str, Any], ...]:
     return tuple(configs)
 
 
-def recipe_from_dict(data: dict) -> Recipe:
+def _beside(base: Optional[Path], value):
+    """A path the recipe names, resolved against the recipe's folder (`base`) when relative; as
+    given for the built-in recipe (no file) and for absolute paths."""
+    if base is None or value is None or not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def recipe_from_dict(data: dict, base: Optional[Path] = None) -> Recipe:
+    """The recipe in `data`; `base`: the folder of the recipe file, against which its relative
+    paths (data, model.checkpoint, out_dir) are resolved (None: the current directory)."""
     if not isinstance(data, dict):
         raise PruningError("recipe must be a YAML mapping (see the built-in default in vitslim/recipe.py)")
     _check_keys("top level", data, _TOP_KEYS)
@@ -164,10 +175,10 @@ def recipe_from_dict(data: dict) -> Recipe:
     return Recipe(
         name=str(data.get("name", "run")),
         model=ModelSpec(name=model["name"], kwargs=dict(model.get("kwargs") or {})),
-        data=str(data.get("data", "digits")),
+        data=str(data["data"] if data.get("data", DIGITS) == DIGITS else _beside(base, str(data["data"]))),
         train=train,
-        out_dir=Path(data.get("out_dir", "runs")),
-        checkpoint=model.get("checkpoint"),
+        out_dir=Path(_beside(base, str(data.get("out_dir", "runs")))),
+        checkpoint=_beside(base, model.get("checkpoint")),
         pretrained=bool(model.get("pretrained", False)),
         methods=_method_configs(data.get("methods") or {}, train),
         **_deploy_and_build(data.get("deploy") or {}),
@@ -209,6 +220,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def refuse_aliases(text: str, where: str) -> None:
+    """Refuse YAML anchors and aliases (&name / *name): a recipe never needs them, and nested
+    aliases expand a few hundred bytes into gigabytes (a "billion laughs" file)."""
+    import yaml
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise PruningError(f"{where} uses a YAML alias (*{event.anchor}): write the values out instead")
+    except yaml.YAMLError as error:
+        raise PruningError(f"{where} is not valid YAML ({str(error).splitlines()[0]})") from None
+
+
 def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe:
     """The recipe at `path` (the built-in default when None), with dotted `overrides` applied."""
     import yaml
@@ -223,8 +247,10 @@ def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe
             raise PruningError(
                 f"cannot read recipe {path} ({getattr(error, 'strerror', None) or type(error).__name__}): give a readable YAML file"
             ) from None
+    refuse_aliases(text, where)
+    base = None if path is None else Path(path).resolve().parent
     try:
-        return recipe_from_dict(apply_overrides(yaml.safe_load(text), list(overrides)))
+        return recipe_from_dict(apply_overrides(yaml.safe_load(text), list(overrides)), base)
     except yaml.YAMLError as error:
         raise PruningError(f"{where} (with --set overrides) is not valid YAML ({str(error).splitlines()[0]})") from None
     except TypeError as error:

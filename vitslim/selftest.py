@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from vitslim.core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNDECIDED, VitslimError
+from vitslim.core.limits import MAX_BATCH
 from vitslim.core.precision import Parity, compare_outputs, tolerance_for
 from vitslim.deploy.bench import BenchSettings, benchmark
 from vitslim.deploy.build import BUILD_OPTIONS, BatchProfile, BuildSettings, build_settings_from_text, engine_from_onnx
@@ -422,9 +423,9 @@ def _check_kit_model(prepared: Path, model: dict) -> None:
     for profile in profiles:
         BatchProfile.parse(profile)  # a one-line error for a bad one
     numbers = [model["outside"], *model["inside"]] if isinstance(model["inside"], list) else [None]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 65536 for n in numbers):
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_BATCH for n in numbers):
         raise DeployError(
-            f"{prepared / KIT}: model {name}'s batches must be integers in 1..65536: prepare the kit again"
+            f"{prepared / KIT}: model {name}'s batches must be integers in 1..{MAX_BATCH}: prepare the kit again"
         )
 
 
