@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from vitslim.pruning.checkpoints import weights_digest
 from vitslim.pruning.macs import block_widths, plan_macs
-from vitslim.pruning.plan import SlimPlan, dense_plan, token_counts, validate
+from vitslim.pruning.plan import SlimPlan, dense_plan, plan_digest, token_counts, validate
 from vitslim.pruning.reference import MaskedReference
 from vitslim.pruning.timm_adapter import count_params, input_shape_of, supported_geometry
 
@@ -204,6 +205,8 @@ def export_plan(
     report = {
         "report_version": REPORT_VERSION,
         "model": plan.model.to_dict(),
+        # what it was made from: `compare RUN --onnx FILE` checks these against the run's
+        "made_from": {"weights_digest": weights_digest(model), "plan_digest": plan_digest(plan)},
         "method": plan.method,
         "token_layout": token_layout,
         "channel_layout": channel_layout,

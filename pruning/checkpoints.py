@@ -68,10 +68,33 @@ def load_state(path: Optional[Path], settings: dict) -> Optional[dict]:
             f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}): delete it or rerun with --restart"
         ) from None
     if not isinstance(state, dict) or state.get("settings") != settings_key(settings):
+        changed = differing_settings(state.get("settings") if isinstance(state, dict) else None, settings)
         raise PruningError(
-            f"checkpoint {path} was written with other settings: rerun with the same settings to resume, or with --restart to start over"
+            f"checkpoint {path} was written with other settings ({changed}): rerun with the same settings to resume, "
+            "or with --restart to start over"
         )
     return state
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in _flat(inner, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def differing_settings(recorded, settings: dict, shown: int = 4) -> str:
+    """Which settings differ between a checkpoint's record (settings_key's JSON) and `settings`:
+    'lr 0.001 then, 0.002 now; ...' (the first `shown` of them)."""
+    try:
+        before = _flat(json.loads(recorded))
+    except (TypeError, ValueError, RecursionError):
+        return "its record of them is unreadable"
+    now = _flat(json.loads(settings_key(settings)))
+    names = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+    if not names:
+        return "the same values in another form"
+    parts = [f"{name} {before.get(name, 'unset')!r} then, {now.get(name, 'unset')!r} now" for name in names[:shown]]
+    return "; ".join(parts) + (f"; {len(names) - shown} more" if len(names) > shown else "")
 
 
 def generator_states(loader_generator: Optional[torch.Generator]) -> dict:

@@ -3,8 +3,9 @@ directory, with deterministic train/val splits, resized to the model's input."""
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,6 +28,9 @@ class DataSplits:
     val: Dataset
     num_classes: int
     source: str
+    # What the data is, for run directories to record and later commands to check: the source, the
+    # class names, the image count and a digest of the file list (names and labels, not contents)
+    identity: dict = field(default_factory=dict, compare=False)
 
     @property
     def image_files(self) -> bool:
@@ -93,7 +97,25 @@ def digits_images(in_chans: int, img_size: tuple[int, int]) -> tuple[torch.Tenso
 def digits_splits(in_chans: int, img_size: tuple[int, int]) -> DataSplits:
     images, labels = digits_images(in_chans, img_size)
     train, val = split_indices(len(labels))
-    return DataSplits(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10, DIGITS)
+    identity = {"source": DIGITS, "classes": [str(c) for c in range(10)], "images": len(labels), "files": DIGITS}
+    return DataSplits(
+        TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), 10, DIGITS, identity
+    )
+
+
+def folder_identity(path: Path, *folders) -> dict:
+    """The identity of ImageFolder data: its class names and a digest of every file's path
+    (relative to `path`) and label."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for file, label in folder.samples:
+            digest.update(f"{Path(file).relative_to(path)}\t{label}\n".encode())
+    return {
+        "source": str(path.resolve()),
+        "classes": list(folders[0].classes),
+        "images": sum(len(folder.samples) for folder in folders),
+        "files": digest.hexdigest(),
+    }
 
 
 def _image_transform(in_chans: int, img_size: tuple[int, int]):
@@ -164,12 +186,13 @@ def folder_splits(path: Path, in_chans: int, img_size: tuple[int, int]) -> DataS
         train, val = _image_folder(path / "train", transform), _image_folder(path / "val", transform)
         if train.classes != val.classes:
             raise PruningError(f"data directory {path}: train and val have different classes")
-        return DataSplits(train, val, len(train.classes), str(path))
+        return DataSplits(train, val, len(train.classes), str(path), folder_identity(path, train, val))
     dataset = _image_folder(path, transform)
     if len(dataset) < 2:
         raise PruningError(f"data directory {path} holds {len(dataset)} image(s): need at least 2 to split")
     train, val = split_indices(len(dataset))
-    return DataSplits(Subset(dataset, train), Subset(dataset, val), len(dataset.classes), str(path))
+    identity = folder_identity(path, dataset)
+    return DataSplits(Subset(dataset, train), Subset(dataset, val), len(dataset.classes), str(path), identity)
 
 
 DEIT_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's RandAugment policy (timm's auto_augment string)

@@ -236,6 +236,21 @@ def plan_to_json(plan: SlimPlan) -> dict:
     return {"schema_version": SCHEMA_VERSION, "method": plan.method, "model": plan.model.to_dict(), "blocks": blocks}
 
 
+def plan_digest(plan: SlimPlan) -> str:
+    """sha256 of a plan (its JSON and its tensors): what an export report records of the plan it
+    was made from."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(plan_to_json(plan), sort_keys=True).encode())
+    for i, block in enumerate(plan.blocks):
+        for name in TENSOR_FIELDS:
+            tensor = getattr(block, name)
+            if tensor is not None:
+                digest.update(f"{i}.{name}".encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_plan(plan: SlimPlan, directory: str | Path) -> Path:
     """Write plan.json and plan.safetensors into `directory` (atomically each)."""
     from safetensors.torch import save_file

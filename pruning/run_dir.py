@@ -59,6 +59,16 @@ def read_info(directory: str | Path) -> dict:
     info = read_json(path, "run info", fix, PruningError)
     if not isinstance(info, dict) or not isinstance(info.get("data", ""), str):
         raise PruningError(f"run info {path.resolve()} is not what vitslim writes (an object; data as text): {fix}")
+    identity = info.get("data_identity")
+    if identity is not None and not (
+        isinstance(identity, dict)
+        and isinstance(identity.get("classes"), list)
+        and all(isinstance(c, str) for c in identity["classes"])
+        and isinstance(identity.get("files"), str)
+        and isinstance(identity.get("source"), str)
+        and isinstance(identity.get("images"), int)
+    ):
+        raise PruningError(f"run info {path.resolve()} holds a data_identity that is not what vitslim writes: {fix}")
     return info
 
 

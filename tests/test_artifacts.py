@@ -102,3 +102,22 @@ def test_an_engine_finds_its_report_through_its_manifest_without_hashing_the_onn
     assert engine.macs_fraction() == 1.0
     engine.__dict__["manifest"] = {"onnx": {"file": "m.onnx", "sha256": "f" * 64}}  # built from another export
     assert engine.macs_fraction() is None
+
+
+def test_an_export_knows_the_run_it_was_made_from(exported, tmp_path):
+    from vitslim.pruning.run_dir import load_run
+
+    plan, model = load_run(exported / "run")
+    onnx = OnnxArtifact(exported / "m.onnx")
+    assert (
+        onnx.made_from(plan, model)
+        == "m.onnx: exported from this run (weights and plan digests match its export report)"
+    )
+    other = tiny_vit(seed=1)
+    with pytest.raises(
+        DeployError, match="was exported from another run \\(its export report's weights digest differs"
+    ):
+        onnx.made_from(plan, other)
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes((exported / "m.onnx").read_bytes())  # no report beside it
+    assert "no export report records what it was made from" in OnnxArtifact(bare).made_from(plan, model)

@@ -177,3 +177,17 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path, capsys):
     assert "was written with other settings" in capsys.readouterr().err
     assert main(["train", *tiny, "--data", "digits", "--epochs", "1", "--out", str(run), "--restart"]) == 0
     assert (run / "weights.safetensors").is_file() and not (run / "checkpoints").exists()
+
+
+def test_a_refused_resume_names_the_settings_that_differ():
+    from vitslim.pruning.checkpoints import differing_settings, settings_key
+
+    before = {"train": {"lr": 0.001, "epochs": 5}, "data": "digits", "seed": 0}
+    now = {"train": {"lr": 0.002, "epochs": 5}, "data": "photos", "seed": 0}
+    assert (
+        differing_settings(settings_key(before), now)
+        == "data 'digits' then, 'photos' now; train.lr 0.001 then, 0.002 now"
+    )
+    many = {f"k{i}": i for i in range(6)}
+    assert differing_settings(settings_key({}), many).endswith("; 2 more")
+    assert differing_settings("{not json", now) == "its record of them is unreadable"

@@ -140,3 +140,19 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line_exit_3(dense, capsys
     assert main([*argv, "--out", str(dense / "never")]) == EXIT_BAD_INPUT
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "0.png" in lines[0] and "cannot be read" in lines[0], lines
+
+
+def test_data_of_other_classes_is_refused_and_other_images_of_the_same_classes_are_named(dense, capsys, caplog):
+    """The run records what it was trained on (source, class names, a digest of the file list)."""
+    info = json.loads((dense / "dense" / "info.json").read_text())
+    assert info["data_identity"]["classes"] == ["cat", "dog"] and info["data_identity"]["images"] == 12
+    renamed = dense / "renamed"
+    write_image_folder(renamed)
+    (renamed / "dog").rename(renamed / "wolf")
+    argv = ["prune", str(dense / "dense"), "--method", "vtp", *METHOD_ARGS["vtp"], "--finetune-epochs", "0"]
+    assert main([*argv, "--data", str(renamed), "--out", str(dense / "never")]) == EXIT_BAD_INPUT
+    assert "classes [cat, dog] but" in capsys.readouterr().err and not (dense / "never").exists()
+    more = dense / "more"
+    write_image_folder(more, per_class=7)
+    assert main([*argv, "--batch-size", "4", "--data", str(more), "--out", str(dense / "more-run")]) == EXIT_OK
+    assert "holds other images (14) than" in caplog.text

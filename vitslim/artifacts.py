@@ -80,6 +80,35 @@ class Artifact:
         """What `vitslim inspect` prints."""
         raise NotImplementedError
 
+    def export_report(self) -> Optional[dict]:
+        """The export report that describes it (None: none does)."""
+        return None
+
+    def made_from(self, plan, model) -> str:
+        """Whether it was made from (`plan`, `model`), by the digests its export report records:
+        one line saying so, or saying that nothing tells; a one-line DeployError when it was
+        made from another run (comparing them would measure nothing)."""
+        from vitslim.pruning.checkpoints import weights_digest
+        from vitslim.pruning.plan import plan_digest
+
+        recorded = (self.export_report() or {}).get("made_from")
+        if not isinstance(recorded, dict):
+            return f"{self.path.name}: no export report records what it was made from (not checked)"
+        differs = [
+            what
+            for what, key, digest in (
+                ("weights", "weights_digest", lambda: weights_digest(model)),
+                ("plan", "plan_digest", lambda: plan_digest(plan)),
+            )
+            if recorded.get(key) != digest()
+        ]
+        if differs:
+            raise DeployError(
+                f"{self.path} was exported from another run (its export report's {' and '.join(differs)} digest "
+                "differs from this run's): compare it with the run it was exported from, or export this run"
+            )
+        return f"{self.path.name}: exported from this run (weights and plan digests match its export report)"
+
 
 class OnnxArtifact(Artifact):
     backend = "onnxruntime"
@@ -203,13 +232,19 @@ class EngineArtifact(Artifact):
     def preprocessing(self) -> Optional[dict]:
         return self.manifest["preprocessing"]
 
-    def macs_fraction(self) -> Optional[float]:
-        """From the export report of the ONNX the engine was built from (beside the engine, where
-        'vitslim build' put it); the manifest's ONNX digest binds the report to it."""
-        from vitslim.export.report import macs_fraction_of, read_report
+    def export_report(self) -> Optional[dict]:
+        """The export report of the ONNX the engine was built from (beside the engine, where
+        'vitslim build' put it); the manifest's ONNX digest binds the report to it, so no ONNX is
+        hashed again."""
+        from vitslim.export.report import read_report
 
         onnx = self.manifest["onnx"]
-        return macs_fraction_of(read_report(self.path.with_name(onnx["file"]), onnx["sha256"]))
+        return read_report(self.path.with_name(onnx["file"]), onnx["sha256"])
+
+    def macs_fraction(self) -> Optional[float]:
+        from vitslim.export.report import macs_fraction_of
+
+        return macs_fraction_of(self.export_report())
 
     def runner(self, options: RunnerOptions = RunnerOptions()) -> Runner:
         from vitslim.deploy.runners import TensorRTRunner

@@ -100,11 +100,12 @@ def cmd_export(args) -> int:
     from vitslim.pruning.data import calibration_set
 
     plan, model = _plan_and_model(args)
-    from .pipeline import data_for, preprocessing_for, run_data_source
+    from .pipeline import check_run_data, data_for, preprocessing_for, run_data_source
 
     images, source = None, None
     if args.data:
         data = data_for(model, args.data)
+        check_run_data(args.run_dir, data, "export")
         images, source = calibration_set(data.val, 8).images, f"validation images of {data.source}"
     result = export_plan(
         model,
@@ -169,15 +170,15 @@ def settings_from_args(config_type: type, args, others: tuple[type, ...] = (), o
 def cmd_prune(args) -> int:
     from vitslim.pruning.methods import METHODS, get_method
 
-    from .pipeline import data_for, prune_run
+    from .pipeline import check_run_data, data_for, prune_run
 
     method = get_method(args.method)
     others = tuple(m.config_type for m in METHODS.values() if m.name != method.name)
     config = settings_from_args(method.config_type, args, others, owner=method.name)
     plan, model = _plan_and_model(args)
-    report = prune_run(
-        method.name, config, plan, model, data_for(model, args.data), Path(args.out), restart=args.restart
-    )
+    data = data_for(model, args.data)
+    check_run_data(args.run_dir, data, "prune")
+    report = prune_run(method.name, config, plan, model, data, Path(args.out), restart=args.restart)
     stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
     print(
         f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, "
@@ -291,7 +292,7 @@ def cmd_compare(args) -> int:
         check_preprocessing,
         compare_with_reference,
     )
-    from .pipeline import data_for, preprocessing_for
+    from .pipeline import check_run_data, data_for, preprocessing_for
 
     run = RunArtifact(Path(args.run_dir))
     plan, model = run.run
@@ -300,9 +301,10 @@ def cmd_compare(args) -> int:
     options = RunnerOptions(device=args.device, runtime_cache=args.runtime_cache)
     candidates = {"torch:compact": run.runner(options)}
     precisions = {"torch:compact": "fp32"}
-    recorded = {}
+    recorded, artifacts = {}, []
     if args.onnx:
         onnx = open_artifact(args.onnx, OnnxArtifact.backend)
+        artifacts.append(onnx)
         check_onnx_inputs(onnx, input_shape_of(model))
         recorded[args.onnx] = onnx.preprocessing
         # numbers, not timing: onnxruntime runs uncaptured (capturing is for timing)
@@ -310,11 +312,15 @@ def cmd_compare(args) -> int:
         precisions["onnxruntime"] = args.precision or onnx.precision()
     if args.engine:
         engine = open_artifact(args.engine, EngineArtifact.backend)
+        artifacts.append(engine)
         recorded[args.engine] = engine.preprocessing
         candidates["tensorrt"] = engine.runner(options)
         precisions["tensorrt"] = args.precision or engine.tolerance  # the engine's own (tf32 if built so)
         batches = sorted({b for p in engine.manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
+    for artifact in artifacts:
+        print(artifact.made_from(plan, model))
     data = data_for(model, args.data)
+    check_run_data(args.run_dir, data, "compare")
     for artifact, steps in recorded.items():
         check_preprocessing(artifact, steps, preprocessing_for(model, data.source))
     images = calibration_set(data.val, max(batches)).images.numpy()
@@ -504,8 +510,12 @@ def cmd_quantize(args) -> int:
         from vitslim.pruning.run_dir import load_run
         from vitslim.pruning.timm_adapter import input_shape_of
 
+        from .pipeline import check_run_data
+
         plan, model = load_run(args.run)
         check_onnx_inputs(onnx, input_shape_of(model))
+        print(onnx.made_from(plan, model))
+        check_run_data(args.run, data, "quantize")
         reference = reference_logits(model, plan, data.val)
     report = quantize_and_measure(
         onnx_path, data, Path(args.out), reference, calibration_images=args.calibration_images, seed=args.seed

@@ -66,6 +66,30 @@ def run_data_source(run_dir: Optional[str | Path]) -> Optional[str]:
     return read_info(run_dir).get("data") if run_dir else None
 
 
+def _names(values: list) -> str:
+    return ", ".join(map(str, values[:6])) + (f", ... ({len(values)} in all)" if len(values) > 6 else "")
+
+
+def check_run_data(run_dir: Optional[str | Path], data: DataSplits, command: str) -> None:
+    """Refuse data whose classes differ from the ones the run was trained on (its logits would
+    mean other things); warn, and go on, when the classes agree but the images differ (pruning
+    or calibrating on other images of the same classes can be meant). Runs that recorded no
+    data identity (older runs, --model checkpoints) are not checked."""
+    recorded = read_info(run_dir).get("data_identity") if run_dir else None
+    if not recorded or not data.identity:
+        return
+    if recorded["classes"] != data.identity["classes"]:
+        raise PruningError(
+            f"{run_dir} was trained on data with classes [{_names(recorded['classes'])}] but {data.source} has "
+            f"[{_names(data.identity['classes'])}]: give {command} the data the run was trained on ({recorded['source']})"
+        )
+    if recorded["files"] != data.identity["files"]:
+        log.warning(
+            f"{command}: {data.source} holds other images ({data.identity['images']}) than {run_dir} was trained on "
+            f"({recorded['source']}, {recorded['images']} images) with the same classes: going on"
+        )
+
+
 def writing(out: Path, option: str = "--out"):
     """`out`'s write lock, held by the main process (the other DDP ranks write nothing there)."""
     return output_lock(out, option) if is_main_process() else contextlib.nullcontext()
@@ -106,6 +130,7 @@ def _train_run(spec, data_source, config, out, checkpoint, pretrained, restart) 
     info = {
         "model": spec.to_dict(),
         "data": data.source,
+        "data_identity": data.identity or None,
         "train": config_dict(config),
         "augmentation": result.augmentation,
         "history": list(result.history),
@@ -146,6 +171,7 @@ def prune_model(
         "model": plan.model.to_dict(),
         "method": method_name,
         "data": data.source,
+        "data_identity": data.identity or None,
         "params_dense": count_params(model),
         "params": count_params(compact_from_plan(result.model, result.plan)),
         "macs_dense": plan_macs(plan, geometry)["total"],
@@ -153,6 +179,11 @@ def prune_model(
         "top1": result.top1,
         **result.report,
     }
+    if report["macs"] >= report["macs_dense"]:
+        raise PruningError(
+            f"{method_name} removed nothing with these settings ({report['macs']:,} MACs, as many as the dense model): "
+            f"ask it for more (see 'vitslim prune --method {method_name} --help')"
+        )
     return PruneResult(plan=result.plan, model=result.model, report=report)
 
 
