@@ -593,6 +593,27 @@ def cmd_kit(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    from .artifacts import RunnerOptions
+    from .evaluation import evaluate_artifact, evaluation_text
+
+    result = evaluate_artifact(
+        args.artifact,
+        args.data,
+        run_dir=args.run,
+        batch=args.batch,
+        options=RunnerOptions(device=args.device, cuda_graph=False, runtime_cache=args.runtime_cache),
+    )
+    if result.get("made_from"):
+        print(result["made_from"])
+    print(evaluation_text(result))
+    if args.json:
+        from vitslim.core.files import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    return EXIT_OK
+
+
 def cmd_inspect(args) -> int:
     from .inspection import describe, to_text
 
@@ -625,6 +646,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from vitslim.deploy.runners import TORCH_DTYPES, TORCH_MODES
     from vitslim.deploy.tensorrt_lib import LIBRARIES
 
+    from .evaluation import DEFAULT_EVAL_BATCH
     from .measure import DEFAULT_BATCHES
 
     parser = _Parser(prog="vitslim", description="Compress timm ViTs and export them as slim ONNX graphs")
@@ -796,6 +818,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
     compare.add_argument("--json", help="write the comparison here")
     compare.set_defaults(func=cmd_compare)
+
+    evaluate = commands.add_parser(
+        "eval", help="top-1 of a run directory, an ONNX file or an engine on a data set's validation split"
+    )
+    evaluate.add_argument("artifact", help="a run directory, an exported .onnx or a built .engine")
+    evaluate.add_argument(
+        "--data", required=True, help="'digits' or an ImageFolder directory: its validation split is evaluated"
+    )
+    evaluate.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="also the top-1 of this run's masked PyTorch reference and the artifact's agreement with it "
+        "(the artifact's export report must name this run)",
+    )
+    evaluate.add_argument(
+        "--batch", type=int, help=f"batch size (default: an engine's first profile's opt, else {DEFAULT_EVAL_BATCH})"
+    )
+    evaluate.add_argument("--device", default="cpu", help="cpu, or cuda for onnxruntime-gpu and PyTorch")
+    evaluate.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
+    evaluate.add_argument("--json", help="write the result here")
+    evaluate.set_defaults(func=cmd_eval)
 
     gate = commands.add_parser(
         "gate",

@@ -333,7 +333,9 @@ def ab_markdown(report: dict) -> str:
     host = report["host"]
     return "\n".join(
         [
-            f"# Paired A/B latency gate: {Path(report['candidate']).name} vs {Path(report['baseline']).name}",
+            # the CLI's order: gate --ab BASELINE CANDIDATE
+            f"# Paired A/B latency gate: {Path(report['baseline']).name} (baseline) vs "
+            f"{Path(report['candidate']).name} (candidate)",
             "",
             f"Verdict: **{report['message']}** (exit {report['exit_code']}).",
             "",

@@ -70,12 +70,13 @@ def test_ab_cli_writes_json_and_markdown(tmp_path, capsys):
 
     model = tiny_vit()
     export_plan(model, dense_plan(ModelSpec("deit_tiny_patch16_224", {}), 3), tmp_path / "m.onnx")
+    (tmp_path / "n.onnx").write_bytes((tmp_path / "m.onnx").read_bytes())
     code = main(
         [
             "gate",
             "--ab",
             str(tmp_path / "m.onnx"),
-            str(tmp_path / "m.onnx"),
+            str(tmp_path / "n.onnx"),
             "--threads",
             "1",
             "--warmup-seconds",
@@ -90,4 +91,9 @@ def test_ab_cli_writes_json_and_markdown(tmp_path, capsys):
     report = json.loads((tmp_path / "ab.json").read_text())
     assert code == report["exit_code"] == PASS, out
     assert report["kind"] == "ab" and report["rounds"] >= 20 and report["interval"][1] < 1.5 and "gate: pass" in out
-    assert (tmp_path / "ab.md").read_text().startswith("# Paired A/B latency gate")
+    # the title follows the command line: BASELINE first
+    assert (
+        (tmp_path / "ab.md")
+        .read_text()
+        .startswith("# Paired A/B latency gate: m.onnx (baseline) vs n.onnx (candidate)")
+    )
