@@ -706,7 +706,7 @@ CASES = [
         "batch 16 is outside every optimisation profile of",
     ),
     # compare
-    ("compare-no-data", None, ["compare", "{art}/run"], "the following arguments are required: --data"),
+    ("compare-no-data", None, ["compare", "{art}/run"], "compare RUN_DIR needs --data"),
     ("compare-missing-run", None, ["compare", "{tmp}/nowhere", "--data", "digits"], "is not a run directory"),
     (
         "compare-random-onnx",

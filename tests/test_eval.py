@@ -64,3 +64,25 @@ def test_eval_refuses_data_the_artifact_was_not_made_for(exported, tmp_path, cap
     assert "was made for" in capsys.readouterr().err  # its preprocessing is digits'
     assert main(["eval", str(tmp_path / "none.onnx"), "--data", "digits"]) == EXIT_BAD_INPUT
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compare_an_onnx_against_another_without_a_run(tiny_run, exported, tmp_path, capsys):
+    """An fp16 export held to the fp32 export (the reference, onnxruntime on the CPU)."""
+    assert main(["export", str(tiny_run), "--precision", "fp16", "--out", str(tmp_path / "h.onnx")]) == EXIT_OK
+    capsys.readouterr()
+    argv = ["compare", "--reference", str(exported / "m.onnx"), "--onnx", str(tmp_path / "h.onnx")]
+    assert main([*argv, "--data", "digits", "--json", str(tmp_path / "c.json")]) == EXIT_OK
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [(r["candidate"], r["precision"], r["batch"]) for r in rows] == [
+        ("onnxruntime", "fp16", 1),
+        ("onnxruntime", "fp16", 8),
+    ]
+    assert all(r["passed"] and r["top1_agreement"] >= 0.99 for r in rows)
+    assert main([*argv]) == EXIT_OK and "seeded standard-normal images" in capsys.readouterr().out
+    assert main(["compare", "--reference", str(exported / "m.onnx")]) == EXIT_BAD_INPUT
+    assert "needs a candidate" in capsys.readouterr().err
+    assert (
+        main(["compare", str(tiny_run), "--reference", str(exported / "m.onnx"), "--onnx", str(tmp_path / "h.onnx")])
+        == EXIT_BAD_INPUT
+    )
+    assert "not both" in capsys.readouterr().err

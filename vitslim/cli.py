@@ -29,6 +29,7 @@ from vitslim.core.errors import (
 from vitslim.core.limits import MAX_MESSAGE_CHARS
 from vitslim.core.precision import PRECISIONS, TOLERANCES
 from vitslim.core.settings import help_of, value_type
+from vitslim.deploy.errors import DeployError
 from vitslim.pruning.errors import PruningError
 
 NO_CUDA_GRAPH_HELP = (
@@ -281,50 +282,36 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from vitslim.pruning.data import calibration_set
-    from vitslim.pruning.timm_adapter import input_shape_of
-
     from .artifacts import EngineArtifact, OnnxArtifact, RunArtifact, RunnerOptions, open_artifact
-    from .measure import (
-        DEFAULT_BATCHES,
-        check_batch_sizes,
-        check_onnx_inputs,
-        check_preprocessing,
-        compare_with_reference,
-    )
-    from .pipeline import check_run_data, data_for, preprocessing_for
+    from .measure import DEFAULT_BATCHES, check_batch_sizes
 
-    run = RunArtifact(Path(args.run_dir))
-    plan, model = run.run
+    if (args.run_dir is None) == (args.reference is None):
+        raise DeployError(
+            "give a RUN_DIR (its masked PyTorch reference) or --reference FILE.onnx (that ONNX in onnxruntime on the CPU), "
+            "not both"
+        )
     batches = list(args.batch or DEFAULT_BATCHES)
     check_batch_sizes(batches)
     options = RunnerOptions(device=args.device, runtime_cache=args.runtime_cache)
-    candidates = {"torch:compact": run.runner(options)}
-    precisions = {"torch:compact": "fp32"}
-    recorded, artifacts = {}, []
+    candidates, precisions, artifacts = {}, {}, []
     if args.onnx:
         onnx = open_artifact(args.onnx, OnnxArtifact.backend)
         artifacts.append(onnx)
-        check_onnx_inputs(onnx, input_shape_of(model))
-        recorded[args.onnx] = onnx.preprocessing
         # numbers, not timing: onnxruntime runs uncaptured (capturing is for timing)
         candidates["onnxruntime"] = onnx.runner(dataclasses.replace(options, cuda_graph=False))
         precisions["onnxruntime"] = args.precision or onnx.precision()
     if args.engine:
         engine = open_artifact(args.engine, EngineArtifact.backend)
         artifacts.append(engine)
-        recorded[args.engine] = engine.preprocessing
         candidates["tensorrt"] = engine.runner(options)
         precisions["tensorrt"] = args.precision or engine.tolerance  # the engine's own (tf32 if built so)
         batches = sorted({b for p in engine.manifest["profiles"] for b in (p["min"], p["opt"], p["max"])})
-    for artifact in artifacts:
-        print(artifact.made_from(plan, model))
-    data = data_for(model, args.data)
-    check_run_data(args.run_dir, data, "compare")
-    for artifact, steps in recorded.items():
-        check_preprocessing(artifact, steps, preprocessing_for(model, data.source))
-    images = calibration_set(data.val, max(batches)).images.numpy()
-    rows = compare_with_reference(model, plan, candidates, images, batches, precisions)
+    if args.run_dir is not None:
+        rows = _compare_with_run(
+            args, RunArtifact(Path(args.run_dir)), options, candidates, precisions, artifacts, batches
+        )
+    else:
+        rows = _compare_with_onnx(args, artifacts, candidates, precisions, batches)
     print(
         "| candidate | precision | batch | max abs diff | cosine | top-1 agreement | passed |\n|---|---|---|---|---|---|---|"
     )
@@ -335,8 +322,73 @@ def cmd_compare(args) -> int:
     if args.json:
         from vitslim.core.files import write_json_atomic
 
-        write_json_atomic(args.json, {"run": args.run_dir, "rows": rows})
+        write_json_atomic(args.json, {"run": args.run_dir, "reference": args.reference, "rows": rows})
     return EXIT_OK if all(r["passed"] for r in rows) else EXIT_CHECK_FAILED
+
+
+def _compare_with_run(args, run, options, candidates, precisions, artifacts, batches) -> list[dict]:
+    """The run's compact module and the artifacts against the run's masked reference, on --data."""
+    from vitslim.pruning.data import calibration_set
+    from vitslim.pruning.timm_adapter import input_shape_of
+
+    from .artifacts import OnnxArtifact
+    from .measure import check_onnx_inputs, check_preprocessing, compare_with_reference
+    from .pipeline import check_run_data, data_for, preprocessing_for
+
+    if args.data is None:
+        raise DeployError("compare RUN_DIR needs --data: the data the run was trained on ('digits' or a directory)")
+    plan, model = run.run
+    candidates = {"torch:compact": run.runner(options), **candidates}
+    precisions = {"torch:compact": "fp32", **precisions}
+    for artifact in artifacts:
+        if isinstance(artifact, OnnxArtifact):
+            check_onnx_inputs(artifact, input_shape_of(model))
+        print(artifact.made_from(plan, model))
+    data = data_for(model, args.data)
+    for artifact in artifacts:
+        check_preprocessing(artifact.path, artifact.preprocessing, preprocessing_for(model, data.source))
+    check_run_data(args.run_dir, data, "compare")
+    images = calibration_set(data.val, max(batches)).images.numpy()
+    return compare_with_reference(model, plan, candidates, images, batches, precisions)
+
+
+def _compare_with_onnx(args, artifacts, candidates, precisions, batches) -> list[dict]:
+    """The artifacts against --reference (an ONNX in onnxruntime on the CPU), on --data's
+    validation images, or on seeded random images without --data."""
+    import numpy as np
+
+    from vitslim.pruning.data import DIGITS, calibration_set, load_data, preprocessing
+
+    from .artifacts import OnnxArtifact, RunnerOptions, open_artifact
+    from .measure import check_preprocessing, compare_runners
+
+    if not candidates:
+        raise DeployError(
+            "compare --reference FILE.onnx needs a candidate: --onnx OTHER.onnx and/or --engine FILE.engine"
+        )
+    reference = open_artifact(args.reference, OnnxArtifact.backend)
+    shape = reference.input_shape
+    for artifact in artifacts:
+        if artifact.input_shape != shape:
+            raise DeployError(
+                f"{artifact.path.name} takes inputs of shape {artifact.input_shape} but {reference.path.name} takes {shape}: "
+                "compare two versions of one model"
+            )
+        built_from = getattr(artifact, "manifest", {}).get("onnx", {}).get("sha256")
+        if built_from is not None:
+            same = "this" if built_from == reference.digest else "another"
+            print(f"{artifact.path.name}: built from {same} ONNX than the reference (its manifest's ONNX digest)")
+    if args.data is not None:
+        data = load_data(args.data, shape[0], tuple(shape[1:]))
+        expected = preprocessing(DIGITS if data.source == DIGITS else "image files", shape[0], tuple(shape[1:]))
+        for artifact in (reference, *artifacts):
+            check_preprocessing(artifact.path, artifact.preprocessing, expected)
+        images = calibration_set(data.val, max(batches)).images.numpy()
+    else:
+        print(f"no --data: comparing on {max(batches)} seeded standard-normal images")
+        images = np.random.default_rng(0).standard_normal((max(batches), *shape)).astype(np.float32)
+    with reference.runner(RunnerOptions(cuda_graph=False)) as runner:
+        return compare_runners(runner.infer, candidates, images, batches, precisions)
 
 
 def _stored_baseline(args) -> tuple[Optional[Path], Optional[list[dict]]]:
@@ -794,16 +846,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
     bench.set_defaults(func=cmd_bench)
 
-    compare = commands.add_parser("compare", help="outputs of each backend vs the masked PyTorch reference of a run")
-    compare.add_argument("run_dir")
+    compare = commands.add_parser(
+        "compare",
+        help="outputs of each backend vs the masked PyTorch reference of a run, or vs a reference ONNX (--reference)",
+    )
+    compare.add_argument("run_dir", nargs="?", help="the run whose masked PyTorch reference the others are held to")
+    compare.add_argument(
+        "--reference",
+        metavar="FILE.onnx",
+        help="instead of a run: hold --onnx/--engine to this ONNX, run in onnxruntime on the CPU",
+    )
     compare.add_argument("--onnx", help="exported ONNX of the run")
     compare.add_argument(
         "--engine", help="TensorRT engine of the run (needs a GPU); compares at every profile's min/opt/max batch"
     )
     compare.add_argument(
         "--data",
-        required=True,
-        help="'digits' or an ImageFolder directory: the comparison's images come from its validation split",
+        help="'digits' or an ImageFolder directory: the comparison's images come from its validation split "
+        "(needed with a RUN_DIR; with --reference, seeded random images without it)",
     )
     compare.add_argument(
         "--batch", type=int, action="append", help=f"batch sizes without an engine; default {DEFAULT_BATCHES}"

@@ -219,23 +219,17 @@ def write_bench(report: dict, json_path: Path) -> None:
     write_bytes_atomic(json_path.with_suffix(".md"), bench_markdown(report).encode())
 
 
-def compare_with_reference(
-    model,
-    plan,
+def compare_runners(
+    reference,
     candidates: dict[str, Runner],
     images: np.ndarray,
     batches: Optional[list[int]] = None,
     precision: str | dict[str, str] = "fp32",
 ) -> list[dict]:
-    """Every candidate runner vs the masked PyTorch reference of (`model`, `plan`), at each batch
-    size (default: len(images)); one row per candidate and batch, with `passed` by the precision's
+    """Every candidate runner vs `reference` (a function images -> logits), at each batch size
+    (default: len(images)); one row per candidate and batch, with `passed` by the precision's
     tolerance (vitslim.core.precision.TOLERANCES); `precision` is one for all or one per candidate."""
-    import torch
-
-    from vitslim.pruning.reference import MaskedReference
-
     batches = batches or [len(images)]
-    reference_model = MaskedReference(model, plan).eval()
     rows = []
     for name, runner in candidates.items():
         candidate_precision = precision if isinstance(precision, str) else precision.get(name, "fp32")
@@ -243,9 +237,7 @@ def compare_with_reference(
         with runner:
             for batch in batches:
                 batch_images = np.resize(images, (batch, *images.shape[1:])).astype(np.float32)
-                with torch.no_grad():
-                    expected = reference_model(torch.from_numpy(batch_images)).numpy()
-                parity = compare_outputs(expected, runner.infer(batch_images))
+                parity = compare_outputs(reference(batch_images), runner.infer(batch_images))
                 rows.append(
                     {
                         "candidate": name,
@@ -256,6 +248,28 @@ def compare_with_reference(
                     }
                 )
     return rows
+
+
+def compare_with_reference(
+    model,
+    plan,
+    candidates: dict[str, Runner],
+    images: np.ndarray,
+    batches: Optional[list[int]] = None,
+    precision: str | dict[str, str] = "fp32",
+) -> list[dict]:
+    """Every candidate runner vs the masked PyTorch reference of (`model`, `plan`) (compare_runners)."""
+    import torch
+
+    from vitslim.pruning.reference import MaskedReference
+
+    reference_model = MaskedReference(model, plan).eval()
+
+    def reference(batch_images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return reference_model(torch.from_numpy(batch_images)).numpy()
+
+    return compare_runners(reference, candidates, images, batches, precision)
 
 
 def remeasure(report: dict, settings: BenchSettings) -> dict:
