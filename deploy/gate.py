@@ -25,6 +25,7 @@ from vitslim.core.settings import refuse_non_finite, setting
 
 from .bench import BenchSettings, comparison_key, device_timer
 from .errors import DeployError
+from .results import REFERENCE_LABELS
 from .runners import Runner
 
 # The verdicts of every gate are the CLI's exit codes (vitslim.core.errors).
@@ -52,6 +53,8 @@ class GateVerdict:
     message: str
     rows: tuple[GateRow, ...] = field(default_factory=tuple)
     noisy: str = ""  # "current" or "baseline" when a side was too noisy to compare
+    # reference rows (REFERENCE_LABELS) of the current results that the baseline does not hold
+    skipped: tuple[str, ...] = field(default_factory=tuple)
 
     def table(self) -> str:
         lines = [
@@ -115,7 +118,9 @@ def compare_results(
     max_cov: float = BenchSettings.max_cov,
 ) -> GateVerdict:
     """Pair each current result with its baseline twin; a result without one, or too noisy to
-    judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1)."""
+    judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1). The
+    reference rows that `bench --run` adds (REFERENCE_LABELS) are judged only where the baseline
+    holds them too: an artifact's baseline may have been stored without them."""
     check_thresholds(warn, fail, max_cov)
     if not current:
         raise DeployError("the current results are empty: a gate needs something measured (vitslim bench --json)")
@@ -125,12 +130,21 @@ def compare_results(
             raise DeployError(
                 f"result {result.get('label') or 'result'}: median_ms and cov must be finite, the median > 0"
             )
-    pairs = []
+    pairs, skipped = [], []
     for result in current:
         twin, why = baseline_twin(result, baseline)
+        if twin is None and result.get("label") in REFERENCE_LABELS:
+            skipped.append(_what(result))
+            continue
         if twin is None:
             return GateVerdict(NOT_COMPARABLE, f"not comparable: {why}")
         pairs.append((result, twin))
+    if not pairs:
+        return GateVerdict(
+            NOT_COMPARABLE,
+            "not comparable: the baseline holds none of the current results (only reference rows were measured)",
+        )
+    unjudged = f"; not judged (no baseline): {', '.join(skipped)}" if skipped else ""
     noisy_baseline = noisy_results([stored for _, stored in pairs], max_cov)
     if noisy_baseline:  # measuring CURRENT again cannot help: the stored side is the noisy one
         return GateVerdict(
@@ -161,11 +175,13 @@ def compare_results(
     if failed:
         return GateVerdict(
             REGRESSION,
-            f"regression: {len(failed)} result(s) slower than the baseline by more than {fail:.0%}",
+            f"regression: {len(failed)} result(s) slower than the baseline by more than {fail:.0%}{unjudged}",
             tuple(rows),
+            skipped=tuple(skipped),
         )
     warned = sum(r.verdict == "warn" for r in rows)
-    return GateVerdict(PASS, f"pass ({warned} warning(s) above {warn:.0%})" if warned else "pass", tuple(rows))
+    message = (f"pass ({warned} warning(s) above {warn:.0%})" if warned else "pass") + unjudged
+    return GateVerdict(PASS, message, tuple(rows), skipped=tuple(skipped))
 
 
 # ---------------------------------------------------------------- paired A/B
@@ -301,3 +317,61 @@ def paired_ab(
         settings=asdict(settings),
         round_ratios=tuple(math.exp(v) for v in log_ratios),
     )
+
+
+# ---------------------------------------------------------------- JUnit XML for CI
+
+
+@dataclass(frozen=True)
+class GateCase:
+    """One judged point as a CI test report shows it."""
+
+    name: str
+    outcome: str  # "passed", "failed" or "skipped" (not comparable / undecided)
+    message: str
+    seconds: float = 0.0
+
+
+def verdict_cases(verdict: GateVerdict) -> list[GateCase]:
+    """One case per judged row, one per reference row the baseline lacks, and one for the whole
+    gate when it could not compare anything."""
+    cases = [
+        GateCase(
+            f"{r.label or 'result'} at batch {r.batch}",
+            "failed" if r.verdict == "fail" else "passed",
+            f"{r.current_ms:.3f} ms against {r.baseline_ms:.3f} ms ({100 * r.change:+.1f} %, {r.verdict})",
+        )
+        for r in verdict.rows
+    ]
+    cases += [GateCase(what, "skipped", "no baseline of it is stored") for what in verdict.skipped]
+    if not verdict.rows:
+        outcome = "passed" if verdict.exit_code == PASS else "failed" if verdict.exit_code == REGRESSION else "skipped"
+        cases.append(GateCase("gate", outcome, verdict.message))
+    return cases
+
+
+def junit_xml(suite: str, cases: list[GateCase]) -> str:
+    """JUnit XML, the test-report format CI systems display: a failed case is a <failure>, a case
+    the gate could not decide is <skipped> (the exit code, 2, still says so)."""
+    from xml.etree import ElementTree
+
+    root = ElementTree.Element("testsuites")
+    element = ElementTree.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(cases)),
+        failures=str(sum(c.outcome == "failed" for c in cases)),
+        skipped=str(sum(c.outcome == "skipped" for c in cases)),
+        errors="0",
+        time=f"{sum(c.seconds for c in cases):.3f}",
+    )
+    for case in cases:
+        item = ElementTree.SubElement(element, "testcase", classname=suite, name=case.name, time=f"{case.seconds:.3f}")
+        if case.outcome == "failed":
+            ElementTree.SubElement(item, "failure", message=case.message).text = case.message
+        elif case.outcome == "skipped":
+            ElementTree.SubElement(item, "skipped", message=case.message)
+        else:
+            ElementTree.SubElement(item, "system-out").text = case.message
+    return ElementTree.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

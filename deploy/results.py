@@ -20,6 +20,11 @@ from .bench import fingerprint_id
 from .errors import DeployError
 
 RESULT_VERSION = 1
+# The rows `bench ARTIFACT --run RUN_DIR` adds beside the artifact's own: timm's model (the
+# baseline of every speed-up), the run's compact module and the compact module of the dense plan.
+# A gate judges them only where the stored baseline has them too.
+TIMM_LABEL, COMPACT_LABEL, DENSE_LABEL = "torch:timm", "torch:compact", "torch:dense"
+REFERENCE_LABELS = (TIMM_LABEL, COMPACT_LABEL, DENSE_LABEL)
 RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
 
 

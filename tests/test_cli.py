@@ -320,6 +320,10 @@ def test_bench_then_gate(tmp_path, capsys):
         result["median_ms"] *= 1.5
     (tmp_path / "slower.json").write_text(json.dumps(slower))
     stored = current.read_bytes()
+    junit = ["--junit", str(tmp_path / "gate.xml")]
+    assert main(["gate", str(tmp_path / "slower.json"), "--baseline", str(current), "--max-cov", "100", *junit]) == 1
+    report = (tmp_path / "gate.xml").read_text()
+    assert report.startswith("<?xml") and f'failures="{len(slower["results"])}"' in report
     assert (
         main(["gate", str(tmp_path / "slower.json"), "--baseline", str(current), "--max-cov", "100", "--accept"]) == 1
     )

@@ -449,7 +449,22 @@ def _gate_ab(args) -> int:
         write_json_atomic(args.json, report)
         write_bytes_atomic(Path(args.json).with_suffix(".md"), ab_markdown(report).encode())
     print(f"gate: {report['message']}")
+    if args.junit:
+        from vitslim.deploy.gate import PASS, REGRESSION, GateCase
+
+        code = report["exit_code"]
+        outcome = "passed" if code == PASS else "failed" if code == REGRESSION else "skipped"
+        name = f"{Path(args.ab[0]).name} (baseline) vs {Path(args.ab[1]).name} (candidate) at batch {args.batch}"
+        _write_junit(args.junit, "vitslim gate --ab", [GateCase(name, outcome, report["message"], report["seconds"])])
     return report["exit_code"]
+
+
+def _write_junit(path: str, suite: str, cases) -> None:
+    from vitslim.core.files import write_text_atomic
+    from vitslim.deploy.gate import junit_xml
+
+    write_text_atomic(path, junit_xml(suite, cases))
+    print(f"JUnit report: {path}")
 
 
 def cmd_gate(args) -> int:
@@ -494,6 +509,10 @@ def cmd_gate(args) -> int:
         print(verdict.table())
     if stored:
         print(f"gate: {verdict.message}")
+        if args.junit:
+            from vitslim.deploy.gate import verdict_cases
+
+            _write_junit(args.junit, "vitslim gate", verdict_cases(verdict))
     if not args.accept:
         return verdict.exit_code
     if verdict.exit_code != PASS and not args.force:
@@ -947,6 +966,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gate.add_argument("--no-cuda-graph", action="store_true", help="--ab: " + NO_CUDA_GRAPH_HELP)
     gate.add_argument("--runtime-cache", metavar="DIR", help="--ab: " + RUNTIME_CACHE_HELP)
     gate.add_argument("--json", help="--ab: write the verdict here (and a .md beside it)")
+    gate.add_argument(
+        "--junit",
+        metavar="FILE.xml",
+        help="also write the verdict as JUnit XML, one test case per judged result (failed: a regression; "
+        "skipped: not comparable or undecided), for CI systems' test reports",
+    )
     add_settings_flags(gate, "paired A/B settings (--ab)", {"ab": ABSettings}, skip=("fail",))
     gate.set_defaults(func=cmd_gate)
 

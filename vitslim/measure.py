@@ -18,7 +18,7 @@ from vitslim.deploy.bench import BenchSettings, benchmark, host_description, spe
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
-from vitslim.deploy.results import RESULT_VERSION
+from vitslim.deploy.results import COMPACT_LABEL, DENSE_LABEL, RESULT_VERSION, TIMM_LABEL
 from vitslim.deploy.runners import Runner, TorchRunner
 
 from .artifacts import OnnxArtifact, RunArtifact, RunnerOptions, open_artifact
@@ -144,12 +144,12 @@ def _torch_baselines(
 
     plan, model = run.run
     dense = dense_plan(plan.model, len(plan.blocks))
-    fractions = {"torch:timm": 1.0, "torch:compact": run.macs_fraction(), "torch:dense": 1.0}
+    fractions = {TIMM_LABEL: 1.0, COMPACT_LABEL: run.macs_fraction(), DENSE_LABEL: 1.0}
     results = []
     for torch_label, module in (
-        ("torch:timm", model),
-        ("torch:compact", compact_from_plan(model, plan)),
-        ("torch:dense", compact_from_plan(model, dense)),
+        (TIMM_LABEL, model),
+        (COMPACT_LABEL, compact_from_plan(model, plan)),
+        (DENSE_LABEL, compact_from_plan(model, dense)),
     ):
         runner = TorchRunner(module, device, spec.torch_mode, spec.torch_dtype)
         results += _measure(runner, torch_label, spec.batches, shape, spec.torch_dtype, None, settings)
@@ -157,7 +157,7 @@ def _torch_baselines(
 
 
 def latency_ratios(
-    results: list[dict], fractions: dict[str, Optional[float]], baseline: str = "torch:timm"
+    results: list[dict], fractions: dict[str, Optional[float]], baseline: str = TIMM_LABEL
 ) -> list[dict]:
     """Speed-up of every result over `baseline` (timm's own model, same device, dtype, mode and
     batch, same run), beside the MAC-ideal speed-up (dense MACs / its MACs) and realised / ideal."""

@@ -199,3 +199,30 @@ def test_bad_timing_settings_are_refused():
         BenchSettings(max_rounds=0)
     with pytest.raises(DeployError, match="min-iterations"):
         BenchSettings(min_iterations=0)
+
+
+def test_reference_rows_the_baseline_lacks_are_not_judged_and_junit_shows_every_case():
+    """A baseline stored from `bench ARTIFACT` gates a later `bench ARTIFACT --run RUN` (which adds
+    torch:timm, torch:compact, torch:dense); the artifact's own rows must still have a twin."""
+    from xml.etree import ElementTree
+
+    from vitslim.deploy.gate import junit_xml, verdict_cases
+
+    artifact, timm = bench(SteadyRunner(), "onnxruntime:m.onnx"), bench(SteadyRunner(), "torch:timm")
+    verdict = compare_results([artifact, timm], [artifact], max_cov=10.0)
+    assert verdict.exit_code == PASS and verdict.skipped == ("torch:timm at batch 32",), verdict.message
+    assert verdict.message == "pass; not judged (no baseline): torch:timm at batch 32"
+    suite = ElementTree.fromstring(junit_xml("vitslim gate", verdict_cases(verdict))).find("testsuite")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert suite.get("tests") == "2" and suite.get("failures") == "0" and suite.get("skipped") == "1"
+    assert cases["torch:timm at batch 32"].find("skipped") is not None
+    assert cases["onnxruntime:m.onnx at batch 32"].find("failure") is None
+    assert compare_results([timm], [artifact], max_cov=10.0).exit_code == NOT_COMPARABLE
+    assert (
+        compare_results([artifact], [timm], max_cov=10.0).exit_code == NOT_COMPARABLE
+    )  # the artifact's row must have a twin
+    slowed = bench(SlowedRunner(SteadyRunner(), 0.3), "onnxruntime:m.onnx")
+    regression = compare_results([slowed], [artifact], warn=0.05, fail=0.10, max_cov=10.0)
+    suite = ElementTree.fromstring(junit_xml("vitslim gate", verdict_cases(regression))).find("testsuite")
+    assert regression.exit_code == REGRESSION and suite.get("failures") == "1"
+    assert "ms against" in suite.find("testcase/failure").get("message")
