@@ -108,6 +108,11 @@ def test_a_recipe_on_an_image_folder_passes_train_augmentation_to_each_method(de
     info = json.loads((dense / "runs" / "photos" / "vtp" / "info.json").read_text())
     assert info["augmentation"] == {"policy": "affine", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.1}
     assert (dense / "runs" / "photos" / "summary.md").is_file()
+    # progress by stage, with an overall ETA once a stage has been timed
+    stages = [line for line in completed.stdout.splitlines() if line.startswith("run: stage")]
+    assert stages[0] == "run: stage 1/4: dense (ETA after the first stage)", stages
+    assert [line.split(": ")[2].split(" (")[0] for line in stages] == ["dense", "vtp", "export dense", "export vtp"]
+    assert all(" s left)" in line or " min left)" in line for line in stages[1:]), stages
 
 
 class Broken(Dataset):

@@ -542,7 +542,7 @@ def cmd_run(args) -> int:
         recipe = dataclasses.replace(recipe, data=args.data)
     if args.seed is not None:
         recipe = recipe.with_seed(args.seed)
-    summary = run_recipe(recipe, restart=args.restart)
+    summary = run_recipe(recipe, restart=args.restart, progress=lambda line: print(line, flush=True))
     if not summary:  # a torchrun process other than rank 0: rank 0 reports
         return EXIT_OK
     root = recipe.run_root

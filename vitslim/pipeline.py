@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -331,12 +331,13 @@ def _finished_stage(directory: Path, stage: dict) -> Optional[dict]:
     return read_info(directory) if recorded == stage and (directory / PLAN_JSON).is_file() else None
 
 
-def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> dict:
+def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run, progress: RunProgress) -> dict:
     """`run()` (which writes `directory` and returns its info) unless the stage finished earlier
     with the same settings; then its info is reused."""
     info = None if restart else _finished_stage(directory, stage)
     if info is not None:
         log.warning(f"{name}: finished earlier with the same settings ({directory}); skipped")
+        progress.end(skipped=True)
         return info
     if is_main_process():
         (directory / STAGE_FILE).unlink(
@@ -347,18 +348,65 @@ def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run) -> d
     if is_main_process():
         write_text_atomic(directory / STAGE_FILE, json.dumps(stage, indent=1))
     barrier()
+    progress.end()
     return info
 
 
-def run_recipe(recipe: Recipe, restart: bool = False) -> dict:
+def _epochs_of(config) -> float:
+    """The training epochs a method's settings ask for (its *_epochs fields, warm-up excluded)."""
+    return float(
+        sum(
+            getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name.endswith("epochs") and f.name != "warmup_epochs" and isinstance(getattr(config, f.name), int)
+        )
+    )
+
+
+class RunProgress:
+    """Where `vitslim run` is: stage i of N and an overall ETA. The work is counted in units (a
+    training epoch is one; exporting, checking and measuring a variant is one); the ETA is the
+    time per unit of the stages run so far (skipped ones excluded) times the units left."""
+
+    def __init__(self, stages: list[tuple[str, float]], report: Optional[Callable[[str], None]]) -> None:
+        self.units = {name: max(1.0, units) for name, units in stages}
+        self.names = [name for name, _ in stages]
+        self.report = report
+        self.left = sum(self.units.values())
+        self.timed_units = self.timed_seconds = 0.0
+        self.current: Optional[tuple[str, float]] = None
+
+    def eta(self) -> str:
+        if not self.timed_units:
+            return "ETA after the first stage"
+        seconds = self.timed_seconds / self.timed_units * self.left
+        return f"about {seconds / 60:.1f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
+
+    def begin(self, name: str) -> None:
+        self.current = (name, time.perf_counter())
+        if self.report is not None:
+            self.report(f"run: stage {self.names.index(name) + 1}/{len(self.names)}: {name} ({self.eta()})")
+
+    def end(self, skipped: bool = False) -> None:
+        name, started = self.current
+        self.left -= self.units[name]
+        if not skipped:
+            self.timed_units += self.units[name]
+            self.timed_seconds += time.perf_counter() - started
+
+
+def run_recipe(recipe: Recipe, restart: bool = False, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Train the dense model, run each method, export every variant with parity checked, and write
     the summary under runs/NAME. Stages that finished earlier with the same settings are skipped,
-    interrupted ones resume (`restart`: everything from the start)."""
+    interrupted ones resume (`restart`: everything from the start). `progress` receives one line
+    per stage: its number, name and the overall ETA."""
+    stages = [("dense", float(recipe.train.epochs))] + [(name, _epochs_of(config)) for name, config in recipe.methods]
+    stages += [(f"export {name}", 1.0) for name in ["dense", *(name for name, _ in recipe.methods)]]
     with writing(recipe.run_root, "the recipe's run directory"):
-        return _run_recipe(recipe, restart)
+        return _run_recipe(recipe, restart, RunProgress(stages, progress if is_main_process() else None))
 
 
-def _run_recipe(recipe: Recipe, restart: bool) -> dict:
+def _run_recipe(recipe: Recipe, restart: bool, progress: RunProgress) -> dict:
     started = time.perf_counter()
     root = recipe.run_root
     dense_dir = root / "dense"
@@ -369,6 +417,7 @@ def _run_recipe(recipe: Recipe, restart: bool) -> dict:
         "checkpoint": recipe.checkpoint,
         "pretrained": recipe.pretrained,
     }
+    progress.begin("dense")
     info = _run_stage(
         "dense",
         dense_dir,
@@ -377,6 +426,7 @@ def _run_recipe(recipe: Recipe, restart: bool) -> dict:
         lambda: train_run(
             recipe.model, recipe.data, recipe.train, dense_dir, recipe.checkpoint, recipe.pretrained, restart
         ),
+        progress,
     )
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
@@ -384,13 +434,15 @@ def _run_recipe(recipe: Recipe, restart: bool) -> dict:
     for name, config in recipe.methods:
         stage = {"method": name, "config": dataclasses.asdict(config), "dense": dense_stage}
         run = functools.partial(prune_run, name, config, plan, model, data, root / name, restart)
-        report = _run_stage(name, root / name, stage, restart, run)
+        progress.begin(name)
+        report = _run_stage(name, root / name, stage, restart, run, progress)
         variants.append((name, root / name, report["top1"]))
     if not is_main_process():
         return {}
     images = calibration_set(data.val, 8).images
     exports, rows = {}, []
     for name, run_dir, top1 in variants:
+        progress.begin(f"export {name}")
         variant_plan, variant_model = load_run(run_dir)
         exports[name] = export_plan(
             variant_model,
@@ -435,6 +487,7 @@ def _run_recipe(recipe: Recipe, restart: bool) -> dict:
                 )
             )
         rows.append(row)
+        progress.end()
     summary = {
         "recipe": recipe.name,
         "data": data.source,

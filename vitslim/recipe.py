@@ -175,7 +175,7 @@ def recipe_from_dict(data: dict, base: Optional[Path] = None) -> Recipe:
     return Recipe(
         name=str(data.get("name", "run")),
         model=ModelSpec(name=model["name"], kwargs=dict(model.get("kwargs") or {})),
-        data=str(data["data"] if data.get("data", DIGITS) == DIGITS else _beside(base, str(data["data"]))),
+        data=DIGITS if data.get("data", DIGITS) == DIGITS else _beside(base, str(data["data"])),
         train=train,
         out_dir=Path(_beside(base, str(data.get("out_dir", "runs")))),
         checkpoint=_beside(base, model.get("checkpoint")),
