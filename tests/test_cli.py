@@ -493,7 +493,7 @@ def test_a_run_that_misses_a_tolerance_says_so_and_fails_unless_allowed(tmp_path
         "vtp: int8 outside its tolerance {'top1_agreement': 0.98} against the masked reference"
     ]
 
-    def fake_run(recipe, restart=False):
+    def fake_run(recipe, restart=False, progress=None):
         recipe.run_root.mkdir(parents=True)
         (recipe.run_root / "summary.md").write_text("| vtp | ... |\n")
         return {"failed_checks": pipeline.failed_checks([row]), "seconds": 1.0}
