@@ -137,7 +137,7 @@ def read_image(path: str):
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # the bomb: over Pillow's pixel limit
         raise PruningError(f"image {path} cannot be read ({type(error).__name__}): remove or replace it") from None
 
 
@@ -168,9 +168,24 @@ def guarded_batches(batches: Iterable, what: str) -> Iterator:
         yield batch
 
 
+def _refuse_linked_folders(path: Path) -> None:
+    """torchvision's ImageFolder follows symlinked folders, so a link back up the tree counts the
+    same images many times over (and puts them in both splits): refuse linked folders."""
+    import os
+
+    for folder, subfolders, _ in os.walk(path):
+        for name in subfolders:
+            if (Path(folder) / name).is_symlink():
+                raise PruningError(
+                    f"data directory {path.resolve()} holds a symlinked folder {Path(folder, name)}: copy the images "
+                    "in or remove the link (linked folders can repeat images across the splits)"
+                )
+
+
 def _image_folder(path: Path, transform):
     from torchvision.datasets import ImageFolder
 
+    _refuse_linked_folders(path)
     try:
         return ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, OSError) as error:
@@ -180,7 +195,7 @@ def _image_folder(path: Path, transform):
 def folder_splits(path: Path, in_chans: int, img_size: tuple[int, int]) -> DataSplits:
     """DIR/train and DIR/val if both exist, else a deterministic split of DIR/CLASS/*."""
     if not path.is_dir():
-        raise PruningError(f"data {str(path)!r} is neither 'digits' nor a readable directory")
+        raise PruningError(f"data {str(path)!r} ({path.resolve()}) is neither 'digits' nor a readable directory")
     transform = _image_transform(in_chans, img_size)
     if (path / "train").is_dir() and (path / "val").is_dir():
         train, val = _image_folder(path / "train", transform), _image_folder(path / "val", transform)

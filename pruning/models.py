@@ -28,7 +28,13 @@ def parse_model_kwargs(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise PruningError(f"model kwarg {item!r} is not KEY=VALUE (e.g. img_size=224)")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:  # e.g. a !!python tag, which safe_load refuses
+            raise PruningError(
+                f"model kwarg {item!r}: its value is not plain YAML ({str(error).splitlines()[0]}): give a number, "
+                "text or a list"
+            ) from None
     return kwargs
 
 

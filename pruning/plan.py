@@ -269,6 +269,16 @@ def save_plan(plan: SlimPlan, directory: str | Path) -> Path:
     return directory / PLAN_JSON
 
 
+def _json_indices(values, where: str) -> Indices:
+    """Indices as plan.json holds them: null or a list of integers (a float, even 1.0, or a
+    boolean is refused rather than truncated; ranges are checked by validate())."""
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise PruningError(f"plan JSON {where}: indices must be a list of integers: re-create the plan")
+    return tuple(values)
+
+
 def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
     if not isinstance(data, dict):
         raise PruningError(f"plan JSON is malformed (a {type(data).__name__}, not a mapping): re-create the plan")
@@ -280,7 +290,7 @@ def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
     try:
         blocks = []
         for i, entry in enumerate(data["blocks"]):
-            fields = {name: as_indices(entry.get(name)) for name in INDEX_FIELDS}
+            fields = {name: _json_indices(entry.get(name), f"block {i} {name}") for name in INDEX_FIELDS}
             for name in TENSOR_FIELDS:
                 if entry.get(name):
                     key = f"blocks.{i}.{name}"

@@ -125,6 +125,12 @@ def image_folder(with_images: bool, corrupt: bool = False):
     return make
 
 
+def linked_image_folder(tmp: Path, art: Path) -> None:
+    """An ImageFolder whose class folder links back to the data folder (a loop)."""
+    image_folder(with_images=True)(tmp, art)
+    (tmp / "data" / "a" / "loop").symlink_to(tmp / "data", target_is_directory=True)
+
+
 def empty_dir(name: str):
     def make(tmp: Path, art: Path) -> None:
         (tmp / name).mkdir()
@@ -311,6 +317,19 @@ CASES = [
         None,
         ["train", "--model", "deit_nano", "--data", "digits", "--out", "{tmp}/r"],
         "unknown timm model 'deit_nano'",
+    ),
+    (
+        "train-python-tag-in-model-kwargs",
+        None,
+        ["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=!!python/object/apply:os.getcwd []"]
+        + ["--data", "digits", "--out", "{tmp}/r"],
+        "its value is not plain YAML",
+    ),
+    (
+        "train-symlink-loop-in-data",
+        linked_image_folder,
+        ["train", "--model", "deit_tiny_patch16_224", "--data", "{tmp}/data", "--out", "{tmp}/r"],
+        "holds a symlinked folder",
     ),
     (
         "train-huge-image",
@@ -554,6 +573,22 @@ CASES = [
         run_copy(edit=small_static_attention, plan_edit=block0(static_attention=True)),
         ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
         "does not match expected (2, 17, 17)",
+    ),
+    (
+        "plan-float-indices",
+        run_copy(plan_edit=block0(hidden=[0.0, 1.7])),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "block 0 hidden: indices must be a list of integers",
+    ),
+    (
+        "plan-infinite-indices",
+        run_copy(
+            edit=lambda run: (run / "plan.json").write_text(
+                (run / "plan.json").read_text().replace('"hidden": null', '"hidden": [1e999]', 1)
+            )
+        ),
+        ["export", "{tmp}/run", "--out", "{tmp}/x.onnx"],
+        "indices must be a list of integers",
     ),
     (
         "plan-truncated-json",

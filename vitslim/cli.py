@@ -261,17 +261,18 @@ def cmd_bench(args) -> int:
 
     from .measure import DEFAULT_BATCHES, BenchSpec, bench_markdown, run_bench, write_bench
 
+    # absolute paths: the gate measures again from the stored spec, maybe from another directory
     spec = BenchSpec(
-        artifact=args.artifact,
+        artifact=str(Path(args.artifact).resolve()),
         backend=args.backend,
         device=args.device,
         batches=tuple(args.batch or DEFAULT_BATCHES),
-        run_dir=args.run,
+        run_dir=str(Path(args.run).resolve()) if args.run else None,
         torch_mode=args.torch_mode or default_torch_mode(args.backend, args.device, args.no_cuda_graph),
         torch_dtype=args.torch_dtype,
         threads=args.threads,
         cuda_graph=not args.no_cuda_graph,
-        runtime_cache=args.runtime_cache,
+        runtime_cache=str(Path(args.runtime_cache).resolve()) if args.runtime_cache else None,
     )
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))

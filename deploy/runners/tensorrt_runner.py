@@ -139,11 +139,32 @@ class TensorRTRunner(Runner):
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.module.TensorIOMode.OUTPUT)
         self.input_dtype = np.dtype(trt.module.nptype(engine.get_tensor_dtype(self.input_name)))
+        self._check_profiles(engine)
         self.runner = TrtRunner(context)
         self.runner.activate()
         self.profile, self._device_arrays = 0, []
         self.cudart = CudaRuntime.from_polygraphy(cuda)
         self._timer = EventTimer(self.cudart, self.runner.stream.ptr)
+
+    def _check_profiles(self, engine) -> None:
+        """The batch profiles the engine itself holds must be the manifest's, which bench and
+        compare chose their batches by: an edited manifest is refused here, before any run."""
+        if not hasattr(engine, "get_tensor_profile_shape"):
+            return  # a library that cannot tell
+        held = []
+        for index in range(engine.num_optimization_profiles):
+            low, opt, high = (tuple(shape) for shape in engine.get_tensor_profile_shape(self.input_name, index))
+            held.append({"min": low[0], "opt": opt[0], "max": high[0]})
+        recorded = [{key: profile[key] for key in ("min", "opt", "max")} for profile in self.manifest["profiles"]]
+        if held != recorded:
+
+            def ranges(profiles) -> str:
+                return ", ".join(f"{p['min']}:{p['opt']}:{p['max']}" for p in profiles)
+
+            raise DeployError(
+                f"{self.engine_path.name}'s manifest lists batch profiles {ranges(recorded)} but the engine holds "
+                f"{ranges(held)} (an edited or mixed-up manifest): rebuild the engine with 'vitslim build'"
+            )
 
     def _context(self, engine):
         if not hasattr(engine, "create_runtime_config"):

@@ -82,3 +82,19 @@ def test_a_second_writer_of_one_output_is_refused_and_the_lock_dies_with_its_hol
     with pytest.raises(errors.VitslimError, match="is a file"):
         with output_lock(tmp_path / "file"):
             pass
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    target = tmp_path / "r.json"
+    write_json_atomic(target, {"a": 1})
+
+    def full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(errors.VitslimError, match=f"no space left to write {target}: free some space"):
+        write_json_atomic(target, {"a": 2})
+    assert target.read_text().strip() == '{\n "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]

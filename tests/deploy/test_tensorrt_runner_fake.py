@@ -198,6 +198,18 @@ def test_a_batch_outside_every_profile_is_refused_before_any_work(tmp_path, fake
         assert [entry for entry in runner.runner.log if not str(entry).startswith("cudaEvent")] == ["activate"]
 
 
+def test_the_engine_s_own_profiles_must_be_the_manifest_s(tmp_path, fake, monkeypatch):
+    """What bench and compare believe about profiles is checked against the engine itself."""
+    held = [((1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4)), ((8, 3, 4, 4), (8, 3, 4, 4), (16, 3, 4, 4))]
+    fake.engine.__dict__.update(num_optimization_profiles=2, get_tensor_profile_shape=lambda name, i: held[i])
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    with runners.TensorRTRunner(tmp_path / "m.engine") as runner:  # they agree
+        assert runner.infer(np.zeros((2, 3, 4, 4), dtype=np.float32)).shape == (2, 10)
+    fake.manifest["profiles"][1]["max"] = 64  # an edited manifest
+    with pytest.raises(DeployError, match="lists batch profiles 1:2:4, 8:8:64 but the engine holds 1:2:4, 8:8:16"):
+        runners.TensorRTRunner(tmp_path / "m.engine").activate()
+
+
 def test_no_gpu_is_a_one_line_error(tmp_path, fake, monkeypatch):
     monkeypatch.setattr("vitslim.deploy.gpu.gpu_info", lambda index=0: None)
     (tmp_path / "m.engine").write_bytes(b"engine")

@@ -126,3 +126,14 @@ def test_train_on_an_image_folder_with_the_default_augmentation(tmp_path):
     )
     info = json.loads((tmp_path / "run" / "info.json").read_text())
     assert info["augmentation"]["policy"] == "rand-m9-mstd0.5-inc1" and info["augmentation"]["mixup"] == 0.8
+
+
+def test_an_image_over_pillow_s_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """A decompression bomb: a small file that decodes to more pixels than Pillow allows."""
+    from PIL import Image as PILImage
+    from vitslim.pruning.data import read_image
+
+    Image.new("RGB", (20, 24)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 480 pixels: over twice the limit
+    with pytest.raises(PruningError, match="bomb.png cannot be read \\(DecompressionBombError\\)"):
+        read_image(str(tmp_path / "bomb.png"))

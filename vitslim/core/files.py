@@ -8,6 +8,7 @@ deploy/ can use it where only numpy and TensorRT are installed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the old file, if any, is still there
+            raise VitslimError(
+                f"no space left to write {target}: free some space (or choose another path) and rerun"
+            ) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
