@@ -287,9 +287,21 @@ def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
         raise PruningError(
             f"plan schema version {version!r} is not {SCHEMA_VERSION}: re-create the plan with this vitslim"
         )
+    model, blocks_json, method = data.get("model"), data.get("blocks"), data.get("method", "dense")
+    if (
+        not isinstance(model, dict)
+        or not isinstance(model.get("name"), str)
+        or not isinstance(model.get("kwargs", {}), dict)
+        or not isinstance(blocks_json, list)
+        or not all(isinstance(entry, dict) for entry in blocks_json)
+        or not isinstance(method, str)
+    ):
+        raise PruningError(
+            "plan JSON is malformed (model: {name, kwargs}, blocks: a list of mappings, method: text): re-create the plan"
+        )
     try:
         blocks = []
-        for i, entry in enumerate(data["blocks"]):
+        for i, entry in enumerate(blocks_json):
             fields = {name: _json_indices(entry.get(name), f"block {i} {name}") for name in INDEX_FIELDS}
             for name in TENSOR_FIELDS:
                 if entry.get(name):
@@ -300,10 +312,10 @@ def plan_from_json(data: dict, tensors: Mapping[str, torch.Tensor]) -> SlimPlan:
             blocks.append(BlockPlan(**fields))
         spec = ModelSpec(name=data["model"]["name"], kwargs=dict(data["model"].get("kwargs", {})))
         return SlimPlan(model=spec, blocks=tuple(blocks), method=data.get("method", "dense"))
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         if isinstance(error, PruningError):
             raise
-        raise PruningError(f"plan JSON is malformed ({type(error).__name__}: {error}): re-create the plan") from None
+        raise PruningError(f"plan JSON is malformed ({type(error).__name__}): re-create the plan") from None
 
 
 def load_plan(directory: str | Path) -> SlimPlan:

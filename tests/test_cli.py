@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -502,3 +503,36 @@ def test_a_run_that_misses_a_tolerance_says_so_and_fails_unless_allowed(tmp_path
     assert main(["run", "--out-dir", str(tmp_path / "a")]) == 1
     assert "1 check(s) failed" in capsys.readouterr().err
     assert main(["run", "--out-dir", str(tmp_path / "b"), "--allow-failed-checks"]) == 0
+
+
+def test_every_command_maps_every_kind_of_exception_to_its_exit_code(monkeypatch, capsys):
+    """Whatever a command raises, the exit code says what kind of failure it was, never a verdict."""
+    import argparse
+
+    import vitslim.cli as cli
+    from vitslim.core.errors import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED
+
+    real = cli.build_parser()
+    commands = next(a for a in real._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "prune", "export", "build", "bench", "compare", "eval", "gate", "run", "inspect"} <= set(commands)
+    raised = {
+        VitslimError("bad input: fix it"): EXIT_BAD_INPUT,
+        RuntimeError("a bug"): EXIT_INTERNAL_ERROR,
+        ValueError("a bug\nover lines"): EXIT_INTERNAL_ERROR,
+        KeyboardInterrupt(): EXIT_INTERRUPTED,
+    }
+    for command in commands:
+        for error, code in raised.items():
+
+            def fail(args, error=error):
+                raise error
+
+            parser = types.SimpleNamespace(
+                parse_args=lambda argv, command=command, fail=fail: argparse.Namespace(
+                    command=command, func=fail, verbose=False, debug=False
+                )
+            )
+            monkeypatch.setattr(cli, "build_parser", lambda command=None, parser=parser: parser)
+            assert main([command]) == code, (command, error)
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and err.startswith(f"vitslim {command}: "), err

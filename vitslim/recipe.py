@@ -112,7 +112,9 @@ class Recipe:
 
 
 def _check_keys(where: str, given: dict, allowed: set) -> None:
-    unknown = sorted(set(given) - allowed)
+    if not isinstance(given, dict):
+        raise PruningError(f"recipe {where}: a mapping of key -> value, not {type(given).__name__}")
+    unknown = sorted(set(given) - allowed, key=str)
     if unknown:
         raise PruningError(f"recipe {where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
