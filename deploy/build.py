@@ -450,8 +450,8 @@ def engine_from_onnx(
         "version": trt.version,
         "target": engine_target(trt, settings),
         "precision": precision,
-        "tolerance": "tf32" if settings.tf32 else precision,
-        "preprocessing": preprocessing_of(source),  # the vitslim.core.precision.TOLERANCES entry compare holds it to
+        "tolerance": "tf32" if settings.tf32 else precision,  # the TOLERANCES entry compare holds it to
+        "preprocessing": preprocessing_of(source),
         "build_options": settings.options(),
         "network": {
             "typing": "strongly typed",

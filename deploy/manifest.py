@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from vitslim.core.files import read_json, sha256_of, write_json_atomic
+from vitslim.core.limits import MAX_BATCH
+from vitslim.core.precision import GRAPH_PRECISIONS, TOLERANCES
 
 from .errors import DeployError
 from .gpu import gpu_description
@@ -49,6 +51,10 @@ MANIFEST_FIELDS = (
     "version",
     "target",
     "precision",
+    "tolerance",
+    "preprocessing",
+    "build_options",
+    "timing_cache",
     "profiles",
     "input",
     "network",
@@ -88,7 +94,49 @@ def read_manifest(engine_path: Path) -> dict:
         raise DeployError(
             f"engine manifest {manifest_path} has version {manifest['manifest_version']!r}, this vitslim reads {MANIFEST_VERSION}: rebuild the engine"
         )
+    problem = _field_problem(manifest)
+    if problem:
+        raise DeployError(f"engine manifest {manifest_path}: {problem}: rebuild the engine with 'vitslim build'")
     return manifest
+
+
+def _is_count(value, low: int = 1, high: int = MAX_BATCH) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _field_problem(manifest: dict) -> Optional[str]:
+    """What is wrong with the fields readers use (None: nothing): profiles, input, precision and
+    tolerance, the ONNX it was built from (a plain file name beside the engine) and digests."""
+    profiles = manifest["profiles"]
+    if not (
+        isinstance(profiles, list)
+        and profiles
+        and all(isinstance(p, dict) and all(_is_count(p.get(k)) for k in ("min", "opt", "max")) for p in profiles)
+        and all(p["min"] <= p["opt"] <= p["max"] for p in profiles)
+    ):
+        return f"its profiles are not MIN <= OPT <= MAX batch sizes in 1..{MAX_BATCH}"
+    shape = manifest["input"].get("shape") if isinstance(manifest["input"], dict) else None
+    if not (isinstance(shape, list) and len(shape) >= 2 and all(_is_count(d, high=1 << 20) for d in shape[1:])):
+        return "its input shape is not a list of positive integers after the batch"
+    if not isinstance(manifest["build_options"], dict) or not isinstance(manifest["network"], dict):
+        return "its build options or network description is not a mapping"
+    if manifest["preprocessing"] is not None and not isinstance(manifest["preprocessing"], dict):
+        return "its preprocessing is not a mapping"
+    if manifest["precision"] not in GRAPH_PRECISIONS or not (
+        isinstance(manifest["tolerance"], str) and manifest["tolerance"] in TOLERANCES
+    ):
+        return f"its precision or tolerance is not one of {GRAPH_PRECISIONS} / {tuple(TOLERANCES)}"
+    onnx = manifest["onnx"]
+    name = onnx.get("file") if isinstance(onnx, dict) else None
+    if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+        return "the ONNX it names is not a plain file name beside the engine"
+    if not _is_digest(onnx.get("sha256")) or not _is_digest(manifest["engine"].get("sha256")):
+        return "its ONNX or engine digest is not a sha256"
+    return None
 
 
 def _capability(text: str) -> tuple[int, int]:
