@@ -284,13 +284,6 @@ def remeasure(report: dict, settings: BenchSettings) -> dict:
     return run_bench(spec, settings)
 
 
-def _ab_side(artifact: Path, batch: int, options: RunnerOptions) -> tuple[Runner, tuple[int, ...]]:
-    """The runner and input shape of one side of a paired A/B gate (its kind from what it is)."""
-    side = open_artifact(artifact)
-    side.check_batches([batch])
-    return side.runner(options), side.input_shape
-
-
 def run_ab(
     baseline: Path,
     candidate: Path,
@@ -306,12 +299,13 @@ def run_ab(
     the artifacts' own runners (the gate benchmark injects a slowed candidate that way)."""
     baseline, candidate = Path(baseline), Path(candidate)
     check_batch_sizes([batch])
-    if baseline.is_dir() or candidate.is_dir():  # PyTorch sides
+    sides = [open_artifact(path) for path in (baseline, candidate)]  # each side's kind from what it is
+    for side in sides:
+        side.check_batches([batch])
+    if any(isinstance(side, RunArtifact) for side in sides):  # PyTorch sides
         _set_torch_threads(threads)
     options = RunnerOptions(device=device, threads=threads, cuda_graph=cuda_graph, runtime_cache=runtime_cache)
-    (base_runner, base_shape), (cand_runner, cand_shape) = (
-        _ab_side(side, batch, options) for side in (baseline, candidate)
-    )
+    (base_runner, base_shape), (cand_runner, cand_shape) = ((side.runner(options), side.input_shape) for side in sides)
     if base_shape != cand_shape:
         raise DeployError(
             f"the artifacts take different inputs ({base_shape} vs {cand_shape}): compare two versions of one model"
