@@ -30,10 +30,10 @@ def parse_model_kwargs(items: list[str] | None) -> dict:
             raise PruningError(f"model kwarg {item!r} is not KEY=VALUE (e.g. img_size=224)")
         try:
             kwargs[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as error:  # e.g. a !!python tag, which safe_load refuses
+        except (yaml.YAMLError, RecursionError) as error:  # e.g. a !!python tag, which safe_load refuses
+            reason = str(error).splitlines()[0] if isinstance(error, yaml.YAMLError) else "nested too deep"
             raise PruningError(
-                f"model kwarg {item!r}: its value is not plain YAML ({str(error).splitlines()[0]}): give a number, "
-                "text or a list"
+                f"model kwarg {key.strip()!r}: its value is not plain YAML ({reason}): give a number, text or a list"
             ) from None
     return kwargs
 

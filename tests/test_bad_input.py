@@ -1009,6 +1009,25 @@ CASES = [
         ["run", "{tmp}/r.yaml"],
         "'name' (a timm model name) is required",
     ),
+    (
+        "run-deep-yaml",
+        text("r.yaml", "name: x\nmodel: " + "[" * 20000 + "]" * 20000 + "\n"),
+        ["run", "{tmp}/r.yaml"],
+        "nests deeper than Python can read",
+    ),
+    (
+        "run-yaml-alias",
+        text("r.yaml", "name: &n x\nmodel: {name: *n}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "uses a YAML alias (*n)",
+    ),
+    (
+        "train-deep-model-kwargs",
+        None,
+        ["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=" + "[" * 5000 + "]" * 5000]
+        + ["--data", "digits", "--out", "{tmp}/r"],
+        "model kwarg 'img_size': its value is not plain YAML (nested too deep)",
+    ),
     ("unknown-command", None, ["shrink"], "invalid choice: 'shrink'"),
 ]
 

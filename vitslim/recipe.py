@@ -233,6 +233,8 @@ def refuse_aliases(text: str, where: str) -> None:
                 raise PruningError(f"{where} uses a YAML alias (*{event.anchor}): write the values out instead")
     except yaml.YAMLError as error:
         raise PruningError(f"{where} is not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise PruningError(f"{where} nests deeper than Python can read: write it flat") from None
 
 
 def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe:
@@ -250,10 +252,13 @@ def load_recipe(path: Optional[str | Path], overrides: list[str] = ()) -> Recipe
                 f"cannot read recipe {path} ({getattr(error, 'strerror', None) or type(error).__name__}): give a readable YAML file"
             ) from None
     refuse_aliases(text, where)
+    given = " (with --set overrides)" if overrides else ""
     base = None if path is None else Path(path).resolve().parent
     try:
         return recipe_from_dict(apply_overrides(yaml.safe_load(text), list(overrides)), base)
     except yaml.YAMLError as error:
-        raise PruningError(f"{where} (with --set overrides) is not valid YAML ({str(error).splitlines()[0]})") from None
+        raise PruningError(f"{where}{given} is not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise PruningError(f"{where}{given} nests deeper than Python can read: write it flat") from None
     except TypeError as error:
         raise PruningError(f"{where}: {error}") from None
