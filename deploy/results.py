@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from vitslim.core.files import read_json, write_json_atomic
+from vitslim.core.files import directory_swap, read_json, write_json_atomic
 
 from .bench import fingerprint_id
 from .errors import DeployError
@@ -102,14 +102,27 @@ def stored_baselines(directory: Path) -> Optional[list[dict]]:
 
 
 def store_baselines(directory: Path, results: list[dict]) -> None:
-    """Each result into its own file of `directory` (atomically); an older file holding the same
-    result (same label, batch and fingerprint_id, e.g. under an earlier naming) is removed."""
-    before = {path: _baseline_key(load_baseline_result(path)) for path in _baseline_files(directory)}
-    for result in results:
-        target = write_json_atomic(directory / baseline_file_name(result), result)
-        for path, key in before.items():
-            if path != target and key == _baseline_key(result):
-                path.unlink()
+    """Store `results` in `directory`, one file each, committed whole: the new set (the stored
+    results that stay, an older file of the same result, e.g. under an earlier naming, dropped;
+    the new results; any other file of the directory) is written into a hidden sibling and swapped
+    in at once (core.files.directory_swap), so a gate never reads half an --accept."""
+    import shutil
+
+    directory = Path(directory)
+    stored = {path: load_baseline_result(path) for path in _baseline_files(directory)} if directory.is_dir() else {}
+    replaced = {_baseline_key(result) for result in results}
+    with directory_swap(directory) as staging:
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name.startswith(".") or entry in stored:
+                    continue  # temporary files; baselines are written below
+                copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else shutil.copy2
+                copy(entry, staging / entry.name)
+        for path, result in stored.items():
+            if _baseline_key(result) not in replaced:
+                write_json_atomic(staging / path.name, result)
+        for result in results:
+            write_json_atomic(staging / baseline_file_name(result), result)
 
 
 def _baseline_key(result: dict) -> tuple:

@@ -345,6 +345,15 @@ def test_bench_then_gate(tmp_path, capsys):
         == 0
     )
     assert "replaces" in capsys.readouterr().out and json.loads(current.read_text()) == slower
+    # a second --accept into the same directory while one is storing is refused; other files stay
+    from vitslim.core.files import output_lock
+
+    (baselines / "NOTES.txt").write_text("kept")
+    with output_lock(baselines, "--baseline-dir", swapped=True):
+        argv = ["gate", str(current), "--baseline-dir", str(baselines), "--max-cov", "100", "--accept", "--force"]
+        assert main(argv) == EXIT_BAD_INPUT
+    assert "is being written by another vitslim process" in capsys.readouterr().err
+    assert main(argv) == 0 and (baselines / "NOTES.txt").read_text() == "kept"
     # no baseline yet: an error naming the path, unless --accept creates it
     assert main(["gate", str(current), "--baseline", str(tmp_path / "new.json")]) == EXIT_BAD_INPUT
     assert (

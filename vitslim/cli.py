@@ -423,7 +423,10 @@ def _accept(args, current: dict, stored: Optional[list[dict]]) -> None:
     if args.baseline:
         write_json_atomic(args.baseline, current)
     else:
-        store_baselines(Path(args.baseline_dir), current["results"])
+        from vitslim.core.files import output_lock
+
+        with output_lock(args.baseline_dir, "--baseline-dir", swapped=True):
+            store_baselines(Path(args.baseline_dir), current["results"])
     print(f"baseline updated: {args.baseline or args.baseline_dir}")
 
 

@@ -98,3 +98,23 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(errors.VitslimError, match=f"no space left to write {target}: free some space"):
         write_json_atomic(target, {"a": 2})
     assert target.read_text().strip() == '{\n "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    from vitslim.core.files import _exchange, directory_swap
+
+    target = tmp_path / "set"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    with pytest.raises(RuntimeError), directory_swap(target) as staging:
+        (staging / "new.json").write_text("new")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["old.json"] and [p.name for p in tmp_path.iterdir()] == ["set"]
+    with directory_swap(target) as staging:
+        (staging / "new.json").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.json"] and [p.name for p in tmp_path.iterdir()] == ["set"]
+    with directory_swap(tmp_path / "fresh") as staging:  # nothing there yet
+        (staging / "a.json").write_text("a")
+    assert (tmp_path / "fresh" / "a.json").read_text() == "a"
+    assert _exchange(tmp_path / "set", tmp_path / "fresh")  # Linux: one atomic step
+    assert (tmp_path / "set" / "a.json").is_file() and (tmp_path / "fresh" / "new.json").is_file()

@@ -93,12 +93,14 @@ def read_json(path: str | os.PathLike, what: str, fix: str, error: type[VitslimE
 
 
 @contextlib.contextmanager
-def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+def output_lock(directory: str | os.PathLike, option: str = "--out", swapped: bool = False) -> Iterator[None]:
     """Hold `directory`'s write lock while writing it: a second vitslim process writing the same
     output is refused in one line instead of racing the first (the last writer would win). An
-    advisory lock (flock) on the directory itself, so no lock file is left behind; the kernel
-    releases it when the process ends, however it ends, so a crash never leaves a stale lock. A
-    directory made here and still empty at the end (the work was refused) is removed again."""
+    advisory lock (flock) that the kernel releases when the process ends, however it ends, so a
+    crash never leaves a stale lock. It is taken on the directory itself (no file left behind; a
+    directory made here and still empty at the end, the work refused, is removed again), or, for
+    a directory replaced whole (`swapped`: directory_swap gives it a new inode), on a hidden
+    `.NAME.lock` file beside it."""
     import fcntl
 
     directory = Path(directory)
@@ -107,7 +109,8 @@ def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise VitslimError(f"{option} {directory} is a file: give a directory") from None
-    handle = os.open(directory, os.O_RDONLY)
+    locked = directory.parent / f".{directory.name}.lock" if swapped else directory
+    handle = os.open(locked, os.O_RDONLY | (os.O_CREAT if swapped else 0), 0o666)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -122,3 +125,42 @@ def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator
         if created:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def directory_swap(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `target` to write a whole new version of the directory
+    into; on success it replaces `target` in one step, so a reader sees the old set of files or
+    the new one, never a mix (where the system cannot swap two directories atomically, two
+    renames: `target` is briefly absent, never mixed). On error the sibling is deleted."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        if not target.exists():
+            os.rename(staging, target)
+        elif not _exchange(staging, target):  # after an exchange, staging holds the old version
+            aside = staging.with_name(staging.name + ".old")
+            os.rename(target, aside)
+            os.rename(staging, target)
+            staging = aside
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
