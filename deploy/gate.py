@@ -25,7 +25,6 @@ from vitslim.core.settings import refuse_non_finite, setting
 
 from .bench import BenchSettings, comparison_key, device_timer
 from .errors import DeployError
-from .results import REFERENCE_LABELS
 from .runners import Runner
 
 # The verdicts of every gate are the CLI's exit codes (vitslim.core.errors).
@@ -53,7 +52,7 @@ class GateVerdict:
     message: str
     rows: tuple[GateRow, ...] = field(default_factory=tuple)
     noisy: str = ""  # "current" or "baseline" when a side was too noisy to compare
-    # reference rows (REFERENCE_LABELS) of the current results that the baseline does not hold
+    # reference rows (marked reference_row by bench --run) of the current results the baseline does not hold
     skipped: tuple[str, ...] = field(default_factory=tuple)
 
     def table(self) -> str:
@@ -83,6 +82,11 @@ def first_difference(current: dict, baseline: dict) -> Optional[str]:
         if here.get(name) != there.get(name):
             return f"{name} is {here.get(name)!r} here but {there.get(name)!r} in the baseline"
     return None
+
+
+def _same_point(result: dict, baseline: list[dict]) -> bool:
+    """Whether the baseline holds a result of the same label and batch (measured alike or not)."""
+    return any(b.get("label", "") == result.get("label", "") and b["batch"] == result["batch"] for b in baseline)
 
 
 def baseline_twin(result: dict, baseline: list[dict]) -> tuple[Optional[dict], Optional[str]]:
@@ -119,8 +123,9 @@ def compare_results(
 ) -> GateVerdict:
     """Pair each current result with its baseline twin; a result without one, or too noisy to
     judge, is not comparable (exit 2); a median slower by more than `fail` fails (exit 1). The
-    reference rows that `bench --run` adds (REFERENCE_LABELS) are judged only where the baseline
-    holds them too: an artifact's baseline may have been stored without them."""
+    reference rows that `bench --run` adds (timm's model, the compact modules: `reference_row`) are judged
+    only where the baseline holds them too: an artifact's baseline may have been stored without
+    them. One the baseline holds but measured otherwise is not comparable, like any other row."""
     check_thresholds(warn, fail, max_cov)
     if not current:
         raise DeployError("the current results are empty: a gate needs something measured (vitslim bench --json)")
@@ -133,8 +138,8 @@ def compare_results(
     pairs, skipped = [], []
     for result in current:
         twin, why = baseline_twin(result, baseline)
-        if twin is None and result.get("label") in REFERENCE_LABELS:
-            skipped.append(_what(result))
+        if twin is None and result.get("reference_row") and not _same_point(result, baseline):
+            skipped.append(_what(result))  # a reference row the baseline never held: not judged
             continue
         if twin is None:
             return GateVerdict(NOT_COMPARABLE, f"not comparable: {why}")

@@ -22,9 +22,8 @@ from .errors import DeployError
 RESULT_VERSION = 1
 # The rows `bench ARTIFACT --run RUN_DIR` adds beside the artifact's own: timm's model (the
 # baseline of every speed-up), the run's compact module and the compact module of the dense plan.
-# A gate judges them only where the stored baseline has them too.
+# They carry "reference_row": true; a gate judges them only where the stored baseline has them too.
 TIMM_LABEL, COMPACT_LABEL, DENSE_LABEL = "torch:timm", "torch:compact", "torch:dense"
-REFERENCE_LABELS = (TIMM_LABEL, COMPACT_LABEL, DENSE_LABEL)
 RESULT_FIELDS = ("label", "batch", "median_ms", "cov", "fingerprint", "fingerprint_id")
 
 
@@ -101,6 +100,9 @@ def stored_baselines(directory: Path) -> Optional[list[dict]]:
     return [load_baseline_result(path) for path in _baseline_files(directory)]
 
 
+TEMPORARY = re.compile(r"\..+\.tmp\.json")  # what core.files.atomic_path names a result being written
+
+
 def store_baselines(directory: Path, results: list[dict]) -> None:
     """Store `results` in `directory`, one file each, committed whole: the new set (the stored
     results that stay, an older file of the same result, e.g. under an earlier naming, dropped;
@@ -114,8 +116,8 @@ def store_baselines(directory: Path, results: list[dict]) -> None:
     with directory_swap(directory) as staging:
         if directory.is_dir():
             for entry in directory.iterdir():
-                if entry.name.startswith(".") or entry in stored:
-                    continue  # temporary files; baselines are written below
+                if TEMPORARY.fullmatch(entry.name) or entry in stored:
+                    continue  # an interrupted write's temporary file; baselines are written below
                 copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else shutil.copy2
                 copy(entry, staging / entry.name)
         for path, result in stored.items():

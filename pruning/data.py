@@ -169,17 +169,25 @@ def guarded_batches(batches: Iterable, what: str) -> Iterator:
 
 
 def _refuse_linked_folders(path: Path) -> None:
-    """torchvision's ImageFolder follows symlinked folders, so a link back up the tree counts the
-    same images many times over (and puts them in both splits): refuse linked folders."""
+    """torchvision's ImageFolder follows symlinked folders: a link to the data folder, one of its
+    parents or a folder inside it counts the same images twice or without end (and puts copies in
+    both splits), as do two links to one folder. Those are refused; links elsewhere (a subset of a
+    data set made of links) are fine."""
     import os
 
+    root, seen = path.resolve(), set()
     for folder, subfolders, _ in os.walk(path):
         for name in subfolders:
-            if (Path(folder) / name).is_symlink():
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            real = link.resolve()
+            if real == root or root.is_relative_to(real) or real.is_relative_to(root) or real in seen:
                 raise PruningError(
-                    f"data directory {path.resolve()} holds a symlinked folder {Path(folder, name)}: copy the images "
-                    "in or remove the link (linked folders can repeat images across the splits)"
+                    f"data directory {root} holds a symlinked folder {link} that repeats its images (it points to "
+                    f"{real}): copy the images in or remove the link"
                 )
+            seen.add(real)
 
 
 def _image_folder(path: Path, transform):

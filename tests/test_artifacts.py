@@ -45,7 +45,7 @@ def test_each_kind_is_told_apart_by_what_the_path_is(exported):
     (exported / "x.engine").write_bytes(b"not checked until used")
     assert isinstance(open_artifact(exported / "x.engine"), EngineArtifact)
     with pytest.raises(
-        DeployError, match="is an ONNX file \\(.onnx\\), not a run directory: use --backend onnxruntime"
+        DeployError, match="is an ONNX file \\(.onnx\\), not a run directory: give it with --backend onnxruntime"
     ):
         open_artifact(exported / "m.onnx", "torch")
     with pytest.raises(DeployError, match="does not exist: give an exported .onnx"):

@@ -688,15 +688,20 @@ CASES = [
         "bench-engine-to-onnxruntime",
         random_bytes("m.engine"),
         ["bench", "{tmp}/m.engine", "--backend", "onnxruntime"],
-        "use --backend tensorrt",
+        "give it with --backend tensorrt",
     ),
     (
         "bench-onnx-to-tensorrt",
         None,
         ["bench", "{art}/model.onnx", "--backend", "tensorrt"],
-        "use --backend onnxruntime",
+        "give it with --backend onnxruntime",
     ),
-    ("bench-run-to-onnxruntime", None, ["bench", "{art}/run", "--backend", "onnxruntime"], "use --backend torch"),
+    (
+        "bench-run-to-onnxruntime",
+        None,
+        ["bench", "{art}/run", "--backend", "onnxruntime"],
+        "give it with --backend torch",
+    ),
     (
         "bench-random-onnx",
         random_bytes("m.onnx"),

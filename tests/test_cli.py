@@ -545,3 +545,10 @@ def test_every_command_maps_every_kind_of_exception_to_its_exit_code(monkeypatch
             assert main([command]) == code, (command, error)
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and err.startswith(f"vitslim {command}: "), err
+
+
+def test_control_characters_in_a_message_cannot_rewrite_the_terminal():
+    from vitslim.cli import one_line
+
+    text = one_line(VitslimError("image x\x1b[1A\x1b[2K.png\u2028cannot be read\tx"))
+    assert text == "image x\\x1b[1A\\x1b[2K.png\\u2028cannot be read\\tx" and text.isprintable()

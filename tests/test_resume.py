@@ -191,3 +191,18 @@ def test_a_refused_resume_names_the_settings_that_differ():
     many = {f"k{i}": i for i in range(6)}
     assert differing_settings(settings_key({}), many).endswith("; 2 more")
     assert differing_settings("{not json", now) == "its record of them is unreadable"
+
+
+def test_a_finished_stage_whose_info_is_missing_or_damaged_runs_again(tmp_path):
+    import json
+
+    from vitslim.pipeline import STAGE_FILE, _finished_stage
+
+    stage = {"method": "vtp"}
+    (tmp_path / STAGE_FILE).write_text(json.dumps(stage))
+    (tmp_path / "plan.json").write_text("{}")
+    assert _finished_stage(tmp_path, stage) is None  # no info.json
+    (tmp_path / "info.json").write_text("{")
+    assert _finished_stage(tmp_path, stage) is None  # damaged
+    (tmp_path / "info.json").write_text('{"top1": 90.0}')
+    assert _finished_stage(tmp_path, stage) == {"top1": 90.0} and _finished_stage(tmp_path, {"method": "x"}) is None

@@ -371,8 +371,9 @@ def artifact_type_of(path: Path) -> type[Artifact]:
     return EngineArtifact if path.suffix in ENGINE_SUFFIXES else OnnxArtifact
 
 
-def open_artifact(path: str | Path, backend: Optional[str] = None) -> Artifact:
-    """The artifact at `path`; with `backend`, refused in one line when it is of another kind."""
+def open_artifact(path: str | Path, backend: Optional[str] = None, flags: Optional[dict] = None) -> Artifact:
+    """The artifact at `path`; with `backend`, refused in one line when it is of another kind,
+    naming the option that takes that kind (`flags`: backend -> option; default --backend)."""
     path = Path(path)
     if backend is not None and backend not in ARTIFACT_TYPES:
         raise DeployError(f"unknown backend {backend!r}: {', '.join(BACKENDS)}")

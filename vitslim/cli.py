@@ -282,6 +282,9 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+COMPARE_FLAGS = {"onnxruntime": "--onnx", "tensorrt": "--engine", "torch": "the RUN_DIR argument"}
+
+
 def cmd_compare(args) -> int:
     from .artifacts import EngineArtifact, OnnxArtifact, RunArtifact, RunnerOptions, open_artifact
     from .measure import DEFAULT_BATCHES, check_batch_sizes
@@ -296,13 +299,13 @@ def cmd_compare(args) -> int:
     options = RunnerOptions(device=args.device, runtime_cache=args.runtime_cache)
     candidates, precisions, artifacts = {}, {}, []
     if args.onnx:
-        onnx = open_artifact(args.onnx, OnnxArtifact.backend)
+        onnx = open_artifact(args.onnx, OnnxArtifact.backend, COMPARE_FLAGS)
         artifacts.append(onnx)
         # numbers, not timing: onnxruntime runs uncaptured (capturing is for timing)
         candidates["onnxruntime"] = onnx.runner(dataclasses.replace(options, cuda_graph=False))
         precisions["onnxruntime"] = args.precision or onnx.precision()
     if args.engine:
-        engine = open_artifact(args.engine, EngineArtifact.backend)
+        engine = open_artifact(args.engine, EngineArtifact.backend, COMPARE_FLAGS)
         artifacts.append(engine)
         candidates["tensorrt"] = engine.runner(options)
         precisions["tensorrt"] = args.precision or engine.tolerance  # the engine's own (tf32 if built so)
@@ -367,7 +370,7 @@ def _compare_with_onnx(args, artifacts, candidates, precisions, batches) -> list
         raise DeployError(
             "compare --reference FILE.onnx needs a candidate: --onnx OTHER.onnx and/or --engine FILE.engine"
         )
-    reference = open_artifact(args.reference, OnnxArtifact.backend)
+    reference = open_artifact(args.reference, OnnxArtifact.backend, COMPARE_FLAGS)
     shape = reference.input_shape
     for artifact in artifacts:
         if artifact.input_shape != shape:
@@ -913,7 +916,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--run",
         metavar="RUN_DIR",
         help="also the top-1 of this run's masked PyTorch reference and the artifact's agreement with it "
-        "(the artifact's export report must name this run)",
+        "(an artifact whose export report names another run is refused)",
     )
     evaluate.add_argument(
         "--batch", type=int, help=f"batch size (default: an engine's first profile's opt, else {DEFAULT_EVAL_BATCH})"
@@ -1094,14 +1097,15 @@ class _Parser(argparse.ArgumentParser):
 def one_line(error: BaseException) -> str:
     """The message of `error` as one line of at most MAX_MESSAGE_CHARS. An error raised in a
     DataLoader worker arrives with the worker's traceback in its message; the original message is
-    its last line. Any other line break (a file name holding one) is shown as \\n, so that the
-    line cannot be rewritten by what a file or a path says."""
+    its last line. Any other line break (a file name holding one) is shown as \\n and every other
+    control character escaped too, so that the line cannot be rewritten by what a file or a path says."""
     text = str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
     if text.startswith("Caught ") and "DataLoader worker" in lines[0]:
         last = lines[-1]
         text = last.split(": ", 1)[1] if last.startswith("vitslim.") and ": " in last else last
-    text = text.replace("\r", "\\r").replace("\n", "\\n") or type(error).__name__
+    # line breaks and every other control or format character (ESC sequences, U+2028) escaped
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or type(error).__name__
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 20] + f" ... ({len(text)} characters)"
     return text

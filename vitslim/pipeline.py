@@ -328,7 +328,12 @@ def _finished_stage(directory: Path, stage: dict) -> Optional[dict]:
         recorded = json.loads((directory / STAGE_FILE).read_text())
     except (OSError, ValueError, RecursionError):
         return None  # never finished (or the record is damaged): run the stage again
-    return read_info(directory) if recorded == stage and (directory / PLAN_JSON).is_file() else None
+    if recorded != stage or not (directory / PLAN_JSON).is_file():
+        return None
+    try:
+        return read_info(directory) or None  # no info.json: run the stage again
+    except PruningError:
+        return None  # a damaged info.json: run the stage again
 
 
 def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run, progress: RunProgress) -> dict:

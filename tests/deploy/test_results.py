@@ -75,3 +75,22 @@ def test_any_value_in_any_field_is_accepted_only_when_valid_else_one_error(field
         return
     assert math.isfinite(checked["median_ms"]) and checked["median_ms"] > 0 and math.isfinite(checked["cov"])
     assert isinstance(checked["batch"], int) and checked["fingerprint_id"] == fingerprint_id(checked["fingerprint"])
+
+
+def test_storing_baselines_keeps_the_directory_s_other_entries_mode_and_link(tmp_path):
+    """A --baseline-dir may be a git checkout, shared with other users, or a link into a cache."""
+    import os
+    import stat
+
+    from vitslim.deploy.results import store_baselines
+
+    cache = tmp_path / "cache" / "baselines"
+    (cache / ".git").mkdir(parents=True)
+    (cache / ".gitignore").write_text("x")
+    (cache / ".r.abc.tmp.json").write_text("{")  # an interrupted write's leftover: dropped
+    os.chmod(cache, 0o755)
+    (tmp_path / "link").symlink_to(cache, target_is_directory=True)
+    store_baselines(tmp_path / "link", [])
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in cache.iterdir()) == [".git", ".gitignore"]
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["baselines"]  # nothing left beside it

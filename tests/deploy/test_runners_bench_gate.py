@@ -209,6 +209,7 @@ def test_reference_rows_the_baseline_lacks_are_not_judged_and_junit_shows_every_
     from vitslim.deploy.gate import junit_xml, verdict_cases
 
     artifact, timm = bench(SteadyRunner(), "onnxruntime:m.onnx"), bench(SteadyRunner(), "torch:timm")
+    timm["reference_row"] = True  # as bench --run marks it
     verdict = compare_results([artifact, timm], [artifact], max_cov=10.0)
     assert verdict.exit_code == PASS and verdict.skipped == ("torch:timm at batch 32",), verdict.message
     assert verdict.message == "pass; not judged (no baseline): torch:timm at batch 32"

@@ -137,3 +137,18 @@ def test_an_image_over_pillow_s_pixel_limit_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 480 pixels: over twice the limit
     with pytest.raises(PruningError, match="bomb.png cannot be read \\(DecompressionBombError\\)"):
         read_image(str(tmp_path / "bomb.png"))
+
+
+def test_a_subset_made_of_links_is_read_and_a_link_that_repeats_images_is_refused(tmp_path):
+    from vitslim.pruning.data import load_data
+
+    _write_images(tmp_path / "full")
+    (tmp_path / "subset").mkdir()
+    for name in ("cat", "dog"):
+        (tmp_path / "subset" / name).symlink_to(tmp_path / "full" / name, target_is_directory=True)
+    assert load_data(str(tmp_path / "subset"), 3, (16, 16)).identity["images"] == 10
+    (tmp_path / "loop").mkdir()
+    _write_images(tmp_path / "loop", classes=("a",))
+    (tmp_path / "loop" / "a" / "up").symlink_to(tmp_path / "loop", target_is_directory=True)
+    with pytest.raises(PruningError, match="holds a symlinked folder .* that repeats its images"):
+        load_data(str(tmp_path / "loop"), 3, (16, 16))

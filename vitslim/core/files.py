@@ -149,9 +149,13 @@ def directory_swap(target: str | os.PathLike) -> Iterator[Path]:
     renames: `target` is briefly absent, never mixed). On error the sibling is deleted."""
     import shutil
 
-    target = Path(target)
+    target = Path(os.path.realpath(target))  # a link to the directory: replace what it points to
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp makes 0700: keep the directory's own permissions (others may read baselines)
+    os.chmod(staging, (target.stat().st_mode & 0o7777) if target.is_dir() else 0o777 & ~umask)
     try:
         yield staging
         if not target.exists():
