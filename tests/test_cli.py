@@ -552,3 +552,13 @@ def test_control_characters_in_a_message_cannot_rewrite_the_terminal():
 
     text = one_line(VitslimError("image x\x1b[1A\x1b[2K.png\u2028cannot be read\tx"))
     assert text == "image x\\x1b[1A\\x1b[2K.png\\u2028cannot be read\\tx" and text.isprintable()
+
+
+def test_a_second_export_to_the_same_file_is_refused_while_the_first_runs(tiny_run, tmp_path, capsys):
+    from vitslim.core.files import file_output_lock
+
+    with file_output_lock(tmp_path / "m.onnx"):  # another process exporting there
+        assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx")]) == EXIT_BAD_INPUT
+    assert "is being written by another vitslim process" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx")]) == 0

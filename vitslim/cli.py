@@ -5,6 +5,7 @@ packages; errors are one line and an exit code (vitslim.core.errors)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1119,6 +1120,22 @@ class _Terminated(BaseException):
     """SIGTERM as an exception, so that `finally` blocks (temporary files) run as on Ctrl-C."""
 
 
+# Commands whose --out is written as several files (an engine and its manifest, an ONNX and its
+# reports): held under a lock while they run (train, prune and run lock their run directories
+# themselves, gate --accept its --baseline-dir). The kit's --out is a directory.
+FILE_OUTPUTS = ("build", "export", "quantize")
+
+
+def _output_lock_of(args):
+    from vitslim.core.files import file_output_lock, output_lock
+
+    if args.command in FILE_OUTPUTS and getattr(args, "out", None):
+        return file_output_lock(args.out)
+    if args.command == "kit" and getattr(args, "out", None):
+        return output_lock(args.out)
+    return contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -1136,7 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     try:
-        return args.func(args)
+        with _output_lock_of(args):
+            return args.func(args)
     except VitslimError as error:
         if args.debug:  # the traceback, and still the exit code of bad input (never a verdict)
             traceback.print_exc()

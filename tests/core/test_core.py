@@ -118,3 +118,15 @@ def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "fresh" / "a.json").read_text() == "a"
     assert _exchange(tmp_path / "set", tmp_path / "fresh")  # Linux: one atomic step
     assert (tmp_path / "set" / "a.json").is_file() and (tmp_path / "fresh" / "new.json").is_file()
+
+
+def test_a_second_writer_of_a_file_output_is_refused_and_nothing_is_left_beside_it(tmp_path):
+    from vitslim.core.files import file_output_lock
+
+    with file_output_lock(tmp_path / "m.engine"):
+        with pytest.raises(errors.VitslimError, match="m.engine is being written by another vitslim process"):
+            with file_output_lock(tmp_path / "sub" / ".." / "m.engine"):  # the same file, spelled otherwise
+                pass
+    with file_output_lock(tmp_path / "m.engine"):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -93,38 +93,64 @@ def read_json(path: str | os.PathLike, what: str, fix: str, error: type[VitslimE
 
 
 @contextlib.contextmanager
-def output_lock(directory: str | os.PathLike, option: str = "--out", swapped: bool = False) -> Iterator[None]:
-    """Hold `directory`'s write lock while writing it: a second vitslim process writing the same
-    output is refused in one line instead of racing the first (the last writer would win). An
-    advisory lock (flock) that the kernel releases when the process ends, however it ends, so a
-    crash never leaves a stale lock. It is taken on the directory itself (no file left behind; a
-    directory made here and still empty at the end, the work refused, is removed again), or, for
-    a directory replaced whole (`swapped`: directory_swap gives it a new inode), on a hidden
-    `.NAME.lock` file beside it."""
+def _exclusive(lock: Path, create: bool, output: Path, option: str) -> Iterator[None]:
+    """Hold an advisory lock (flock) on `lock` (a directory, or a file made if `create`): the
+    kernel releases it when the process ends, however it ends, so a crash never leaves a stale
+    lock. A second holder is refused in one line naming `output`."""
     import fcntl
 
+    handle = os.open(lock, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VitslimError(
+                f"{option} {output.resolve()} is being written by another vitslim process: wait for it to finish, "
+                f"or choose another {option}"
+            ) from None
+        yield
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike, option: str = "--out", swapped: bool = False) -> Iterator[None]:
+    """Hold `directory`'s write lock while writing it: a second vitslim process writing the same
+    output is refused in one line instead of racing the first (the last writer would win). The
+    lock is taken on the directory itself (a directory made here and still empty at the end, the
+    work refused, is removed again), or, for a directory replaced whole (`swapped`:
+    directory_swap gives it a new inode), on its lock file (_lock_file)."""
     directory = Path(directory)
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise VitslimError(f"{option} {directory} is a file: give a directory") from None
-    locked = directory.parent / f".{directory.name}.lock" if swapped else directory
-    handle = os.open(locked, os.O_RDONLY | (os.O_CREAT if swapped else 0), 0o666)
+    lock = _lock_file(directory) if swapped else directory
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VitslimError(
-                f"{option} {directory.resolve()} is being written by another vitslim process: wait for it to finish, "
-                f"or choose another {option}"
-            ) from None
-        yield
+        with _exclusive(lock, swapped, directory, option):
+            yield
     finally:
-        os.close(handle)
         if created:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
+
+
+def _lock_file(output: Path) -> Path:
+    """The lock file of an output path: in the system's temporary folder, named by a digest of the
+    resolved path, so that nothing is left beside the output (processes of one machine share it)."""
+    folder = Path(tempfile.gettempdir()) / "vitslim-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / (hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:32] + ".lock")
+
+
+@contextlib.contextmanager
+def file_output_lock(target: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """The write lock of an output written as several files named after `target` (an engine and
+    its manifest, an ONNX and its reports): a second vitslim process writing it is refused."""
+    target = Path(target)
+    with _exclusive(_lock_file(target), True, target, option):
+        yield
 
 
 def _exchange(first: Path, second: Path) -> bool:
