@@ -86,3 +86,10 @@ def test_compare_an_onnx_against_another_without_a_run(tiny_run, exported, tmp_p
         == EXIT_BAD_INPUT
     )
     assert "not both" in capsys.readouterr().err
+
+
+def test_an_artifact_given_to_the_wrong_option_names_the_right_one(exported, tmp_path, capsys):
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    argv = ["compare", "--reference", str(exported / "m.onnx"), "--onnx", str(tmp_path / "m.engine")]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "is a TensorRT engine (.engine), not an ONNX file (.onnx): give it with --engine" in capsys.readouterr().err

@@ -381,5 +381,6 @@ def open_artifact(path: str | Path, backend: Optional[str] = None, flags: Option
         raise DeployError(f"artifact {path} does not exist: give an exported .onnx, a built .engine or a run directory")
     kind = artifact_type_of(path)
     if backend is not None and kind.backend != backend:
-        raise DeployError(f"{path} is {kind.what}, not {ARTIFACT_TYPES[backend].what}: use --backend {kind.backend}")
+        option = (flags or {}).get(kind.backend, f"--backend {kind.backend}")
+        raise DeployError(f"{path} is {kind.what}, not {ARTIFACT_TYPES[backend].what}: give it with {option}")
     return kind(path)
