@@ -137,10 +137,11 @@ def output_lock(directory: str | os.PathLike, option: str = "--out", swapped: bo
 
 
 def _lock_file(output: Path) -> Path:
-    """The lock file of an output path: in the system's temporary folder, named by a digest of the
-    resolved path, so that nothing is left beside the output (processes of one machine share it)."""
-    folder = Path(tempfile.gettempdir()) / "vitslim-locks"
-    folder.mkdir(exist_ok=True)
+    """The lock file of an output path: in the user's folder of the system's temporary folder,
+    named by a digest of the resolved path, so that nothing is left beside the output (the
+    processes of one user on one machine share it)."""
+    folder = Path(tempfile.gettempdir()) / f"vitslim-locks-{os.getuid()}"  # per user: no one else's folder
+    folder.mkdir(mode=0o700, exist_ok=True)
     return folder / (hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:32] + ".lock")
 
 
