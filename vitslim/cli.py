@@ -333,6 +333,7 @@ def cmd_compare(args) -> int:
 
 def _compare_with_run(args, run, options, candidates, precisions, artifacts, batches) -> list[dict]:
     """The run's compact module and the artifacts against the run's masked reference, on --data."""
+    from vitslim.deploy.results import COMPACT_LABEL
     from vitslim.pruning.data import calibration_set
     from vitslim.pruning.timm_adapter import input_shape_of
 
@@ -343,8 +344,8 @@ def _compare_with_run(args, run, options, candidates, precisions, artifacts, bat
     if args.data is None:
         raise DeployError("compare RUN_DIR needs --data: the data the run was trained on ('digits' or a directory)")
     plan, model = run.run
-    candidates = {"torch:compact": run.runner(options), **candidates}
-    precisions = {"torch:compact": "fp32", **precisions}
+    candidates = {COMPACT_LABEL: run.runner(options), **candidates}
+    precisions = {COMPACT_LABEL: "fp32", **precisions}
     for artifact in artifacts:
         if isinstance(artifact, OnnxArtifact):
             check_onnx_inputs(artifact, input_shape_of(model))

@@ -5,7 +5,7 @@ files works where only numpy, onnx and TensorRT are installed (the Docker runtim
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -43,14 +43,8 @@ class BenchSpec:
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
 
     def runner_options(self) -> RunnerOptions:
-        return RunnerOptions(
-            device=self.device,
-            threads=self.threads,
-            cuda_graph=self.cuda_graph,
-            runtime_cache=self.runtime_cache,
-            torch_mode=self.torch_mode,
-            torch_dtype=self.torch_dtype,
-        )
+        # every RunnerOptions field is a BenchSpec field of the same name and meaning
+        return RunnerOptions(**{field.name: getattr(self, field.name) for field in fields(RunnerOptions)})
 
 
 def check_batch_sizes(batches) -> None:
