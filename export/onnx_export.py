@@ -28,7 +28,7 @@ from vitslim.core.files import atomic_path, sha256_of
 from vitslim.core.metadata import ATTENTION_FORM_KEY, PREPROCESSING_KEY, write_metadata
 from vitslim.core.precision import PRECISIONS, Tolerance, compare_outputs, tolerance_for
 
-from .attention_form import DEFAULT_ATTENTION_FORM, attention_form
+from .attention_form import DEFAULT_ATTENTION_FORM, AttentionForm, attention_form
 from .compact import compact_from_plan
 from .errors import ExportError
 from .passes import DEFAULT_PASSES, apply_passes
@@ -133,6 +133,28 @@ def _check_graph(model: onnx.ModelProto) -> None:
             raise ExportError(f"graph {name} has shape {shape}: only the batch dimension may be dynamic")
 
 
+def onnx_graph(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    form: AttentionForm,
+    passes: tuple[str, ...] = DEFAULT_PASSES,
+    extra_passes: tuple[str, ...] = (),
+    precision: str = "fp32",
+) -> onnx.ModelProto:
+    """`module` as vitslim ships it: exported at the form's opset, the graph passes, the form's own
+    passes before the others' (onnxruntime's fusions need the form's MultiHeadAttention to infer
+    shapes), converted to `precision`, checked to hold no data-dependent op. Written to `path`
+    by the exporter; the caller saves the returned graph (with its metadata) over it."""
+    exported = apply_passes(
+        onnx_from_module(module, example, path, form.opset), tuple(passes) + form.passes + tuple(extra_passes)
+    )
+    if precision == "fp16":
+        exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
+    _check_graph(exported)
+    return exported
+
+
 def export_plan(
     model: nn.Module,
     plan: SlimPlan,
@@ -181,12 +203,7 @@ def export_plan(
     with torch.no_grad():
         reference = MaskedReference(model, plan)(inputs).numpy()
     with atomic_path(out_path) as tmp:
-        exported = apply_passes(
-            onnx_from_module(compact, inputs[:2], tmp, form.opset), tuple(passes) + form.passes + tuple(extra_passes)
-        )
-        if precision == "fp16":
-            exported = apply_passes(fp16_from_fp32(exported), ("toposort",))
-        _check_graph(exported)
+        exported = onnx_graph(compact, inputs[:2], tmp, form, passes, extra_passes, precision)
         metadata = {
             ATTENTION_FORM_KEY: form.name,
             **({} if preprocessing is None else {PREPROCESSING_KEY: json.dumps(preprocessing, sort_keys=True)}),

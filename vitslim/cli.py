@@ -182,9 +182,17 @@ def cmd_prune(args) -> int:
     check_run_data(args.run_dir, data, "prune")
     report = prune_run(method.name, config, plan, model, data, Path(args.out), restart=args.restart)
     stages = ", ".join(f"{k[5:]} {v:.2f} %" for k, v in report.items() if k.startswith("top1_"))
+    latency = report.get("latency")
+    predicted = (
+        ""
+        if latency is None
+        else f"predicted {latency['predicted_ms']:.4g} ms ({latency['predicted_speedup']:.2f}x timm"
+        + ("" if latency["target_ms"] is None else f", target {latency['target_ms']:.4g} ms")
+        + f", {latency['where']}); "
+    )
     print(
         f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, "
-        f"{report['params'] / report['params_dense']:.1%} of params; top-1 {stages}; run directory {args.out}"
+        f"{report['params'] / report['params_dense']:.1%} of params; {predicted}top-1 {stages}; run directory {args.out}"
     )
     return EXIT_OK
 
@@ -274,6 +282,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         cuda_graph=not args.no_cuda_graph,
         runtime_cache=str(Path(args.runtime_cache).resolve()) if args.runtime_cache else None,
+        latency_table=str(Path(args.latency_table).resolve()) if args.latency_table else None,
     )
     report = run_bench(spec, settings_from_args(BenchSettings, args))
     print(bench_markdown(report))
@@ -694,6 +703,36 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_latency_table(args) -> int:
+    from .latency_table import TableSpec, measure_table, write_table
+
+    if bool(args.model) == bool(args.run):
+        raise VitslimError("latency-table measures one model: give --model NAME [--model-kwargs ...] or --run RUN_DIR")
+    if args.run:
+        from vitslim.pruning.run_dir import load_run
+
+        model = load_run(args.run)[0].model
+    else:
+        model = _spec(args)
+    if not args.out.endswith(".json"):
+        raise VitslimError(f"--out {args.out}: a table is a .json file (its .md and .png are written beside it)")
+    spec = TableSpec(
+        model=model,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        batch=args.batch,
+        torch_mode=args.torch_mode,
+        attention=args.attention,
+        threads=args.threads,
+        cuda_graph=not args.no_cuda_graph,
+    )
+    table = measure_table(spec, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    paths = write_table(table, Path(args.out))
+    print(f"latency table: {paths[0]} (+ {paths[1].name}, {paths[2].name}); timm's model {table.timm_ms:.4g} ms on {table.label}")
+    return EXIT_OK
+
+
 def cmd_inspect(args) -> int:
     from .inspection import describe, to_text
 
@@ -870,6 +909,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     bench.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
     bench.add_argument("--runtime-cache", metavar="DIR", help=RUNTIME_CACHE_HELP)
+    bench.add_argument(
+        "--latency-table",
+        metavar="TABLE.json",
+        help="with --run (or a run directory): put the latency this table predicts for the run's plan beside the measured one "
+        "(the table must be for this runtime, device, precision and one of the batches)",
+    )
     bench.add_argument("--json", help="write results here (and a .md beside it)")
     add_settings_flags(bench, "timing settings", {"bench": BenchSettings})
     bench.set_defaults(func=cmd_bench)
@@ -1039,6 +1084,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     kit.add_argument("--out", required=True, help="the kit's directory")
     kit.set_defaults(func=cmd_kit)
 
+    from vitslim.export.attention_form import ATTENTION_FORMS, DEFAULT_ATTENTION_FORM  # no torch
+
+    latency = commands.add_parser(
+        "latency-table",
+        help="measure what the model's blocks cost on one runtime, for latency targets (prune --latency-table) "
+        "and predictions (bench --latency-table)",
+    )
+    latency.add_argument("--model", help="timm model name, e.g. deit_small_patch16_224 (random weights: latency does not depend on them)")
+    latency.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="timm kwargs, e.g. img_size=32 num_classes=10")
+    latency.add_argument("--run", help="instead of --model: the model of this run directory")
+    latency.add_argument("--backend", default="onnxruntime", choices=("torch", "onnxruntime"), help="the runtime (default onnxruntime)")
+    latency.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    latency.add_argument("--precision", default="fp32", help="fp32 or fp16 (onnxruntime; the exported graph's), fp32, fp16 or bf16 (torch)")
+    latency.add_argument("--batch", type=int, default=8, help="the batch the latency is for (default 8)")
+    latency.add_argument("--torch-mode", default="eager", choices=TORCH_MODES, help="PyTorch: eager, cuda_graph or compile")
+    latency.add_argument("--attention", default=DEFAULT_ATTENTION_FORM, choices=tuple(ATTENTION_FORMS), help="onnxruntime: how the ONNX writes attention (as 'vitslim export --attention')")
+    latency.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
+    latency.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
+    latency.add_argument("--out", required=True, help="TABLE.json (TABLE.md and TABLE.png beside it)")
+    latency.set_defaults(func=cmd_latency_table)
+
     inspect = commands.add_parser(
         "inspect",
         help="what an .onnx, .engine or run directory is: IO, precision, preprocessing, profiles, build options, layers",
@@ -1124,7 +1190,7 @@ class _Terminated(BaseException):
 # Commands whose --out is written as several files (an engine and its manifest, an ONNX and its
 # reports): held under a lock while they run (train, prune and run lock their run directories
 # themselves, gate --accept its --baseline-dir). The kit's --out is a directory.
-FILE_OUTPUTS = ("build", "export", "quantize")
+FILE_OUTPUTS = ("build", "export", "quantize", "latency-table")
 
 
 def _output_lock_of(args):

@@ -41,6 +41,7 @@ class BenchSpec:
     # GPU runners (TensorRT, onnxruntime on CUDA) replay a captured CUDA graph (trtexec --useCudaGraph)
     cuda_graph: bool = True
     runtime_cache: Optional[str] = None  # TensorRT-RTX: directory of its runtime caches (kernels compiled on this GPU)
+    latency_table: Optional[str] = None  # put the latency it predicts for the run's plan beside the measured one
 
     def runner_options(self) -> RunnerOptions:
         # every RunnerOptions field is a BenchSpec field of the same name and meaning
@@ -109,6 +110,7 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
             f"{artifact.path.name} is {precision} but the PyTorch baselines would run {spec.torch_dtype}: pass --torch-dtype {precision}"
         )
     shape = artifact.input_shape
+    table = _latency_table_for(spec, artifact, precision)
     results = _measure(
         artifact.runner(options), artifact.label, spec.batches, shape, precision, artifact.digest, settings
     )
@@ -120,11 +122,67 @@ def run_bench(spec: BenchSpec, settings: BenchSettings = BenchSettings()) -> dic
             RunArtifact(Path(spec.run_dir)), spec, torch_device, shape, settings
         )
         results, fractions = results + more_results, {**fractions, **more_fractions}
-    return {
+    report = {
         "version": RESULT_VERSION,
         "spec": asdict(spec),
         "results": results,
         "ratios": latency_ratios(results, fractions),
+    }
+    if table is not None:
+        report["prediction"] = predicted_beside_measured(table, _run_of(spec, artifact), artifact.label, results)
+    return report
+
+
+def _run_of(spec: BenchSpec, artifact) -> Optional[RunArtifact]:
+    if isinstance(artifact, RunArtifact):
+        return artifact
+    return RunArtifact(Path(spec.run_dir)) if spec.run_dir else None
+
+
+def _latency_table_for(spec: BenchSpec, artifact, precision: str):
+    """The spec's latency table, refused before anything is timed unless it was measured on this
+    runtime, device and precision at one of the batches timed, and a run gives the plan."""
+    if spec.latency_table is None:
+        return None
+    from vitslim.pruning.latency import read_latency_table
+
+    table = read_latency_table(spec.latency_table)
+    if _run_of(spec, artifact) is None:
+        raise DeployError("--latency-table predicts from the run's plan: add --run RUN_DIR (the run the artifact was exported from)")
+    device = "cuda" if spec.device.startswith("cuda") else "cpu"
+    here = {"backend": spec.backend, "device": device, "precision": precision}
+    if spec.backend == "torch":
+        here["torch_mode"] = spec.torch_mode
+    if isinstance(artifact, OnnxArtifact):
+        from vitslim.core.metadata import attention_form_of
+
+        here["attention_form"] = attention_form_of(artifact.model)
+    for key, value in here.items():
+        if table.where.get(key) != value:
+            raise DeployError(
+                f"latency table {table.source} was measured with {key} {table.where.get(key)!r} but this bench runs "
+                f"{value!r}: measure a table on this runtime ('vitslim latency-table --backend {spec.backend} --device {device} "
+                f"--precision {precision} ...')"
+            )
+    if table.batch not in spec.batches:
+        raise DeployError(f"latency table {table.source} is for batch {table.batch}: add --batch {table.batch}")
+    return table
+
+
+def predicted_beside_measured(table, run: RunArtifact, label: str, results: list[dict]) -> dict:
+    """The table's prediction for the run's plan beside the artifact's measured median."""
+    from vitslim.pruning.timm_adapter import supported_geometry
+
+    plan, model = run.run
+    predicted = table.predict(plan, supported_geometry(model)).total_ms
+    measured = next(r["median_ms"] for r in results if r["label"] == label and r["batch"] == table.batch)
+    return {
+        "table": table.source,
+        "where": table.label,
+        "batch": table.batch,
+        "predicted_ms": predicted,
+        "measured_ms": measured,
+        "error": measured / predicted - 1.0,
     }
 
 
@@ -204,6 +262,13 @@ def bench_markdown(report: dict) -> str:
         lines += [
             f"| {r['label']} | {r['batch']} | {r['speedup']:.2f}x | {ratio(r['mac_ideal'])}x | {ratio(r['realised_over_ideal'])} |"
             for r in report["ratios"]
+        ]
+    prediction = report.get("prediction")
+    if prediction:
+        lines += [
+            "",
+            f"Latency table ({prediction['where']}): predicted {prediction['predicted_ms']:.3f} ms, measured "
+            f"{prediction['measured_ms']:.3f} ms at batch {prediction['batch']} ({prediction['error']:+.1%}).",
         ]
     return "\n".join(lines) + "\n"
 

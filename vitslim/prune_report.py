@@ -35,6 +35,13 @@ def prune_report_markdown(report: dict) -> str:
         f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
         f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
     ]
+    latency = report.get("latency")
+    if latency:
+        target = "" if latency["target_ms"] is None else f" (target {latency['target_ms']:.4g} ms)"
+        lines.append(
+            f"- Latency predicted on {latency['where']}: {latency['predicted_ms']:.4g} ms{target}, "
+            f"{latency['predicted_speedup']:.2f}× timm's model ({latency['timm_ms']:.4g} ms); table {latency['table']}"
+        )
     lines += [f"- {key.replace('_', ' ')}: {value:.2f} %" for key, value in report.items() if key.startswith("top1_")]
     if "pruned_fraction" in report:
         lines.append(f"- Gated dims pruned: {report['pruned_fraction']:.1%}")

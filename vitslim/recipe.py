@@ -137,9 +137,10 @@ def _settings(where: str, config_type: type, given) -> Any:
     return config_type(**given)
 
 
-def _method_configs(methods, train: TrainConfig) -> tuple[tuple[str, Any], ...]:
+def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[tuple[str, Any], ...]:
     """Each method's settings; its fine-tuning takes the train section's augmentation settings
-    (augment, mixup, cutmix, label_smoothing) unless its own section sets them."""
+    (augment, mixup, cutmix, label_smoothing) unless its own section sets them; a latency table
+    is named relative to the recipe file."""
     from vitslim.pruning.methods import get_method
 
     if not isinstance(methods, dict):
@@ -149,6 +150,8 @@ def _method_configs(methods, train: TrainConfig) -> tuple[tuple[str, Any], ...]:
         if settings is not None and not isinstance(settings, dict):
             raise PruningError(f"recipe methods.{name}: a mapping of setting -> value, not {type(settings).__name__}")
         given = {**train.augmentation_settings(), **(settings or {})}
+        if "latency_table" in given:
+            given["latency_table"] = _beside(base, given["latency_table"])
         configs.append((name, _settings(f"methods.{name}", get_method(name).config_type, given)))
     return tuple(configs)
 
@@ -163,7 +166,7 @@ def _beside(base: Optional[Path], value):
 
 def recipe_from_dict(data: dict, base: Optional[Path] = None) -> Recipe:
     """The recipe in `data`; `base`: the folder of the recipe file, against which its relative
-    paths (data, model.checkpoint, out_dir) are resolved (None: the current directory)."""
+    paths (data, model.checkpoint, out_dir, a method's latency_table) are resolved (None: the current directory)."""
     if not isinstance(data, dict):
         raise PruningError("recipe must be a YAML mapping (see the built-in default in vitslim/recipe.py)")
     _check_keys("top level", data, _TOP_KEYS)
@@ -182,7 +185,7 @@ def recipe_from_dict(data: dict, base: Optional[Path] = None) -> Recipe:
         out_dir=Path(_beside(base, str(data.get("out_dir", "runs")))),
         checkpoint=_beside(base, model.get("checkpoint")),
         pretrained=bool(model.get("pretrained", False)),
-        methods=_method_configs(data.get("methods") or {}, train),
+        methods=_method_configs(data.get("methods") or {}, train, base),
         **_deploy_and_build(data.get("deploy") or {}),
     )
 

@@ -28,6 +28,7 @@ from vitslim.core.settings import setting
 from ..checkpoints import phase_path
 from ..data import DataSplits, calibration_set
 from ..errors import PruningError
+from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import macs_fraction
 from ..plan import BlockPlan, SlimPlan
 from ..reference import plan_applied, recorded_attention
@@ -41,7 +42,7 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class DGSSAGladConfig(AugmentationSettings):
+class DGSSAGladConfig(AugmentationSettings, LatencyTargetSettings):
     static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
     similarity_threshold: Optional[float] = setting(
         None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"
@@ -49,7 +50,7 @@ class DGSSAGladConfig(AugmentationSettings):
     pyramid: str = setting(
         "",
         "GLAD: 'BLOCK:PATCHES,...', e.g. '7:98,10:49' aggregates to 98 patches before block 7, 49 before block 10; "
-        "'auto': stages from the attention's effective rank, to --target-macs; empty: none",
+        "'auto': stages from the attention's effective rank, to --target-macs or a latency target; empty: none",
     )
     target_macs: Optional[float] = setting(
         None, "GLAD with --pyramid auto: the fraction of dense MACs to keep, in (0, 1]"
@@ -87,8 +88,14 @@ class DGSSAGladConfig(AugmentationSettings):
             raise PruningError("--finetune-epochs and the attention weight must be >= 0")
         if self.static_init not in STATIC_INITS:
             raise PruningError(f"--static-init {self.static_init!r} is not one of {STATIC_INITS}")
-        if (self.pyramid.strip() == AUTO) != (self.target_macs is not None):
-            raise PruningError("--pyramid auto and --target-macs F go together (F: the fraction of dense MACs to keep)")
+        self.check_latency_settings()
+        if self.target_macs is not None and self.has_latency_target:
+            raise PruningError("give --target-macs or a latency target (--target-ms / --target-speedup), not both")
+        if (self.pyramid.strip() == AUTO) != (self.target_macs is not None or self.has_latency_target):
+            raise PruningError(
+                "--pyramid auto goes with a target: --target-macs F (the fraction of dense MACs to keep) or "
+                "--target-ms / --target-speedup with --latency-table"
+            )
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
             raise PruningError(f"--target-macs {self.target_macs} must be in (0, 1]")
         if self.pyramid.strip() != AUTO:
@@ -294,20 +301,21 @@ def pyramid_for_ranks(
 
 
 def auto_pyramid(
-    analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], macs_of, target: float
+    analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], fits, target: str
 ) -> tuple[tuple[int, int], ...]:
-    """The GLAD stages from the effective-rank analysis whose MACs (`macs_of(stages)`, a fraction
-    of dense) are the largest not above `target`: bisection on kappa (more kappa, more tokens)."""
+    """The GLAD stages from the effective-rank analysis that keep the most tokens (the largest
+    kappa) while `fits(stages)` (the target: MACs or predicted latency; `target` names it):
+    bisection on kappa (more kappa, more tokens)."""
     ranks = [row["effective_rank"] for row in analysis]
     low, high = 0.0, float(geometry.num_patches)
-    if macs_of(pyramid_for_ranks(ranks, static, low, grid)) > target:
+    if not fits(pyramid_for_ranks(ranks, static, low, grid)):
         raise PruningError(
-            f"--target-macs {target}: even the steepest pyramid the patch grid allows keeps more; "
+            f"{target}: even the steepest pyramid the patch grid allows does not meet it; "
             "raise the target or add static blocks"
         )
     for _ in range(30):
         kappa = (low + high) / 2
-        if macs_of(pyramid_for_ranks(ranks, static, kappa, grid)) <= target:
+        if fits(pyramid_for_ranks(ranks, static, kappa, grid)):
             low = kappa
         else:
             high = kappa
@@ -357,6 +365,7 @@ def prune_dgssa_glad(
 ) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
+    budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before the analysis
     auto = config.pyramid.strip() == AUTO
     stages = () if auto else parse_pyramid(config.pyramid)
     check_pyramid(stages, geometry)
@@ -364,15 +373,29 @@ def prune_dgssa_glad(
     analysis, mean_maps = analyse_attention(model, calibration.images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)
     grid = patch_grid(model)
-    if auto:
+
+    def plan_of(candidate) -> SlimPlan:
+        return structure_plan(base, static, candidate, geometry, grid)
+
+    if auto and config.target_macs is not None:
         stages = auto_pyramid(
             analysis,
             static,
             geometry,
             grid,
-            lambda candidate: macs_fraction(structure_plan(base, static, candidate, geometry, grid), geometry),
-            config.target_macs,
+            lambda candidate: macs_fraction(plan_of(candidate), geometry) <= config.target_macs,
+            f"--target-macs {config.target_macs}",
         )
+    elif auto:
+        stages = auto_pyramid(
+            analysis,
+            static,
+            geometry,
+            grid,
+            lambda candidate: budget.fits(plan_of(candidate)),
+            f"{budget.target_ms:.4g} ms on {budget.table.label}",
+        )
+    if auto:
         check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
         raise PruningError(
@@ -389,6 +412,7 @@ def prune_dgssa_glad(
         "analysis": analysis,
         "static_blocks": static,
         "pyramid": [list(s) for s in stages],
+        **({} if budget is None else {"latency": budget.report(plan_of(stages))}),
         "top1_dense": evaluate(model, data.val),
     }
     trainable.eval()

@@ -29,6 +29,7 @@ from vitslim.core.settings import setting
 from ..checkpoints import load_state, phase_path, save_state, weights_digest
 from ..data import DataSplits, calibration_set
 from ..errors import PruningError
+from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import macs_fraction
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
@@ -47,7 +48,7 @@ POOLED_HEAD_REFUSAL = (
 
 
 @dataclass(frozen=True)
-class PatchSlimConfig(AugmentationSettings):
+class PatchSlimConfig(AugmentationSettings, LatencyTargetSettings):
     epsilon: Optional[float] = setting(
         None, "tolerance on the next block's relative squared reconstruction error (paper 0.01-0.02)"
     )
@@ -67,13 +68,17 @@ class PatchSlimConfig(AugmentationSettings):
         256, "further training images (stratified, seeded) that the single-block fine-tuning uses"
     )
     distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
-    search_iterations: int = setting(8, "bisection steps on epsilon for target_macs")
+    search_iterations: int = setting(8, "bisection steps on epsilon for --target-macs or a latency target")
     seed: int = setting(0, "random seed")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the augmentation settings; every float finite
-        if (self.epsilon is None) == (self.target_macs is None):
-            raise PruningError("give exactly one of --epsilon E (e.g. 0.02) or --target-macs F (e.g. 0.55)")
+        self.check_latency_settings()
+        if (self.epsilon is not None) + (self.target_macs is not None) + self.has_latency_target != 1:
+            raise PruningError(
+                "give exactly one of --epsilon E (e.g. 0.02), --target-macs F (e.g. 0.55) or a latency target "
+                "(--target-ms / --target-speedup with --latency-table)"
+            )
         if self.epsilon is not None and not self.epsilon > 0:
             raise PruningError(f"--epsilon {self.epsilon} must be > 0 (the paper uses 0.01-0.02)")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
@@ -291,16 +296,16 @@ def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int)
     return _Features([torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)])
 
 
-def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig):
-    """Bisection on log ε: the smallest ε whose plan keeps at most target_macs of dense MACs."""
+def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, config: PatchSlimConfig, fits):
+    """Bisection on log ε: the smallest ε (the least reconstruction error, the method's own
+    accuracy proxy) whose plan `fits` the target (MACs or predicted latency)."""
     low, high = math.log(1e-4), math.log(4.0)
     best = None
     for _ in range(config.search_iterations):
         epsilon = math.exp((low + high) / 2)
         search = make_search()
         token_sets, search_log = search.run(epsilon)
-        fraction = macs_fraction(plan_from_token_sets(token_sets, base, geometry.num_tokens), geometry)
-        if fraction <= config.target_macs:
+        if fits(plan_from_token_sets(token_sets, base, geometry.num_tokens)):
             high, best = math.log(epsilon), (epsilon, search, token_sets, search_log)
         else:
             low = math.log(epsilon)
@@ -322,6 +327,7 @@ def prune_patch_slimming(
 ) -> MethodResult:
     """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
+    budget = LatencyBudget.from_settings(config, geometry)
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
         raise PruningError(POOLED_HEAD_REFUSAL)
     needed = config.calibration_images + config.block_tuning_images
@@ -354,7 +360,16 @@ def prune_patch_slimming(
         )
     else:
         if config.target_macs is not None:
-            epsilon, search, token_sets, search_log = _search_for_target(make_search, geometry, base, config)
+            epsilon, search, token_sets, search_log = _search_for_target(
+                make_search, geometry, base, config, lambda plan: macs_fraction(plan, geometry) <= config.target_macs
+            )
+        elif budget is not None and budget.target_ms is not None:
+            epsilon, search, token_sets, search_log = _search_for_target(
+                make_search, geometry, base, config, budget.fits
+            )
+            fastest = plan_from_token_sets(token_sets, base, geometry.num_tokens)
+            if not budget.fits(fastest):
+                raise budget.unreachable(fastest, f"Patch Slimming (epsilon up to {epsilon:.3g})")
         else:
             epsilon, search = config.epsilon, make_search()
             token_sets, search_log = search.run(epsilon)
@@ -373,6 +388,7 @@ def prune_patch_slimming(
     plan = plan_from_token_sets(token_sets, base, geometry.num_tokens)
     report = {
         "config": asdict(config),
+        **({} if budget is None else {"latency": budget.report(plan)}),
         "epsilon": epsilon,
         "top1_dense": evaluate(model, data.val),
         "calibration_classes": check.class_histogram,

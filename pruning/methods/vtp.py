@@ -21,6 +21,7 @@ from vitslim.core.settings import setting
 from ..checkpoints import phase_path
 from ..data import DataSplits
 from ..errors import PruningError
+from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import kept_channels
 from ..plan import BlockPlan, SlimPlan
 from ..reference import MaskedReference, scaled_channels
@@ -29,11 +30,17 @@ from ..train import AugmentationSettings, TrainConfig, evaluate, fit, parameter_
 from .base import MethodResult, dense_start, register_method
 
 GateKey = tuple[int, str]  # (block index, channel space)
+DEFAULT_PRUNE_RATIO = 0.4
+MAX_SEARCHED_RATIO = 0.95  # a latency target's search never removes more of the gated dims
 
 
 @dataclass(frozen=True)
-class VTPConfig(AugmentationSettings):
-    prune_ratio: float = setting(0.4, "fraction of all gated dimensions to remove, in (0, 1)")
+class VTPConfig(AugmentationSettings, LatencyTargetSettings):
+    prune_ratio: Optional[float] = setting(
+        None,
+        f"fraction of all gated dimensions to remove, in (0, 1) (default {DEFAULT_PRUNE_RATIO}; with a latency target "
+        "the smallest ratio that meets it is searched instead)",
+    )
     l1: float = setting(1e-4, "weight λ of the sparsity penalty λ·Σ|gate| (the paper's value is 1e-4)")
     sparsity_epochs: int = setting(5, "epochs of sparsity training with the gates")
     finetune_epochs: int = setting(15, "epochs of fine-tuning after pruning")
@@ -53,7 +60,10 @@ class VTPConfig(AugmentationSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the augmentation settings; every float finite
-        if not 0.0 < self.prune_ratio < 1.0:
+        self.check_latency_settings()
+        if self.prune_ratio is not None and self.has_latency_target:
+            raise PruningError("give --prune-ratio or a latency target (--target-ms / --target-speedup), not both")
+        if self.prune_ratio is not None and not 0.0 < self.prune_ratio < 1.0:
             raise PruningError(
                 f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims"
             )
@@ -148,11 +158,17 @@ def top_indices(scores: torch.Tensor, count: int, groups: int = 1) -> tuple[int,
 
 
 def plan_from_gates(
-    gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig
+    gates: Mapping[GateKey, torch.Tensor],
+    geometry: ViTGeometry,
+    base: SlimPlan,
+    config: VTPConfig,
+    ratio: Optional[float] = None,
 ) -> SlimPlan:
-    """The plan that keeps, per gate, the dims that survive the threshold (constrained as above)."""
+    """The plan that keeps, per gate, the dims that survive the threshold (constrained as above)
+    when `ratio` of them (default: the config's) are removed."""
     scores = ranking_scores(gates, config.seed)
-    counts = kept_counts(scores, config.prune_ratio, config.per_module)
+    ratio = ratio if ratio is not None else (config.prune_ratio or DEFAULT_PRUNE_RATIO)
+    counts = kept_counts(scores, ratio, config.per_module)
     blocks = []
     for index in range(geometry.depth):
         fields = {}
@@ -164,6 +180,23 @@ def plan_from_gates(
                 fields[space] = top_indices(scores[key], count, heads)
         blocks.append(BlockPlan(**fields))
     return SlimPlan(model=base.model, blocks=tuple(blocks), method="vtp")
+
+
+def ratio_for_target(
+    gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig, fits
+) -> float:
+    """The smallest prune ratio (the most gate magnitude kept, the method's own accuracy proxy)
+    whose plan `fits` the target: bisection, the ratio's plan being monotone in it."""
+    low, high = 0.0, MAX_SEARCHED_RATIO
+    if not fits(plan_from_gates(gates, geometry, base, config, high)):
+        return high  # the caller names the shortfall
+    for _ in range(20):
+        middle = (low + high) / 2
+        if fits(plan_from_gates(gates, geometry, base, config, middle)):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def fold_gates(model: nn.Module, gates: Mapping[GateKey, torch.Tensor]) -> nn.Module:
@@ -214,6 +247,7 @@ def prune_vtp(
 ) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "VTP")
+    budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before any training
     teacher = teacher if config.distill_weight > 0 else None
     report = {"config": asdict(config), "top1_dense": evaluate(model, data.val)}
     gates = VTPGates(geometry)
@@ -231,7 +265,16 @@ def prune_vtp(
         checkpoint_path=phase_path(checkpoints, "sparsity"),
     )
     report["top1_after_sparsity_training"] = sparsity.val_top1
-    plan = plan_from_gates(gates.as_dict(), geometry, base, config)
+    ratio = config.prune_ratio or DEFAULT_PRUNE_RATIO
+    if budget is not None and budget.target_ms is not None:
+        ratio = ratio_for_target(gates.as_dict(), geometry, base, config, budget.fits)
+        fastest = plan_from_gates(gates.as_dict(), geometry, base, config, ratio)
+        if not budget.fits(fastest):
+            raise budget.unreachable(fastest, f"VTP (removing up to {MAX_SEARCHED_RATIO:.0%} of the gated dims)")
+    report["prune_ratio"] = ratio
+    plan = plan_from_gates(gates.as_dict(), geometry, base, config, ratio)
+    if budget is not None:
+        report["latency"] = budget.report(plan)
     folded = fold_gates(gated.model, gates.as_dict())
     masked = MaskedReference(folded, plan)
     report["top1_after_pruning"] = evaluate(masked, data.val)

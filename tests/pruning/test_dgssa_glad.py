@@ -206,7 +206,7 @@ def test_auto_pyramid_meets_the_mac_target(tmp_path):
     )
     assert result.report["pyramid"] and fraction <= 0.7 and result.report["pyramid_from"].startswith("effective rank")
     check_pyramid(tuple(tuple(s) for s in result.report["pyramid"]), geometry)
-    with pytest.raises(PruningError, match="go together"):
+    with pytest.raises(PruningError, match="goes with a target"):
         DGSSAGladConfig(pyramid="auto")
 
 

@@ -1,0 +1,346 @@
+"""`vitslim latency-table`: measure what a model's blocks cost on one runtime (the table format and
+the predictor are vitslim.pruning.latency).
+
+Each grid point is one block of the model built as the exporter builds it (export.compact) and
+timed alone by deploy's runners the way `vitslim bench` times artifacts: in PyTorch (eager, CUDA
+graphs or compiled) or, exported through the exporter's own graph passes, in onnxruntime (CPU or
+CUDA). Weights are random: latency does not depend on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitslim.core.errors import VitslimError
+from vitslim.core.files import write_bytes_atomic, write_text_atomic
+from vitslim.core.limits import MAX_BATCH
+from vitslim.deploy.bench import BenchSettings, benchmark, host_description
+from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from vitslim.deploy.runners.torch_runner import TORCH_DTYPES, TORCH_MODES
+from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
+from vitslim.export.compact import CompactBlock, compact_from_plan
+from vitslim.export.onnx_export import onnx_graph
+from vitslim.pruning.latency import (
+    LatencyTable,
+    table_geometry,
+    uniform_width_block,
+    write_latency_table,
+    written_count,
+)
+from vitslim.pruning.models import create_model
+from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.reference import aggregate_tokens
+from vitslim.pruning.timm_adapter import ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime")
+ONNX_PRECISIONS = ("fp32", "fp16")
+# The grid: read counts are the prefix tokens plus one patch and these fractions of the patches;
+# the other axes are fractions of the patches written, of every channel space, and of the patches
+# an aggregation pools to (GLAD halves the grid per stage).
+READ_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+KEPT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+WIDTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+POOLED_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations=10, max_rounds=2)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where a table is measured: the model, the runtime and its settings, the batch."""
+
+    model: ModelSpec
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch: int = 8
+    torch_mode: str = "eager"
+    attention: str = DEFAULT_ATTENTION_FORM  # how the ONNX writes attention (onnxruntime)
+    threads: Optional[int] = None
+    cuda_graph: bool = True  # onnxruntime on CUDA replays a captured graph, as bench does
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise VitslimError(
+                f"--backend {self.backend!r}: latency tables are measured with {BACKENDS} "
+                "(TensorRT: measure on onnxruntime or torch and check the engine with 'vitslim bench')"
+            )
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise VitslimError(f"--batch {self.batch} must be >= 1 and at most {MAX_BATCH}")
+        precisions = tuple(TORCH_DTYPES) if self.backend == "torch" else ONNX_PRECISIONS
+        if self.precision not in precisions:
+            raise VitslimError(f"--precision {self.precision!r} is not one of {precisions} for {self.backend}")
+        if self.torch_mode not in TORCH_MODES:
+            raise VitslimError(f"--torch-mode {self.torch_mode!r} is not one of {TORCH_MODES}")
+        if self.device not in ("cpu", "cuda"):
+            raise VitslimError(f"--device {self.device!r} must be cpu or cuda")
+        attention_form(self.attention)  # an unknown form is one line here, not after minutes
+
+    @property
+    def runtime(self) -> str:
+        if self.backend == "torch":
+            return f"torch {self.torch_mode}"
+        return f"onnxruntime {self.attention}" + (" (CUDA graphs)" if self.device == "cuda" and self.cuda_graph else "")
+
+
+class _Aggregation(nn.Module):
+    """A GLAD aggregation alone: [B, P + N, C] -> [B, P + M, C]."""
+
+    def __init__(self, matrix: torch.Tensor, num_prefix: int) -> None:
+        super().__init__()
+        self.matrix, self.num_prefix = nn.Parameter(matrix, requires_grad=False), num_prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aggregate_tokens(x, self.matrix, self.num_prefix)
+
+
+def read_counts(geometry: ViTGeometry) -> list[int]:
+    prefix, patches = geometry.num_prefix_tokens, geometry.num_patches
+    return sorted({prefix + 1, *(prefix + max(1, round(f * patches)) for f in READ_FRACTIONS)})
+
+
+def _spread(prefix: int, read: int, written: int) -> Optional[tuple[int, ...]]:
+    """The prefix tokens and `written - prefix` patches spread over those read (a Gather, as a
+    method's kept set is); None when every token is written."""
+    if written >= read:
+        return None
+    patches = np.linspace(prefix, read - 1, written - prefix).round().astype(int).tolist() if written > prefix else []
+    return tuple(range(prefix)) + tuple(patches)
+
+
+def block_point(geometry: ViTGeometry, static: bool, read: int, kept: float, width: float) -> BlockPlan:
+    """The plan of one grid point's block."""
+    written = written_count(geometry, read, kept)
+    widths = uniform_width_block(geometry, width)
+    return BlockPlan(
+        kept_tokens=_spread(geometry.num_prefix_tokens, read, written),
+        qkv_in=widths.qkv_in,
+        proj_in=widths.proj_in,
+        fc1_in=widths.fc1_in,
+        hidden=widths.hidden,
+        static_attention=torch.full((geometry.num_heads, written, read), 1.0 / read) if static else None,
+    )
+
+
+def grid_points(geometry: ViTGeometry) -> list[dict]:
+    """Every block point of a table: the full block of each kind at every read count, the
+    dynamic block along the kept axis and along the width axis (the predictor is separable)."""
+    points = []
+    for read in read_counts(geometry):
+        points.append({"static": True, "read": read, "kept": 1.0, "width": 1.0})
+        points += [{"static": False, "read": read, "kept": kept, "width": 1.0} for kept in KEPT_FRACTIONS]
+        points += [{"static": False, "read": read, "kept": 1.0, "width": w} for w in WIDTH_FRACTIONS if w < 1]
+    return points
+
+
+def aggregation_points(geometry: ViTGeometry) -> list[dict]:
+    return [
+        {"arriving": read, "pooled": pooled}
+        for read in read_counts(geometry)
+        if read > geometry.num_prefix_tokens + 1
+        for pooled in POOLED_FRACTIONS
+    ]
+
+
+class _Timer:
+    """Times modules on the spec's runtime (exported first for onnxruntime) at the spec's batch."""
+
+    def __init__(self, spec: TableSpec, settings: BenchSettings, work: Path) -> None:
+        self.spec, self.settings, self.work, self.count = spec, settings, work, 0
+        self.form = attention_form(spec.attention)
+        self.description: Optional[dict] = None
+        # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
+        self.pads_value_heads = spec.backend == "onnxruntime" and self.form.pad_value_heads
+
+    def runner(self, module: nn.Module, example: torch.Tensor) -> Runner:
+        spec = self.spec
+        if spec.backend == "torch":
+            return TorchRunner(copy.deepcopy(module), spec.device, spec.torch_mode, spec.precision)
+        self.count += 1
+        path = self.work / f"point{self.count}.onnx"
+        import onnx
+
+        with torch.no_grad():
+            graph = onnx_graph(module.float().eval(), example[:2].float(), path, self.form, precision=spec.precision)
+        onnx.save(graph, str(path))
+        return OnnxRuntimeRunner(path, spec.device, spec.threads, cuda_graph=spec.device == "cuda" and spec.cuda_graph)
+
+    def ms(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        example = torch.randn(max(2, self.spec.batch), *shape)
+        inputs = np.random.default_rng(0).standard_normal((self.spec.batch, *shape)).astype(np.float32)
+        runner = self.runner(module, example)
+        with runner:
+            result = benchmark(runner, inputs, self.spec.precision, None, self.settings)
+            self.description = self.description or runner.description
+        return result["median_ms"]
+
+
+def measure_table(
+    spec: TableSpec,
+    model: Optional[nn.Module] = None,
+    settings: BenchSettings = TABLE_TIMING,
+    progress: Callable[[str], None] = log.info,
+) -> LatencyTable:
+    """Measure a latency table for `spec` (its model with random weights unless `model` is given)."""
+    if spec.backend == "torch" and spec.threads:
+        torch.set_num_threads(spec.threads)
+    model = (model if model is not None else create_model(spec.model)).eval().float().cpu()
+    geometry = supported_geometry(model)
+    parts = block_parts(blocks_of(model)[0])
+    image_shape = tuple(model.patch_embed.img_size)
+    in_chans = model.patch_embed.proj.in_channels
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work:
+        timer = _Timer(spec, settings, Path(work))
+        points, aggregations = grid_points(geometry), aggregation_points(geometry)
+        total = len(points) + len(aggregations) + 2
+        done = 0
+
+        def step(what: str, module: nn.Module, shape: tuple[int, ...]) -> float:
+            nonlocal done
+            done += 1
+            ms = timer.ms(module, shape)
+            progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms")
+            return ms
+
+        fixed = copy.deepcopy(model)
+        replace_blocks(fixed, [])
+        fixed_ms = step("fixed parts (patch embedding, head)", fixed, (in_chans, *image_shape))
+        # timm's own model on a torch runtime; on onnxruntime, the model as vitslim exports it dense
+        timm_module = model if spec.backend == "torch" else compact_from_plan(model, dense_plan(spec.model, geometry.depth))
+        timm_ms = step("timm's model", timm_module, (in_chans, *image_shape))
+        blocks = []
+        for point in points:
+            module = CompactBlock(
+                parts, block_point(geometry, **point), geometry, pad_value_heads=timer.pads_value_heads
+            ).eval()
+            kind = "static" if point["static"] else "block"
+            what = f"{kind} read {point['read']} kept {point['kept']:g} width {point['width']:g}"
+            blocks.append({**point, "ms": step(what, module, (point["read"], geometry.dim))})
+        pooled_rows = []
+        for point in aggregations:
+            patches = point["arriving"] - geometry.num_prefix_tokens
+            matrix = torch.rand(max(1, round(point["pooled"] * patches)), patches)
+            module = _Aggregation(matrix, geometry.num_prefix_tokens)
+            what = f"aggregation of {point['arriving']} pooled {point['pooled']:g}"
+            pooled_rows.append({**point, "ms": step(what, module, (point["arriving"], geometry.dim))})
+    where = {
+        "runtime": spec.runtime,
+        "backend": spec.backend,
+        "device": spec.device,
+        "device_name": (host_description()["gpu"] or {}).get("name") if spec.device == "cuda" else host_description()["cpu"],
+        "precision": spec.precision,
+        "torch_mode": spec.torch_mode if spec.backend == "torch" else None,
+        "attention_form": spec.attention if spec.backend == "onnxruntime" else None,
+        "threads": spec.threads,
+        "runner": timer.description,
+        "host": host_description(),
+        "timing": settings.__dict__,
+        "measured_in_seconds": round(time.perf_counter() - started, 1),
+        "measured_on": time.strftime("%Y-%m-%d"),
+    }
+    return LatencyTable(
+        model=spec.model.to_dict(),
+        geometry=table_geometry(geometry),
+        where=where,
+        batch=spec.batch,
+        fixed_ms=fixed_ms,
+        timm_ms=timm_ms,
+        blocks=tuple(blocks),
+        aggregations=tuple(pooled_rows),
+    )
+
+
+# ------------------------------------------------------------------------------- for people
+
+
+def table_markdown(table: LatencyTable) -> str:
+    where = table.where
+    lines = [
+        f"# Latency table: {table.model['name']} on {table.label}",
+        "",
+        f"- Runtime: {where.get('runtime')} ({where.get('device')}: {where.get('device_name')}), {where.get('precision')}, batch {table.batch}",
+        f"- timm's model: {table.timm_ms:.4g} ms; fixed parts (patch embedding, head): {table.fixed_ms:.4g} ms",
+        f"- Measured in {where.get('measured_in_seconds')} s on {where.get('measured_on')}",
+        "",
+        "## One block, every channel kept (ms)",
+        "",
+        "| tokens read | dynamic, all written | dynamic, prefix only written | static attention |",
+        "|---|---|---|---|",
+    ]
+    for read in sorted({row["read"] for row in table.blocks}):
+        def ms(**match) -> str:
+            row = next((r for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())), None)
+            return "–" if row is None else f"{row['ms']:.4g}"
+
+        lines.append(
+            f"| {read} | {ms(static=False, kept=1.0, width=1.0)} | {ms(static=False, kept=0.0, width=1.0)} | {ms(static=True, kept=1.0, width=1.0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def table_png(table: LatencyTable, path: Path) -> None:
+    """Block latency against tokens read: each kind, the kept axis' ends and the width axis."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (tokens_axis, width_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    reads = sorted({row["read"] for row in table.blocks})
+
+    def series(**match) -> list[float]:
+        return [next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())) for read in reads]
+
+    for label, match, style in (
+        ("dynamic, all tokens written", {"static": False, "kept": 1.0, "width": 1.0}, "o-"),
+        ("dynamic, half the patches written", {"static": False, "kept": 0.5, "width": 1.0}, "s--"),
+        ("dynamic, prefix tokens only written", {"static": False, "kept": 0.0, "width": 1.0}, "v:"),
+        ("static attention", {"static": True, "kept": 1.0, "width": 1.0}, "^-"),
+    ):
+        tokens_axis.plot(reads, series(**match), style, label=label)
+    tokens_axis.set_xlabel("tokens the block reads")
+    tokens_axis.set_ylabel(f"ms per batch of {table.batch}")
+    tokens_axis.set_title("one block, every channel kept")
+    tokens_axis.legend(fontsize=8, loc="upper left")
+    widths = sorted({row["width"] for row in table.blocks})
+    for read in (reads[0], reads[len(reads) // 2], reads[-1]):
+        width_axis.plot(
+            widths,
+            [next(r["ms"] for r in table.blocks if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w) for w in widths],
+            "o-",
+            label=f"{read} tokens",
+        )
+    width_axis.set_xlabel("fraction of every channel space kept")
+    width_axis.set_ylabel(f"ms per batch of {table.batch}")
+    width_axis.set_title("one dynamic block, all tokens written")
+    width_axis.legend(fontsize=8, loc="upper left")
+    figure.suptitle(f"{table.model['name']}: {table.label}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_table(table: LatencyTable, path: Path) -> list[Path]:
+    """TABLE.json, with TABLE.md and TABLE.png beside it; the JSON (what methods read) last."""
+    path = Path(path)
+    markdown, png = path.with_suffix(".md"), path.with_suffix(".png")
+    write_text_atomic(markdown, table_markdown(table))
+    table_png(table, png)
+    write_latency_table(table, path)
+    return [path, markdown, png]
