@@ -56,8 +56,10 @@ def uniform_width_block(geometry: ViTGeometry, width: float) -> BlockPlan:
     channels per head); None where it keeps all. What the table's width axis measures."""
     if width >= 1:
         return BlockPlan()
+
     def first(count: int) -> tuple[int, ...]:
         return tuple(range(max(1, round(width * count))))
+
     per_head = max(1, round(width * geometry.head_dim))
     return BlockPlan(
         qkv_in=first(geometry.dim),
@@ -196,9 +198,7 @@ def _lookup2(rows: list[dict], outer: str, x: float, inner: str, y: float) -> fl
     values = sorted({row[outer] for row in rows})
     if not values:
         raise PruningError(f"latency table has no {outer} rows: {FIX}")
-    return max(
-        _interpolate([(v, _lookup([r for r in rows if r[outer] == v], inner, y)) for v in values], x), 1e-6
-    )
+    return max(_interpolate([(v, _lookup([r for r in rows if r[outer] == v], inner, y)) for v in values], x), 1e-6)
 
 
 def _ratio_along(rows: list[dict], axis: str, x: float, read: float) -> float:
@@ -251,7 +251,9 @@ def table_from_dict(data: Any, source: str = "") -> LatencyTable:
             raise PruningError(f"{name}: {key} must be a JSON {kind.__name__}: {FIX}")
     if not isinstance(data["model"].get("name"), str) or not isinstance(data["model"].get("kwargs", {}), dict):
         raise PruningError(f"{name}: model must name a timm model: {FIX}")
-    geometry = {key: _count(data["geometry"].get(key), f"{name}: geometry.{key}", 0, 1 << 20) for key in GEOMETRY_FIELDS}
+    geometry = {
+        key: _count(data["geometry"].get(key), f"{name}: geometry.{key}", 0, 1 << 20) for key in GEOMETRY_FIELDS
+    }
     tokens = geometry["num_prefix_tokens"] + geometry["num_patches"]
     batch = _count(data.get("batch"), f"{name}: batch", 1, MAX_BATCH)
     blocks = []
@@ -302,7 +304,9 @@ def _check_grid(name: str, blocks: list[dict], aggregations: list[dict]) -> None
         raise PruningError(f"{name} has fewer than two read counts: {FIX}")
     for static in (False, True):
         for read in reads:
-            if not [r for r in blocks if r["static"] == static and r["read"] == read and r["kept"] == 1 and r["width"] == 1]:
+            if not [
+                r for r in blocks if r["static"] == static and r["read"] == read and r["kept"] == 1 and r["width"] == 1
+            ]:
                 kind = "static" if static else "dynamic"
                 raise PruningError(f"{name} has no full {kind} block at read {read}: {FIX}")
     for axis, other in (("kept", "width"), ("width", "kept")):

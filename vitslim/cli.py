@@ -729,7 +729,9 @@ def cmd_latency_table(args) -> int:
     )
     table = measure_table(spec, progress=lambda message: print(message, file=sys.stderr, flush=True))
     paths = write_table(table, Path(args.out))
-    print(f"latency table: {paths[0]} (+ {paths[1].name}, {paths[2].name}); timm's model {table.timm_ms:.4g} ms on {table.label}")
+    print(
+        f"latency table: {paths[0]} (+ {paths[1].name}, {paths[2].name}); timm's model {table.timm_ms:.4g} ms on {table.label}"
+    )
     return EXIT_OK
 
 
@@ -1091,15 +1093,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="measure what the model's blocks cost on one runtime, for latency targets (prune --latency-table) "
         "and predictions (bench --latency-table)",
     )
-    latency.add_argument("--model", help="timm model name, e.g. deit_small_patch16_224 (random weights: latency does not depend on them)")
-    latency.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="timm kwargs, e.g. img_size=32 num_classes=10")
+    latency.add_argument(
+        "--model", help="timm model name, e.g. deit_small_patch16_224 (random weights: latency does not depend on them)"
+    )
+    latency.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm kwargs, e.g. img_size=32 num_classes=10",
+    )
     latency.add_argument("--run", help="instead of --model: the model of this run directory")
-    latency.add_argument("--backend", default="onnxruntime", choices=("torch", "onnxruntime"), help="the runtime (default onnxruntime)")
-    latency.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    latency.add_argument("--precision", default="fp32", help="fp32 or fp16 (onnxruntime; the exported graph's), fp32, fp16 or bf16 (torch)")
+    latency.add_argument("--backend", default="onnxruntime", help="the runtime: onnxruntime (default) or torch")
+    latency.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    latency.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 or fp16 (onnxruntime; the exported graph's), fp32, fp16 or bf16 (torch)",
+    )
     latency.add_argument("--batch", type=int, default=8, help="the batch the latency is for (default 8)")
-    latency.add_argument("--torch-mode", default="eager", choices=TORCH_MODES, help="PyTorch: eager, cuda_graph or compile")
-    latency.add_argument("--attention", default=DEFAULT_ATTENTION_FORM, choices=tuple(ATTENTION_FORMS), help="onnxruntime: how the ONNX writes attention (as 'vitslim export --attention')")
+    latency.add_argument(
+        "--torch-mode", default="eager", choices=TORCH_MODES, help="PyTorch: eager, cuda_graph or compile"
+    )
+    latency.add_argument(
+        "--attention",
+        default=DEFAULT_ATTENTION_FORM,
+        choices=tuple(ATTENTION_FORMS),
+        help="onnxruntime: how the ONNX writes attention (as 'vitslim export --attention')",
+    )
     latency.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
     latency.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
     latency.add_argument("--out", required=True, help="TABLE.json (TABLE.md and TABLE.png beside it)")

@@ -218,7 +218,9 @@ def measure_table(
         replace_blocks(fixed, [])
         fixed_ms = step("fixed parts (patch embedding, head)", fixed, (in_chans, *image_shape))
         # timm's own model on a torch runtime; on onnxruntime, the model as vitslim exports it dense
-        timm_module = model if spec.backend == "torch" else compact_from_plan(model, dense_plan(spec.model, geometry.depth))
+        timm_module = (
+            model if spec.backend == "torch" else compact_from_plan(model, dense_plan(spec.model, geometry.depth))
+        )
         timm_ms = step("timm's model", timm_module, (in_chans, *image_shape))
         blocks = []
         for point in points:
@@ -239,7 +241,9 @@ def measure_table(
         "runtime": spec.runtime,
         "backend": spec.backend,
         "device": spec.device,
-        "device_name": (host_description()["gpu"] or {}).get("name") if spec.device == "cuda" else host_description()["cpu"],
+        "device_name": (host_description()["gpu"] or {}).get("name")
+        if spec.device == "cuda"
+        else host_description()["cpu"],
         "precision": spec.precision,
         "torch_mode": spec.torch_mode if spec.backend == "torch" else None,
         "attention_form": spec.attention if spec.backend == "onnxruntime" else None,
@@ -279,13 +283,15 @@ def table_markdown(table: LatencyTable) -> str:
         "| tokens read | dynamic, all written | dynamic, prefix only written | static attention |",
         "|---|---|---|---|",
     ]
-    for read in sorted({row["read"] for row in table.blocks}):
-        def ms(**match) -> str:
-            row = next((r for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())), None)
-            return "–" if row is None else f"{row['ms']:.4g}"
 
+    def ms(read: int, **match) -> str:
+        row = next((r for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())), None)
+        return "–" if row is None else f"{row['ms']:.4g}"
+
+    for read in sorted({row["read"] for row in table.blocks}):
         lines.append(
-            f"| {read} | {ms(static=False, kept=1.0, width=1.0)} | {ms(static=False, kept=0.0, width=1.0)} | {ms(static=True, kept=1.0, width=1.0)} |"
+            f"| {read} | {ms(read, static=False, kept=1.0, width=1.0)} | {ms(read, static=False, kept=0.0, width=1.0)} | "
+            f"{ms(read, static=True, kept=1.0, width=1.0)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -303,7 +309,10 @@ def table_png(table: LatencyTable, path: Path) -> None:
     reads = sorted({row["read"] for row in table.blocks})
 
     def series(**match) -> list[float]:
-        return [next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())) for read in reads]
+        return [
+            next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items()))
+            for read in reads
+        ]
 
     for label, match, style in (
         ("dynamic, all tokens written", {"static": False, "kept": 1.0, "width": 1.0}, "o-"),
@@ -320,7 +329,14 @@ def table_png(table: LatencyTable, path: Path) -> None:
     for read in (reads[0], reads[len(reads) // 2], reads[-1]):
         width_axis.plot(
             widths,
-            [next(r["ms"] for r in table.blocks if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w) for w in widths],
+            [
+                next(
+                    r["ms"]
+                    for r in table.blocks
+                    if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w
+                )
+                for w in widths
+            ],
             "o-",
             label=f"{read} tokens",
         )
