@@ -153,7 +153,7 @@ def aggregation_points(geometry: ViTGeometry) -> list[dict]:
     ]
 
 
-class _Timer:
+class ModuleTimer:
     """Times modules on the spec's runtime (exported first for onnxruntime) at the spec's batch."""
 
     def __init__(self, spec: TableSpec, settings: BenchSettings, work: Path) -> None:
@@ -202,7 +202,7 @@ def measure_table(
     in_chans = model.patch_embed.proj.in_channels
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work:
-        timer = _Timer(spec, settings, Path(work))
+        timer = ModuleTimer(spec, settings, Path(work))
         points, aggregations = grid_points(geometry), aggregation_points(geometry)
         total = len(points) + len(aggregations) + 2
         done = 0

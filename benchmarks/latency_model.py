@@ -1,0 +1,199 @@
+"""python -m benchmarks.latency_model --gpu | --onnx-gpu | --cpu: how well a latency table predicts
+the latency of whole models, and whether latency-targeted structures meet their targets.
+
+On DeiT-S with random weights (latency does not depend on them): a table is measured with
+`vitslim.latency_table.measure_table` at each batch; then every operating point of BENCHMARKS.md
+(dense, Patch Slimming, VTP 20/40 %, the DGSSA + GLAD structures) is timed whole, the same way,
+beside the table's prediction; then each method's structure search is run against the table for a
+target speed-up and the structure it finds is timed. The searches run on synthetic scores (the
+benchmarks' token ranking, gate magnitudes and effective ranks, as no training happens here), so
+what is checked is the table and the searches' honouring of the target, not accuracy.
+
+Results: benchmarks/results/latency_model_{gpu,onnx_gpu,cpu}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from vitslim.deploy.bench import BenchSettings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "deit_small_patch16_224"
+# speed-ups over timm's model (on the table's runtime) that each method's search is asked for
+TARGET_SPEEDUPS = {"patch-slim": 1.4, "vtp": 1.25, "dgssa-glad": 2.0}
+# whole models are timed a little longer than the table's single blocks
+WHOLE_MODEL_TIMING = BenchSettings(warmup_seconds=0.3, min_seconds=0.6, min_iterations=10, max_rounds=2)
+WHERE = {  # name -> (backend, device, precision, torch mode, batches)
+    "gpu": ("torch", "cuda", "fp16", "cuda_graph", (64, 256)),
+    "onnx_gpu": ("onnxruntime", "cuda", "fp16", "eager", (64, 256)),
+    "cpu": ("onnxruntime", "cpu", "fp32", "eager", (8,)),
+}
+
+
+def synthetic_ranks(depth: int, patches: int) -> list[dict]:
+    """Effective ranks falling with depth, as the attention analysis of a trained DeiT finds them."""
+    return [{"effective_rank": patches * 0.5 ** (block / 3)} for block in range(depth)]
+
+
+def targeted_plans(model, base, table, geometry):
+    """Each method's structure search against `table` for its TARGET_SPEEDUPS entry."""
+    from vitslim.pruning.latency import LatencyBudget
+    from vitslim.pruning.methods.dgssa_glad import auto_pyramid, structure_plan
+    from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates, ratio_for_target
+    from vitslim.pruning.timm_adapter import patch_grid
+
+    from benchmarks.operating_points import hidden_heavy_gates, pyramid_counts, token_pyramid_plan
+
+    plans = {}
+    for method, speedup in TARGET_SPEEDUPS.items():
+        budget = LatencyBudget(table, geometry, table.timm_ms / speedup)
+        if method == "patch-slim":  # the token pyramid's rho: the most tokens that fit
+            low, high = 0.0, 1.0
+            for _ in range(30):
+                rho = (low + high) / 2
+                plan = token_pyramid_plan(geometry, base, pyramid_counts(geometry, rho))
+                low, high = (rho, high) if budget.fits(plan) else (low, rho)
+            plan = token_pyramid_plan(geometry, base, pyramid_counts(geometry, low))
+        elif method == "vtp":
+            gates, config = hidden_heavy_gates(geometry), VTPConfig(round_to=8)
+            plan = plan_from_gates(
+                gates, geometry, base, config, ratio_for_target(gates, geometry, base, config, budget.fits)
+            )
+        else:
+            grid = patch_grid(model)
+            stages = auto_pyramid(
+                synthetic_ranks(geometry.depth, geometry.num_patches),
+                0,
+                geometry,
+                grid,
+                lambda candidate, budget=budget, grid=grid: budget.fits(
+                    structure_plan(base, 0, candidate, geometry, grid)
+                ),
+                f"{budget.target_ms} ms",
+            )
+            plan = structure_plan(base, 0, stages, geometry, grid)
+        plans[method] = (plan, budget.target_ms)
+    return plans
+
+
+def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
+    from vitslim.deploy.bench import host_description
+    from vitslim.export.compact import compact_from_plan
+    from vitslim.pruning.macs import macs_fraction
+    from vitslim.pruning.models import create_model
+    from vitslim.pruning.plan import ModelSpec, dense_plan
+    from vitslim.pruning.timm_adapter import supported_geometry
+
+    from benchmarks.operating_points import operating_points
+    from vitslim.latency_table import ModuleTimer, TableSpec, measure_table
+
+    backend, device, precision, mode, default_batches = WHERE[where]
+    batches = batches or default_batches
+    spec_model = ModelSpec(MODEL, model_kwargs)
+    model = create_model(spec_model).eval()
+    geometry = supported_geometry(model)
+    base = dense_plan(spec_model, geometry.depth)
+    image = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    rows, tables = [], []
+    import tempfile
+
+    for batch in batches:
+        spec = TableSpec(spec_model, backend=backend, device=device, precision=precision, batch=batch, torch_mode=mode)
+        started = time.perf_counter()
+        table = measure_table(spec, model, progress=lambda message: None)
+        table_seconds = time.perf_counter() - started
+        progress(f"{where} batch {batch}: table in {table_seconds:.0f} s, timm {table.timm_ms:.3f} ms")
+        tables.append({**table.to_dict(), "seconds": table_seconds})
+        with tempfile.TemporaryDirectory() as work:
+            timer = ModuleTimer(spec, WHOLE_MODEL_TIMING, Path(work))
+            points = [
+                (p.variant, "operating point", p.plan, None)
+                for p in operating_points(model, base)
+                if p.plan is not None
+            ]
+            points += [
+                (f"{method} for {TARGET_SPEEDUPS[method]}x", "latency target", plan, target)
+                for method, (plan, target) in targeted_plans(model, base, table, geometry).items()
+            ]
+            for variant, kind, plan, target in points:
+                module = compact_from_plan(model, plan, pad_value_heads=timer.pads_value_heads)
+                measured = timer.ms(module, image)
+                predicted = table.predict(plan, geometry).total_ms
+                row = {
+                    "where": where,
+                    "batch": batch,
+                    "variant": variant,
+                    "kind": kind,
+                    "macs_fraction": macs_fraction(plan, geometry),
+                    "predicted_ms": predicted,
+                    "measured_ms": measured,
+                    "prediction_error": measured / predicted - 1,
+                    "timm_ms": table.timm_ms,
+                    "speedup": table.timm_ms / measured,
+                    "target_ms": target,
+                    "target_error": None if target is None else measured / target - 1,
+                }
+                rows.append(row)
+                progress(
+                    f"  {variant:32s} predicted {predicted:8.3f} measured {measured:8.3f} ms ({row['prediction_error']:+.1%})"
+                    + ("" if target is None else f" target {target:.3f} ({row['target_error']:+.1%})")
+                )
+    host = host_description()
+    import onnxruntime
+    import timm
+
+    return {
+        "environment": {
+            "where": where,
+            "host": host,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "model": MODEL,
+            "runtime": tables[0]["where"]["runtime"],
+            "precision": precision,
+        },
+        "target_speedups": TARGET_SPEEDUPS,
+        "tables": tables,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("where", choices=tuple(WHERE))
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/latency_model_WHERE.json")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeat); default the WHERE's own")
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm kwargs of DeiT-S (a smaller model to try the script)",
+    )
+    args = parser.parse_args(argv)
+    from vitslim.pruning.models import parse_model_kwargs
+
+    data = run(
+        args.where,
+        parse_model_kwargs(args.model_kwargs),
+        args.batch,
+        progress=lambda message: print(message, flush=True),
+    )
+    out = args.out or RESULTS / f"latency_model_{args.where}.json"
+    out.write_text(json.dumps(data, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
