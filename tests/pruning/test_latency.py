@@ -1,0 +1,249 @@
+"""Latency tables (pruning/latency.py): the predictor against a table built here, the reader's
+checks, and each method's search honouring a latency target on such a table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_vit
+from hypothesis import given, settings
+from plans import random_plans
+from vitslim.pruning.data import digits_splits
+from vitslim.pruning.errors import PruningError
+from vitslim.pruning.latency import (
+    LatencyBudget,
+    LatencyTable,
+    read_latency_table,
+    table_from_dict,
+    table_geometry,
+    uniform_width_block,
+    written_count,
+)
+from vitslim.pruning.macs import block_macs
+from vitslim.pruning.methods.dgssa_glad import DGSSAGladConfig, prune_dgssa_glad
+from vitslim.pruning.methods.patch_slimming import PatchSlimConfig, prune_patch_slimming
+from vitslim.pruning.methods.vtp import VTPConfig, prune_vtp
+from vitslim.pruning.plan import BlockPlan, ModelSpec, TokenCounts, dense_plan
+from vitslim.pruning.timm_adapter import geometry_of
+
+MODEL = tiny_vit(num_classes=10)
+GEOMETRY = geometry_of(MODEL)  # 3 blocks, dim 32, 2 heads, 16 patches + the class token
+BASE = dense_plan(ModelSpec("tiny"), 3)
+DATA = digits_splits(3, (16, 16))
+FIXED_MS = 0.05
+PER_MAC_MS = 1e-6  # the table built here: a fixed cost plus a time per MAC
+READS = (2, 3, 5, 9, 13, 17)
+
+
+def _block_ms(block: BlockPlan, counts: TokenCounts) -> float:
+    return 0.01 + PER_MAC_MS * sum(block_macs(block, GEOMETRY, counts).values())
+
+
+def mac_table(timm_ms: float = 1.0) -> dict:
+    """A complete table whose every point costs 0.01 ms plus PER_MAC_MS per MAC (the shape a
+    runtime that is all arithmetic would give)."""
+    blocks, aggregations = [], []
+    for read in READS:
+        for static in (False, True):
+            for kept in (0.0, 0.25, 0.5, 0.75, 1.0):
+                for width in (0.25, 0.5, 0.75, 1.0):
+                    if static and (kept, width) != (1.0, 1.0) or (kept != 1.0 and width != 1.0):
+                        continue
+                    written = written_count(GEOMETRY, read, kept)
+                    block = uniform_width_block(GEOMETRY, width)
+                    if static:
+                        block = BlockPlan(static_attention=torch.zeros(1))
+                    ms = _block_ms(block, TokenCounts(read, read, written))
+                    blocks.append({"static": static, "read": read, "kept": kept, "width": width, "ms": ms})
+        if read > 2:
+            for pooled in (0.125, 0.5, 1.0):
+                patches_out = max(1, round(pooled * (read - 1)))
+                aggregations.append(
+                    {"arriving": read, "pooled": pooled, "ms": 0.001 + PER_MAC_MS * patches_out * (read - 1) * 32}
+                )
+    return {
+        "table_version": 1,
+        "model": {"name": "tiny", "kwargs": {}},
+        "geometry": table_geometry(GEOMETRY),
+        "where": {"runtime": "made in a test", "backend": "torch", "device": "cpu", "precision": "fp32"},
+        "batch": 4,
+        "fixed_ms": FIXED_MS,
+        "timm_ms": timm_ms,
+        "blocks": blocks,
+        "aggregations": aggregations,
+    }
+
+
+TABLE = table_from_dict(mac_table(), source="test")
+
+
+def test_a_grid_point_is_predicted_as_measured():
+    dense = TABLE.predict(BASE, GEOMETRY)
+    full = _block_ms(BlockPlan(), TokenCounts(17, 17, 17))
+    assert dense.blocks_ms == pytest.approx((full,) * 3)
+    assert dense.total_ms == pytest.approx(FIXED_MS + 3 * full)
+    # between grid points: piecewise linear in the tokens read, exact for a linear cost
+    kept = tuple(range(8))  # the class token and 7 patches written
+    plan = BASE.with_block(2, BlockPlan(kept_tokens=kept))
+    assert TABLE.predict(plan, GEOMETRY).blocks_ms[2] == pytest.approx(
+        _block_ms(BlockPlan(kept_tokens=kept), TokenCounts(17, 17, 8)), rel=0.02
+    )
+
+
+@settings(max_examples=15, deadline=None)
+@given(plan=random_plans(GEOMETRY))
+def test_random_valid_plans_are_predicted_near_their_cost(plan):
+    """On a table that is exactly MAC-linear, the separable prediction of any valid plan (tokens,
+    widths, static attention and aggregation at once) stays near the plan's own cost."""
+    from vitslim.pruning.plan import token_counts
+
+    truth = FIXED_MS + sum(
+        _block_ms(block, counts) + (0.0 if block.token_aggregation is None else 0.001)
+        for block, counts in zip(plan.blocks, token_counts(plan, GEOMETRY))
+    )
+    predicted = TABLE.predict(plan, GEOMETRY).total_ms
+    assert math.isfinite(predicted) and predicted > 0
+    assert predicted == pytest.approx(truth, rel=0.25)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.update(table_version=2), "table_version"),
+        (lambda t: t["blocks"][0].update(ms=float("nan")), "finite number"),
+        (lambda t: t["blocks"][0].update(ms=-1.0), "must be > 0"),
+        (lambda t: t["blocks"][0].update(read=10_000), "integer in"),
+        (lambda t: t["blocks"][0].update(kept=1.5), r"in \[0, 1\]"),
+        (lambda t: t["blocks"].pop(0), "no full static block|grid differs"),
+        (lambda t: t["blocks"].append(dict(t["blocks"][0])), "twice"),
+        (lambda t: t.update(batch=0), "batch"),
+        (lambda t: t.update(timm_ms="fast"), "timm_ms"),
+        (lambda t: t.update(geometry=[]), "geometry must be"),
+        (lambda t: t.clear(), "table_version"),
+    ],
+)
+def test_a_damaged_table_is_one_line(edit, message, tmp_path):
+    data = mac_table()
+    edit(data)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PruningError, match=message) as raised:
+        read_latency_table(path)
+    assert "\n" not in str(raised.value) and "vitslim latency-table" in str(raised.value)
+
+
+def test_a_table_of_another_model_is_refused():
+    data = mac_table()
+    data["geometry"]["dim"] = 64
+    with pytest.raises(PruningError, match="measured for dim = 64 but this model has 32"):
+        table_from_dict(data).predict(BASE, GEOMETRY)
+
+
+@pytest.mark.parametrize(
+    ("config_type", "kwargs", "message"),
+    [
+        (PatchSlimConfig, {"target_ms": 1.0}, "needs the table"),
+        (PatchSlimConfig, {"latency_table": "t.json", "target_ms": 1.0, "epsilon": 0.1}, "exactly one of"),
+        (PatchSlimConfig, {"latency_table": "t.json", "target_ms": 1.0, "target_speedup": 2.0}, "not both"),
+        (VTPConfig, {"latency_table": "t.json", "target_ms": 1.0, "prune_ratio": 0.3}, "not both"),
+        (VTPConfig, {"latency_table": "t.json", "target_speedup": 0.0}, "must be > 0"),
+        (
+            DGSSAGladConfig,
+            {"pyramid": "auto", "latency_table": "t.json", "target_ms": 1.0, "target_macs": 0.5},
+            "not both",
+        ),
+        (DGSSAGladConfig, {"pyramid": "auto", "latency_table": "t.json", "target_ms": float("nan")}, "finite"),
+    ],
+)
+def test_latency_settings_are_checked(config_type, kwargs, message):
+    with pytest.raises(PruningError, match=message):
+        config_type(**kwargs)
+
+
+def _table_file(tmp_path) -> str:
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(mac_table()))
+    return str(path)
+
+
+def _predicted(plan) -> float:
+    return TABLE.predict(plan, GEOMETRY).total_ms
+
+
+def test_each_method_meets_a_latency_target(tmp_path):
+    """The search of every method honours its target on a table built here; the report
+    shows the prediction beside the target."""
+    table = _table_file(tmp_path)
+    dense_ms = _predicted(BASE)
+    target = 0.8 * dense_ms
+    runs = {
+        "patch-slim": lambda: prune_patch_slimming(
+            MODEL,
+            DATA,
+            PatchSlimConfig(
+                latency_table=table,
+                target_ms=target,
+                search_iterations=4,
+                step=4,
+                block_epochs=0,
+                finetune_epochs=0,
+                calibration_images=64,
+                block_tuning_images=64,
+                batch_size=32,
+            ),
+            BASE,
+        ),
+        "vtp": lambda: prune_vtp(
+            MODEL,
+            DATA,
+            VTPConfig(latency_table=table, target_ms=target, sparsity_epochs=1, finetune_epochs=0, round_to=1),
+            BASE,
+        ),
+        "dgssa-glad": lambda: prune_dgssa_glad(
+            MODEL,
+            DATA,
+            DGSSAGladConfig(
+                pyramid="auto",
+                latency_table=table,
+                target_ms=target,
+                finetune_epochs=0,
+                calibration_images=32,
+                batch_size=32,
+            ),
+            BASE,
+        ),
+    }
+    for method, run in runs.items():
+        result = run()
+        predicted = _predicted(result.plan)
+        assert predicted <= target, (method, predicted, target)
+        assert predicted < dense_ms
+        latency = result.report["latency"]
+        assert latency["predicted_ms"] == pytest.approx(predicted) and latency["target_ms"] == pytest.approx(target)
+
+
+def test_vtp_removes_the_least_that_meets_the_target(tmp_path):
+    """A looser target keeps more of the gated dims (the method's accuracy proxy)."""
+    table = _table_file(tmp_path)
+    ratios = {}
+    for share in (0.9, 0.7):
+        config = VTPConfig(
+            latency_table=table, target_ms=share * _predicted(BASE), sparsity_epochs=0, finetune_epochs=0, round_to=1
+        )
+        result = prune_vtp(MODEL, DATA, config, BASE)
+        ratios[share] = result.report["prune_ratio"]
+    assert ratios[0.9] < ratios[0.7]
+
+
+def test_a_target_out_of_reach_is_refused(tmp_path):
+    config = VTPConfig(latency_table=_table_file(tmp_path), target_ms=FIXED_MS, sparsity_epochs=0, finetune_epochs=0)
+    with pytest.raises(PruningError, match="cannot meet .* its fastest structure is predicted at"):
+        prune_vtp(MODEL, DATA, config, BASE)
+
+
+def test_a_speedup_target_is_read_against_timm_on_the_table(tmp_path):
+    budget = LatencyBudget.from_settings(VTPConfig(latency_table=_table_file(tmp_path), target_speedup=2.0), GEOMETRY)
+    assert isinstance(budget.table, LatencyTable) and budget.target_ms == pytest.approx(0.5)

@@ -1,0 +1,143 @@
+"""`vitslim latency-table` (vitslim/latency_table.py): a table measured on the tiny model, written
+whole and read back; onnxruntime's points go through the exporter; bench puts the prediction
+beside the measurement and refuses a table of another runtime. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run_cli
+from tiny import TINY_KWARGS, TINY_MODEL
+from vitslim.deploy.bench import BenchSettings
+from vitslim.deploy.errors import DeployError
+from vitslim.pruning.latency import read_latency_table
+from vitslim.pruning.models import create_model, parse_model_kwargs
+from vitslim.pruning.plan import ModelSpec, dense_plan
+from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geometry
+
+from vitslim.latency_table import ModuleTimer, TableSpec, block_point, grid_points, measure_table, write_table
+from vitslim.measure import BenchSpec, run_bench
+
+QUICK = BenchSettings(warmup_seconds=0.0, min_seconds=0.0, min_iterations=2, max_rounds=1)
+SPEC = ModelSpec("deit_tiny_patch16_224", parse_model_kwargs(TINY_KWARGS))
+
+
+@pytest.fixture(scope="module")
+def torch_table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("table") / "tiny.json"
+    messages = []
+    table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
+    write_table(table, path)
+    return path, messages
+
+
+def test_a_table_is_measured_written_whole_and_read_back(torch_table):
+    path, messages = torch_table
+    assert path.with_suffix(".md").is_file() and path.with_suffix(".png").is_file()
+    table = read_latency_table(path)  # every check of the reader passes on what the measurer writes
+    geometry = supported_geometry(create_model(SPEC))
+    assert len(table.blocks) == len(grid_points(geometry)) and table.aggregations
+    assert table.where["backend"] == "torch" and table.where["runner"]["mode"] == "eager" and table.batch == 2
+    assert messages[0].startswith("latency-table: 1/") and "timm's model" in messages[1]
+    predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
+    assert predicted.total_ms > predicted.fixed_ms > 0
+
+
+def test_grid_points_build_the_blocks_they_name():
+    model = create_model(SPEC)
+    geometry = supported_geometry(model)
+    plan = block_point(geometry, static=True, read=9, kept=0.5, width=0.5)
+    assert len(plan.kept_tokens) == 1 + 4 and plan.kept_tokens[0] == 0  # the class token and 4 of 8 patches
+    assert plan.static_attention.shape == (geometry.num_heads, 5, 9)
+    assert len(plan.hidden) == geometry.mlp_hidden // 2 and len(plan.proj_in) == geometry.attn_dim // 2
+
+
+def test_onnxruntime_points_are_exported_and_timed(tmp_path):
+    """An onnxruntime point goes through the exporter's graph passes before it is timed."""
+    from vitslim.export.compact import CompactBlock
+
+    model = create_model(SPEC)
+    geometry = supported_geometry(model)
+    timer = ModuleTimer(TableSpec(SPEC, backend="onnxruntime", batch=2), QUICK, tmp_path)
+    block = CompactBlock(
+        block_parts(blocks_of(model)[0]),
+        block_point(geometry, static=False, read=9, kept=0.5, width=0.75),
+        geometry,
+        pad_value_heads=timer.pads_value_heads,
+    )
+    assert timer.ms(block, (9, geometry.dim)) > 0
+    assert (tmp_path / "point1.onnx").is_file() and timer.description["backend"] == "onnxruntime"
+
+
+def test_bench_puts_the_prediction_beside_the_measurement(torch_table, tiny_run):
+    path, _ = torch_table
+    spec = BenchSpec(artifact=str(tiny_run), backend="torch", batches=(2,), latency_table=str(path))
+    report = run_bench(spec, QUICK)
+    prediction = report["prediction"]
+    assert prediction["batch"] == 2 and prediction["predicted_ms"] > 0 and prediction["measured_ms"] > 0
+    assert prediction["error"] == pytest.approx(prediction["measured_ms"] / prediction["predicted_ms"] - 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"backend": "onnxruntime"}, "measured with backend 'torch' but this bench runs 'onnxruntime'"),
+        ({"batches": (4,)}, "is for batch 2: add --batch 2"),
+    ],
+)
+def test_bench_refuses_a_table_of_another_runtime(torch_table, tiny_run, tmp_path, change, message):
+    path, _ = torch_table
+    artifact = str(tiny_run)
+    if change.get("backend") == "onnxruntime":
+        completed = run_cli("export", str(tiny_run), "--out", str(tmp_path / "m.onnx"))
+        assert completed.returncode == 0, completed.stderr
+        artifact = str(tmp_path / "m.onnx")
+    spec = BenchSpec(
+        **{"artifact": artifact, "backend": "torch", "batches": (2,), "run_dir": str(tiny_run), **change},
+        latency_table=str(path),
+    )
+    with pytest.raises(DeployError, match=message):
+        run_bench(spec, QUICK)
+
+
+def test_bench_needs_the_run_for_a_prediction(torch_table, tmp_path, tiny_run):
+    completed = run_cli("export", str(tiny_run), "--out", str(tmp_path / "m.onnx"))
+    assert completed.returncode == 0, completed.stderr
+    spec = BenchSpec(
+        artifact=str(tmp_path / "m.onnx"), backend="onnxruntime", batches=(2,), latency_table=str(torch_table[0])
+    )
+    with pytest.raises(DeployError, match="add --run RUN_DIR"):
+        run_bench(spec, QUICK)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "tensorrt"], "latency tables are measured with"),
+        (["--run", "somewhere"], "give --model NAME"),
+        (["--precision", "int8"], "is not one of"),
+        (["--batch", "0"], "must be >= 1"),
+    ],
+)
+def test_latency_table_refuses_bad_settings_in_one_line(args, message, tmp_path):
+    out = tmp_path / "t.json"
+    completed = run_cli("latency-table", *TINY_MODEL, "--out", str(out), *args)
+    assert completed.returncode == 3, completed.stderr
+    assert message in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_prune_reports_predicted_latency(torch_table, tiny_run, tmp_path):
+    """The CLI prune line and prune_report.md show the table's prediction beside MACs."""
+    path, _ = torch_table
+    table = json.loads(path.read_text())
+    out = tmp_path / "glad"
+    completed = run_cli(
+        "prune", str(tiny_run), "--method", "dgssa-glad", "--static-blocks", "1", "--finetune-epochs", "0",
+        "--calibration-images", "16", "--data", "digits", "--latency-table", str(path), "--out", str(out),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "predicted" in completed.stdout and "x timm" in completed.stdout
+    report = (out / "prune_report.md").read_text()
+    assert "Latency predicted on torch eager" in report and f"batch {table['batch']}" in report
