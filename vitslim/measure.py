@@ -148,7 +148,9 @@ def _latency_table_for(spec: BenchSpec, artifact, precision: str):
 
     table = read_latency_table(spec.latency_table)
     if _run_of(spec, artifact) is None:
-        raise DeployError("--latency-table predicts from the run's plan: add --run RUN_DIR (the run the artifact was exported from)")
+        raise DeployError(
+            "--latency-table predicts from the run's plan: add --run RUN_DIR (the run the artifact was exported from)"
+        )
     device = "cuda" if spec.device.startswith("cuda") else "cpu"
     here = {"backend": spec.backend, "device": device, "precision": precision}
     if spec.backend == "torch":
