@@ -10,13 +10,20 @@ A table holds, for one model geometry, runtime, device, precision and batch (its
 - ``aggregations``: a GLAD aggregation alone over the tokens arriving and the fraction of their
   patches it pools to (``pooled``);
 - ``fixed_ms``: the model with no blocks (patch embedding, prefix tokens, final norm, head);
-- ``timm_ms``: timm's own model run the same way (what a target speed-up is measured against).
+- ``timm_ms``: timm's own model run the same way (what a target speed-up is measured against);
+- ``dense_ms``: the model as vitslim builds it with every block dense, whole (the calibration).
 
 A block of a plan is predicted separably (few points, minutes to measure): its kind's time at its
 read count with every token and channel kept, times the dynamic blocks' ratio for the fraction it
 writes, times their ratio for its width, where width is read as the block's MACs over the MACs of
 the same block with every channel kept (a uniform-width block of equal MACs). Every axis is
-interpolated piecewise linearly and extrapolated from the last two points.
+interpolated piecewise linearly and held at its end values beyond the grid.
+
+A block timed alone costs a little more or less than inside the model (on a GPU the launch and
+synchronisation around one block; on a CPU the session's input and output handling), so every
+block's prediction is corrected by one per-block offset: the difference between the sum of the
+dense model's parts and `dense_ms`, spread over its blocks. The dense model is therefore predicted
+exactly; everything else is predicted from the grid.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class LatencyTable:
     batch: int
     fixed_ms: float
     timm_ms: float
+    dense_ms: float
     blocks: tuple[dict, ...]
     aggregations: tuple[dict, ...]
     source: str = ""
@@ -95,6 +103,7 @@ class LatencyTable:
             "batch": self.batch,
             "fixed_ms": self.fixed_ms,
             "timm_ms": self.timm_ms,
+            "dense_ms": self.dense_ms,
             "blocks": list(self.blocks),
             "aggregations": list(self.aggregations),
         }
@@ -121,7 +130,8 @@ class LatencyTable:
         return [row for row in self.blocks if all(row[key] == value for key, value in match.items())]
 
     def block_ms(self, block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts) -> float:
-        """The predicted latency of one block of a plan (its aggregation included)."""
+        """The predicted latency of one block of a plan (its aggregation included), as timed
+        alone (predict() applies the per-block offset)."""
         prefix = geometry.num_prefix_tokens
         read, written = counts.read, counts.written
         base = _lookup(self._rows(static=block.static_attention is not None, kept=1.0, width=1.0), "read", read)
@@ -140,11 +150,23 @@ class LatencyTable:
             ms += _lookup2(self.aggregations, "arriving", counts.arriving, "pooled", pooled)
         return ms
 
+    def block_offset_ms(self, geometry: ViTGeometry) -> float:
+        """What timing a block alone adds (or, if negative, misses) per block: the dense model's
+        parts summed, less the dense model timed whole, over its depth."""
+        full = _lookup(self._rows(static=False, kept=1.0, width=1.0), "read", geometry.num_tokens)
+        return (self.fixed_ms + geometry.depth * full - self.dense_ms) / geometry.depth
+
     def predict(self, plan: SlimPlan, geometry: ViTGeometry) -> "LatencyPrediction":
         """The plan's predicted latency on the table's runtime, at the table's batch."""
         self.check_geometry(geometry)
+        offset = self.block_offset_ms(geometry)
         blocks = tuple(
-            self.block_ms(block, geometry, counts) for block, counts in zip(plan.blocks, token_counts(plan, geometry))
+            # a block never costs less than a tenth of its time alone (an offset larger than a tiny block)
+            max(alone - offset, 0.1 * alone)
+            for alone in (
+                self.block_ms(block, geometry, counts)
+                for block, counts in zip(plan.blocks, token_counts(plan, geometry))
+            )
         )
         return LatencyPrediction(total_ms=self.fixed_ms + sum(blocks), fixed_ms=self.fixed_ms, blocks_ms=blocks)
 
@@ -175,11 +197,14 @@ class LatencyPrediction:
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear y(x) through `points` (x distinct), extrapolated from the last two."""
+    """Piecewise-linear y(x) through `points` (x distinct), held at the end values outside them
+    (a width or a token count beyond the grid is never extrapolated towards zero time)."""
     points = sorted(points)
-    if len(points) == 1:
+    if x <= points[0][0]:
         return points[0][1]
-    index = next((i for i in range(1, len(points)) if x <= points[i][0]), len(points) - 1)
+    if x >= points[-1][0]:
+        return points[-1][1]
+    index = next(i for i in range(1, len(points)) if x <= points[i][0])
     (x0, y0), (x1, y1) = points[index - 1], points[index]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
@@ -290,6 +315,7 @@ def table_from_dict(data: Any, source: str = "") -> LatencyTable:
         batch=batch,
         fixed_ms=_number(data.get("fixed_ms"), f"{name}: fixed_ms"),
         timm_ms=_number(data.get("timm_ms"), f"{name}: timm_ms"),
+        dense_ms=_number(data.get("dense_ms"), f"{name}: dense_ms"),
         blocks=tuple(blocks),
         aggregations=tuple(aggregations),
         source=source,

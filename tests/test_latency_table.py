@@ -39,7 +39,9 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     geometry = supported_geometry(create_model(SPEC))
     assert len(table.blocks) == len(grid_points(geometry)) and table.aggregations
     assert table.where["backend"] == "torch" and table.where["runner"]["mode"] == "eager" and table.batch == 2
-    assert messages[0].startswith("latency-table: 1/") and "timm's model" in messages[1]
+    assert (
+        messages[0].startswith("latency-table: 1/") and "calibration" in messages[1] and "timm's model" in messages[2]
+    )
     predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
     assert predicted.total_ms > predicted.fixed_ms > 0
 

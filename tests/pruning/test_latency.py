@@ -72,6 +72,7 @@ def mac_table(timm_ms: float = 1.0) -> dict:
         "batch": 4,
         "fixed_ms": FIXED_MS,
         "timm_ms": timm_ms,
+        "dense_ms": FIXED_MS + 3 * _block_ms(BlockPlan(), TokenCounts(17, 17, 17)),
         "blocks": blocks,
         "aggregations": aggregations,
     }
@@ -91,6 +92,18 @@ def test_a_grid_point_is_predicted_as_measured():
     assert TABLE.predict(plan, GEOMETRY).blocks_ms[2] == pytest.approx(
         _block_ms(BlockPlan(kept_tokens=kept), TokenCounts(17, 17, 8)), rel=0.02
     )
+
+
+def test_the_dense_model_calibrates_the_blocks_timed_alone():
+    """Blocks timed alone cost more than inside the model (a launch each, say): one offset per
+    block makes the dense model exact and carries over to every plan."""
+    data = mac_table()
+    data["dense_ms"] -= 3 * 0.004  # 4 microseconds per block of timing alone
+    table = table_from_dict(data)
+    assert table.block_offset_ms(GEOMETRY) == pytest.approx(0.004)
+    assert table.predict(BASE, GEOMETRY).total_ms == pytest.approx(data["dense_ms"])
+    plan = BASE.with_block(1, BlockPlan(kept_tokens=tuple(range(9))))
+    assert table.predict(plan, GEOMETRY).total_ms == pytest.approx(TABLE.predict(plan, GEOMETRY).total_ms - 3 * 0.004)
 
 
 @settings(max_examples=15, deadline=None)
