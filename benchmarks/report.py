@@ -300,6 +300,9 @@ def write_report(results: Path, out: Path) -> Path:
     islands = _load(results / "fp16_islands.json")
     if islands:
         text += fp16_islands_section(islands)
+    from .latency_model_report import section as latency_section
+
+    text += latency_section(results, relative)
     text += [
         "## The papers' headline numbers (theirs, not measured here)",
         "",

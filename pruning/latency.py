@@ -413,6 +413,10 @@ class LatencyBudget:
         target = table.target_ms(settings.target_ms, settings.target_speedup) if settings.has_latency_target else None
         return cls(table, geometry, target)
 
+    @property
+    def table_sha256(self) -> Optional[str]:
+        return sha256_of(self.table.source) if self.table.source else None
+
     def predicted_ms(self, plan: SlimPlan) -> float:
         return self.table.predict(plan, self.geometry).total_ms
 
@@ -430,7 +434,7 @@ class LatencyBudget:
         prediction = self.table.predict(plan, self.geometry)
         return {
             "table": self.table.source,
-            "table_sha256": sha256_of(self.table.source) if self.table.source else None,
+            "table_sha256": self.table_sha256,
             "where": self.table.label,
             "batch": self.table.batch,
             "target_ms": self.target_ms,

@@ -347,7 +347,13 @@ def prune_patch_slimming(
 
     search_path, search_settings = (
         phase_path(checkpoints, "search"),
-        {"config": asdict(config), "data": data.source, "start": weights_digest(model)},
+        {
+            "config": asdict(config),
+            "data": data.source,
+            "start": weights_digest(model),
+            # a table measured again at the same path is another target
+            "latency_table": None if budget is None else budget.table_sha256,
+        },
     )
     found = load_state(search_path, search_settings)
     if found is not None:  # the search of an interrupted run: its tuned weights and token sets

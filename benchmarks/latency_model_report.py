@@ -1,0 +1,189 @@
+"""The latency-table section of BENCHMARKS.md and its plot, from results/latency_model_*.json and
+results/latency_accuracy.json (benchmarks/latency_model.py, benchmarks/latency_accuracy.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+PREDICTION_TARGET = 0.10  # predicted vs measured, every operating point
+TARGET_TOLERANCE = 0.05  # a latency-targeted structure, measured, against its target
+WHERES = (
+    ("gpu", "H200, PyTorch with CUDA graphs, fp16"),
+    ("onnx_gpu", "H200, onnxruntime-gpu (CUDA EP, CUDA graphs), fp16 ONNX"),
+    ("cpu", "this 2-core CPU, onnxruntime, fp32 ONNX"),
+)
+
+
+def _load(results: Path, where: str) -> Optional[dict]:
+    """One where's results; onnx_gpu may come in one file per batch (one device call each)."""
+    paths = sorted(results.glob(f"latency_model_{where}.json")) + sorted(results.glob(f"latency_model_{where}_*.json"))
+    if not paths:
+        return None
+    parts = [json.loads(path.read_text()) for path in paths]
+    return {**parts[0], "rows": [row for part in parts for row in part["rows"]], "tables": [t for part in parts for t in part["tables"]]}
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _environment(data: dict) -> str:
+    env = data["environment"]
+    host = env["host"]
+    device = (host.get("gpu") or {}).get("name") if data["rows"] and data["tables"][0]["where"]["device"] == "cuda" else host.get("cpu")
+    cores = "" if data["tables"][0]["where"]["device"] == "cuda" else f" ({host.get('cores')} cores)"
+    return (
+        f"{device}{cores}; {env['runtime']}, {env['precision']}; torch {env['torch']}, timm {env['timm']}, "
+        f"onnxruntime {env['onnxruntime']}, Python {env['python']}; measured {env['date']}; tables measured in "
+        + ", ".join(f"{t['seconds']:.0f} s (batch {t['batch']})" for t in data["tables"])
+    )
+
+
+def targets(loaded: dict, accuracy: Optional[dict]) -> list[str]:
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    for where, title in WHERES:
+        data = loaded.get(where)
+        if data is None:
+            lines.append(f"| predicted vs measured within 10 % for every operating point ({title}) | not run | – |")
+            continue
+        for batch in sorted({row["batch"] for row in data["rows"]}):
+            rows = [r for r in data["rows"] if r["batch"] == batch and r["kind"] == "operating point" and r["variant"] != "dense"]
+            worst = max(rows, key=lambda r: abs(r["prediction_error"]))
+            lines.append(
+                f"| predicted vs measured within 10 % for every operating point ({title}, batch {batch}; the dense model "
+                f"is the calibration point) | worst {worst['prediction_error']:+.1%} ({worst['variant']}) | "
+                f"{_met(abs(worst['prediction_error']) <= PREDICTION_TARGET)} |"
+            )
+            targeted = [r for r in data["rows"] if r["batch"] == batch and r["kind"] == "latency target"]
+            over = max(targeted, key=lambda r: r["target_error"])
+            lines.append(
+                f"| a latency-targeted structure meets its target within 5 % ({title}, batch {batch}) | "
+                + ", ".join(f"{r['variant']}: {r['target_error']:+.1%}" for r in targeted)
+                + f" | {_met(over['target_error'] <= TARGET_TOLERANCE)} |"
+            )
+    if accuracy:
+        lines.append(_accuracy_target(accuracy))
+    else:
+        lines.append("| at equal measured latency, latency-targeted at least as accurate as MAC-targeted on digits (5 seeds) | not run | – |")
+    return lines
+
+
+def _accuracy_target(accuracy: dict) -> str:
+    rows = accuracy["rows"]
+    by_kind = {kind: [r for r in rows if r["kind"] == kind] for kind in ("MAC target", "latency target")}
+    mean = {kind: sum(r["top1_onnx"] for r in values) / len(values) for kind, values in by_kind.items()}
+    ms = {kind: sum(r["measured_ms"] for r in values) / len(values) for kind, values in by_kind.items()}
+    seeds = len(by_kind["MAC target"])
+    return (
+        f"| at equal measured latency, latency-targeted at least as accurate as MAC-targeted on digits ({seeds} seeds, DGSSA + GLAD, "
+        f"this CPU, batch {accuracy['environment']['batch']}) | top-1 {mean['latency target']:.2f} % at {ms['latency target']:.3f} ms "
+        f"vs {mean['MAC target']:.2f} % at {ms['MAC target']:.3f} ms | {_met(mean['latency target'] >= mean['MAC target'])} |"
+    )
+
+
+def rows_table(data: dict) -> list[str]:
+    lines = [
+        "| batch | structure | % of dense MACs | predicted ms | measured ms | measured / predicted − 1 | × timm (measured) | target ms | measured / target − 1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(data["rows"], key=lambda r: (r["batch"], r["kind"] != "operating point")):
+        target = "–" if row["target_ms"] is None else f"{row['target_ms']:.3f}"
+        against = "–" if row["target_error"] is None else f"{row['target_error']:+.1%}"
+        lines.append(
+            f"| {row['batch']} | {row['variant']} | {row['macs_fraction']:.1%} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} | "
+            f"{row['prediction_error']:+.1%} | {row['speedup']:.2f} | {target} | {against} |"
+        )
+    return lines
+
+
+def scatter_png(loaded: dict, path: Path) -> None:
+    """Measured against predicted, every where and batch, relative to the prediction, with the ±10 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8.5, 4.8))
+    markers = {"operating point": "o", "latency target": "*"}
+    for where, title in WHERES:
+        data = loaded.get(where)
+        if data is None:
+            continue
+        for batch in sorted({row["batch"] for row in data["rows"]}):
+            for kind, marker in markers.items():
+                rows = [r for r in data["rows"] if r["batch"] == batch and r["kind"] == kind]
+                axis.scatter(
+                    [r["macs_fraction"] * 100 for r in rows],
+                    [r["prediction_error"] * 100 for r in rows],
+                    marker=marker,
+                    s=70 if marker == "*" else 30,
+                    label=f"{title}, batch {batch}" + (" (latency-targeted)" if kind == "latency target" else ""),
+                )
+    axis.axhspan(-100 * PREDICTION_TARGET, 100 * PREDICTION_TARGET, color="0.9", zorder=0, label="±10 %")
+    axis.axhline(0, color="0.5", linewidth=0.8)
+    axis.set_xlabel("% of the dense model's MACs")
+    axis.set_ylabel("measured / predicted − 1 (%)")
+    axis.set_title("Latency tables: whole models measured against the table's prediction (DeiT-S)")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    from vitslim.core.files import write_bytes_atomic
+
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def section(results: Path, relative: Path) -> list[str]:
+    loaded = {where: data for where, _ in WHERES if (data := _load(results, where)) is not None}
+    if not loaded:
+        return []
+    accuracy_path = results / "latency_accuracy.json"
+    accuracy = json.loads(accuracy_path.read_text()) if accuracy_path.exists() else None
+    scatter_png(loaded, results / "latency_model.png")
+    text = [
+        "## Latency tables: compressing to a latency, predicted against measured",
+        "",
+        "`python -m benchmarks.latency_model gpu|onnx_gpu|cpu` ([docs/latency.md](docs/latency.md)): DeiT-S with random "
+        "weights; a latency table measured with `vitslim.latency_table.measure_table` at each batch; every operating point "
+        "above built as the exporter builds it and timed whole, the same way, beside the table's prediction; then each "
+        "method's structure search run against the table for a speed-up over timm's model (Patch Slimming 1.4×, VTP "
+        "1.25×, DGSSA + GLAD 2×, on the benchmarks' synthetic token ranking, gate magnitudes and effective ranks) and the "
+        "structure it finds timed. The dense model is the table's calibration point (predicted exactly by construction).",
+        "",
+        f"![measured against predicted]({relative}/latency_model.png)",
+        "",
+        "### Targets",
+        "",
+        *targets(loaded, accuracy),
+        "",
+    ]
+    for where, title in WHERES:
+        data = loaded.get(where)
+        if data is None:
+            continue
+        text += [f"### {title}", "", _environment(data) + ".", "", *rows_table(data), ""]
+    if accuracy:
+        text += ["### Latency-targeted against MAC-targeted on digits", "", *accuracy_table(accuracy), ""]
+    return text
+
+
+def accuracy_table(accuracy: dict) -> list[str]:
+    env = accuracy["environment"]
+    lines = [
+        f"`python -m benchmarks.latency_accuracy` on {env['host']['cpu']} ({env['host']['cores']} cores), onnxruntime "
+        f"{env['onnxruntime']}, batch {env['batch']}, measured {env['date']}: DGSSA + GLAD from the default run's dense model "
+        f"with `--target-macs {env['mac_target']}`, then with that export's measured latency as `--target-ms` on a table of "
+        "the digits model; each exported and timed; top-1 of the ONNX on the digits validation split.",
+        "",
+        "| seed | steered by | pyramid | % of dense MACs | predicted ms | measured ms | top-1 (ONNX) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['seed']} | {r['kind']} | {r['pyramid']} | {r['macs_fraction']:.1%} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | {r['top1_onnx']:.2f} |"
+        for r in accuracy["rows"]
+    ]
+    return lines
