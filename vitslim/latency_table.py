@@ -163,7 +163,7 @@ class ModuleTimer:
         # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
         self.pads_value_heads = spec.backend == "onnxruntime" and self.form.pad_value_heads
 
-    def runner(self, module: nn.Module, example: torch.Tensor) -> Runner:
+    def runner(self, module: nn.Module, shape: tuple[int, ...]) -> Runner:
         spec = self.spec
         if spec.backend == "torch":
             return TorchRunner(copy.deepcopy(module), spec.device, spec.torch_mode, spec.precision)
@@ -172,14 +172,14 @@ class ModuleTimer:
         import onnx
 
         with torch.no_grad():
-            graph = onnx_graph(module.float().eval(), example[:2].float(), path, self.form, precision=spec.precision)
+            # traced at batch 2, as the exporter does (the batch stays symbolic)
+            graph = onnx_graph(module.float().eval(), torch.randn(2, *shape), path, self.form, precision=spec.precision)
         onnx.save(graph, str(path))
         return OnnxRuntimeRunner(path, spec.device, spec.threads, cuda_graph=spec.device == "cuda" and spec.cuda_graph)
 
     def ms(self, module: nn.Module, shape: tuple[int, ...]) -> float:
-        example = torch.randn(max(2, self.spec.batch), *shape)
         inputs = np.random.default_rng(0).standard_normal((self.spec.batch, *shape)).astype(np.float32)
-        runner = self.runner(module, example)
+        runner = self.runner(module, shape)
         with runner:
             result = benchmark(runner, inputs, self.spec.precision, None, self.settings)
             self.description = self.description or runner.description
