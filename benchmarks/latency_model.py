@@ -1,4 +1,4 @@
-"""python -m benchmarks.latency_model --gpu | --onnx-gpu | --cpu: how well a latency table predicts
+"""python -m benchmarks.latency_model gpu|onnx_gpu|cpu: how well a latency table predicts
 the latency of whole models, and whether latency-targeted structures meet their targets.
 
 On DeiT-S with random weights (latency does not depend on them): a table is measured with

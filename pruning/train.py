@@ -303,11 +303,14 @@ def fit(
     extra_loss=None,
     groups: Optional[list[dict]] = None,
     progress: bool = True,
+    resume_key: Optional[dict] = None,
 ) -> TrainResult:
     """Fine-tune `model` in place on data.train and return per-epoch history and final val top-1.
 
     With `checkpoint_path`, the whole training state is written there after every epoch and a
-    state found there is resumed from (see pruning.checkpoints); `extra_loss()` is added to the
+    state found there is resumed from (see pruning.checkpoints) if it was made with the same
+    settings, data, starting weights and `resume_key` (what else decides the training, e.g. the
+    plan of a masked model, whose masks are not weights); `extra_loss()` is added to the
     task loss each step (e.g. a sparsity penalty); `groups` replaces the default optimizer
     parameter groups (e.g. to give gates their own learning rate).
     """
@@ -347,6 +350,7 @@ def fit(
         "data": data.source,
         "train_images": len(data.train),
         "start": weights_digest(model),
+        **({} if resume_key is None else {"resume_key": resume_key}),
     }
     saved = load_state(checkpoint_path, resumable)
     if saved is not None:

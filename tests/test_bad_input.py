@@ -780,7 +780,7 @@ CASES = [
         "bench-latency-table-missing",
         None,
         ["bench", "{art}/model.onnx", "--backend", "onnxruntime", "--latency-table", "{tmp}/no.json"],
-        "latency table",
+        "no.json does not exist: measure it again with 'vitslim latency-table'",
     ),
     (
         "bench-engine-changed",

@@ -70,6 +70,8 @@ def test_onnxruntime_points_are_exported_and_timed(tmp_path):
     )
     assert timer.ms(block, (9, geometry.dim)) > 0
     assert (tmp_path / "point1.onnx").is_file() and timer.description["backend"] == "onnxruntime"
+    # timm's own model (the baseline of --target-speedup) goes through the same exporter
+    assert timer.ms(model, (3, 16, 16)) > 0 and (tmp_path / "point2.onnx").is_file()
 
 
 def test_bench_puts_the_prediction_beside_the_measurement(torch_table, tiny_run):
@@ -143,3 +145,14 @@ def test_prune_reports_predicted_latency(torch_table, tiny_run, tmp_path):
     assert "predicted" in completed.stdout and "x timm" in completed.stdout
     report = (out / "prune_report.md").read_text()
     assert "Latency predicted on torch eager" in report and f"batch {table['batch']}" in report
+
+
+def test_a_recipe_names_its_latency_table_relative_to_itself(tmp_path):
+    from vitslim.recipe import recipe_from_dict
+
+    data = {
+        "model": {"name": "deit_tiny_patch16_224", "kwargs": {}},
+        "methods": {"vtp": {"latency_table": "tables/cpu.json", "target_speedup": 1.5}},
+    }
+    recipe = recipe_from_dict(data, base=tmp_path)
+    assert dict(recipe.methods)["vtp"].latency_table == str(tmp_path / "tables/cpu.json")

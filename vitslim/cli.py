@@ -716,17 +716,12 @@ def cmd_latency_table(args) -> int:
         model = _spec(args)
     if not args.out.endswith(".json"):
         raise VitslimError(f"--out {args.out}: a table is a .json file (its .md and .png are written beside it)")
-    spec = TableSpec(
-        model=model,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        batch=args.batch,
-        torch_mode=args.torch_mode,
-        attention=args.attention,
-        threads=args.threads,
-        cuda_graph=not args.no_cuda_graph,
-    )
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TableSpec)
+        if field.name != "model" and getattr(args, field.name, None) is not None
+    }
+    spec = TableSpec(model=model, **given)
     table = measure_table(spec, progress=lambda message: print(message, file=sys.stderr, flush=True))
     paths = write_table(table, Path(args.out))
     print(
@@ -746,7 +741,7 @@ def cmd_inspect(args) -> int:
 # Commands whose flags come from torch-side settings (methods, training, layouts): only they import
 # torch and timm while the parser is built, so build/bench/compare/gate start fast and work where
 # only numpy and TensorRT are installed.
-TORCH_COMMANDS = ("train", "prune", "export")
+TORCH_COMMANDS = ("train", "prune", "export", "latency-table")
 
 
 def _layouts() -> dict[str, tuple[str, ...]]:
@@ -1086,8 +1081,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     kit.add_argument("--out", required=True, help="the kit's directory")
     kit.set_defaults(func=cmd_kit)
 
-    from vitslim.export.attention_form import ATTENTION_FORMS, DEFAULT_ATTENTION_FORM  # no torch
-
     latency = commands.add_parser(
         "latency-table",
         help="measure what the model's blocks cost on one runtime, for latency targets (prune --latency-table) "
@@ -1104,25 +1097,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="timm kwargs, e.g. img_size=32 num_classes=10",
     )
     latency.add_argument("--run", help="instead of --model: the model of this run directory")
-    latency.add_argument("--backend", default="onnxruntime", help="the runtime: onnxruntime (default) or torch")
-    latency.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    latency.add_argument(
-        "--precision",
-        default="fp32",
-        help="fp32 or fp16 (onnxruntime; the exported graph's), fp32, fp16 or bf16 (torch)",
-    )
-    latency.add_argument("--batch", type=int, default=8, help="the batch the latency is for (default 8)")
-    latency.add_argument(
-        "--torch-mode", default="eager", choices=TORCH_MODES, help="PyTorch: eager, cuda_graph or compile"
-    )
-    latency.add_argument(
-        "--attention",
-        default=DEFAULT_ATTENTION_FORM,
-        choices=tuple(ATTENTION_FORMS),
-        help="onnxruntime: how the ONNX writes attention (as 'vitslim export --attention')",
-    )
-    latency.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime")
-    latency.add_argument("--no-cuda-graph", action="store_true", help=NO_CUDA_GRAPH_HELP)
+    if command == "latency-table":
+        from .latency_table import TableSpec
+
+        add_settings_flags(latency, "where the table is measured", {"latency-table": TableSpec}, skip=("model",))
     latency.add_argument("--out", required=True, help="TABLE.json (TABLE.md and TABLE.png beside it)")
     latency.set_defaults(func=cmd_latency_table)
 

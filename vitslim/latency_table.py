@@ -24,6 +24,7 @@ from torch import nn
 from vitslim.core.errors import VitslimError
 from vitslim.core.files import write_bytes_atomic, write_text_atomic
 from vitslim.core.limits import MAX_BATCH
+from vitslim.core.settings import setting
 from vitslim.deploy.bench import BenchSettings, benchmark, host_description
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from vitslim.deploy.runners.torch_runner import TORCH_DTYPES, TORCH_MODES
@@ -58,17 +59,21 @@ TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations
 
 @dataclass(frozen=True)
 class TableSpec:
-    """Where a table is measured: the model, the runtime and its settings, the batch."""
+    """Where a table is measured: the model, the runtime and its settings, the batch. Every field
+    but `model` is a flag of `vitslim latency-table`."""
 
     model: ModelSpec
-    backend: str = "onnxruntime"
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch: int = 8
-    torch_mode: str = "eager"
-    attention: str = DEFAULT_ATTENTION_FORM  # how the ONNX writes attention (onnxruntime)
-    threads: Optional[int] = None
-    cuda_graph: bool = True  # onnxruntime on CUDA replays a captured graph, as bench does
+    backend: str = setting("onnxruntime", "the runtime: onnxruntime or torch (TensorRT: build and bench the engine)")
+    device: str = setting("cpu", "cpu or cuda")
+    precision: str = setting("fp32", "onnxruntime: the exported graph's, fp32 or fp16; torch: fp32, fp16 or bf16")
+    batch: int = setting(8, "the batch the latencies are for")
+    torch_mode: str = setting("eager", "torch: eager, cuda_graph or compile")
+    attention: str = setting(
+        DEFAULT_ATTENTION_FORM,
+        "onnxruntime: the attention form the ONNX will be exported with (as 'vitslim export --attention')",
+    )
+    threads: Optional[int] = setting(None, "CPU threads for torch and onnxruntime (None: their own default)")
+    cuda_graph: bool = setting(True, "onnxruntime on CUDA: replay a captured CUDA graph, as bench does")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -195,7 +200,9 @@ def measure_table(
     """Measure a latency table for `spec` (its model with random weights unless `model` is given)."""
     if spec.backend == "torch" and spec.threads:
         torch.set_num_threads(spec.threads)
-    model = (model if model is not None else create_model(spec.model)).eval().float().cpu()
+    # a copy: the caller's model keeps its mode, dtype and device
+    model = copy.deepcopy(model) if model is not None else create_model(spec.model)
+    model = model.eval().float().cpu()
     geometry = supported_geometry(model)
     parts = block_parts(blocks_of(model)[0])
     image_shape = tuple(model.patch_embed.img_size)
@@ -204,7 +211,7 @@ def measure_table(
     with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work:
         timer = ModuleTimer(spec, settings, Path(work))
         points, aggregations = grid_points(geometry), aggregation_points(geometry)
-        total = len(points) + len(aggregations) + (3 if spec.backend == "torch" else 2)
+        total = len(points) + len(aggregations) + 3
         done = 0
 
         def step(what: str, module: nn.Module, shape: tuple[int, ...]) -> float:
@@ -219,8 +226,8 @@ def measure_table(
         fixed_ms = step("fixed parts (patch embedding, head)", fixed, (in_chans, *image_shape))
         dense = compact_from_plan(model, dense_plan(spec.model, geometry.depth), pad_value_heads=timer.pads_value_heads)
         dense_ms = step("the dense model as vitslim builds it (the calibration)", dense, (in_chans, *image_shape))
-        # timm's own model on a torch runtime; on onnxruntime, the model as vitslim exports it dense
-        timm_ms = step("timm's model", model, (in_chans, *image_shape)) if spec.backend == "torch" else dense_ms
+        # timm's own model, run as the table's runtime runs it (on onnxruntime: exported by the exporter)
+        timm_ms = step("timm's model", model, (in_chans, *image_shape))
         blocks = []
         for point in points:
             module = CompactBlock(
@@ -247,6 +254,8 @@ def measure_table(
         "torch_mode": spec.torch_mode if spec.backend == "torch" else None,
         "attention_form": spec.attention if spec.backend == "onnxruntime" else None,
         "threads": spec.threads,
+        "cuda_graph": spec.cuda_graph if spec.backend == "onnxruntime" and spec.device == "cuda" else None,
+        "baseline": "timm's model" + (" exported by vitslim's exporter" if spec.backend == "onnxruntime" else ""),
         "runner": timer.description,
         "host": host_description(),
         "timing": settings.__dict__,

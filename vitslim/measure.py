@@ -151,20 +151,34 @@ def _latency_table_for(spec: BenchSpec, artifact, precision: str):
         raise DeployError(
             "--latency-table predicts from the run's plan: add --run RUN_DIR (the run the artifact was exported from)"
         )
+    if spec.backend == "tensorrt" or precision == "int8":
+        raise DeployError(
+            f"latency tables are measured on torch and onnxruntime in fp32/fp16/bf16, not {spec.backend} {precision}: "
+            "bench this artifact without --latency-table"
+        )
     device = "cuda" if spec.device.startswith("cuda") else "cpu"
-    here = {"backend": spec.backend, "device": device, "precision": precision}
+    host = host_description()
+    here = {
+        "backend": spec.backend,
+        "device": device,
+        "precision": precision,
+        # another GPU or CPU model is another table
+        "device_name": (host["gpu"] or {}).get("name") if device == "cuda" else host["cpu"],
+    }
     if spec.backend == "torch":
         here["torch_mode"] = spec.torch_mode
     if isinstance(artifact, OnnxArtifact):
         from vitslim.core.metadata import attention_form_of
 
         here["attention_form"] = attention_form_of(artifact.model)
+        if device == "cuda":
+            here["cuda_graph"] = spec.cuda_graph
     for key, value in here.items():
         if table.where.get(key) != value:
             raise DeployError(
                 f"latency table {table.source} was measured with {key} {table.where.get(key)!r} but this bench runs "
-                f"{value!r}: measure a table on this runtime ('vitslim latency-table --backend {spec.backend} --device {device} "
-                f"--precision {precision} ...')"
+                f"{value!r}: measure a table here, on this runtime ('vitslim latency-table --backend {spec.backend} "
+                f"--device {device} --precision {precision} ...')"
             )
     if table.batch not in spec.batches:
         raise DeployError(f"latency table {table.source} is for batch {table.batch}: add --batch {table.batch}")

@@ -301,16 +301,16 @@ def pyramid_for_ranks(
 
 
 def auto_pyramid(
-    analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], fits, target: str
+    analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], fits, target_name: str
 ) -> tuple[tuple[int, int], ...]:
     """The GLAD stages from the effective-rank analysis that keep the most tokens (the largest
-    kappa) while `fits(stages)` (the target: MACs or predicted latency; `target` names it):
+    kappa) while `fits(stages)` (the target: MACs or predicted latency, as `target_name` says):
     bisection on kappa (more kappa, more tokens)."""
     ranks = [row["effective_rank"] for row in analysis]
     low, high = 0.0, float(geometry.num_patches)
     if not fits(pyramid_for_ranks(ranks, static, low, grid)):
         raise PruningError(
-            f"{target}: even the steepest pyramid the patch grid allows does not meet it; "
+            f"{target_name}: even the steepest pyramid the patch grid allows does not meet it; "
             "raise the target or add static blocks"
         )
     for _ in range(30):

@@ -352,7 +352,7 @@ def prune_patch_slimming(
             "data": data.source,
             "start": weights_digest(model),
             # a table measured again at the same path is another target
-            "latency_table": None if budget is None else budget.table_sha256,
+            "latency_table": None if budget is None else budget.table.sha256,
         },
     )
     found = load_state(search_path, search_settings)
@@ -373,9 +373,9 @@ def prune_patch_slimming(
             epsilon, search, token_sets, search_log = _search_for_target(
                 make_search, geometry, base, config, budget.fits
             )
-            fastest = plan_from_token_sets(token_sets, base, geometry.num_tokens)
-            if not budget.fits(fastest):
-                raise budget.unreachable(fastest, f"Patch Slimming (epsilon up to {epsilon:.3g})")
+            found = plan_from_token_sets(token_sets, base, geometry.num_tokens)
+            if not budget.fits(found):  # the search ends on its largest epsilon when nothing fits
+                raise budget.unreachable(found, f"Patch Slimming (epsilon up to {epsilon:.3g})")
         else:
             epsilon, search = config.epsilon, make_search()
             token_sets, search_log = search.run(epsilon)

@@ -23,7 +23,7 @@ from ..data import DataSplits
 from ..errors import PruningError
 from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import kept_channels
-from ..plan import BlockPlan, SlimPlan
+from ..plan import BlockPlan, SlimPlan, plan_digest
 from ..reference import MaskedReference, scaled_channels
 from ..timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
 from ..train import AugmentationSettings, TrainConfig, evaluate, fit, parameter_groups
@@ -62,7 +62,10 @@ class VTPConfig(AugmentationSettings, LatencyTargetSettings):
         super().__post_init__()  # the augmentation settings; every float finite
         self.check_latency_settings()
         if self.prune_ratio is not None and self.has_latency_target:
-            raise PruningError("give --prune-ratio or a latency target (--target-ms / --target-speedup), not both")
+            raise PruningError(
+                "give --prune-ratio or a latency target (--target-ms / --target-speedup), not both "
+                "(in a recipe: prune_ratio: null)"
+            )
         if self.prune_ratio is not None and not 0.0 < self.prune_ratio < 1.0:
             raise PruningError(
                 f"--prune-ratio {self.prune_ratio} must be in (0, 1), e.g. 0.4 removes 40 % of the gated dims"
@@ -284,6 +287,8 @@ def prune_vtp(
         _train_config(config, config.finetune_epochs),
         teacher=teacher,
         checkpoint_path=phase_path(checkpoints, "finetune"),
+        # the masks are hooks, not weights: a resumed fine-tuning must be of this plan
+        resume_key={"plan": plan_digest(plan)},
     )
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_pruning"],

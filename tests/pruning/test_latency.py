@@ -136,6 +136,14 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
         (lambda t: t.update(timm_ms="fast"), "timm_ms"),
         (lambda t: t.update(geometry=[]), "geometry must be"),
         (lambda t: t.clear(), "table_version"),
+        # validated, yet it would crash or mislead the predictor
+        (lambda t: t["blocks"][0].update(read=0), "integer in"),
+        (lambda t: t.update(blocks=[b for b in t["blocks"] if b["read"] != 17]), "must run from 2 to 17"),
+        (lambda t: t.update(blocks=[b for b in t["blocks"] if b["kept"] != 0.0]), "kept grid"),
+        (lambda t: t.update(blocks=[b for b in t["blocks"] if b["width"] == 1.0]), "width grid"),
+        (lambda t: t["aggregations"].append(dict(t["aggregations"][0])), "aggregation point twice"),
+        (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "far from its parts"),
+        (lambda t: t.update(dense_ms=100 * t["dense_ms"]), "far from its parts"),
     ],
 )
 def test_a_damaged_table_is_one_line(edit, message, tmp_path):
@@ -260,3 +268,25 @@ def test_a_target_out_of_reach_is_refused(tmp_path):
 def test_a_speedup_target_is_read_against_timm_on_the_table(tmp_path):
     budget = LatencyBudget.from_settings(VTPConfig(latency_table=_table_file(tmp_path), target_speedup=2.0), GEOMETRY)
     assert isinstance(budget.table, LatencyTable) and budget.target_ms == pytest.approx(0.5)
+
+
+def test_a_table_read_from_a_file_carries_the_digest_of_its_bytes(tmp_path):
+    from vitslim.core.files import sha256_of
+
+    path = _table_file(tmp_path)
+    table = read_latency_table(path)
+    assert table.sha256 == sha256_of(path) and table.source == str(tmp_path.resolve() / "table.json")
+    budget = LatencyBudget.from_settings(VTPConfig(latency_table=path), GEOMETRY)
+    assert budget.target_ms is None and budget.report(BASE)["table_sha256"] == table.sha256
+
+
+def test_a_resumed_vtp_finetuning_must_be_of_the_same_plan(tmp_path):
+    """The masks of VTP's fine-tuning are hooks, not weights: a checkpoint of another plan (a table
+    measured again, another ratio) is refused by name instead of resumed."""
+    config = VTPConfig(prune_ratio=0.3, sparsity_epochs=0, finetune_epochs=2, round_to=1)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    prune_vtp(MODEL, DATA, config, BASE, checkpoints=checkpoints)
+    other = VTPConfig(prune_ratio=0.5, sparsity_epochs=0, finetune_epochs=2, round_to=1)
+    with pytest.raises(PruningError, match="resume_key"):
+        prune_vtp(MODEL, DATA, other, BASE, checkpoints=checkpoints)
