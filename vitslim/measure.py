@@ -356,7 +356,8 @@ def remeasure(report: dict, settings: BenchSettings) -> dict:
     ):  # written before the onnxruntime runner had CUDA graphs: the switch was TensorRT's alone
         legacy = stored.pop("tensorrt_cuda_graph")
         stored["cuda_graph"] = legacy if stored.get("backend") == "tensorrt" else False
-    spec = BenchSpec(**{**stored, "batches": tuple(stored["batches"])})
+    # the gate needs the timings only: a latency table's prediction is not measured again
+    spec = BenchSpec(**{**stored, "batches": tuple(stored["batches"]), "latency_table": None})
     return run_bench(spec, settings)
 
 

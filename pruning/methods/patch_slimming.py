@@ -325,7 +325,8 @@ def prune_patch_slimming(
     teacher: Optional[nn.Module] = None,
     checkpoints: Optional[Path] = None,
 ) -> MethodResult:
-    """Top-down token search (fixed ε or a MAC target), then full fine-tuning. `model` is not modified."""
+    """Top-down token search (fixed ε, a MAC target or a latency target), then full fine-tuning.
+    `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
     budget = LatencyBudget.from_settings(config, geometry)
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
@@ -373,9 +374,9 @@ def prune_patch_slimming(
             epsilon, search, token_sets, search_log = _search_for_target(
                 make_search, geometry, base, config, budget.fits
             )
-            found = plan_from_token_sets(token_sets, base, geometry.num_tokens)
-            if not budget.fits(found):  # the search ends on its largest epsilon when nothing fits
-                raise budget.unreachable(found, f"Patch Slimming (epsilon up to {epsilon:.3g})")
+            chosen = plan_from_token_sets(token_sets, base, geometry.num_tokens)
+            if not budget.fits(chosen):  # the search ends on its largest epsilon when nothing fits
+                raise budget.unreachable(chosen, f"Patch Slimming (epsilon up to {epsilon:.3g})")
         else:
             epsilon, search = config.epsilon, make_search()
             token_sets, search_log = search.run(epsilon)
