@@ -42,8 +42,12 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     assert (
         messages[0].startswith("latency-table: 1/") and "calibration" in messages[1] and "timm's model" in messages[2]
     )
+    assert len(messages) == len(table.blocks) + len(table.aggregations) + 3  # every point, and the whole models
+    assert table.where["baseline"] == "timm's model" and table.sha256 is not None
+    assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
+    # the dense plan is the calibration point: predicted as the dense model was timed whole
     predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
-    assert predicted.total_ms > predicted.fixed_ms > 0
+    assert predicted.total_ms == pytest.approx(table.dense_ms) and predicted.fixed_ms == table.fixed_ms
 
 
 def test_grid_points_build_the_blocks_they_name():

@@ -724,6 +724,12 @@ def cmd_latency_table(args) -> int:
     spec = TableSpec(model=model, **given)
     table = measure_table(spec, progress=lambda message: print(message, file=sys.stderr, flush=True))
     paths = write_table(table, Path(args.out))
+    if table.where["noisy_points"]:
+        print(
+            f"warning: {table.where['noisy_points']} of {len(table.blocks) + len(table.aggregations) + 3} points stayed "
+            "noisy: if other work ran meanwhile, measure again on a quiet machine",
+            file=sys.stderr,
+        )
     print(
         f"latency table: {paths[0]} (+ {paths[1].name}, {paths[2].name}); timm's model {table.timm_ms:.4g} ms on {table.label}"
     )

@@ -163,6 +163,7 @@ class ModuleTimer:
 
     def __init__(self, spec: TableSpec, settings: BenchSettings, work: Path) -> None:
         self.spec, self.settings, self.work, self.count = spec, settings, work, 0
+        self.noisy: list[str] = []  # modules whose quietest round stayed above the settings' max CoV
         self.form = attention_form(spec.attention)
         self.description: Optional[dict] = None
         # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
@@ -188,6 +189,8 @@ class ModuleTimer:
         with runner:
             result = benchmark(runner, inputs, self.spec.precision, None, self.settings)
             self.description = self.description or runner.description
+        if result["noisy"]:
+            self.noisy.append(f"{type(module).__name__} {shape}")
         return result["median_ms"]
 
 
@@ -259,6 +262,8 @@ def measure_table(
         "runner": timer.description,
         "host": host_description(),
         "timing": settings.__dict__,
+        # a busy machine makes a table that predicts nothing: every point is one median
+        "noisy_points": len(timer.noisy),
         "measured_in_seconds": round(time.perf_counter() - started, 1),
         "measured_on": time.strftime("%Y-%m-%d"),
     }
@@ -286,7 +291,9 @@ def table_markdown(table: LatencyTable) -> str:
         f"- Runtime: {where.get('runtime')} ({where.get('device')}: {where.get('device_name')}), {where.get('precision')}, batch {table.batch}",
         f"- timm's model: {table.timm_ms:.4g} ms; the dense model as vitslim builds it: {table.dense_ms:.4g} ms; "
         f"fixed parts (patch embedding, head): {table.fixed_ms:.4g} ms",
-        f"- Measured in {where.get('measured_in_seconds')} s on {where.get('measured_on')}",
+        f"- Measured in {where.get('measured_in_seconds')} s on {where.get('measured_on')}; "
+        f"{where.get('noisy_points', 0)} points stayed noisy (coefficient of variation above {where.get('timing', {}).get('max_cov')}"
+        "; more than a few: measure again on a quiet machine)",
         "",
         "## One block, every channel kept (ms)",
         "",

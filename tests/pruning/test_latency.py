@@ -142,8 +142,7 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
         (lambda t: t.update(blocks=[b for b in t["blocks"] if b["kept"] != 0.0]), "kept grid"),
         (lambda t: t.update(blocks=[b for b in t["blocks"] if b["width"] == 1.0]), "width grid"),
         (lambda t: t["aggregations"].append(dict(t["aggregations"][0])), "aggregation point twice"),
-        (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "far from its parts"),
-        (lambda t: t.update(dense_ms=100 * t["dense_ms"]), "far from its parts"),
+        (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "is not above fixed_ms"),
     ],
 )
 def test_a_damaged_table_is_one_line(edit, message, tmp_path):
