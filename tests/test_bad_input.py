@@ -770,10 +770,10 @@ CASES = [
         "geometry.depth must be an integer",
     ),
     (
-        "latency-table-tensorrt",
+        "latency-table-tensorrt-on-cpu",
         None,
         ["latency-table", *TINY_MODEL, "--backend", "tensorrt", "--out", "{tmp}/t.json"],
-        "latency tables are measured with",
+        "--backend tensorrt runs engines on a GPU: add --device cuda",
     ),
     ("latency-table-not-json", None, ["latency-table", *TINY_MODEL, "--out", "{tmp}/t.txt"], "a table is a .json file"),
     (

@@ -78,6 +78,45 @@ def test_onnxruntime_points_are_exported_and_timed(tmp_path):
     assert timer.ms(model, (3, 16, 16)) > 0 and (tmp_path / "point2.onnx").is_file()
 
 
+def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, monkeypatch):
+    """A TensorRT point is exported, then built (with the TensorRT installed here: TensorRT-RTX
+    builds on the CPU) into an engine whose one profile is the table's batch; running it needs a
+    GPU, so a stand-in runner takes the engine here (`vitslim selftest` runs real engines)."""
+    from vitslim.deploy.manifest import read_manifest
+    from vitslim.deploy.runners import Runner
+    from vitslim.deploy.tensorrt_lib import find_tensorrt
+    from vitslim.export.compact import CompactBlock
+
+    if find_tensorrt() is None:
+        pytest.skip("no TensorRT or TensorRT-RTX installed here to build engines with")
+    engines = []
+
+    class EngineStandIn(Runner):
+        backend = "tensorrt"
+
+        def __init__(self, engine_path, cuda_graph=True):
+            engines.append((engine_path, cuda_graph))
+
+        def infer_impl(self, images):
+            return images
+
+    monkeypatch.setattr("vitslim.latency_table.TensorRTRunner", EngineStandIn)
+    model = create_model(SPEC)
+    geometry = supported_geometry(model)
+    timer = ModuleTimer(TableSpec(SPEC, backend="tensorrt", device="cuda", batch=2), QUICK, tmp_path)
+    block = CompactBlock(
+        block_parts(blocks_of(model)[0]),
+        block_point(geometry, static=False, read=9, kept=0.5, width=0.75),
+        geometry,
+        pad_value_heads=timer.pads_value_heads,
+    )
+    assert timer.ms(block, (9, geometry.dim)) > 0
+    ((engine, cuda_graph),) = engines
+    manifest = read_manifest(engine)
+    assert engine == tmp_path / "point1.engine" and cuda_graph
+    assert manifest["profiles"] == [{"min": 2, "opt": 2, "max": 2}] and manifest["precision"] == "fp32"
+
+
 def test_bench_puts_the_prediction_beside_the_measurement(torch_table, tiny_run):
     path, _ = torch_table
     spec = BenchSpec(artifact=str(tiny_run), backend="torch", batches=(2,), latency_table=str(path))
@@ -122,7 +161,8 @@ def test_bench_needs_the_run_for_a_prediction(torch_table, tmp_path, tiny_run):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--backend", "tensorrt"], "latency tables are measured with"),
+        (["--backend", "openvino"], "latency tables are measured with"),
+        (["--backend", "tensorrt"], "runs engines on a GPU: add --device cuda"),
         (["--run", "somewhere"], "give --model NAME"),
         (["--precision", "int8"], "is not one of"),
         (["--batch", "0"], "must be >= 1"),

@@ -26,7 +26,7 @@ from vitslim.core.files import write_bytes_atomic, write_text_atomic
 from vitslim.core.limits import MAX_BATCH
 from vitslim.core.settings import setting
 from vitslim.deploy.bench import BenchSettings, benchmark, host_description
-from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from vitslim.deploy.runners.torch_runner import TORCH_DTYPES, TORCH_MODES
 from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
 from vitslim.export.compact import CompactBlock, compact_from_plan
@@ -45,7 +45,7 @@ from vitslim.pruning.timm_adapter import ViTGeometry, block_parts, blocks_of, re
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_PRECISIONS = ("fp32", "fp16")
 # The grid: read counts are the prefix tokens plus one patch and these fractions of the patches;
 # the other axes are fractions of the patches written, of every channel space, and of the patches
@@ -63,7 +63,11 @@ class TableSpec:
     but `model` is a flag of `vitslim latency-table`."""
 
     model: ModelSpec
-    backend: str = setting("onnxruntime", "the runtime: onnxruntime or torch (TensorRT: build and bench the engine)")
+    backend: str = setting(
+        "onnxruntime",
+        "the runtime: onnxruntime, torch, or tensorrt (an engine built per point with the installed TensorRT; a GPU "
+        "machine's job, minutes per batch)",
+    )
     device: str = setting("cpu", "cpu or cuda")
     precision: str = setting("fp32", "onnxruntime: the exported graph's, fp32 or fp16; torch: fp32, fp16 or bf16")
     batch: int = setting(8, "the batch the latencies are for")
@@ -73,14 +77,13 @@ class TableSpec:
         "onnxruntime: the attention form the ONNX will be exported with (as 'vitslim export --attention')",
     )
     threads: Optional[int] = setting(None, "CPU threads for torch and onnxruntime (None: their own default)")
-    cuda_graph: bool = setting(True, "onnxruntime on CUDA: replay a captured CUDA graph, as bench does")
+    cuda_graph: bool = setting(True, "onnxruntime on CUDA and tensorrt: replay a captured CUDA graph, as bench does")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise VitslimError(
-                f"--backend {self.backend!r}: latency tables are measured with {BACKENDS} "
-                "(TensorRT: measure on onnxruntime or torch and check the engine with 'vitslim bench')"
-            )
+            raise VitslimError(f"--backend {self.backend!r}: latency tables are measured with {BACKENDS}")
+        if self.backend == "tensorrt" and self.device != "cuda":
+            raise VitslimError("--backend tensorrt runs engines on a GPU: add --device cuda (on a machine with one)")
         if not 1 <= self.batch <= MAX_BATCH:
             raise VitslimError(f"--batch {self.batch} must be >= 1 and at most {MAX_BATCH}")
         precisions = tuple(TORCH_DTYPES) if self.backend == "torch" else ONNX_PRECISIONS
@@ -96,7 +99,14 @@ class TableSpec:
     def runtime(self) -> str:
         if self.backend == "torch":
             return f"torch {self.torch_mode}"
-        return f"onnxruntime {self.attention}" + (" (CUDA graphs)" if self.device == "cuda" and self.cuda_graph else "")
+        return f"{self.backend} {self.attention}" + (
+            " (CUDA graphs)" if self.device == "cuda" and self.cuda_graph else ""
+        )
+
+    @property
+    def exports(self) -> bool:
+        """Whether each point is exported to ONNX first (everything but PyTorch)."""
+        return self.backend != "torch"
 
 
 class _Aggregation(nn.Module):
@@ -167,7 +177,7 @@ class ModuleTimer:
         self.form = attention_form(spec.attention)
         self.description: Optional[dict] = None
         # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
-        self.pads_value_heads = spec.backend == "onnxruntime" and self.form.pad_value_heads
+        self.pads_value_heads = spec.exports and self.form.pad_value_heads
 
     def runner(self, module: nn.Module, shape: tuple[int, ...]) -> Runner:
         spec = self.spec
@@ -181,6 +191,13 @@ class ModuleTimer:
             # traced at batch 2, as the exporter does (the batch stays symbolic)
             graph = onnx_graph(module.float().eval(), torch.randn(2, *shape), path, self.form, precision=spec.precision)
         onnx.save(graph, str(path))
+        if spec.backend == "tensorrt":
+            # one engine per point, for exactly the table's batch, as `vitslim build --batch B:B:B` builds it
+            from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
+
+            batch = BatchProfile(spec.batch, spec.batch, spec.batch)
+            built = engine_from_onnx(path, path.with_suffix(".engine"), BuildSettings(profiles=(batch,)))
+            return TensorRTRunner(built.engine_path, cuda_graph=spec.cuda_graph)
         return OnnxRuntimeRunner(path, spec.device, spec.threads, cuda_graph=spec.device == "cuda" and spec.cuda_graph)
 
     def ms(self, module: nn.Module, shape: tuple[int, ...]) -> float:
@@ -255,10 +272,10 @@ def measure_table(
         else host_description()["cpu"],
         "precision": spec.precision,
         "torch_mode": spec.torch_mode if spec.backend == "torch" else None,
-        "attention_form": spec.attention if spec.backend == "onnxruntime" else None,
+        "attention_form": spec.attention if spec.exports else None,
         "threads": spec.threads,
-        "cuda_graph": spec.cuda_graph if spec.backend == "onnxruntime" and spec.device == "cuda" else None,
-        "baseline": "timm's model" + (" exported by vitslim's exporter" if spec.backend == "onnxruntime" else ""),
+        "cuda_graph": spec.cuda_graph if spec.exports and spec.device == "cuda" else None,
+        "baseline": "timm's model" + (" exported by vitslim's exporter" if spec.exports else ""),
         "runner": timer.description,
         "host": host_description(),
         "timing": settings.__dict__,

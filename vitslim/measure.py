@@ -151,10 +151,9 @@ def _latency_table_for(spec: BenchSpec, artifact, precision: str):
         raise DeployError(
             "--latency-table predicts from the run's plan: add --run RUN_DIR (the run the artifact was exported from)"
         )
-    if spec.backend == "tensorrt" or precision == "int8":
+    if precision == "int8":
         raise DeployError(
-            f"latency tables are measured on torch and onnxruntime in fp32/fp16/bf16, not {spec.backend} {precision}: "
-            "bench this artifact without --latency-table"
+            "latency tables are measured in fp32, fp16 or bf16, not int8: bench this artifact without --latency-table"
         )
     device = "cuda" if spec.device.startswith("cuda") else "cpu"
     host = host_description()
@@ -171,8 +170,8 @@ def _latency_table_for(spec: BenchSpec, artifact, precision: str):
         from vitslim.core.metadata import attention_form_of
 
         here["attention_form"] = attention_form_of(artifact.model)
-        if device == "cuda":
-            here["cuda_graph"] = spec.cuda_graph
+    if spec.backend != "torch" and device == "cuda":
+        here["cuda_graph"] = spec.cuda_graph
     for key, value in here.items():
         if table.where.get(key) != value:
             raise DeployError(
