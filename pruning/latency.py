@@ -162,8 +162,8 @@ class LatencyTable:
         """The plan's predicted latency on the table's runtime, at the table's batch: each block
         timed alone less the offset of timing a block alone (never below a tenth of its time
         alone), plus its aggregation as timed alone. The offset is not taken from aggregations:
-        it is measured on blocks, and on the H200 and this CPU whole models with aggregations
-        measured at or above their prediction already (BENCHMARKS.md)."""
+        it is measured on blocks, and taking it from them too moved GLAD structures' predictions
+        further from the clock on onnxruntime (H200) and a 2-core CPU (BENCHMARKS.md)."""
         self.check_geometry(geometry)
         offset = self.block_offset_ms(geometry)
         blocks = tuple(
