@@ -3,10 +3,11 @@ results/latency_accuracy.json (benchmarks/latency_model.py, benchmarks/latency_a
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Optional
+
+from vitslim.plots import save_png
 
 PREDICTION_TARGET = 0.10  # predicted vs measured, every operating point
 TARGET_TOLERANCE = 0.05  # a latency-targeted structure, measured, against its target
@@ -120,8 +121,8 @@ def rows_table(data: dict) -> list[str]:
         f"Speed-ups are over {_baseline(data)} on the same runtime (the table's `timm_ms`, the baseline of `--target-speedup`).",
         "",
         "| batch | structure | % of dense MACs | predicted ms | measured ms | measured / predicted − 1 | speed-up (measured) "
-        "| target ms | measured / target − 1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| MAC-ideal | realised / ideal | target ms | measured / target − 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(data["rows"], key=lambda r: (r["batch"], r["kind"] != "operating point")):
         target = "–" if row["target_ms"] is None else f"{row['target_ms']:.3f}"
@@ -130,7 +131,8 @@ def rows_table(data: dict) -> list[str]:
         against = "–" if row["target_error"] is None else f"{row['target_error']:+.1%}"
         lines.append(
             f"| {row['batch']} | {row['variant']} | {row['macs_fraction']:.1%} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} | "
-            f"{row['prediction_error']:+.1%} | {row['speedup']:.2f} | {target} | {against} |"
+            f"{row['prediction_error']:+.1%} | {row['speedup']:.2f} | {1 / row['macs_fraction']:.2f} | "
+            f"{row['speedup'] * row['macs_fraction']:.2f} | {target} | {against} |"
         )
     return lines
 
@@ -190,12 +192,7 @@ def scatter_png(loaded: dict, path: Path) -> None:
     axis.set_title("DeiT-S: whole models timed against the latency table's prediction")
     axis.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    from vitslim.core.files import write_bytes_atomic
-
-    write_bytes_atomic(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 def section(results: Path, relative: Path) -> list[str]:

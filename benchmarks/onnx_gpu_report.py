@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitslim.core.files import atomic_path
+from vitslim.plots import save_png
 
 FORMS = ("attention-op", "matmul-softmax", "ort-mha", "ort-mha + ort_fusions")
 PS_OVER_TIMM_ONNX, PS_OVER_TIMM, DENSE_OVER_TIMM_ONNX, OF_IDEAL, AGREEMENT = 1.6, 1.2, 0.98, 0.9, 0.99
@@ -123,10 +123,7 @@ def speedup_png(data: dict, path: Path, batch: int = 256) -> Path:
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=0.3)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 def section(data: dict, results: Path, relative: Path) -> list[str]:

@@ -9,7 +9,8 @@ from typing import Optional
 
 from vitslim.deploy.build import DEFAULT_PROFILE
 
-from vitslim.core.files import atomic_path, write_text_atomic
+from vitslim.core.files import write_text_atomic
+from vitslim.plots import save_png
 
 from .digits import fastest_needed_dgssa
 from .operating_points import PAPER_CLAIMS, PATCH_SLIMMING_GMACS, VTP_PAPER_DEIT_B
@@ -221,10 +222,7 @@ def speedup_png(rows: list[dict], path: Path, title: str, baseline: str) -> Path
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=7, ncol=2, loc="upper left")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 def profile_rows(text: str) -> dict[str, dict[str, float]]:

@@ -139,6 +139,12 @@ def host_description() -> dict:
     }
 
 
+def device_name(host: dict, device: str) -> Optional[str]:
+    """What `device` ("cpu", "cuda", "cuda:N") is on `host` (host_description()): the GPU's name
+    or the CPU's model; another name is another machine's latency."""
+    return (host.get("gpu") or {}).get("name") if device.startswith("cuda") else host.get("cpu")
+
+
 def fingerprint(runner: Runner, precision: str, batch: int, artifact_sha256: Optional[str], label: str = "") -> dict:
     """What was measured and where: host, runner (device, library versions), precision, batch,
     label, and the artifact's bytes (for information: see `comparison_key`)."""

@@ -61,17 +61,10 @@ def test_grid_points_build_the_blocks_they_name():
 
 def test_onnxruntime_points_are_exported_and_timed(tmp_path):
     """An onnxruntime point goes through the exporter's graph passes before it is timed."""
-    from vitslim.export.compact import CompactBlock
-
     model = create_model(SPEC)
     geometry = supported_geometry(model)
     timer = ModuleTimer(TableSpec(SPEC, backend="onnxruntime", batch=2), QUICK, tmp_path)
-    block = CompactBlock(
-        block_parts(blocks_of(model)[0]),
-        block_point(geometry, static=False, read=9, kept=0.5, width=0.75),
-        geometry,
-        pad_value_heads=timer.pads_value_heads,
-    )
+    block = timer.block(block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, width=0.75)
     assert timer.ms(block, (9, geometry.dim)) > 0
     assert (tmp_path / "point1.onnx").is_file() and timer.description["backend"] == "onnxruntime"
     # timm's own model (the baseline of --target-speedup) goes through the same exporter
@@ -85,7 +78,6 @@ def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, m
     from vitslim.deploy.manifest import read_manifest
     from vitslim.deploy.runners import Runner
     from vitslim.deploy.tensorrt_lib import find_tensorrt
-    from vitslim.export.compact import CompactBlock
 
     if find_tensorrt() is None:
         pytest.skip("no TensorRT or TensorRT-RTX installed here to build engines with")
@@ -104,12 +96,7 @@ def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, m
     model = create_model(SPEC)
     geometry = supported_geometry(model)
     timer = ModuleTimer(TableSpec(SPEC, backend="tensorrt", device="cuda", batch=2), QUICK, tmp_path)
-    block = CompactBlock(
-        block_parts(blocks_of(model)[0]),
-        block_point(geometry, static=False, read=9, kept=0.5, width=0.75),
-        geometry,
-        pad_value_heads=timer.pads_value_heads,
-    )
+    block = timer.block(block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, width=0.75)
     assert timer.ms(block, (9, geometry.dim)) > 0
     ((engine, cuda_graph),) = engines
     manifest = read_manifest(engine)

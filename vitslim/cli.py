@@ -47,7 +47,8 @@ TOLERANCES_TEXT = "; ".join(
 ).replace("%", "%%")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, required: bool, weights: bool = True) -> None:
+    """--model and --model-kwargs; with `weights`, --checkpoint and --pretrained too."""
     parser.add_argument("--model", required=required, help="timm model name, e.g. deit_small_patch16_224")
     parser.add_argument(
         "--model-kwargs",
@@ -56,6 +57,8 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="KEY=VALUE",
         help="timm kwargs, e.g. img_size=32 num_classes=10",
     )
+    if not weights:
+        return
     parser.add_argument("--checkpoint", help=".safetensors or .pth weights (loaded with weights_only=True)")
     parser.add_argument(
         "--pretrained", action="store_true", help="timm pretrained weights (needs network access to the hub)"
@@ -1092,16 +1095,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="measure what the model's blocks cost on one runtime, for latency targets (prune --latency-table) "
         "and predictions (bench --latency-table)",
     )
-    latency.add_argument(
-        "--model", help="timm model name, e.g. deit_small_patch16_224 (random weights: latency does not depend on them)"
-    )
-    latency.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="timm kwargs, e.g. img_size=32 num_classes=10",
-    )
+    _add_model_args(latency, required=False, weights=False)  # random weights: latency does not depend on them
     latency.add_argument("--run", help="instead of --model: the model of this run directory")
     if command == "latency-table":
         from .latency_table import TableSpec

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from vitslim.core.errors import VitslimError
-from vitslim.core.files import write_bytes_atomic, write_text_atomic
+from vitslim.core.files import write_text_atomic
 from vitslim.core.limits import MAX_BATCH
 from vitslim.core.settings import setting
-from vitslim.deploy.bench import BenchSettings, benchmark, host_description
+from vitslim.deploy.bench import BenchSettings, benchmark, device_name, host_description
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from vitslim.deploy.runners.torch_runner import TORCH_DTYPES, TORCH_MODES
 from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
@@ -41,7 +41,16 @@ from vitslim.pruning.latency import (
 from vitslim.pruning.models import create_model
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import aggregate_tokens
-from vitslim.pruning.timm_adapter import ViTGeometry, block_parts, blocks_of, replace_blocks, supported_geometry
+from vitslim.pruning.timm_adapter import (
+    BlockParts,
+    ViTGeometry,
+    block_parts,
+    blocks_of,
+    replace_blocks,
+    supported_geometry,
+)
+
+from .plots import latency_table_png
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +188,11 @@ class ModuleTimer:
         # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
         self.pads_value_heads = spec.exports and self.form.pad_value_heads
 
+    def block(self, parts: BlockParts, geometry: ViTGeometry, **point) -> nn.Module:
+        """One grid point's block (block_point's plan), built as the exporter builds it for this runtime."""
+        plan = block_point(geometry, **point)
+        return CompactBlock(parts, plan, geometry, pad_value_heads=self.pads_value_heads).eval()
+
     def runner(self, module: nn.Module, shape: tuple[int, ...]) -> Runner:
         spec = self.spec
         if spec.backend == "torch":
@@ -250,9 +264,7 @@ def measure_table(
         timm_ms = step("timm's model", model, (in_chans, *image_shape))
         blocks = []
         for point in points:
-            module = CompactBlock(
-                parts, block_point(geometry, **point), geometry, pad_value_heads=timer.pads_value_heads
-            ).eval()
+            module = timer.block(parts, geometry, **point)
             kind = "static" if point["static"] else "block"
             what = f"{kind} read {point['read']} kept {point['kept']:g} width {point['width']:g}"
             blocks.append({**point, "ms": step(what, module, (point["read"], geometry.dim))})
@@ -263,13 +275,12 @@ def measure_table(
             module = _Aggregation(matrix, geometry.num_prefix_tokens)
             what = f"aggregation of {point['arriving']} pooled {point['pooled']:g}"
             pooled_rows.append({**point, "ms": step(what, module, (point["arriving"], geometry.dim))})
+    host = host_description()
     where = {
         "runtime": spec.runtime,
         "backend": spec.backend,
         "device": spec.device,
-        "device_name": (host_description()["gpu"] or {}).get("name")
-        if spec.device == "cuda"
-        else host_description()["cpu"],
+        "device_name": device_name(host, spec.device),
         "precision": spec.precision,
         "torch_mode": spec.torch_mode if spec.backend == "torch" else None,
         "attention_form": spec.attention if spec.exports else None,
@@ -277,7 +288,7 @@ def measure_table(
         "cuda_graph": spec.cuda_graph if spec.exports and spec.device == "cuda" else None,
         "baseline": "timm's model" + (" exported by vitslim's exporter" if spec.exports else ""),
         "runner": timer.description,
-        "host": host_description(),
+        "host": host,
         "timing": settings.__dict__,
         # a busy machine makes a table that predicts nothing: every point is one median
         "noisy_points": len(timer.noisy),
@@ -330,67 +341,11 @@ def table_markdown(table: LatencyTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_png(table: LatencyTable, path: Path) -> None:
-    """Block latency against tokens read: each kind, the kept axis' ends and the width axis."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (tokens_axis, width_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    reads = sorted({row["read"] for row in table.blocks})
-
-    def series(**match) -> list[float]:
-        return [
-            next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items()))
-            for read in reads
-        ]
-
-    for label, match, style in (
-        ("dynamic, all tokens written", {"static": False, "kept": 1.0, "width": 1.0}, "o-"),
-        ("dynamic, half the patches written", {"static": False, "kept": 0.5, "width": 1.0}, "s--"),
-        ("dynamic, prefix tokens only written", {"static": False, "kept": 0.0, "width": 1.0}, "v:"),
-        ("static attention", {"static": True, "kept": 1.0, "width": 1.0}, "^-"),
-    ):
-        tokens_axis.plot(reads, series(**match), style, label=label)
-    tokens_axis.set_xlabel("tokens the block reads")
-    tokens_axis.set_ylabel(f"ms per batch of {table.batch}")
-    tokens_axis.set_title("one block, every channel kept")
-    tokens_axis.legend(fontsize=8, loc="upper left")
-    widths = sorted({row["width"] for row in table.blocks})
-    for read in (reads[0], reads[len(reads) // 2], reads[-1]):
-        width_axis.plot(
-            widths,
-            [
-                next(
-                    r["ms"]
-                    for r in table.blocks
-                    if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w
-                )
-                for w in widths
-            ],
-            "o-",
-            label=f"{read} tokens",
-        )
-    width_axis.set_xlabel("fraction of every channel space kept")
-    width_axis.set_ylabel(f"ms per batch of {table.batch}")
-    width_axis.set_title("one dynamic block, all tokens written")
-    width_axis.legend(fontsize=8, loc="upper left")
-    figure.suptitle(f"{table.model['name']}: {table.label}")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
 def write_table(table: LatencyTable, path: Path) -> list[Path]:
     """TABLE.json, with TABLE.md and TABLE.png beside it; the JSON (what methods read) last."""
     path = Path(path)
     markdown, png = path.with_suffix(".md"), path.with_suffix(".png")
     write_text_atomic(markdown, table_markdown(table))
-    table_png(table, png)
+    latency_table_png(table, png)
     write_latency_table(table, path)
     return [path, markdown, png]

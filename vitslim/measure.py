@@ -14,7 +14,7 @@ import numpy as np
 from vitslim.core.files import write_bytes_atomic, write_json_atomic
 from vitslim.core.limits import MAX_BATCH
 from vitslim.core.precision import compare_outputs, tolerance_for
-from vitslim.deploy.bench import BenchSettings, benchmark, host_description, speedup_columns
+from vitslim.deploy.bench import BenchSettings, benchmark, device_name, host_description, speedup_columns
 from vitslim.deploy.errors import DeployError
 from vitslim.deploy.gate import ABSettings, paired_ab
 from vitslim.deploy.gpu import describe as describe_gpu
@@ -156,13 +156,12 @@ def _latency_table_for(spec: BenchSpec, artifact, precision: str):
             "latency tables are measured in fp32, fp16 or bf16, not int8: bench this artifact without --latency-table"
         )
     device = "cuda" if spec.device.startswith("cuda") else "cpu"
-    host = host_description()
     here = {
         "backend": spec.backend,
         "device": device,
         "precision": precision,
         # another GPU or CPU model is another table
-        "device_name": (host["gpu"] or {}).get("name") if device == "cuda" else host["cpu"],
+        "device_name": device_name(host_description(), device),
     }
     if spec.backend == "torch":
         here["torch_mode"] = spec.torch_mode

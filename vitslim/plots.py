@@ -31,12 +31,22 @@ def _legend_outside(axis, handles=None, labels=None) -> None:
     axis.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0)
 
 
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
+def _legend_below(axis) -> None:
+    """The legend under the plot (for panels side by side), never over the data."""
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
+
+
+def save_png(figure, path: Path) -> Path:
+    """Write `figure` as a PNG whole (a temporary name, then a rename) and close it."""
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
     _pyplot().close(figure)
     return path
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    return save_png(figure, path)
 
 
 def training_curve_png(history: list[dict], path: Path, title: str) -> Path:
@@ -165,4 +175,50 @@ def attention_analysis_png(analysis: list[dict], static_blocks: int, path: Path,
         fontsize="small",
     )
     figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def latency_table_png(table, path: Path) -> Path:
+    """A latency table (vitslim.pruning.latency.LatencyTable) for people: block latency against
+    tokens read for each kind and the kept axis' ends, and against width."""
+    figure, (tokens_axis, width_axis) = _pyplot().subplots(1, 2, figsize=(11, 5.2))
+    reads = sorted({row["read"] for row in table.blocks})
+
+    def series(**match) -> list[float]:
+        return [
+            next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items()))
+            for read in reads
+        ]
+
+    for label, match, style in (
+        ("dynamic, all tokens written", {"static": False, "kept": 1.0, "width": 1.0}, "o-"),
+        ("dynamic, half the patches written", {"static": False, "kept": 0.5, "width": 1.0}, "s--"),
+        ("dynamic, prefix tokens only written", {"static": False, "kept": 0.0, "width": 1.0}, "v:"),
+        ("static attention", {"static": True, "kept": 1.0, "width": 1.0}, "^-"),
+    ):
+        tokens_axis.plot(reads, series(**match), style, label=label)
+    tokens_axis.set_xlabel("tokens the block reads")
+    tokens_axis.set_ylabel(f"ms per batch of {table.batch}")
+    tokens_axis.set_title("one block, every channel kept")
+    _legend_below(tokens_axis)
+    widths = sorted({row["width"] for row in table.blocks})
+    for read in (reads[0], reads[len(reads) // 2], reads[-1]):
+        width_axis.plot(
+            widths,
+            [
+                next(
+                    r["ms"]
+                    for r in table.blocks
+                    if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w
+                )
+                for w in widths
+            ],
+            "o-",
+            label=f"{read} tokens",
+        )
+    width_axis.set_xlabel("fraction of every channel space kept")
+    width_axis.set_ylabel(f"ms per batch of {table.batch}")
+    width_axis.set_title("one dynamic block, all tokens written")
+    _legend_below(width_axis)
+    figure.suptitle(f"{table.model['name']}: {table.label}")
     return _save(figure, path)
