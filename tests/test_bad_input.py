@@ -751,7 +751,7 @@ CASES = [
         "prune-latency-table-damaged",
         text(
             "t.json",
-            '{"table_version": 1, "model": {"name": "x"}, "geometry": {}, "where": {}, "blocks": [], "aggregations": []}',
+            '{"table_version": 2, "model": {"name": "x"}, "geometry": {}, "where": {}, "blocks": [], "aggregations": []}',
         ),
         [
             "prune",
@@ -768,6 +768,23 @@ CASES = [
             "{tmp}/p",
         ],
         "geometry.depth must be an integer",
+    ),
+    (
+        "prune-latency-table-older-version",
+        text("t.json", '{"table_version": 1, "model": {"name": "x"}}'),
+        [
+            "prune",
+            "{art}/run",
+            "--method",
+            "vtp",
+            "--latency-table",
+            "{tmp}/t.json",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/p",
+        ],
+        "has table_version 1, not 2: measure it again with 'vitslim latency-table'",
     ),
     (
         "latency-table-tensorrt-on-cpu",

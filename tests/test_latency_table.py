@@ -7,16 +7,26 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_cli import run_cli
 from tiny import TINY_KWARGS, TINY_MODEL
+from torch.utils.flop_counter import FlopCounterMode
 from vitslim.deploy.bench import BenchSettings
 from vitslim.deploy.errors import DeployError
-from vitslim.pruning.latency import read_latency_table
+from vitslim.pruning.latency import read_latency_table, width_step
 from vitslim.pruning.models import create_model, parse_model_kwargs
 from vitslim.pruning.plan import ModelSpec, dense_plan
 from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geometry
 
-from vitslim.latency_table import ModuleTimer, TableSpec, block_point, grid_points, measure_table, write_table
+from vitslim.latency_table import (
+    ModuleTimer,
+    TableSpec,
+    block_point,
+    few_tokens_plan,
+    grid_points,
+    measure_table,
+    write_table,
+)
 from vitslim.measure import BenchSpec, run_bench
 
 QUICK = BenchSettings(warmup_seconds=0.0, min_seconds=0.0, min_iterations=2, max_rounds=1)
@@ -25,9 +35,22 @@ SPEC = ModelSpec("deit_tiny_patch16_224", parse_model_kwargs(TINY_KWARGS))
 
 @pytest.fixture(scope="module")
 def torch_table(tmp_path_factory):
+    """A table measured on the tiny model: every point runs for real, but the time it records is
+    its FLOPs' (a tiny model's blocks take microseconds, and a busy machine's timings of them could
+    break the reader's checks of a table; nothing here may depend on one machine's timings)."""
     path = tmp_path_factory.mktemp("table") / "tiny.json"
     messages = []
-    table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
+    timed = ModuleTimer.ms
+
+    def flop_ms(self, module, shape):
+        timed(self, module, shape)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.randn(1, *shape))
+        return 0.01 + 1e-7 * counter.get_total_flops()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModuleTimer, "ms", flop_ms)
+        table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
     write_table(table, path)
     return path, messages
 
@@ -39,24 +62,30 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     geometry = supported_geometry(create_model(SPEC))
     assert len(table.blocks) == len(grid_points(geometry)) and table.aggregations
     assert table.where["backend"] == "torch" and table.where["runner"]["mode"] == "eager" and table.batch == 2
-    assert (
-        messages[0].startswith("latency-table: 1/") and "calibration" in messages[1] and "timm's model" in messages[2]
-    )
-    assert len(messages) == len(table.blocks) + len(table.aggregations) + 3  # every point, and the whole models
+    assert messages[0].startswith("latency-table: 1/") and "calibration" in messages[1] and "calibration" in messages[2]
+    assert "timm's model" in messages[3]
+    assert len(messages) == len(table.blocks) + len(table.aggregations) + 4  # every point, and the whole models
     assert table.where["baseline"] == "timm's model" and table.sha256 is not None
     assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
-    # the dense plan is the calibration point: predicted as the dense model was timed whole
+    # the two calibration models are predicted as they were timed whole
     predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
     assert predicted.total_ms == pytest.approx(table.dense_ms) and predicted.fixed_ms == table.fixed_ms
+    assert table.predict(few_tokens_plan(SPEC, geometry), geometry).total_ms == pytest.approx(table.few_tokens_ms)
 
 
 def test_grid_points_build_the_blocks_they_name():
     model = create_model(SPEC)
     geometry = supported_geometry(model)
-    plan = block_point(geometry, static=True, read=9, kept=0.5, width=0.5)
+    plan = block_point(geometry, static=True, read=9, kept=0.5, attention_width=0.5, mlp_width=1.0)
     assert len(plan.kept_tokens) == 1 + 4 and plan.kept_tokens[0] == 0  # the class token and 4 of 8 patches
     assert plan.static_attention.shape == (geometry.num_heads, 5, 9)
-    assert len(plan.hidden) == geometry.mlp_hidden // 2 and len(plan.proj_in) == geometry.attn_dim // 2
+    assert len(plan.qkv_in) == geometry.dim // 2 and len(plan.proj_in) == geometry.attn_dim // 2
+    assert plan.fc1_in is None and plan.hidden is None
+    # just below 1 on a side: one input channel fewer (the Gather's step); any kept < 1 drops a patch
+    step = block_point(geometry, static=False, read=9, kept=0.99, attention_width=1.0, mlp_width=width_step(geometry))
+    assert len(step.fc1_in) == geometry.dim - 1 and len(step.kept_tokens) == 8 and step.qkv_in is None
+    widths = {p["mlp_width"] for p in grid_points(geometry)}
+    assert width_step(geometry) in widths and {p["attention_width"] for p in grid_points(geometry)} == widths
 
 
 def test_onnxruntime_points_are_exported_and_timed(tmp_path):
@@ -64,7 +93,9 @@ def test_onnxruntime_points_are_exported_and_timed(tmp_path):
     model = create_model(SPEC)
     geometry = supported_geometry(model)
     timer = ModuleTimer(TableSpec(SPEC, backend="onnxruntime", batch=2), QUICK, tmp_path)
-    block = timer.block(block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, width=0.75)
+    block = timer.block(
+        block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, attention_width=0.75, mlp_width=0.5
+    )
     assert timer.ms(block, (9, geometry.dim)) > 0
     assert (tmp_path / "point1.onnx").is_file() and timer.description["backend"] == "onnxruntime"
     # timm's own model (the baseline of --target-speedup) goes through the same exporter
@@ -96,7 +127,9 @@ def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, m
     model = create_model(SPEC)
     geometry = supported_geometry(model)
     timer = ModuleTimer(TableSpec(SPEC, backend="tensorrt", device="cuda", batch=2), QUICK, tmp_path)
-    block = timer.block(block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, width=0.75)
+    block = timer.block(
+        block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=0.5, attention_width=0.75, mlp_width=0.5
+    )
     assert timer.ms(block, (9, geometry.dim)) > 0
     ((engine, cuda_graph),) = engines
     manifest = read_manifest(engine)

@@ -32,14 +32,17 @@ from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
 from vitslim.export.compact import CompactBlock, compact_from_plan
 from vitslim.export.onnx_export import onnx_graph
 from vitslim.pruning.latency import (
+    CALIBRATION_KEPT,
+    WIDTH_SIDES,
     LatencyTable,
     table_geometry,
-    uniform_width_block,
+    width_block,
+    width_step,
     write_latency_table,
     written_count,
 )
 from vitslim.pruning.models import create_model
-from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
+from vitslim.pruning.plan import BlockPlan, ModelSpec, SlimPlan, dense_plan
 from vitslim.pruning.reference import aggregate_tokens
 from vitslim.pruning.timm_adapter import (
     BlockParts,
@@ -57,8 +60,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_PRECISIONS = ("fp32", "fp16")
 # The grid: read counts are the prefix tokens plus one patch and these fractions of the patches;
-# the other axes are fractions of the patches written, of every channel space, and of the patches
-# an aggregation pools to (GLAD halves the grid per stage).
+# the other axes are fractions of the patches written (and one patch fewer than all: the Gather's
+# step), of each side's channel spaces (and the step of one input channel fewer, width_step), and
+# of the patches an aggregation pools to (GLAD halves the grid per stage).
 READ_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 KEPT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WIDTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -143,10 +147,12 @@ def _spread(prefix: int, read: int, written: int) -> Optional[tuple[int, ...]]:
     return tuple(range(prefix)) + tuple(patches)
 
 
-def block_point(geometry: ViTGeometry, static: bool, read: int, kept: float, width: float) -> BlockPlan:
+def block_point(
+    geometry: ViTGeometry, static: bool, read: int, kept: float, attention_width: float, mlp_width: float
+) -> BlockPlan:
     """The plan of one grid point's block."""
     written = written_count(geometry, read, kept)
-    widths = uniform_width_block(geometry, width)
+    widths = width_block(geometry, attention_width, mlp_width)
     return BlockPlan(
         kept_tokens=_spread(geometry.num_prefix_tokens, read, written),
         qkv_in=widths.qkv_in,
@@ -159,13 +165,24 @@ def block_point(geometry: ViTGeometry, static: bool, read: int, kept: float, wid
 
 def grid_points(geometry: ViTGeometry) -> list[dict]:
     """Every block point of a table: the full block of each kind at every read count, the
-    dynamic block along the kept axis and along the width axis (the predictor is separable)."""
+    dynamic block along the kept axis and along each side's width axis (the predictor is
+    separable)."""
+    full = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
+    kept_grid = sorted({*KEPT_FRACTIONS, 1 - 1 / geometry.num_patches})
+    widths = sorted({*WIDTH_FRACTIONS, width_step(geometry)} - {1.0})
     points = []
     for read in read_counts(geometry):
-        points.append({"static": True, "read": read, "kept": 1.0, "width": 1.0})
-        points += [{"static": False, "read": read, "kept": kept, "width": 1.0} for kept in KEPT_FRACTIONS]
-        points += [{"static": False, "read": read, "kept": 1.0, "width": w} for w in WIDTH_FRACTIONS if w < 1]
+        points.append({"static": True, "read": read, **full})
+        points += [{"static": False, "read": read, **full, "kept": kept} for kept in kept_grid]
+        points += [{"static": False, "read": read, **full, side: w} for side in WIDTH_SIDES for w in widths]
     return points
+
+
+def few_tokens_plan(model: ModelSpec, geometry: ViTGeometry) -> SlimPlan:
+    """The calibration's few-tokens model (pruning.latency.few_tokens_counts) as a plan."""
+    read = geometry.num_tokens
+    kept = _spread(geometry.num_prefix_tokens, read, written_count(geometry, read, CALIBRATION_KEPT))
+    return dense_plan(model, geometry.depth).with_block(0, BlockPlan(kept_tokens=kept))
 
 
 def aggregation_points(geometry: ViTGeometry) -> list[dict]:
@@ -245,7 +262,7 @@ def measure_table(
     with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work:
         timer = ModuleTimer(spec, settings, Path(work))
         points, aggregations = grid_points(geometry), aggregation_points(geometry)
-        total = len(points) + len(aggregations) + 3
+        total = len(points) + len(aggregations) + 4
         done = 0
 
         def step(what: str, module: nn.Module, shape: tuple[int, ...]) -> float:
@@ -260,13 +277,20 @@ def measure_table(
         fixed_ms = step("fixed parts (patch embedding, head)", fixed, (in_chans, *image_shape))
         dense = compact_from_plan(model, dense_plan(spec.model, geometry.depth), pad_value_heads=timer.pads_value_heads)
         dense_ms = step("the dense model as vitslim builds it (the calibration)", dense, (in_chans, *image_shape))
+        few_tokens = compact_from_plan(
+            model, few_tokens_plan(spec.model, geometry), pad_value_heads=timer.pads_value_heads
+        )
+        few_tokens_ms = step("the few-tokens model (the calibration)", few_tokens, (in_chans, *image_shape))
         # timm's own model, run as the table's runtime runs it (on onnxruntime: exported by the exporter)
         timm_ms = step("timm's model", model, (in_chans, *image_shape))
         blocks = []
         for point in points:
             module = timer.block(parts, geometry, **point)
             kind = "static" if point["static"] else "block"
-            what = f"{kind} read {point['read']} kept {point['kept']:g} width {point['width']:g}"
+            what = (
+                f"{kind} read {point['read']} kept {point['kept']:.3g} attention width {point['attention_width']:.3g} "
+                f"mlp width {point['mlp_width']:.3g}"
+            )
             blocks.append({**point, "ms": step(what, module, (point["read"], geometry.dim))})
         pooled_rows = []
         for point in aggregations:
@@ -303,6 +327,7 @@ def measure_table(
         fixed_ms=fixed_ms,
         timm_ms=timm_ms,
         dense_ms=dense_ms,
+        few_tokens_ms=few_tokens_ms,
         blocks=tuple(blocks),
         aggregations=tuple(pooled_rows),
     )
@@ -313,11 +338,13 @@ def measure_table(
 
 def table_markdown(table: LatencyTable) -> str:
     where = table.where
+    full = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
     lines = [
         f"# Latency table: {table.model['name']} on {table.label}",
         "",
         f"- Runtime: {where.get('runtime')} ({where.get('device')}: {where.get('device_name')}), {where.get('precision')}, batch {table.batch}",
         f"- timm's model: {table.timm_ms:.4g} ms; the dense model as vitslim builds it: {table.dense_ms:.4g} ms; "
+        f"the few-tokens model (its first block keeps {CALIBRATION_KEPT:.1%} of the patches): {table.few_tokens_ms:.4g} ms; "
         f"fixed parts (patch embedding, head): {table.fixed_ms:.4g} ms",
         f"- Measured in {where.get('measured_in_seconds')} s on {where.get('measured_on')}; "
         f"{where.get('noisy_points', 0)} points stayed noisy (coefficient of variation above {where.get('timing', {}).get('max_cov')}"
@@ -333,11 +360,23 @@ def table_markdown(table: LatencyTable) -> str:
         row = next((r for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items())), None)
         return "–" if row is None else f"{row['ms']:.4g}"
 
-    for read in sorted({row["read"] for row in table.blocks}):
+    reads = sorted({row["read"] for row in table.blocks})
+    for read in reads:
         lines.append(
-            f"| {read} | {ms(read, static=False, kept=1.0, width=1.0)} | {ms(read, static=False, kept=0.0, width=1.0)} | "
-            f"{ms(read, static=True, kept=1.0, width=1.0)} |"
+            f"| {read} | {ms(read, static=False, **full)} | {ms(read, static=False, **{**full, 'kept': 0.0})} | "
+            f"{ms(read, static=True, **full)} |"
         )
+    widths = sorted({row["attention_width"] for row in table.blocks})
+    lines += [
+        "",
+        "## One dynamic block reading every token, one side narrower (ms)",
+        "",
+        "| fraction kept | " + " | ".join(side.replace("_", " ") for side in WIDTH_SIDES) + " |",
+        "|---|" + "---|" * len(WIDTH_SIDES),
+    ]
+    for width in widths:
+        cells = " | ".join(ms(reads[-1], static=False, **{**full, side: width}) for side in WIDTH_SIDES)
+        lines.append(f"| {width:.3g} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

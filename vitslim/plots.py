@@ -180,45 +180,38 @@ def attention_analysis_png(analysis: list[dict], static_blocks: int, path: Path,
 
 def latency_table_png(table, path: Path) -> Path:
     """A latency table (vitslim.pruning.latency.LatencyTable) for people: block latency against
-    tokens read for each kind and the kept axis' ends, and against width."""
+    tokens read for each kind and the kept axis' ends, and against each side's width."""
     figure, (tokens_axis, width_axis) = _pyplot().subplots(1, 2, figsize=(11, 5.2))
     reads = sorted({row["read"] for row in table.blocks})
+    full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
 
-    def series(**match) -> list[float]:
-        return [
-            next(r["ms"] for r in table.blocks if r["read"] == read and all(r[k] == v for k, v in match.items()))
-            for read in reads
-        ]
+    def row_ms(**match) -> float:
+        return next(r["ms"] for r in table.blocks if all(r[k] == v for k, v in match.items()))
 
     for label, match, style in (
-        ("dynamic, all tokens written", {"static": False, "kept": 1.0, "width": 1.0}, "o-"),
-        ("dynamic, half the patches written", {"static": False, "kept": 0.5, "width": 1.0}, "s--"),
-        ("dynamic, prefix tokens only written", {"static": False, "kept": 0.0, "width": 1.0}, "v:"),
-        ("static attention", {"static": True, "kept": 1.0, "width": 1.0}, "^-"),
+        ("dynamic, all tokens written", {"static": False, **full}, "o-"),
+        ("dynamic, half the patches written", {"static": False, **full, "kept": 0.5}, "s--"),
+        ("dynamic, prefix tokens only written", {"static": False, **full, "kept": 0.0}, "v:"),
+        ("static attention", {"static": True, **full}, "^-"),
     ):
-        tokens_axis.plot(reads, series(**match), style, label=label)
+        tokens_axis.plot(reads, [row_ms(read=read, **match) for read in reads], style, label=label)
     tokens_axis.set_xlabel("tokens the block reads")
     tokens_axis.set_ylabel(f"ms per batch of {table.batch}")
     tokens_axis.set_title("one block, every channel kept")
     _legend_below(tokens_axis)
-    widths = sorted({row["width"] for row in table.blocks})
-    for read in (reads[0], reads[len(reads) // 2], reads[-1]):
-        width_axis.plot(
-            widths,
-            [
-                next(
-                    r["ms"]
-                    for r in table.blocks
-                    if not r["static"] and r["read"] == read and r["kept"] == 1.0 and r["width"] == w
-                )
-                for w in widths
-            ],
-            "o-",
-            label=f"{read} tokens",
-        )
-    width_axis.set_xlabel("fraction of every channel space kept")
+    widths = sorted({row["attention_width"] for row in table.blocks})
+    for read, color in ((reads[len(reads) // 2], "tab:blue"), (reads[-1], "tab:orange")):
+        for side, style in (("attention_width", "o-"), ("mlp_width", "s--")):
+            width_axis.plot(
+                widths,
+                [row_ms(static=False, read=read, **{**full, side: w}) for w in widths],
+                style,
+                color=color,
+                label=f"{side.replace('_', ' ')}, {read} tokens",
+            )
+    width_axis.set_xlabel("fraction of the side's channels kept (just below 1: one input channel fewer)", fontsize=9)
     width_axis.set_ylabel(f"ms per batch of {table.batch}")
-    width_axis.set_title("one dynamic block, all tokens written")
+    width_axis.set_title("one dynamic block, all tokens written, one side narrower")
     _legend_below(width_axis)
     figure.suptitle(f"{table.model['name']}: {table.label}")
     return _save(figure, path)

@@ -16,10 +16,12 @@ from vitslim.pruning.errors import PruningError
 from vitslim.pruning.latency import (
     LatencyBudget,
     LatencyTable,
+    few_tokens_counts,
     read_latency_table,
     table_from_dict,
     table_geometry,
-    uniform_width_block,
+    width_block,
+    width_step,
     written_count,
 )
 from vitslim.pruning.macs import block_macs
@@ -46,18 +48,21 @@ def mac_table(timm_ms: float = 1.0) -> dict:
     """A complete table whose every point costs 0.01 ms plus PER_MAC_MS per MAC (the shape a
     runtime that is all arithmetic would give)."""
     blocks, aggregations = [], []
+    full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
     for read in READS:
-        for static in (False, True):
-            for kept in (0.0, 0.25, 0.5, 0.75, 1.0):
-                for width in (0.25, 0.5, 0.75, 1.0):
-                    if static and (kept, width) != (1.0, 1.0) or (kept != 1.0 and width != 1.0):
-                        continue
-                    written = written_count(GEOMETRY, read, kept)
-                    block = uniform_width_block(GEOMETRY, width)
-                    if static:
-                        block = BlockPlan(static_attention=torch.zeros(1))
-                    ms = _block_ms(block, TokenCounts(read, read, written))
-                    blocks.append({"static": static, "read": read, "kept": kept, "width": width, "ms": ms})
+        points = [{"static": True, **full}]
+        points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 15 / 16, 1.0)]
+        points += [
+            {"static": False, **full, side: width}
+            for side in ("attention_width", "mlp_width")
+            for width in (0.25, 0.5, 0.75, width_step(GEOMETRY))
+        ]
+        for point in points:
+            block = width_block(GEOMETRY, point["attention_width"], point["mlp_width"])
+            if point["static"]:
+                block = BlockPlan(static_attention=torch.zeros(1))
+            ms = _block_ms(block, TokenCounts(read, read, written_count(GEOMETRY, read, point["kept"])))
+            blocks.append({**point, "read": read, "ms": ms})
         if read > 2:
             for pooled in (0.125, 0.5, 1.0):
                 patches_out = max(1, round(pooled * (read - 1)))
@@ -65,7 +70,7 @@ def mac_table(timm_ms: float = 1.0) -> dict:
                     {"arriving": read, "pooled": pooled, "ms": 0.001 + PER_MAC_MS * patches_out * (read - 1) * 32}
                 )
     return {
-        "table_version": 1,
+        "table_version": 2,
         "model": {"name": "tiny", "kwargs": {}},
         "geometry": table_geometry(GEOMETRY),
         "where": {"runtime": "made in a test", "backend": "torch", "device": "cpu", "precision": "fp32"},
@@ -73,6 +78,7 @@ def mac_table(timm_ms: float = 1.0) -> dict:
         "fixed_ms": FIXED_MS,
         "timm_ms": timm_ms,
         "dense_ms": FIXED_MS + 3 * _block_ms(BlockPlan(), TokenCounts(17, 17, 17)),
+        "few_tokens_ms": FIXED_MS + sum(_block_ms(BlockPlan(), counts) for counts in few_tokens_counts(GEOMETRY)),
         "blocks": blocks,
         "aggregations": aggregations,
     }
@@ -94,16 +100,50 @@ def test_a_grid_point_is_predicted_as_measured():
     )
 
 
-def test_the_dense_model_calibrates_the_blocks_timed_alone():
-    """Blocks timed alone cost more than inside the model (a launch each, say): one offset per
-    block makes the dense model exact and carries over to every plan."""
+def test_two_whole_models_calibrate_the_blocks_timed_alone():
+    """Blocks timed alone cost more than inside the model (a launch each, say) and their work a
+    little less or more (caches, overlap): the dense and the few-tokens model timed whole give the
+    offset and the scale, exact for both and carried over to every plan."""
     data = mac_table()
-    data["dense_ms"] -= 3 * 0.004  # 4 microseconds per block of timing alone
+    dense_alone, few_alone = data["dense_ms"] - FIXED_MS, data["few_tokens_ms"] - FIXED_MS
+    data["dense_ms"] = FIXED_MS + 0.9 * dense_alone - 3 * 0.004  # 0.9 of the work, 4 µs less per block
+    data["few_tokens_ms"] = FIXED_MS + 0.9 * few_alone - 3 * 0.004
     table = table_from_dict(data)
-    assert table.block_offset_ms(GEOMETRY) == pytest.approx(0.004)
+    assert table.calibration(GEOMETRY) == pytest.approx((0.9, 0.004))
     assert table.predict(BASE, GEOMETRY).total_ms == pytest.approx(data["dense_ms"])
     plan = BASE.with_block(1, BlockPlan(kept_tokens=tuple(range(9))))
-    assert table.predict(plan, GEOMETRY).total_ms == pytest.approx(TABLE.predict(plan, GEOMETRY).total_ms - 3 * 0.004)
+    alone = TABLE.predict(plan, GEOMETRY).total_ms - FIXED_MS
+    assert table.predict(plan, GEOMETRY).total_ms == pytest.approx(FIXED_MS + 0.9 * alone - 3 * 0.004)
+
+
+GATHER_MS = 0.02  # what reading fewer input channels adds, in the table built below
+
+
+def gather_table() -> dict:
+    """mac_table, plus GATHER_MS on every point that reads fewer input channels on a side."""
+    data = mac_table()
+    for row in data["blocks"]:
+        row["ms"] += GATHER_MS * sum(row[side] < 1 for side in ("attention_width", "mlp_width"))
+    return data
+
+
+@pytest.mark.parametrize(
+    ("block", "gathers"),
+    [
+        (BlockPlan(hidden=tuple(range(40))), 0),  # narrower hidden units: weights sliced, no Gather
+        (BlockPlan(proj_in=tuple(range(4)) + tuple(range(16, 20))), 0),  # narrower value heads
+        (BlockPlan(fc1_in=tuple(range(20)), hidden=tuple(range(40))), 1),
+        (BlockPlan(qkv_in=tuple(range(31))), 1),  # one channel fewer: the Gather, nearly no MACs
+        (BlockPlan(qkv_in=tuple(range(12)), proj_in=tuple(range(4)) + tuple(range(16, 20)), fc1_in=(1, 2)), 2),
+    ],
+)
+def test_each_side_follows_its_macs_and_pays_the_gather_only_when_it_reads_fewer_channels(block, gathers):
+    """Width is two axes measured apart (attention, MLP) with a step just below 1: a block is
+    predicted at its own MACs plus the Gathers it has, not the uniform-width block of equal MACs."""
+    table = table_from_dict(gather_table())
+    counts = TokenCounts(17, 17, 17)
+    alone, _ = table.timed_alone_ms(block, GEOMETRY, counts)
+    assert alone == pytest.approx(_block_ms(block, counts) + gathers * GATHER_MS, rel=0.03)
 
 
 @settings(max_examples=15, deadline=None)
@@ -125,7 +165,7 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.update(table_version=2), "table_version"),
+        (lambda t: t.update(table_version=1), "table_version"),
         (lambda t: t["blocks"][0].update(ms=float("nan")), "finite number"),
         (lambda t: t["blocks"][0].update(ms=-1.0), "must be > 0"),
         (lambda t: t["blocks"][0].update(read=10_000), "integer in"),
@@ -140,9 +180,22 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
         (lambda t: t["blocks"][0].update(read=0), "integer in"),
         (lambda t: t.update(blocks=[b for b in t["blocks"] if b["read"] != 17]), "must run from 2 to 17"),
         (lambda t: t.update(blocks=[b for b in t["blocks"] if b["kept"] != 0.0]), "kept grid"),
-        (lambda t: t.update(blocks=[b for b in t["blocks"] if b["width"] == 1.0]), "width grid"),
+        (lambda t: t.update(blocks=[b for b in t["blocks"] if b["mlp_width"] == 1.0]), "mlp_width grid"),
+        (
+            lambda t: t.update(blocks=[b for b in t["blocks"] if b["attention_width"] in (0.5, 1.0)]),
+            "attention_width grid",
+        ),
+        (
+            lambda t: t.update(
+                blocks=[b for b in t["blocks"] if b["attention_width"] < 0.9 or b["attention_width"] == 1]
+            ),
+            "no step",
+        ),
         (lambda t: t["aggregations"].append(dict(t["aggregations"][0])), "aggregation point twice"),
-        (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "is not above fixed_ms"),
+        (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "must each take longer"),
+        (lambda t: t.update(few_tokens_ms=t["dense_ms"] * 2), "must each take longer"),
+        (lambda t: t.pop("few_tokens_ms"), "few_tokens_ms"),
+        (lambda t: t.update(dense_ms=t["few_tokens_ms"] + 10 * (t["dense_ms"] - t["few_tokens_ms"])), "times what"),
     ],
 )
 def test_a_damaged_table_is_one_line(edit, message, tmp_path):
