@@ -103,7 +103,7 @@ def targets(loaded: dict, accuracy: Optional[dict]) -> list[str]:
             reached = [r for r in targeted if not _out_of_reach(r)]
             missed = [r["variant"] for r in targeted if _out_of_reach(r)]
             lines.append(
-                f"| a latency-targeted structure meets its target within {tolerance} ({title}, batch {batch}) | "
+                f"| a latency-targeted structure meets its target within {tolerance} (measured at most {tolerance} over it; {title}, batch {batch}) | "
                 + ", ".join(f"{r['variant']}: {r['target_error']:+.1%}" for r in reached)
                 + (f"; out of reach (refused by prune): {', '.join(missed)}" if missed else "")
                 + f" | {_met(bool(reached) and max(r['target_error'] for r in reached) <= TARGET_TOLERANCE)} |"
@@ -228,7 +228,8 @@ def section(results: Path, relative: Path) -> list[str]:
         "above built as the exporter builds it and timed whole, the same way, beside the table's prediction; then each "
         "method's structure search run against the table for a speed-up over timm's model (Patch Slimming 1.4×, VTP "
         "1.25×, DGSSA + GLAD 2×, on the benchmarks' synthetic token ranking, gate magnitudes and effective ranks) and the "
-        "structure it finds timed. The dense model is a calibration point of the table (predicted exactly by construction). "
+        "structure it finds timed. The dense model is a calibration point of the table (predicted as the table timed it), "
+        "so its row's error is how far the machine's speed moved between the table and the whole models. "
         "Each runtime's section names the table_version its results were predicted with.",
         "",
         f"![measured against predicted]({relative}/latency_model.png)",

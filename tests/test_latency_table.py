@@ -18,7 +18,9 @@ from vitslim.pruning.models import create_model, parse_model_kwargs
 from vitslim.pruning.plan import ModelSpec, dense_plan
 from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geometry
 
+from vitslim.core.errors import VitslimError
 from vitslim.latency_table import (
+    GRID_PASSES,
     ModuleTimer,
     TableSpec,
     block_point,
@@ -62,9 +64,10 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     geometry = supported_geometry(create_model(SPEC))
     assert len(table.blocks) == len(grid_points(geometry)) and table.aggregations
     assert table.where["backend"] == "torch" and table.where["runner"]["mode"] == "eager" and table.batch == 2
-    assert messages[0].startswith("latency-table: 1/") and "calibration" in messages[1] and "calibration" in messages[2]
-    assert "timm's model" in messages[3]
-    assert len(messages) == len(table.blocks) + len(table.aggregations) + 4  # every point, and the whole models
+    # the three whole models three times each (their medians), then timm's model, then every point
+    assert messages[0].startswith("latency-table: 1/") and "fixed parts" in messages[2]
+    assert "dense model" in messages[3] and "few-tokens" in messages[8] and "timm's model" in messages[9]
+    assert len(messages) == GRID_PASSES * (len(table.blocks) + len(table.aggregations)) + 10
     assert table.where["baseline"] == "timm's model" and table.sha256 is not None
     assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
     # the two calibration models are predicted as they were timed whole
@@ -220,3 +223,18 @@ def test_a_recipe_names_its_latency_table_relative_to_itself(tmp_path):
     }
     recipe = recipe_from_dict(data, base=tmp_path)
     assert dict(recipe.methods)["vtp"].latency_table == str(tmp_path / "tables/cpu.json")
+
+
+def test_whole_models_out_of_order_are_refused_before_the_grid(monkeypatch):
+    """A busy machine that times the dense model faster than the few-tokens model is told so after
+    the whole models, not after minutes of grid points, and nothing is written."""
+    timed = []
+
+    def out_of_order(self, module, shape):
+        timed.append(module)
+        return 1.0  # every whole model as fast as the next
+
+    monkeypatch.setattr(ModuleTimer, "ms", out_of_order)
+    with pytest.raises(VitslimError, match="did not time in that order: measure on a quiet machine"):
+        measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK)
+    assert len(timed) == 9  # three whole models, three times each; no grid point

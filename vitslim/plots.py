@@ -199,9 +199,9 @@ def latency_table_png(table, path: Path) -> Path:
     tokens_axis.set_ylabel(f"ms per batch of {table.batch}")
     tokens_axis.set_title("one block, every channel kept")
     _legend_below(tokens_axis)
-    widths = sorted({row["attention_width"] for row in table.blocks})
     for read, color in ((reads[len(reads) // 2], "tab:blue"), (reads[-1], "tab:orange")):
         for side, style in (("attention_width", "o-"), ("mlp_width", "s--")):
+            widths = sorted({row[side] for row in table.blocks})
             width_axis.plot(
                 widths,
                 [row_ms(static=False, read=read, **{**full, side: w}) for w in widths],

@@ -37,48 +37,49 @@ BASE = dense_plan(ModelSpec("tiny"), 3)
 DATA = digits_splits(3, (16, 16))
 FIXED_MS = 0.05
 PER_MAC_MS = 1e-6  # the table built here: a fixed cost plus a time per MAC
-READS = (2, 3, 5, 9, 13, 17)
 
 
-def _block_ms(block: BlockPlan, counts: TokenCounts) -> float:
-    return 0.01 + PER_MAC_MS * sum(block_macs(block, GEOMETRY, counts).values())
+def _block_ms(block: BlockPlan, counts: TokenCounts, geometry=GEOMETRY) -> float:
+    return 0.01 + PER_MAC_MS * sum(block_macs(block, geometry, counts).values())
 
 
-def mac_table(timm_ms: float = 1.0) -> dict:
+def mac_table(timm_ms: float = 1.0, geometry=GEOMETRY) -> dict:
     """A complete table whose every point costs 0.01 ms plus PER_MAC_MS per MAC (the shape a
     runtime that is all arithmetic would give)."""
     blocks, aggregations = [], []
     full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
-    for read in READS:
+    prefix, patches = geometry.num_prefix_tokens, geometry.num_patches
+    reads = sorted({prefix + 1, *(prefix + max(1, patches * k // 16) for k in (2, 4, 8, 12, 16))})
+    for read in reads:
         points = [{"static": True, **full}]
-        points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 15 / 16, 1.0)]
+        points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 1 - 1 / patches, 1.0)]
         points += [
             {"static": False, **full, side: width}
             for side in ("attention_width", "mlp_width")
-            for width in (0.25, 0.5, 0.75, width_step(GEOMETRY))
+            for width in (0.25, 0.5, 0.75, width_step(geometry))
         ]
         for point in points:
-            block = width_block(GEOMETRY, point["attention_width"], point["mlp_width"])
+            block = width_block(geometry, point["attention_width"], point["mlp_width"])
             if point["static"]:
                 block = BlockPlan(static_attention=torch.zeros(1))
-            ms = _block_ms(block, TokenCounts(read, read, written_count(GEOMETRY, read, point["kept"])))
-            blocks.append({**point, "read": read, "ms": ms})
-        if read > 2:
+            written = written_count(geometry, read, point["kept"])
+            blocks.append({**point, "read": read, "ms": _block_ms(block, TokenCounts(read, read, written), geometry)})
+        if read > prefix + 1:
             for pooled in (0.125, 0.5, 1.0):
-                patches_out = max(1, round(pooled * (read - 1)))
-                aggregations.append(
-                    {"arriving": read, "pooled": pooled, "ms": 0.001 + PER_MAC_MS * patches_out * (read - 1) * 32}
-                )
+                patches_out = max(1, round(pooled * (read - prefix)))
+                ms = 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim
+                aggregations.append({"arriving": read, "pooled": pooled, "ms": ms})
     return {
         "table_version": 2,
         "model": {"name": "tiny", "kwargs": {}},
-        "geometry": table_geometry(GEOMETRY),
+        "geometry": table_geometry(geometry),
         "where": {"runtime": "made in a test", "backend": "torch", "device": "cpu", "precision": "fp32"},
         "batch": 4,
         "fixed_ms": FIXED_MS,
         "timm_ms": timm_ms,
-        "dense_ms": FIXED_MS + 3 * _block_ms(BlockPlan(), TokenCounts(17, 17, 17)),
-        "few_tokens_ms": FIXED_MS + sum(_block_ms(BlockPlan(), counts) for counts in few_tokens_counts(GEOMETRY)),
+        "dense_ms": FIXED_MS
+        + geometry.depth * _block_ms(BlockPlan(), TokenCounts(*(geometry.num_tokens,) * 3), geometry),
+        "few_tokens_ms": FIXED_MS + sum(_block_ms(BlockPlan(), c, geometry) for c in few_tokens_counts(geometry)),
         "blocks": blocks,
         "aggregations": aggregations,
     }
@@ -116,6 +117,22 @@ def test_two_whole_models_calibrate_the_blocks_timed_alone():
     assert table.predict(plan, GEOMETRY).total_ms == pytest.approx(FIXED_MS + 0.9 * alone - 3 * 0.004)
 
 
+def test_whole_models_that_pin_no_plausible_scale_leave_the_dense_models_offset():
+    data = mac_table()
+    data["few_tokens_ms"] = data["dense_ms"] - 0.1 * (data["dense_ms"] - data["few_tokens_ms"])  # scale 0.1
+    table = table_from_dict(data)
+    assert table.calibration(GEOMETRY) == pytest.approx((1.0, 0.0))
+    assert table.predict(BASE, GEOMETRY).total_ms == pytest.approx(data["dense_ms"])
+
+
+def test_a_model_a_few_channels_wide_gets_a_readable_table():
+    """dim 8: the step (7 of 8 input channels) sits at 0.875, below the usual points' reach."""
+    geometry = geometry_of(tiny_vit(embed_dim=8, num_heads=2))
+    table = table_from_dict(mac_table(geometry=geometry))
+    plan = dense_plan(ModelSpec("tiny"), geometry.depth)
+    assert table.predict(plan, geometry).total_ms == pytest.approx(table.dense_ms)
+
+
 GATHER_MS = 0.02  # what reading fewer input channels adds, in the table built below
 
 
@@ -134,16 +151,31 @@ def gather_table() -> dict:
         (BlockPlan(proj_in=tuple(range(4)) + tuple(range(16, 20))), 0),  # narrower value heads
         (BlockPlan(fc1_in=tuple(range(20)), hidden=tuple(range(40))), 1),
         (BlockPlan(qkv_in=tuple(range(31))), 1),  # one channel fewer: the Gather, nearly no MACs
+        (BlockPlan(fc1_in=tuple(range(32))), 1),  # every channel listed: the exporter still gathers
         (BlockPlan(qkv_in=tuple(range(12)), proj_in=tuple(range(4)) + tuple(range(16, 20)), fc1_in=(1, 2)), 2),
     ],
 )
-def test_each_side_follows_its_macs_and_pays_the_gather_only_when_it_reads_fewer_channels(block, gathers):
+def test_each_side_follows_its_macs_and_pays_the_gather_only_when_it_reads_a_subset(block, gathers):
     """Width is two axes measured apart (attention, MLP) with a step just below 1: a block is
     predicted at its own MACs plus the Gathers it has, not the uniform-width block of equal MACs."""
     table = table_from_dict(gather_table())
     counts = TokenCounts(17, 17, 17)
     alone, _ = table.timed_alone_ms(block, GEOMETRY, counts)
     assert alone == pytest.approx(_block_ms(block, counts) + gathers * GATHER_MS, rel=0.03)
+
+
+def test_every_grid_point_is_predicted_as_it_was_measured():
+    """Each dynamic row of a table (with a Gather's cost in it) read back through the predictor:
+    the kept rows at the fraction they wrote, the width rows through their side's curve."""
+    data = gather_table()
+    table = table_from_dict(data)
+    for row in data["blocks"]:
+        if row["static"]:
+            continue
+        read = row["read"]
+        counts = TokenCounts(read, read, written_count(GEOMETRY, read, row["kept"]))
+        block = width_block(GEOMETRY, row["attention_width"], row["mlp_width"])
+        assert table.timed_alone_ms(block, GEOMETRY, counts)[0] == pytest.approx(row["ms"], rel=1e-6), row
 
 
 @settings(max_examples=15, deadline=None)
@@ -189,13 +221,15 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
             lambda t: t.update(
                 blocks=[b for b in t["blocks"] if b["attention_width"] < 0.9 or b["attention_width"] == 1]
             ),
-            "no step",
+            "the step of one input channel fewer",
         ),
+        # a point keeping as many input channels as the step: the step could not be told apart
+        (lambda t: [b.update(mlp_width=0.97) for b in t["blocks"] if b["mlp_width"] == 0.75], "the step of one input"),
+        (lambda t: t["geometry"].update(num_heads=0), r"num_heads must be an integer in \[1,"),
         (lambda t: t["aggregations"].append(dict(t["aggregations"][0])), "aggregation point twice"),
         (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "must each take longer"),
         (lambda t: t.update(few_tokens_ms=t["dense_ms"] * 2), "must each take longer"),
         (lambda t: t.pop("few_tokens_ms"), "few_tokens_ms"),
-        (lambda t: t.update(dense_ms=t["few_tokens_ms"] + 10 * (t["dense_ms"] - t["few_tokens_ms"])), "times what"),
     ],
 )
 def test_a_damaged_table_is_one_line(edit, message, tmp_path):
@@ -210,8 +244,8 @@ def test_a_damaged_table_is_one_line(edit, message, tmp_path):
 
 def test_a_table_of_another_model_is_refused():
     data = mac_table()
-    data["geometry"]["dim"] = 64
-    with pytest.raises(PruningError, match="measured for dim = 64 but this model has 32"):
+    data["geometry"]["depth"] = 6
+    with pytest.raises(PruningError, match="measured for depth = 6 but this model has 3"):
         table_from_dict(data).predict(BASE, GEOMETRY)
 
 
