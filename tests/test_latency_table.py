@@ -227,7 +227,7 @@ def test_a_recipe_names_its_latency_table_relative_to_itself(tmp_path):
 
 def test_whole_models_out_of_order_are_refused_before_the_grid(monkeypatch):
     """A busy machine that times the dense model faster than the few-tokens model is told so after
-    the whole models, not after minutes of grid points, and nothing is written."""
+    the whole models, not after minutes of grid points."""
     timed = []
 
     def out_of_order(self, module, shape):
