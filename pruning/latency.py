@@ -74,6 +74,8 @@ WIDTH_SIDES = {
     "attention_width": WidthSide(("qk_proj", "qk_scores", "v_proj", "attn_v", "proj"), "qkv_in"),
     "mlp_width": WidthSide(("fc1", "fc2"), "fc1_in"),
 }
+# A block point with every token and channel kept (the full block of its kind)
+FULL_BLOCK = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
 # The few-tokens model of the calibration keeps this fraction of the patches after its first block
 # (blocks reading few tokens are where timing a block alone differs most from the model).
 CALIBRATION_KEPT = 1 / 8
@@ -204,8 +206,7 @@ class LatencyTable:
         """One block of a plan as the table times it: (the block alone, its aggregation alone or 0)."""
         prefix = geometry.num_prefix_tokens
         read, written = counts.read, counts.written
-        full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
-        base = _lookup(self._rows(static=block.static_attention is not None, **full), "read", read)
+        base = _lookup(self._rows(static=block.static_attention is not None, **FULL_BLOCK), "read", read)
         kept_ratio = _kept_ratio(
             geometry,
             self._rows(static=False, attention_width=1.0, mlp_width=1.0),

@@ -68,6 +68,7 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     assert messages[0].startswith("latency-table: 1/") and "fixed parts" in messages[2]
     assert "dense model" in messages[3] and "few-tokens" in messages[8] and "timm's model" in messages[9]
     assert len(messages) == GRID_PASSES * (len(table.blocks) + len(table.aggregations)) + 10
+    assert table.where["timings"] == len(messages)
     assert table.where["baseline"] == "timm's model" and table.sha256 is not None
     assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
     # the two calibration models are predicted as they were timed whole

@@ -729,7 +729,7 @@ def cmd_latency_table(args) -> int:
     paths = write_table(table, Path(args.out))
     if table.where["noisy_points"]:
         print(
-            f"warning: {table.where['noisy_points']} of {len(table.blocks) + len(table.aggregations) + 3} points stayed "
+            f"warning: {table.where['noisy_points']} of {table.where['timings']} timings stayed "
             "noisy: if other work ran meanwhile, measure again on a quiet machine",
             file=sys.stderr,
         )

@@ -34,6 +34,7 @@ from vitslim.export.compact import CompactBlock, compact_from_plan
 from vitslim.export.onnx_export import onnx_graph
 from vitslim.pruning.latency import (
     CALIBRATION_KEPT,
+    FULL_BLOCK,
     WIDTH_SIDES,
     LatencyTable,
     few_tokens_counts,
@@ -174,7 +175,7 @@ def grid_points(geometry: ViTGeometry) -> list[dict]:
     """Every block point of a table: the full block of each kind at every read count, the
     dynamic block along the kept axis and along each side's width axis (the predictor is
     separable)."""
-    full = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
+    full = FULL_BLOCK
     kept_grid = sorted({*KEPT_FRACTIONS, 1 - 1 / geometry.num_patches})
     widths = sorted({*WIDTH_FRACTIONS, width_step(geometry)} - {1.0})
     points = []
@@ -338,6 +339,7 @@ def measure_table(
         "timing": settings.__dict__,
         # a busy machine makes a table that predicts nothing: every point is one median
         "noisy_points": len(timer.noisy),
+        "timings": total,
         "measured_in_seconds": round(time.perf_counter() - started, 1),
         "measured_on": time.strftime("%Y-%m-%d"),
     }
@@ -360,7 +362,7 @@ def measure_table(
 
 def table_markdown(table: LatencyTable) -> str:
     where = table.where
-    full = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
+    full = FULL_BLOCK
     lines = [
         f"# Latency table: {table.model['name']} on {table.label}",
         "",
@@ -370,7 +372,8 @@ def table_markdown(table: LatencyTable) -> str:
         f"fixed parts (patch embedding, head): {table.fixed_ms:.4g} ms",
         _calibration_line(table),
         f"- Measured in {where.get('measured_in_seconds')} s on {where.get('measured_on')}; "
-        f"{where.get('noisy_points', 0)} points stayed noisy (coefficient of variation above {where.get('timing', {}).get('max_cov')}"
+        f"{where.get('noisy_points', 0)} of {where.get('timings', '?')} timings stayed noisy "
+        f"(coefficient of variation above {where.get('timing', {}).get('max_cov')}"
         "; more than a few: measure again on a quiet machine)",
         "",
         "## One block, every channel kept (ms)",

@@ -182,17 +182,18 @@ def latency_table_png(table, path: Path) -> Path:
     """A latency table (vitslim.pruning.latency.LatencyTable) for people: block latency against
     tokens read for each kind and the kept axis' ends, and against each side's width."""
     figure, (tokens_axis, width_axis) = _pyplot().subplots(1, 2, figsize=(11, 5.2))
+    from vitslim.pruning.latency import FULL_BLOCK  # imports torch: only when a table is drawn
+
     reads = sorted({row["read"] for row in table.blocks})
-    full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
 
     def row_ms(**match) -> float:
         return next(r["ms"] for r in table.blocks if all(r[k] == v for k, v in match.items()))
 
     for label, match, style in (
-        ("dynamic, all tokens written", {"static": False, **full}, "o-"),
-        ("dynamic, half the patches written", {"static": False, **full, "kept": 0.5}, "s--"),
-        ("dynamic, prefix tokens only written", {"static": False, **full, "kept": 0.0}, "v:"),
-        ("static attention", {"static": True, **full}, "^-"),
+        ("dynamic, all tokens written", {"static": False, **FULL_BLOCK}, "o-"),
+        ("dynamic, half the patches written", {"static": False, **FULL_BLOCK, "kept": 0.5}, "s--"),
+        ("dynamic, prefix tokens only written", {"static": False, **FULL_BLOCK, "kept": 0.0}, "v:"),
+        ("static attention", {"static": True, **FULL_BLOCK}, "^-"),
     ):
         tokens_axis.plot(reads, [row_ms(read=read, **match) for read in reads], style, label=label)
     tokens_axis.set_xlabel("tokens the block reads")
@@ -204,7 +205,7 @@ def latency_table_png(table, path: Path) -> Path:
             widths = sorted({row[side] for row in table.blocks})
             width_axis.plot(
                 widths,
-                [row_ms(static=False, read=read, **{**full, side: w}) for w in widths],
+                [row_ms(static=False, read=read, **{**FULL_BLOCK, side: w}) for w in widths],
                 style,
                 color=color,
                 label=f"{side.replace('_', ' ')}, {read} tokens",
