@@ -520,7 +520,7 @@ def _check_grid(name: str, geometry: ViTGeometry, blocks: list[dict], aggregatio
 
 # A calibration scale outside these bounds is not taken (calibration() falls back to the dense
 # model's offset): the whole models and their blocks timed alone would disagree by far more than
-# timing a block alone explains (0.98 on a 2-core CPU with onnxruntime); noise, most likely.
+# timing a block alone explains (0.96 in benchmarks/results/latency_model_cpu.json); noise, most likely.
 CALIBRATION_SCALES = (0.5, 2.0)
 
 
