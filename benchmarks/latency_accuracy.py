@@ -1,12 +1,24 @@
 """python -m benchmarks.latency_accuracy: on digits, a latency-targeted structure against a
-MAC-targeted one at the same measured latency (this CPU, onnxruntime, batch 8), over seeds.
+MAC-targeted one that measures as fast (this CPU, onnxruntime, batch 8), over seeds.
 
 After `make run` (it starts from the default run's dense model, runs/digits-vit/dense): a latency
-table of the digits model is measured on this CPU; then, per seed, DGSSA + GLAD (the default
-recipe's settings: 2 static blocks, `--pyramid auto`) is run with `--target-macs 0.5`, exported and
-timed; then run again with the measured latency of that export as its `--target-ms` on the
-table, exported and timed. Both are fine-tuned the same way from the same dense model; top-1 is on
-the digits validation split, read from the exported ONNX in onnxruntime.
+table of the digits model is measured on this CPU, and the target is 2x timm's model. Both arms
+run DGSSA + GLAD searching its static blocks (0 to 3) together with the pyramid
+(`--max-static-blocks 3 --pyramid auto`), with the same candidates and the same proxy; they differ
+only in what the target is counted in:
+
+- latency-targeted: `--target-speedup 2` on the table (what vitslim offers);
+- MAC-targeted: what a user steering by MACs would have to do, by trial on the clock: the largest
+  `--target-macs` on a grid (0.70 down to 0.30, step 0.02) whose structure, exported, measures at
+  least the target speed-up (the grid's structures are built without fine-tuning, which changes no
+  shape).
+
+So both aim at the same target, one on the table's prediction, the other on the clock. Both are
+fine-tuned the same way from the same dense model, exported and timed; the latency-targeted one
+must then measure within 5 % of its target. Top-1 is on the digits validation split, read from
+the exported ONNX in onnxruntime. Every time is taken in
+five rounds beside timm's own model (exported the way the table's baseline is) and compared as a
+speed-up over it: this VM's speed drifts by up to 50 % over minutes.
 
 Results: benchmarks/results/latency_accuracy.json.
 """
@@ -14,6 +26,7 @@ Results: benchmarks/results/latency_accuracy.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -26,8 +39,17 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSE_RUN = Path("runs/digits-vit/dense")
 BATCH = 8
-MAC_TARGET = 0.5
-GLAD = {"static_blocks": 2, "pyramid": "auto", "finetune_epochs": 24, "distill_weight": 0.5, "label_smoothing": 0.1}
+SPEEDUP = 2.0  # the target: timm's model on the table over this
+MAC_GRID = [round(0.70 - 0.02 * step, 2) for step in range(21)]  # 0.70 down to 0.30: the MAC arm's trials
+TIMING_ROUNDS = 5  # ORT sessions on this 2-vCPU VM are bimodal (one or two busy threads): the median of five
+TOLERANCE = 0.05  # the latency-targeted structure, measured, may fall this much short (the issue's "within 5 %")
+GLAD = {
+    "max_static_blocks": 3,
+    "pyramid": "auto",
+    "finetune_epochs": 24,
+    "distill_weight": 0.5,
+    "label_smoothing": 0.1,
+}
 
 
 def onnx_top1(path: Path, data) -> float:
@@ -44,13 +66,43 @@ def onnx_top1(path: Path, data) -> float:
     return 100.0 * correct / total
 
 
-def onnx_ms(path: Path, shape: tuple[int, ...]) -> float:
+def timm_onnx(model, shape: tuple[int, ...], path: Path) -> Path:
+    """timm's own model exported as a latency table's onnxruntime baseline is (vitslim's exporter, the default attention form)."""
+    import onnx
+    import torch
+    from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
+    from vitslim.export.onnx_export import onnx_graph
+
+    with torch.no_grad():
+        graph = onnx_graph(
+            copy.deepcopy(model).eval(), torch.randn(2, *shape), path, attention_form(DEFAULT_ATTENTION_FORM)
+        )
+    onnx.save(graph, str(path))
+    return path
+
+
+def timed_against_timm(paths: list[Path], timm: Path, shape: tuple[int, ...]) -> list[dict]:
+    """Each ONNX's median ms and speed-up over timm's model, timed in TIMING_ROUNDS rounds that
+    time timm's model and then each ONNX (medians over the rounds). This VM's speed drifts by up
+    to 50 % over minutes, so a time is only compared with timm's model timed beside it."""
     from vitslim.deploy.bench import BenchSettings, benchmark
     from vitslim.deploy.runners import OnnxRuntimeRunner
 
     images = np.random.default_rng(0).standard_normal((BATCH, *shape)).astype(np.float32)
-    with OnnxRuntimeRunner(path) as runner:
-        return benchmark(runner, images, settings=BenchSettings(warmup_seconds=0.5, min_seconds=2.0))["median_ms"]
+    settings = BenchSettings(warmup_seconds=0.5, min_seconds=1.0)
+    rounds: list[list[float]] = [[] for _ in paths]
+    speedups: list[list[float]] = [[] for _ in paths]
+    for _ in range(TIMING_ROUNDS):
+        with OnnxRuntimeRunner(timm) as runner:
+            timm_ms = benchmark(runner, images, settings=settings)["median_ms"]
+        for times, ratios, path in zip(rounds, speedups, paths):
+            with OnnxRuntimeRunner(path) as runner:
+                times.append(benchmark(runner, images, settings=settings)["median_ms"])
+            ratios.append(timm_ms / times[-1])
+    return [
+        {"measured_ms": float(np.median(times)), "measured_speedup": float(np.median(ratios))}
+        for times, ratios in zip(rounds, speedups)
+    ]
 
 
 def run(seeds: list[int], progress=print) -> dict:
@@ -66,39 +118,78 @@ def run(seeds: list[int], progress=print) -> dict:
     geometry = supported_geometry(model)
     data = data_for(model, "digits")
     shape = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    rows = []
+    rows, trials = [], []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         started = time.perf_counter()
         table = measure_table(TableSpec(plan.model, backend="onnxruntime", batch=BATCH), model)
         table_path = write_latency_table(table, work / "table.json")
-        progress(f"table in {time.perf_counter() - started:.0f} s; the dense ONNX {table.timm_ms:.3f} ms")
+        progress(f"table in {time.perf_counter() - started:.0f} s; timm's model {table.timm_ms:.3f} ms on it")
+        timm = timm_onnx(model, shape, work / "timm.onnx")
+
+        def structure(result) -> tuple:
+            return result.report["static_blocks"], result.report["pyramid"]
+
         for seed in seeds:
-            measured = {}
-            for kind in ("MAC target", "latency target"):
-                target = (
-                    {"target_macs": MAC_TARGET}
-                    if kind == "MAC target"
-                    else {"latency_table": str(table_path), "target_ms": measured["MAC target"]["measured_ms"]}
+            # The MAC arm's trials: every grid fraction's structure (no fine-tuning: it changes no
+            # shape), each distinct one exported and timed, all in the same rounds.
+            trial_of, exports = {}, {}
+            for fraction in MAC_GRID:
+                result = prune(
+                    model, data, "dgssa-glad", seed=seed, **{**GLAD, "finetune_epochs": 0}, target_macs=fraction
                 )
+                key = json.dumps(structure(result))
+                trial_of[fraction] = key
+                if key not in exports:
+                    exports[key] = work / f"{seed}-trial-{len(exports)}.onnx"
+                    export_onnx(result.model, result.plan, exports[key])
+            timed = dict(zip(exports, timed_against_timm(list(exports.values()), timm, shape)))
+            for fraction, key in trial_of.items():
+                trials.append({"seed": seed, "target_macs": fraction, "structure": key, **timed[key]})
+            # the same criterion as the latency search's (the target itself, no tolerance), on the clock
+            fitting = [f for f in MAC_GRID if timed[trial_of[f]]["measured_speedup"] >= SPEEDUP]
+            if not fitting or fitting[0] == MAC_GRID[0]:
+                raise SystemExit(
+                    f"seed {seed}: the MAC arm's answer is not inside the grid {MAC_GRID[-1]}..{MAC_GRID[0]} "
+                    f"({'none' if not fitting else 'its largest fraction'} meets {SPEEDUP}x): widen MAC_GRID"
+                )
+            progress(
+                f"seed {seed} MAC trials: "
+                + ", ".join(f"{key} {t['measured_speedup']:.2f}x" for key, t in timed.items())
+                + f"; the largest fraction within the target: {fitting[0]:.2f}"
+            )
+            arms = []
+            for kind, target in (
+                ("MAC target", {"target_macs": fitting[0]}),
+                ("latency target", {"latency_table": str(table_path), "target_speedup": SPEEDUP}),
+            ):
                 result = prune(model, data, "dgssa-glad", seed=seed, **GLAD, **target)
+                if kind == "MAC target":  # fine-tuning changes no shape: the structure the trial timed
+                    assert json.dumps(structure(result)) == trial_of[fitting[0]]
                 onnx = work / f"{seed}-{kind.split()[0]}.onnx"
                 export_onnx(result.model, result.plan, onnx)
+                arms.append((kind, target, result, onnx))
+            measured = timed_against_timm([onnx for *_, onnx in arms], timm, shape)
+            for (kind, target, result, onnx), timing in zip(arms, measured):
+                static, pyramid = structure(result)
                 row = {
                     "seed": seed,
                     "kind": kind,
-                    "pyramid": result.report["pyramid"],
+                    "target_macs": target.get("target_macs"),
+                    "static_blocks": static,
+                    "pyramid": pyramid,
+                    "divergence": next(r["divergence"] for r in result.report["structure_search"] if r["chosen"]),
                     "macs_fraction": macs_fraction(result.plan, geometry),
                     "predicted_ms": table.predict(result.plan, geometry).total_ms,
-                    "target_ms": target.get("target_ms"),
-                    "measured_ms": onnx_ms(onnx, shape),
+                    "predicted_speedup": table.timm_ms / table.predict(result.plan, geometry).total_ms,
+                    **timing,
                     "top1_onnx": onnx_top1(onnx, data),
                 }
-                measured[kind] = row
                 rows.append(row)
                 progress(
-                    f"seed {seed} {kind:15s} pyramid {row['pyramid']} MACs {row['macs_fraction']:.1%} "
-                    f"predicted {row['predicted_ms']:.3f} measured {row['measured_ms']:.3f} ms top-1 {row['top1_onnx']:.2f} %"
+                    f"seed {seed} {kind:15s} static {static} pyramid {pyramid} MACs {row['macs_fraction']:.1%} "
+                    f"predicted {row['predicted_speedup']:.2f}x measured {row['measured_speedup']:.2f}x "
+                    f"({row['measured_ms']:.3f} ms) top-1 {row['top1_onnx']:.2f} %"
                 )
     import onnxruntime
     import torch
@@ -113,10 +204,14 @@ def run(seeds: list[int], progress=print) -> dict:
             "date": time.strftime("%Y-%m-%d"),
             "batch": BATCH,
             "method_settings": GLAD,
-            "mac_target": MAC_TARGET,
+            "target_speedup": SPEEDUP,
+            "tolerance": TOLERANCE,
+            "timing_rounds": TIMING_ROUNDS,
+            "mac_grid": MAC_GRID,
         },
         "table": table.to_dict(),
         "rows": rows,
+        "mac_trials": trials,
     }
 
 

@@ -491,6 +491,23 @@ CASES = [
         "larger than the model's depth 2",
     ),
     (
+        "prune-searched-static-blocks-without-a-target",
+        None,
+        [
+            "prune",
+            "{art}/run",
+            "--method",
+            "dgssa-glad",
+            "--max-static-blocks",
+            "2",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/p",
+        ],
+        "add --pyramid auto and a target",
+    ),
+    (
         "prune-missing-data",
         None,
         ["prune", "{art}/run", "--method", "vtp", "--data", "{tmp}/nowhere", "--out", "{tmp}/p"],

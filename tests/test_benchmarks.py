@@ -156,3 +156,60 @@ def test_onnx_gpu_targets_are_judged_from_the_rows(tmp_path):
     assert ps != slowed_ps
     text = "\n".join(section(stored, tmp_path, Path("results")))
     assert (tmp_path / "onnx_gpu_speedup.png").stat().st_size > 0 and "### Batch 256" in text
+
+
+def _accuracy_rows(latency_speedup: float, latency_top1: float) -> dict:
+    row = {"seed": 0, "static_blocks": 0, "pyramid": [[0, 32]], "macs_fraction": 0.48, "predicted_speedup": 2.1}
+    return {
+        "environment": {
+            "host": {"cpu": "a CPU", "cores": 2},
+            "onnxruntime": "1.0",
+            "batch": 8,
+            "date": "2026-01-01",
+            "method_settings": {"max_static_blocks": 3, "pyramid": "auto"},
+            "target_speedup": 2.0,
+            "tolerance": 0.05,
+            "mac_grid": [0.7, 0.68, 0.3],
+            "timing_rounds": 5,
+        },
+        "rows": [
+            {
+                **row,
+                "kind": "MAC target",
+                "target_macs": 0.56,
+                "measured_speedup": 2.02,
+                "measured_ms": 1.5,
+                "top1_onnx": 97.0,
+            },
+            {
+                **row,
+                "kind": "latency target",
+                "target_macs": None,
+                "measured_speedup": latency_speedup,
+                "measured_ms": 1.5,
+                "top1_onnx": latency_top1,
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "latency_speedup, latency_top1, verdict",
+    # 1.80x and 2.40x: not at the MAC arm's 2.02x (within 5 %), whatever the top-1
+    [(1.97, 97.0, "**met**"), (1.97, 96.9, "**not met**"), (1.80, 97.5, "**not met**"), (2.40, 97.5, "**not met**")],
+)
+def test_the_digits_accuracy_target_needs_the_latency_arm_on_time_and_as_accurate(
+    latency_speedup, latency_top1, verdict
+):
+    from benchmarks.latency_model_report import _accuracy_target, accuracy_table
+
+    accuracy = _accuracy_rows(latency_speedup, latency_top1)
+    row = _accuracy_target(accuracy)
+    assert row.endswith(f"| {verdict} |") and "{" not in row
+    assert f"top-1 {latency_top1:.2f} % at {latency_speedup:.2f}x vs 97.00 % at 2.02x" in row
+    table = "\n".join(accuracy_table(accuracy))
+    assert (
+        "{" not in table
+        and "| 0 | MAC target (0.56) | 0 | [[0, 32]] | 48.0% | 2.10x | 2.02x (1.500) | 97.00 |" in table
+    )
+    assert "(--max-static-blocks 3 --pyramid auto)" in table

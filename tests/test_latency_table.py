@@ -27,6 +27,7 @@ from vitslim.latency_table import (
     few_tokens_plan,
     grid_points,
     measure_table,
+    out_of_order,
     write_table,
 )
 from vitslim.measure import BenchSpec, run_bench
@@ -75,6 +76,42 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
     assert predicted.total_ms == pytest.approx(table.dense_ms) and predicted.fixed_ms == table.fixed_ms
     assert table.predict(few_tokens_plan(SPEC, geometry), geometry).total_ms == pytest.approx(table.few_tokens_ms)
+
+
+def test_a_block_slower_than_reading_more_tokens_is_out_of_order():
+    def row(read, ms, kept=1.0):
+        return {"static": False, "read": read, "kept": kept, "attention_width": 1.0, "mlp_width": 1.0, "ms": ms}
+
+    rows = [row(33, 0.28), row(17, 0.30), row(65, 0.54), row(9, 0.10), row(17, 0.05, kept=0.5), row(33, 0.2, kept=0.5)]
+    assert out_of_order(rows, 0.05) == [rows[1]]  # 17 tokens slower than 33: the kept-0.5 series is in order
+    assert out_of_order([row(17, 0.29), row(33, 0.28)], 0.05) == []  # within the slack
+
+
+def test_a_point_timed_slow_in_every_pass_is_timed_again(monkeypatch):
+    """Both passes time every block reading the second-fewest tokens 3x slow (as a one-core
+    onnxruntime session would); they then read slower than the same blocks reading more, and are
+    timed again."""
+    from vitslim.export.compact import CompactBlock
+
+    geometry = supported_geometry(create_model(SPEC))
+    reads = sorted({point["read"] for point in grid_points(geometry)})
+    slow_read = reads[1]
+    slow_calls = GRID_PASSES * sum(point["read"] == slow_read for point in grid_points(geometry))
+    calls, messages = {"slow": 0}, []
+
+    def flop_ms(self, module, shape):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.randn(1, *shape))
+        ms = 0.01 + 1e-7 * counter.get_total_flops()
+        if isinstance(module, CompactBlock) and shape[0] == slow_read and calls["slow"] < slow_calls:
+            calls["slow"] += 1
+            return 3 * ms
+        return ms
+
+    monkeypatch.setattr(ModuleTimer, "ms", flop_ms)
+    table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
+    assert calls["slow"] == slow_calls and any("again (1)" in message for message in messages)
+    assert not out_of_order(table.blocks, 0.05) and table.where["timings"] == len(messages)
 
 
 def test_grid_points_build_the_blocks_they_name():

@@ -8,7 +8,7 @@ from vitslim.pruning.methods import METHODS
 from vitslim.pruning.timm_adapter import geometry_of
 
 from vitslim import plots
-from vitslim.prune_report import METHOD_PLOTS, model_title
+from vitslim.prune_report import METHOD_PLOTS, model_title, prune_report_markdown
 
 
 def test_every_method_plot_belongs_to_a_registered_method():
@@ -37,3 +37,20 @@ def test_each_plot_is_written(tmp_path):
     plots.attention_analysis_png(rows, 1, tmp_path / "a.png", "t")
     plots.kept_dims_png([{"block": b, "hidden": 64} for b in range(3)], {"hidden": 128}, tmp_path / "k.png", "t")
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("m.png", "a.png", "k.png"))
+
+
+def test_the_prune_report_lists_the_searched_structures():
+    search = [
+        {"static_blocks": 0, "pyramid": [[1, 8]], "macs_fraction": 0.6, "predicted_ms": 1.5, "divergence": 0.2},
+        {"static_blocks": 1, "pyramid": [[1, 4]], "macs_fraction": 0.5, "divergence": 2e-5, "chosen": True},
+    ]
+    search[0]["chosen"] = False
+    report = {
+        "model": {"name": "tiny"},
+        "method": "dgssa-glad",
+        **{"params_dense": 10, "params": 10, "macs_dense": 10, "macs": 5, "config": {}},
+        "structure_search": search,
+    }
+    lines = prune_report_markdown(report).splitlines()
+    assert "| 0 | [[1, 8]] | 60.0% | 1.5 | 0.2 |  |" in lines
+    assert "| 1 | [[1, 4]] | 50.0% | – | 2e-05 | yes |" in lines  # no table: no prediction

@@ -70,6 +70,20 @@ def prune_report_markdown(report: dict) -> str:
             f"| {a['block']} | {a['cosine']:.3f} | {a['kl']:.3f} | {a['effective_rank']:.2f} | {a['top_energy']:.3f} |"
             for a in report["analysis"]
         ]
+    if report.get("structure_search"):
+        lines += [
+            "",
+            "## Structures that meet the target (--max-static-blocks: the least divergence is kept)",
+            "",
+            "| static blocks | pyramid | MACs | predicted ms | divergence from the dense model | kept |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in report["structure_search"]:
+            predicted = f"{row['predicted_ms']:.4g}" if "predicted_ms" in row else "–"  # a MAC target, no table
+            lines.append(
+                f"| {row['static_blocks']} | {row['pyramid']} | {row['macs_fraction']:.1%} | {predicted} | "
+                f"{row['divergence']:.4g} | {'yes' if row['chosen'] else ''} |"
+            )
     if report.get("kept_tokens"):
         lines += ["", "## Tokens output per block", "", "| block | tokens |", "|---|---|"]
         lines += [f"| {block} | {count} |" for block, count in enumerate(report["kept_tokens"])]

@@ -14,6 +14,7 @@ Yu et al. 2023). Only the abstract is known; the design choices below are ours (
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,11 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class DGSSAGladConfig(AugmentationSettings, LatencyTargetSettings):
     static_blocks: Optional[int] = setting(None, "DGSSA: the first K blocks get static attention")
+    max_static_blocks: Optional[int] = setting(
+        None,
+        "DGSSA with --pyramid auto and a target: instead of K, search 0..M static blocks together with the pyramid and "
+        "keep the structure whose initialised model predicts closest to the dense model on the calibration images",
+    )
     similarity_threshold: Optional[float] = setting(
         None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"
     )
@@ -73,10 +79,28 @@ class DGSSAGladConfig(AugmentationSettings, LatencyTargetSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the augmentation settings; every float finite
-        if self.static_blocks is not None and self.similarity_threshold is not None:
-            raise PruningError("give --static-blocks K or --similarity-threshold S, not both")
+        given = [
+            flag
+            for flag, value in (
+                ("--static-blocks K", self.static_blocks),
+                ("--max-static-blocks M", self.max_static_blocks),
+                ("--similarity-threshold S", self.similarity_threshold),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise PruningError(f"give only one of {' or '.join(given)}")
         if self.static_blocks is not None and self.static_blocks < 0:
             raise PruningError(f"--static-blocks {self.static_blocks} must be >= 0")
+        if self.max_static_blocks is not None and self.max_static_blocks < 1:
+            raise PruningError(
+                f"--max-static-blocks {self.max_static_blocks} must be >= 1 (for no static blocks, leave it out)"
+            )
+        if self.max_static_blocks is not None and self.pyramid.strip() != AUTO:
+            raise PruningError(
+                "--max-static-blocks searches the static blocks together with the pyramid: add --pyramid auto and a "
+                "target (--target-macs F, or --target-ms / --target-speedup with --latency-table)"
+            )
         if not self.static_blocks and self.similarity_threshold is None and not self.pyramid.strip():
             raise PruningError(
                 "dgssa-glad with neither static blocks nor a pyramid changes nothing: give --static-blocks K, "
@@ -211,14 +235,11 @@ class _Trainable(nn.Module):
             p.requires_grad_(False)
 
     def plan(self) -> SlimPlan:
-        blocks = list(self.base.blocks)
-        for key, matrix in self.aggregations.items():
-            blocks[int(key)] = BlockPlan(token_aggregation=matrix)
-        for key, logits in self.logits.items():
-            blocks[int(key)] = BlockPlan(
-                token_aggregation=blocks[int(key)].token_aggregation, static_attention=logits.softmax(dim=-1)
-            )
-        return SlimPlan(model=self.base.model, blocks=tuple(blocks), method="dgssa-glad")
+        return glad_plan(
+            self.base,
+            {int(b): logits.softmax(dim=-1) for b, logits in self.logits.items()},
+            {int(b): matrix for b, matrix in self.aggregations.items()},
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         plan = self.plan()
@@ -264,10 +285,16 @@ def analyse_attention(
     return rows, means
 
 
+def check_static_blocks(config: DGSSAGladConfig, depth: int) -> None:
+    """Refuse a static-block count deeper than the model (before the analysis runs)."""
+    for flag, value in (("--static-blocks", config.static_blocks), ("--max-static-blocks", config.max_static_blocks)):
+        if value is not None and value > depth:
+            raise PruningError(f"{flag} {value} is larger than the model's depth {depth}")
+
+
 def static_block_count(config: DGSSAGladConfig, analysis: list[dict], depth: int) -> int:
+    """The static blocks the settings fix (0 where --max-static-blocks leaves them to the search)."""
     if config.static_blocks is not None:
-        if config.static_blocks > depth:
-            raise PruningError(f"--static-blocks {config.static_blocks} is larger than the model's depth {depth}")
         return config.static_blocks
     if config.similarity_threshold is None:
         return 0
@@ -300,6 +327,11 @@ def pyramid_for_ranks(
     return tuple(stages)
 
 
+def steepest_pyramid(analysis: list[dict], static: int, grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The fewest tokens --pyramid auto can keep after `static` blocks (the scale kappa at 0)."""
+    return pyramid_for_ranks([row["effective_rank"] for row in analysis], static, 0.0, grid)
+
+
 def auto_pyramid(
     analysis: list[dict], static: int, geometry: ViTGeometry, grid: tuple[int, int], fits, target_name: str
 ) -> tuple[tuple[int, int], ...]:
@@ -308,7 +340,7 @@ def auto_pyramid(
     bisection on kappa (more kappa, more tokens)."""
     ranks = [row["effective_rank"] for row in analysis]
     low, high = 0.0, float(geometry.num_patches)
-    if not fits(pyramid_for_ranks(ranks, static, low, grid)):
+    if not fits(steepest_pyramid(analysis, static, grid)):
         raise PruningError(
             f"{target_name}: even the steepest pyramid the patch grid allows does not meet it; "
             "raise the target or add static blocks"
@@ -331,19 +363,31 @@ def initial_logits(mean_map: torch.Tensor, config: DGSSAGladConfig) -> torch.Ten
     return (mean_map + LOG_FLOOR).log()
 
 
+def glad_plan(base: SlimPlan, static_maps: dict[int, torch.Tensor], aggregations: dict[int, torch.Tensor]) -> SlimPlan:
+    """`base` with static attention maps [H, N, N] and aggregation matrices at their blocks."""
+    blocks = list(base.blocks)
+    for block in sorted(set(static_maps) | set(aggregations)):
+        blocks[block] = BlockPlan(token_aggregation=aggregations.get(block), static_attention=static_maps.get(block))
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
+
+
+def start_logits(mean_maps: dict[int, torch.Tensor], static: int, config: DGSSAGladConfig) -> dict[int, torch.Tensor]:
+    """The logits of the first `static` blocks' static attention that fine-tuning starts from."""
+    return {block: initial_logits(mean_maps[block], config) for block in range(static)}
+
+
+def pyramid_target(config: DGSSAGladConfig, budget: Optional[LatencyBudget], geometry: ViTGeometry):
+    """What --pyramid auto must meet: `fits(plan)`, and how the target reads in an error."""
+    if config.target_macs is not None:
+        return (lambda plan: macs_fraction(plan, geometry) <= config.target_macs), f"--target-macs {config.target_macs}"
+    return budget.fits, f"{budget.target_ms:.4g} ms on {budget.table.label}"
+
+
 def structure_plan(base: SlimPlan, static: int, stages, geometry: ViTGeometry, grid: tuple[int, int]) -> SlimPlan:
     """The plan's shape for `static` blocks and pyramid `stages`: uniform static attention and
     average-pooling aggregation (fine-tuning changes these values, never the shapes or the MACs)."""
-    blocks = list(base.blocks)
-    for b in range(static):
-        blocks[b] = BlockPlan(
-            static_attention=torch.full(
-                (geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens
-            )
-        )
-    for block, matrix in initial_aggregations(stages, grid).items():
-        blocks[block] = BlockPlan(token_aggregation=matrix)  # stages start at or after the last static block
-    return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
+    uniform = torch.full((geometry.num_heads, geometry.num_tokens, geometry.num_tokens), 1.0 / geometry.num_tokens)
+    return glad_plan(base, dict.fromkeys(range(static), uniform), initial_aggregations(stages, grid))
 
 
 def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
@@ -352,6 +396,117 @@ def initial_aggregations(stages, grid: tuple[int, int]) -> dict[int, torch.Tenso
     for block, count in stages:
         matrices[block], grid = pooling_matrix(grid, count)
     return matrices
+
+
+def structures_meeting(
+    analysis: list[dict], max_static: int, geometry: ViTGeometry, grid: tuple[int, int], plan_fits, target_name: str
+) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """(static blocks, the auto pyramid) for each count 0..max_static whose steepest pyramid meets
+    the target (`plan_fits(static, stages)`); counts that cannot are left out."""
+    found = []
+    for static in range(max_static + 1):
+        if plan_fits(static, steepest_pyramid(analysis, static, grid)):
+            stages = auto_pyramid(analysis, static, geometry, grid, functools.partial(plan_fits, static), target_name)
+            found.append((static, stages))
+    if not found:
+        raise PruningError(
+            f"{target_name}: even {max_static} static blocks and the steepest pyramid the patch grid allows do not "
+            f"meet it; raise the target or --max-static-blocks (at most the depth, {geometry.depth})"
+        )
+    return found
+
+
+def structure_search(
+    model: nn.Module,
+    found: list[tuple[int, tuple[tuple[int, int], ...]]],
+    shape_of,
+    initialised_of,
+    images: torch.Tensor,
+    batch_size: int,
+    budget: Optional[LatencyBudget],
+) -> list[dict]:
+    """One row per structure `found` (static blocks, pyramid): its MACs, predicted latency (with a
+    table) and prediction divergence as initialised (`initialised_of(static, stages)`: the plan
+    fine-tuning starts from). `shape_of(static, stages)` is the structure's plan for the costs."""
+    geometry = supported_geometry(model)
+    dense = copy.deepcopy(model).eval()  # the caller's model keeps its mode
+    with torch.no_grad():
+        dense_logits = torch.cat([dense(chunk) for chunk in images.split(batch_size)])
+    rows = []
+    for static, stages in found:
+        shape = shape_of(static, stages)
+        divergence = prediction_divergence(dense, initialised_of(static, stages), images, dense_logits, batch_size)
+        if not math.isfinite(divergence):
+            raise PruningError(
+                f"{static} static blocks with pyramid {list(stages)} predict non-finite values on the calibration "
+                "images: check the model's weights (vitslim eval on the dense run)"
+            )
+        rows.append(
+            {
+                "static_blocks": static,
+                "pyramid": [list(stage) for stage in stages],
+                "macs_fraction": macs_fraction(shape, geometry),
+                **({} if budget is None else {"predicted_ms": budget.predicted_ms(shape)}),
+                "divergence": divergence,
+            }
+        )
+    return rows
+
+
+def prediction_divergence(
+    model: nn.Module, plan: SlimPlan, images: torch.Tensor, dense_logits: torch.Tensor, batch_size: int
+) -> float:
+    """KL(the dense model's predictions ‖ the plan's) per image on `images`: how far a structure,
+    as initialised, is from the model it is cut from, which is what fine-tuning's distillation
+    then has to close. `model` is the dense model in eval mode."""
+    with torch.no_grad(), plan_applied(model, plan, check=False):
+        logits = torch.cat([model(chunk) for chunk in images.split(batch_size)])
+    return float(F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True, reduction="batchmean"))
+
+
+def auto_structure(
+    model: nn.Module,
+    base: SlimPlan,
+    config: DGSSAGladConfig,
+    budget: Optional[LatencyBudget],
+    analysis: list[dict],
+    mean_maps: dict[int, torch.Tensor],
+    images: torch.Tensor,
+    static: int,
+    grid: tuple[int, int],
+) -> tuple[int, tuple[tuple[int, int], ...], list[dict]]:
+    """--pyramid auto: (static blocks, stages, the search's rows). The pyramid that meets the
+    target after the `static` blocks the settings fix or, with --max-static-blocks, the structure
+    of least prediction divergence among those that meet it for each count (`images`: the
+    calibration images the divergence is measured on)."""
+    geometry = supported_geometry(model)
+    fits, target_name = pyramid_target(config, budget, geometry)
+
+    def shape_of(count, candidate) -> SlimPlan:
+        return structure_plan(base, count, candidate, geometry, grid)
+
+    def initialised_of(count, candidate) -> SlimPlan:
+        static_maps = {b: logits.softmax(dim=-1) for b, logits in start_logits(mean_maps, count, config).items()}
+        return glad_plan(base, static_maps, initial_aggregations(candidate, grid))
+
+    if config.max_static_blocks is None:
+        stages = auto_pyramid(
+            analysis, static, geometry, grid, lambda candidate: fits(shape_of(static, candidate)), target_name
+        )
+        return static, stages, []
+    found = structures_meeting(
+        analysis,
+        config.max_static_blocks,
+        geometry,
+        grid,
+        lambda count, candidate: fits(shape_of(count, candidate)),
+        target_name,
+    )
+    search = structure_search(model, found, shape_of, initialised_of, images, config.batch_size, budget)
+    best = min(range(len(found)), key=lambda i: search[i]["divergence"])  # ties: the fewer static blocks
+    for i, row in enumerate(search):
+        row["chosen"] = i == best
+    return (*found[best], search)
 
 
 @register_method("dgssa-glad", DGSSAGladConfig)
@@ -365,6 +520,7 @@ def prune_dgssa_glad(
 ) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
+    check_static_blocks(config, geometry.depth)
     budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before the analysis
     auto = config.pyramid.strip() == AUTO
     stages = () if auto else parse_pyramid(config.pyramid)
@@ -373,37 +529,22 @@ def prune_dgssa_glad(
     analysis, mean_maps = analyse_attention(model, calibration.images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)
     grid = patch_grid(model)
-
-    def plan_of(candidate) -> SlimPlan:
-        return structure_plan(base, static, candidate, geometry, grid)
-
-    if auto and config.target_macs is not None:
-        stages = auto_pyramid(
-            analysis,
-            static,
-            geometry,
-            grid,
-            lambda candidate: macs_fraction(plan_of(candidate), geometry) <= config.target_macs,
-            f"--target-macs {config.target_macs}",
-        )
-    elif auto:
-        stages = auto_pyramid(
-            analysis,
-            static,
-            geometry,
-            grid,
-            lambda candidate: budget.fits(plan_of(candidate)),
-            f"{budget.target_ms:.4g} ms on {budget.table.label}",
-        )
+    search = []
     if auto:
+        static, stages, search = auto_structure(
+            model, base, config, budget, analysis, mean_maps, calibration.images, static, grid
+        )
         check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
         raise PruningError(
             f"static blocks 0..{static - 1} overlap the first pyramid stage at block {stages[0][0]}: static attention is for early blocks"
         )
-    logits = {b: initial_logits(mean_maps[b], config) for b in range(static)}
     trainable = _Trainable(
-        copy.deepcopy(model), base, logits, initial_aggregations(stages, grid), copy.deepcopy(teacher)
+        copy.deepcopy(model),
+        base,
+        start_logits(mean_maps, static, config),
+        initial_aggregations(stages, grid),
+        copy.deepcopy(teacher),
     )
     report = {
         "config": asdict(config),
@@ -412,7 +553,8 @@ def prune_dgssa_glad(
         "analysis": analysis,
         "static_blocks": static,
         "pyramid": [list(s) for s in stages],
-        **({} if budget is None else {"latency": budget.report(plan_of(stages))}),
+        **({"structure_search": search} if search else {}),
+        **({} if budget is None else {"latency": budget.report(structure_plan(base, static, stages, geometry, grid))}),
         "top1_dense": evaluate(model, data.val),
     }
     trainable.eval()

@@ -6,7 +6,7 @@ from conftest import tiny_vit
 from vitslim.export.onnx_export import export_plan
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.errors import PruningError
-from vitslim.pruning.macs import plan_macs
+from vitslim.pruning.macs import macs_fraction, plan_macs
 from vitslim.pruning.methods.dgssa_glad import (
     DGSSAGladConfig,
     attention_divergence,
@@ -15,7 +15,9 @@ from vitslim.pruning.methods.dgssa_glad import (
     check_pyramid,
     parse_pyramid,
     pooling_matrix,
+    prediction_divergence,
     prune_dgssa_glad,
+    structure_plan,
 )
 from vitslim.pruning.plan import BlockPlan, ModelSpec, dense_plan
 from vitslim.pruning.reference import MaskedReference, recorded_attention
@@ -110,8 +112,22 @@ def test_bad_settings():
             DGSSAGladConfig(static_blocks=4, calibration_images=32, batch_size=32),
             dense_plan(ModelSpec("tiny"), 3),
         )
-    with pytest.raises(PruningError, match="not both"):
+    with pytest.raises(PruningError, match="larger than the model's depth 3"):
+        prune_dgssa_glad(
+            tiny_vit(num_classes=10),
+            DATA,
+            DGSSAGladConfig(max_static_blocks=4, pyramid="auto", target_macs=0.7, calibration_images=32, batch_size=32),
+            dense_plan(ModelSpec("tiny"), 3),
+        )
+    with pytest.raises(PruningError, match="give only one of --static-blocks K or --similarity-threshold S"):
         DGSSAGladConfig(static_blocks=2, similarity_threshold=0.5)
+    with pytest.raises(PruningError, match="give only one of --static-blocks K or --max-static-blocks M"):
+        DGSSAGladConfig(static_blocks=1, max_static_blocks=2, pyramid="auto", target_macs=0.7)
+    for count in (0, -1):
+        with pytest.raises(PruningError, match=f"--max-static-blocks {count} must be >= 1"):
+            DGSSAGladConfig(max_static_blocks=count, pyramid="auto", target_macs=0.7)
+    with pytest.raises(PruningError, match="add --pyramid auto and a target"):
+        DGSSAGladConfig(max_static_blocks=2, pyramid="2:4")
 
 
 def test_deit_small_structure_with_four_static_blocks_and_pyramid():
@@ -208,6 +224,67 @@ def test_auto_pyramid_meets_the_mac_target(tmp_path):
     check_pyramid(tuple(tuple(s) for s in result.report["pyramid"]), geometry)
     with pytest.raises(PruningError, match="goes with a target"):
         DGSSAGladConfig(pyramid="auto")
+
+
+def _searched(monkeypatch, divergence_of_static: dict[int, float]):
+    """The tiny model pruned with --max-static-blocks 2 to 70 % of its MACs, each candidate's
+    divergence replaced by `divergence_of_static[its static blocks]` (so which one wins does not
+    hang on random weights' floats)."""
+    from vitslim.pruning.methods import dgssa_glad
+
+    def divergence(model, plan, images, dense_logits, batch_size):
+        return divergence_of_static[sum(block.static_attention is not None for block in plan.blocks)]
+
+    monkeypatch.setattr(dgssa_glad, "prediction_divergence", divergence)
+    config = DGSSAGladConfig(
+        max_static_blocks=2, pyramid="auto", target_macs=0.7, finetune_epochs=0, calibration_images=32, batch_size=32
+    )
+    return prune_dgssa_glad(tiny_vit(num_classes=10), DATA, config, dense_plan(ModelSpec("tiny"), 3))
+
+
+@pytest.mark.parametrize("winner", [0, 2])
+def test_searched_static_blocks_keep_the_least_divergent_structure_that_meets_the_target(monkeypatch, winner):
+    """--max-static-blocks: every static-block count with a pyramid that meets the target is a
+    candidate; the one fine-tuned and reported is the least divergent."""
+    result = _searched(monkeypatch, {count: 1.0 + abs(count - winner) for count in range(3)})
+    geometry = geometry_of(tiny_vit(num_classes=10))
+    search = result.report["structure_search"]
+    assert [row["static_blocks"] for row in search] == [0, 1, 2]  # the tiny model meets 0.7 with each count
+    assert all(row["macs_fraction"] <= 0.7 for row in search)
+    assert [row["chosen"] for row in search] == [row["static_blocks"] == winner for row in search]
+    kept = search[winner]
+    assert result.report["static_blocks"] == winner and result.report["pyramid"] == kept["pyramid"]
+    static = [b for b, block in enumerate(result.plan.blocks) if block.static_attention is not None]
+    aggregated = [b for b, block in enumerate(result.plan.blocks) if block.token_aggregation is not None]
+    assert static == list(range(winner)) and aggregated == [block for block, _ in kept["pyramid"]]
+    assert macs_fraction(result.plan, geometry) == pytest.approx(kept["macs_fraction"])
+
+
+def test_a_tie_keeps_the_fewer_static_blocks(monkeypatch):
+    result = _searched(monkeypatch, {0: 2.0, 1: 1.0, 2: 1.0})
+    assert result.report["static_blocks"] == 1
+
+
+def test_searched_static_blocks_refuse_a_target_no_count_meets():
+    config = DGSSAGladConfig(
+        max_static_blocks=2, pyramid="auto", target_macs=0.01, finetune_epochs=0, calibration_images=32, batch_size=32
+    )
+    with pytest.raises(PruningError, match=r"even 2 static blocks and the steepest pyramid .*\(at most the depth, 3\)"):
+        prune_dgssa_glad(tiny_vit(num_classes=10), DATA, config, dense_plan(ModelSpec("tiny"), 3))
+
+
+def test_prediction_divergence_is_the_kl_of_the_masked_reference():
+    model, base = tiny_vit(num_classes=10).eval(), dense_plan(ModelSpec("tiny"), 3)
+    with torch.no_grad():
+        model.head.weight.mul_(50)  # random weights predict near-uniformly: sharpen them
+        dense_logits = model(IMAGES)
+        plan = structure_plan(base, 1, ((1, 4),), geometry_of(model), (4, 4))
+        logits = MaskedReference(model, plan)(IMAGES)
+    expected = (dense_logits.softmax(-1) * (dense_logits.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean()
+    assert float(expected) > 0
+    divergence = prediction_divergence(model, plan, IMAGES, dense_logits, batch_size=3)  # two batches, 3 + 1
+    assert divergence == pytest.approx(float(expected), rel=1e-3)
+    assert prediction_divergence(model, base, IMAGES, dense_logits, batch_size=3) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("settings", [{}, {"static_blocks": 0}, {"static_blocks": 0, "pyramid": " "}])

@@ -322,6 +322,20 @@ def test_each_method_meets_a_latency_target(tmp_path):
             ),
             BASE,
         ),
+        "dgssa-glad searching its static blocks": lambda: prune_dgssa_glad(
+            MODEL,
+            DATA,
+            DGSSAGladConfig(
+                max_static_blocks=2,
+                pyramid="auto",
+                latency_table=table,
+                target_ms=target,
+                finetune_epochs=0,
+                calibration_images=32,
+                batch_size=32,
+            ),
+            BASE,
+        ),
     }
     for method, run in runs.items():
         result = run()
@@ -330,6 +344,11 @@ def test_each_method_meets_a_latency_target(tmp_path):
         assert predicted < dense_ms
         latency = result.report["latency"]
         assert latency["predicted_ms"] == pytest.approx(predicted) and latency["target_ms"] == pytest.approx(target)
+        search = result.report.get("structure_search", [])
+        assert all(row["predicted_ms"] <= target for row in search)  # every candidate met the target too
+        assert [row["predicted_ms"] for row in search if row["chosen"]] == (
+            [pytest.approx(predicted)] if search else []
+        )
 
 
 def test_vtp_removes_the_least_that_meets_the_target(tmp_path):
