@@ -286,6 +286,19 @@ def test_each_method_meets_a_latency_target(tmp_path):
     table = _table_file(tmp_path)
     dense_ms = _predicted(BASE)
     target = 0.8 * dense_ms
+
+    def glad(**settings):
+        config = DGSSAGladConfig(
+            pyramid="auto",
+            latency_table=table,
+            target_ms=target,
+            finetune_epochs=0,
+            calibration_images=32,
+            batch_size=32,
+            **settings,
+        )
+        return prune_dgssa_glad(MODEL, DATA, config, BASE)
+
     runs = {
         "patch-slim": lambda: prune_patch_slimming(
             MODEL,
@@ -309,33 +322,8 @@ def test_each_method_meets_a_latency_target(tmp_path):
             VTPConfig(latency_table=table, target_ms=target, sparsity_epochs=1, finetune_epochs=0, round_to=1),
             BASE,
         ),
-        "dgssa-glad": lambda: prune_dgssa_glad(
-            MODEL,
-            DATA,
-            DGSSAGladConfig(
-                pyramid="auto",
-                latency_table=table,
-                target_ms=target,
-                finetune_epochs=0,
-                calibration_images=32,
-                batch_size=32,
-            ),
-            BASE,
-        ),
-        "dgssa-glad searching its static blocks": lambda: prune_dgssa_glad(
-            MODEL,
-            DATA,
-            DGSSAGladConfig(
-                max_static_blocks=2,
-                pyramid="auto",
-                latency_table=table,
-                target_ms=target,
-                finetune_epochs=0,
-                calibration_images=32,
-                batch_size=32,
-            ),
-            BASE,
-        ),
+        "dgssa-glad": glad,
+        "dgssa-glad searching its static blocks": lambda: glad(max_static_blocks=2),
     }
     for method, run in runs.items():
         result = run()
