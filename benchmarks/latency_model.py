@@ -9,27 +9,33 @@ target speed-up and the structure it finds is timed. The searches run on synthet
 benchmarks' token ranking, gate magnitudes and effective ranks, as no training happens here), so
 what is checked is the table and the searches' honouring of the target, not accuracy.
 
-Results: benchmarks/results/latency_model_{gpu,onnx_gpu,cpu}.json.
+Results: benchmarks/results/latency_model_{gpu,onnx_gpu,cpu}.json, written after each batch (on a machine
+whose calls are limited in time, run one `--batch` per call, each to its own `--out`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from vitslim.deploy.bench import BenchSettings
+
+from vitslim.core.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "deit_small_patch16_224"
 # speed-ups over timm's model (on the table's runtime) that each method's search is asked for
 TARGET_SPEEDUPS = {"patch-slim": 1.4, "vtp": 1.25, "dgssa-glad": 2.0}
-# whole models are timed a little longer than the table's single blocks
+# whole models are timed a little longer than the table's single blocks, each in this many
+# sessions (the median, as the table's calibration models: sessions on a 2-vCPU VM differ by 20 %)
 WHOLE_MODEL_TIMING = BenchSettings(warmup_seconds=0.3, min_seconds=0.6, min_iterations=10, max_rounds=2)
+WHOLE_MODEL_SESSIONS = 3
 WHERE = {  # name -> (backend, device, precision, torch mode, batches)
     "gpu": ("torch", "cuda", "fp16", "cuda_graph", (64, 256)),
     "onnx_gpu": ("onnxruntime", "cuda", "fp16", "eager", (64, 256)),
@@ -83,8 +89,9 @@ def targeted_plans(model, base, table, geometry):
     return plans
 
 
-def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
-    from vitslim.deploy.bench import host_description
+def run(where: str, model_kwargs: dict, batches=None, progress=print, out: Optional[Path] = None) -> dict:
+    """The results for each batch; with `out`, written there after each batch (a run cut short
+    keeps the batches it finished: run one batch per call where a call's time is limited)."""
     from vitslim.export.compact import compact_from_plan
     from vitslim.pruning.macs import macs_fraction
     from vitslim.pruning.models import create_model
@@ -92,7 +99,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
     from vitslim.pruning.timm_adapter import supported_geometry
 
     from benchmarks.operating_points import operating_points
-    from vitslim.latency_table import GRID_PASSES, ModuleTimer, TableSpec, measure_table
+    from vitslim.latency_table import ModuleTimer, TableSpec, measure_table
 
     backend, device, precision, mode, default_batches = WHERE[where]
     batches = batches or default_batches
@@ -107,7 +114,8 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
     for batch in batches:
         spec = TableSpec(spec_model, backend=backend, device=device, precision=precision, batch=batch, torch_mode=mode)
         started = time.perf_counter()
-        table = measure_table(spec, model, progress=lambda message: None)
+        label = f"{where} batch {batch}"
+        table = measure_table(spec, model, progress=lambda message, label=label: progress(f"{label}: {message}"))
         table_seconds = time.perf_counter() - started
         progress(f"{where} batch {batch}: table in {table_seconds:.0f} s, timm {table.timm_ms:.3f} ms")
         tables.append({**table.to_dict(), "seconds": table_seconds})
@@ -122,13 +130,19 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
                 (f"{method} for {TARGET_SPEEDUPS[method]}x", "latency target", plan, target)
                 for method, (plan, target) in targeted_plans(model, base, table, geometry).items()
             ]
-            # every whole model timed in GRID_PASSES passes, keeping its quieter one (as the table's points)
-            modules = [
-                compact_from_plan(model, plan, pad_value_heads=timer.pads_value_heads) for _, _, plan, _ in points
+            modules = {
+                variant: (compact_from_plan(model, plan, pad_value_heads=timer.pads_value_heads), image)
+                for variant, _, plan, _ in points
+            }
+            progress(f"{where} batch {batch}: exporting and timing {len(modules)} whole models")
+            timer.export_all(modules)  # once each, for every pass
+            # in passes over all of them (a slow minute of the machine spread over every model)
+            passes = [
+                [timer.ms(*modules[variant], key=variant) for variant, *_ in points]
+                for _ in range(WHOLE_MODEL_SESSIONS)
             ]
-            passes = [[timer.ms(module, image) for module in modules] for _ in range(GRID_PASSES)]
             for (variant, kind, plan, target), *timed in zip(points, *passes):
-                measured = min(timed)
+                measured = float(statistics.median(timed))
                 predicted = table.predict(plan, geometry).total_ms
                 row = {
                     "where": where,
@@ -149,6 +163,15 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
                     f"  {variant:32s} predicted {predicted:8.3f} measured {measured:8.3f} ms ({row['prediction_error']:+.1%})"
                     + ("" if target is None else f" target {target:.3f} ({row['target_error']:+.1%})")
                 )
+        if out is not None:
+            write_json_atomic(out, results(where, precision, tables, rows))
+            progress(f"{where} batch {batch}: results so far in {out}")
+    return results(where, precision, tables, rows)
+
+
+def results(where: str, precision: str, tables: list[dict], rows: list[dict]) -> dict:
+    from vitslim.deploy.bench import host_description
+
     host = host_description()
     import onnxruntime
     import timm
@@ -187,14 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vitslim.pruning.models import parse_model_kwargs
 
-    data = run(
+    out = args.out or RESULTS / f"latency_model_{args.where}.json"
+    run(
         args.where,
         parse_model_kwargs(args.model_kwargs),
         args.batch,
         progress=lambda message: print(message, flush=True),
+        out=out,
     )
-    out = args.out or RESULTS / f"latency_model_{args.where}.json"
-    out.write_text(json.dumps(data, indent=1))
     print(f"results: {out}")
     return 0
 

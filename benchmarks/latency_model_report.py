@@ -19,16 +19,25 @@ WHERES = (
 
 
 def _load(results: Path, where: str) -> Optional[dict]:
-    """One where's results; onnx_gpu may come in one file per batch (one device call each)."""
+    """One where's results: latency_model_WHERE.json and the files of one batch each
+    (latency_model_WHERE_B.json, one device call each), whose batches replace the same batches'
+    results in the first."""
     paths = sorted(results.glob(f"latency_model_{where}.json")) + sorted(results.glob(f"latency_model_{where}_*.json"))
     if not paths:
         return None
-    parts = [json.loads(path.read_text()) for path in paths]
-    return {
-        **parts[0],
-        "rows": [row for part in parts for row in part["rows"]],
-        "tables": [t for part in parts for t in part["tables"]],
-    }
+    merged: Optional[dict] = None
+    for path in paths:
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = part
+            continue
+        batches = {table["batch"] for table in part["tables"]}
+        merged = {
+            **merged,
+            "rows": [row for row in merged["rows"] if row["batch"] not in batches] + part["rows"],
+            "tables": [t for t in merged["tables"] if t["batch"] not in batches] + part["tables"],
+        }
+    return merged
 
 
 def _out_of_reach(row: dict) -> bool:
@@ -50,6 +59,7 @@ def _baseline(data: dict) -> str:
 TABLE_MODELS = {
     1: "table_version 1: one width axis (every channel space at once), the dense model the only calibration point",
     2: "table_version 2: attention and MLP widths apart with the Gather's step, the dense and few-tokens models as the calibration",
+    3: "table_version 3: as 2, with the Gather's step measured 8 input channels short (one channel short timed a misaligned fp16 GEMM on GPUs)",
 }
 
 
@@ -238,7 +248,8 @@ def section(results: Path, relative: Path) -> list[str]:
         "",
         "`python -m benchmarks.latency_model gpu|onnx_gpu|cpu` ([docs/latency.md](docs/latency.md)): DeiT-S with random "
         "weights; a latency table measured with `vitslim.latency_table.measure_table` at each batch; every operating point "
-        "above built as the exporter builds it and timed whole, the same way, beside the table's prediction; then each "
+        "above built as the exporter builds it and timed whole, the same way (the median of 3 sessions, in passes over all "
+        "of them), beside the table's prediction; then each "
         "method's structure search run against the table for a speed-up over timm's model (Patch Slimming 1.4×, VTP "
         "1.25×, DGSSA + GLAD 2×, on the benchmarks' synthetic token ranking, gate magnitudes and effective ranks) and the "
         "structure it finds timed. The dense model is a calibration point of the table (predicted as the table timed it), "

@@ -22,8 +22,8 @@ read count with every token and channel kept, times the dynamic blocks' ratio fo
 writes, times their ratio for its widths. The two sides are measured apart and their savings
 added (the attention and the MLP run one after the other); along each side, time follows the
 side's MACs (a block's side MACs over the same side with every channel kept) plus a step: reading
-fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1 measures,
-while narrower value channels or hidden units add none. Every axis is interpolated piecewise
+fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1 (STEP_CHANNELS
+input channels fewer) measures, while narrower value channels or hidden units add none. Every axis is interpolated piecewise
 linearly and held at its end values beyond the grid.
 
 A block timed alone costs more or less than inside the model (on a GPU the launch and
@@ -50,7 +50,7 @@ from .macs import block_macs
 from .plan import BlockPlan, SlimPlan, TokenCounts, token_counts
 from .timm_adapter import ViTGeometry
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 FIX = "measure it again with 'vitslim latency-table'"
 GEOMETRY_FIELDS = ("depth", "dim", "num_heads", "head_dim", "mlp_hidden", "num_prefix_tokens", "num_patches")
 
@@ -100,17 +100,31 @@ def kept_fraction(geometry: ViTGeometry, read: int, written: int) -> float:
     return 1.0 if read <= prefix else (written - prefix) / (read - prefix)
 
 
+# The width grid's step keeps this many input channels fewer than all. Not one: GPU GEMMs in fp16
+# run a channel count that is not a multiple of 8 on slower kernels, so a point one channel short
+# timed that slowdown as the Gather's cost and mispredicted every narrower block (table_version 2
+# on an H200), while plans round their channels to 8 (VTP's --round-to).
+STEP_CHANNELS = 8
+
+
+def step_channels(geometry: ViTGeometry) -> int:
+    """Input channels the width step drops: STEP_CHANNELS, or one in a model narrower than
+    8 * STEP_CHANNELS (the tests' tiny models), where STEP_CHANNELS would be more than an eighth of
+    them and no longer a step."""
+    return STEP_CHANNELS if geometry.dim >= 8 * STEP_CHANNELS else 1
+
+
 def width_step(geometry: ViTGeometry) -> float:
-    """The width grid's point just below 1: one input channel fewer, the rest of the side whole
-    (the Gather, nearly no MACs)."""
-    return 1 - 1 / geometry.dim
+    """The width grid's point just below 1: step_channels input channels fewer, the rest of the
+    side whole (the Gather, few MACs)."""
+    return 1 - step_channels(geometry) / geometry.dim
 
 
 def width_block(geometry: ViTGeometry, attention_width: float = 1.0, mlp_width: float = 1.0) -> BlockPlan:
     """A block keeping the first fraction of each side's channel spaces (attention: LayerNorm-1
     channels and value channels per head; MLP: LayerNorm-2 channels and hidden units); None where
-    it keeps all. From the step just below 1 on, only the input channels narrow (one fewer at the
-    step). What the table's width axes measure."""
+    it keeps all. From the step just below 1 on, only the input channels narrow (step_channels
+    fewer at the step). What the table's width axes measure."""
     step = width_step(geometry)
 
     def first(width: float, count: int) -> Optional[tuple[int, ...]]:
@@ -287,7 +301,7 @@ def _side_macs(block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts, par
 def _side_factor(geometry: ViTGeometry, side: str, rows: list[dict], fraction: float, gathers: bool) -> float:
     """At one read count: a dynamic block's time ratio when `side` keeps `fraction` of its MACs,
     from the rows along that side. Every narrower row pays the Gather; the point just below 1
-    (one input channel fewer) is mostly that step, the MACs it removes are taken off along the line
+    (step_channels input channels fewer) is mostly that step, the MACs it removes are taken off along the line
     to the next narrower point. The curve without the step follows the MACs, and the step is added
     back only when the block gathers its input channels on that side (`gathers`)."""
     parts = WIDTH_SIDES[side].parts
@@ -463,7 +477,7 @@ def _sizes(geometry: dict) -> ViTGeometry:
 def _check_grid(name: str, geometry: ViTGeometry, blocks: list[dict], aggregations: list[dict]) -> None:
     """Every axis the predictor walks must be a full grid that spans what plans hold: read counts
     from one patch to every token, each with the full block of each kind; the same kept values
-    (0 and 1 among them) and width values of each side (1, the step of one input channel fewer,
+    (0 and 1 among them) and width values of each side (1, the step of step_channels input channels fewer,
     and a narrower point) at every read count; no point twice."""
     prefix, tokens = geometry.num_prefix_tokens, geometry.num_tokens
     reads = sorted({row["read"] for row in blocks})
@@ -497,13 +511,14 @@ def _check_grid(name: str, geometry: ViTGeometry, blocks: list[dict], aggregatio
             if not {0.0, 1.0} <= set(grid) or len(grid) < 2:
                 raise PruningError(f"{name}: the kept grid {list(grid)} must hold [0.0, 1.0] and another value: {FIX}")
             continue
-        # input channels kept at each width: 1 ends the grid, the step keeps all but one, and the
-        # points below it keep fewer (else the step could not be told from the MACs it removes)
+        # input channels kept at each width: 1 ends the grid, the step keeps all but step_channels,
+        # and the points below it keep fewer (else the step could not be told from the MACs it removes)
         space = WIDTH_SIDES[axis].input_space
         kept = [len(getattr(width_block(geometry, **{axis: width}), space) or range(geometry.dim)) for width in grid]
-        if grid[-1] != 1.0 or len(grid) < 3 or kept[-2] != geometry.dim - 1 or kept[-3] >= kept[-2]:
+        fewer = step_channels(geometry)
+        if grid[-1] != 1.0 or len(grid) < 3 or kept[-2] != geometry.dim - fewer or kept[-3] >= kept[-2]:
             raise PruningError(
-                f"{name}: the {axis} grid {list(grid)} must hold 1, the step of one input channel fewer "
+                f"{name}: the {axis} grid {list(grid)} must hold 1, the step of {fewer} input channel(s) fewer "
                 f"({width_step(geometry):.4g}) and a narrower point: {FIX}"
             )
     keys = [(r["static"], r["read"], *(r[a] for a in axes)) for r in blocks]

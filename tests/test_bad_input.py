@@ -768,7 +768,7 @@ CASES = [
         "prune-latency-table-damaged",
         text(
             "t.json",
-            '{"table_version": 2, "model": {"name": "x"}, "geometry": {}, "where": {}, "blocks": [], "aggregations": []}',
+            '{"table_version": 3, "model": {"name": "x"}, "geometry": {}, "where": {}, "blocks": [], "aggregations": []}',
         ),
         [
             "prune",
@@ -801,7 +801,7 @@ CASES = [
             "--out",
             "{tmp}/p",
         ],
-        "has table_version 1, not 2: measure it again with 'vitslim latency-table'",
+        "has table_version 1, not 3: measure it again with 'vitslim latency-table'",
     ),
     (
         "latency-table-tensorrt-on-cpu",

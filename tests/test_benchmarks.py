@@ -213,3 +213,23 @@ def test_the_digits_accuracy_target_needs_the_latency_arm_on_time_and_as_accurat
         and "| 0 | MAC target (0.56) | 0 | [[0, 32]] | 48.0% | 2.08x | 2.10x | 2.02x (1.500) | 0.97 | 97.00 |" in table
     )
     assert "(--max-static-blocks 3 --pyramid auto)" in table
+
+
+def test_latency_results_of_one_batch_replace_that_batch(tmp_path):
+    """A later run of one batch (latency_model_gpu_64.json, one device call) replaces batch 64 of
+    the run of every batch (latency_model_gpu.json) and keeps its batch 256."""
+    from benchmarks.latency_model_report import _load
+
+    def result(tag: str, batches: tuple[int, ...]) -> dict:
+        return {
+            "environment": {"where": "gpu", "run": tag},
+            "tables": [{"batch": batch, "run": tag} for batch in batches],
+            "rows": [{"batch": batch, "run": tag} for batch in batches],
+        }
+
+    (tmp_path / "latency_model_gpu.json").write_text(json.dumps(result("both", (64, 256))))
+    (tmp_path / "latency_model_gpu_64.json").write_text(json.dumps(result("later", (64,))))
+    merged = _load(tmp_path, "gpu")
+    assert sorted((row["batch"], row["run"]) for row in merged["rows"]) == [(64, "later"), (256, "both")]
+    assert sorted((t["batch"], t["run"]) for t in merged["tables"]) == [(64, "later"), (256, "both")]
+    assert _load(tmp_path, "cpu") is None

@@ -21,6 +21,7 @@ from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geome
 from vitslim.core.errors import VitslimError
 from vitslim.latency_table import (
     GRID_PASSES,
+    WHOLE_MODEL_ROUNDS,
     ModuleTimer,
     TableSpec,
     block_point,
@@ -45,8 +46,8 @@ def torch_table(tmp_path_factory):
     messages = []
     timed = ModuleTimer.ms
 
-    def flop_ms(self, module, shape):
-        timed(self, module, shape)
+    def flop_ms(self, module, shape, key=None):
+        timed(self, module, shape, key)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(torch.randn(1, *shape))
         return 0.01 + 1e-7 * counter.get_total_flops()
@@ -65,10 +66,12 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     geometry = supported_geometry(create_model(SPEC))
     assert len(table.blocks) == len(grid_points(geometry)) and table.aggregations
     assert table.where["backend"] == "torch" and table.where["runner"]["mode"] == "eager" and table.batch == 2
-    # the three whole models three times each (their medians), then timm's model, then every point
-    assert messages[0].startswith("latency-table: 1/") and "fixed parts" in messages[2]
-    assert "dense model" in messages[3] and "few-tokens" in messages[8] and "timm's model" in messages[9]
-    assert len(messages) == GRID_PASSES * (len(table.blocks) + len(table.aggregations)) + 10
+    # the three whole models WHOLE_MODEL_ROUNDS times each (their medians), then timm's model, then every point
+    rounds = WHOLE_MODEL_ROUNDS
+    assert messages[0].startswith("latency-table: 1/") and "fixed parts" in messages[rounds - 1]
+    assert "dense model" in messages[rounds] and "few-tokens" in messages[3 * rounds - 1]
+    assert "timm's model" in messages[3 * rounds]
+    assert len(messages) == GRID_PASSES * (len(table.blocks) + len(table.aggregations)) + 3 * rounds + 1
     assert table.where["timings"] == len(messages)
     assert table.where["baseline"] == "timm's model" and table.sha256 is not None
     assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
@@ -99,7 +102,7 @@ def test_a_point_timed_slow_in_every_pass_is_timed_again(monkeypatch):
     slow_calls = GRID_PASSES * sum(point["read"] == slow_read for point in grid_points(geometry))
     calls, messages = {"slow": 0}, []
 
-    def flop_ms(self, module, shape):
+    def flop_ms(self, module, shape, key=None):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(torch.randn(1, *shape))
         ms = 0.01 + 1e-7 * counter.get_total_flops()
@@ -141,6 +144,28 @@ def test_onnxruntime_points_are_exported_and_timed(tmp_path):
     assert (tmp_path / "point1.onnx").is_file() and timer.description["backend"] == "onnxruntime"
     # timm's own model (the baseline of --target-speedup) goes through the same exporter
     assert timer.ms(model, (3, 16, 16)) > 0 and (tmp_path / "point2.onnx").is_file()
+
+
+def test_a_point_timed_again_is_exported_once(tmp_path):
+    """Under a key, a module is exported the first time it is timed; export_all exports many at
+    once in worker processes (the grid's points before the first pass), and timing reads those."""
+    model = create_model(SPEC)
+    geometry = supported_geometry(model)
+    timer = ModuleTimer(TableSpec(SPEC, backend="onnxruntime", batch=2, export_workers=2), QUICK, tmp_path)
+    parts = block_parts(blocks_of(model)[0])
+    points = {
+        read: (
+            timer.block(parts, geometry, static=False, read=read, kept=1.0, attention_width=1.0, mlp_width=0.5),
+            (read, geometry.dim),
+        )
+        for read in (5, 17)
+    }
+    timer.export_all(points)
+    assert sorted(path.name for path in tmp_path.glob("*.onnx")) == ["point1.onnx", "point2.onnx"]
+    first = (tmp_path / "point2.onnx").stat().st_mtime_ns
+    assert all(timer.ms(*points[17], key=17) > 0 for _ in range(2))
+    assert (tmp_path / "point2.onnx").stat().st_mtime_ns == first and timer.count == 2
+    assert timer.ms(*points[5]) > 0 and timer.count == 3  # no key: exported anew
 
 
 def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, monkeypatch):
@@ -227,6 +252,7 @@ def test_bench_needs_the_run_for_a_prediction(torch_table, tmp_path, tiny_run):
         (["--run", "somewhere"], "give --model NAME"),
         (["--precision", "int8"], "is not one of"),
         (["--batch", "0"], "must be >= 1"),
+        (["--export-workers", "0"], "--export-workers 0 must be >= 1"),
     ],
 )
 def test_latency_table_refuses_bad_settings_in_one_line(args, message, tmp_path):
@@ -268,11 +294,11 @@ def test_whole_models_out_of_order_are_refused_before_the_grid(monkeypatch):
     the whole models, not after minutes of grid points."""
     timed = []
 
-    def out_of_order(self, module, shape):
+    def out_of_order(self, module, shape, key=None):
         timed.append(module)
         return 1.0  # every whole model as fast as the next
 
     monkeypatch.setattr(ModuleTimer, "ms", out_of_order)
     with pytest.raises(VitslimError, match="did not time in that order: measure on a quiet machine"):
         measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK)
-    assert len(timed) == 9  # three whole models, three times each; no grid point
+    assert len(timed) == 3 * WHOLE_MODEL_ROUNDS  # three whole models, each that many times; no grid point

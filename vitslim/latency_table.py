@@ -12,11 +12,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import numpy as np
 import torch
@@ -65,13 +68,17 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_PRECISIONS = ("fp32", "fp16")
 # The grid: read counts are the prefix tokens plus one patch and these fractions of the patches;
 # the other axes are fractions of the patches written (and one patch fewer than all: the Gather's
-# step), of each side's channel spaces (and the step of one input channel fewer, width_step), and
+# step), of each side's channel spaces (and the step of a few input channels fewer, width_step), and
 # of the patches an aggregation pools to (GLAD halves the grid per stage).
 READ_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 KEPT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WIDTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 POOLED_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-WHOLE_MODEL_ROUNDS = 3  # the calibration's whole models are timed this many times (the median)
+# The calibration's whole models are timed this many times, in a session each, keeping the median:
+# onnxruntime sessions of one model on a 2-vCPU VM time over 20 % apart, and every plan's predicted
+# latency moves with the few-tokens model's (keeping the quietest of 3 made the smallest structures
+# predicted 23 % fast, the median of 3 17 % slow, in two runs on one machine).
+WHOLE_MODEL_ROUNDS = 5
 # The grid is timed this many times over, each point keeping its quieter pass's median: a shared
 # machine slows down for minutes at a time, and one slow point skews every ratio at its read count.
 GRID_PASSES = 2
@@ -104,6 +111,11 @@ class TableSpec:
     )
     threads: Optional[int] = setting(None, "CPU threads for torch and onnxruntime (None: their own default)")
     cuda_graph: bool = setting(True, "onnxruntime on CUDA and tensorrt: replay a captured CUDA graph, as bench does")
+    export_workers: Optional[int] = setting(
+        None,
+        "onnxruntime and tensorrt: processes that export the grid's points to ONNX before any is timed (None: half "
+        "the CPU cores, at most 8; 1: this process)",
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -120,6 +132,13 @@ class TableSpec:
         if self.device not in ("cpu", "cuda"):
             raise VitslimError(f"--device {self.device!r} must be cpu or cuda")
         attention_form(self.attention)  # an unknown form is one line here, not after minutes
+        if self.export_workers is not None and self.export_workers < 1:
+            raise VitslimError(f"--export-workers {self.export_workers} must be >= 1 (1 exports in this process)")
+
+    @property
+    def workers(self) -> int:
+        """Processes that export the points (export_workers, or half the cores, at most 8)."""
+        return self.export_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
 
     @property
     def runtime(self) -> str:
@@ -207,8 +226,26 @@ def aggregation_points(geometry: ViTGeometry) -> list[dict]:
     ]
 
 
+def export_point(module: nn.Module, shape: tuple[int, ...], path: Path, attention: str, precision: str) -> None:
+    """`module` as the exporter ships it, to `path` (in a worker process of ModuleTimer.export_all, too)."""
+    import onnx
+
+    with torch.no_grad():
+        # traced at batch 2, as the exporter does (the batch stays symbolic)
+        graph = onnx_graph(
+            module.float().eval(), torch.randn(2, *shape), path, attention_form(attention), precision=precision
+        )
+    onnx.save(graph, str(path))
+
+
+def _export_worker_start() -> None:
+    torch.set_num_threads(1)  # the workers share the cores; exporting is mostly Python
+
+
 class ModuleTimer:
-    """Times modules on the spec's runtime (exported first for onnxruntime) at the spec's batch."""
+    """Times modules on the spec's runtime (exported first for onnxruntime and TensorRT) at the
+    spec's batch. A module timed under a `key` is exported (and built) once, however often it is
+    timed: export_all exports many at once, before any is timed."""
 
     def __init__(self, spec: TableSpec, settings: BenchSettings, work: Path) -> None:
         self.spec, self.settings, self.work, self.count = spec, settings, work, 0
@@ -217,36 +254,71 @@ class ModuleTimer:
         self.description: Optional[dict] = None
         # the exporter pads narrower value heads for forms that need it; PyTorch runs them as they are
         self.pads_value_heads = spec.exports and self.form.pad_value_heads
+        self.exported: dict[Hashable, Path] = {}
 
     def block(self, parts: BlockParts, geometry: ViTGeometry, **point) -> nn.Module:
         """One grid point's block (block_point's plan), built as the exporter builds it for this runtime."""
         plan = block_point(geometry, **point)
         return CompactBlock(parts, plan, geometry, pad_value_heads=self.pads_value_heads).eval()
 
-    def runner(self, module: nn.Module, shape: tuple[int, ...]) -> Runner:
+    def _next_path(self) -> Path:
+        self.count += 1
+        return self.work / f"point{self.count}.onnx"
+
+    def export_all(self, modules: dict[Hashable, tuple[nn.Module, tuple[int, ...]]]) -> None:
+        """Export each (module, input shape) not exported yet under its key, in the spec's export
+        workers at once (a point's export takes longer than timing it on a GPU)."""
+        if not self.spec.exports:
+            return
+        todo = {
+            key: (module, shape, self._next_path())
+            for key, (module, shape) in modules.items()
+            if key not in self.exported
+        }
+        jobs = [
+            (module, shape, path, self.spec.attention, self.spec.precision) for module, shape, path in todo.values()
+        ]
+        workers = min(self.spec.workers, len(jobs))
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or thread pools
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_export_worker_start) as pool:
+                for future in [pool.submit(export_point, *job) for job in jobs]:
+                    future.result()
+        else:
+            for job in jobs:
+                export_point(*job)
+        self.exported.update({key: path for key, (_, _, path) in todo.items()})
+
+    def onnx_path(self, module: nn.Module, shape: tuple[int, ...], key: Optional[Hashable]) -> Path:
+        """The module's ONNX: exported now, or under `key` only the first time."""
+        if key in self.exported:
+            return self.exported[key]
+        path = self._next_path()
+        export_point(module, shape, path, self.spec.attention, self.spec.precision)
+        if key is not None:
+            self.exported[key] = path
+        return path
+
+    def runner(self, module: nn.Module, shape: tuple[int, ...], key: Optional[Hashable] = None) -> Runner:
         spec = self.spec
         if spec.backend == "torch":
             return TorchRunner(copy.deepcopy(module), spec.device, spec.torch_mode, spec.precision)
-        self.count += 1
-        path = self.work / f"point{self.count}.onnx"
-        import onnx
-
-        with torch.no_grad():
-            # traced at batch 2, as the exporter does (the batch stays symbolic)
-            graph = onnx_graph(module.float().eval(), torch.randn(2, *shape), path, self.form, precision=spec.precision)
-        onnx.save(graph, str(path))
+        path = self.onnx_path(module, shape, key)
         if spec.backend == "tensorrt":
             # one engine per point, for exactly the table's batch, as `vitslim build --batch B:B:B` builds it
             from vitslim.deploy.build import BatchProfile, BuildSettings, engine_from_onnx
 
-            batch = BatchProfile(spec.batch, spec.batch, spec.batch)
-            built = engine_from_onnx(path, path.with_suffix(".engine"), BuildSettings(profiles=(batch,)))
-            return TensorRTRunner(built.engine_path, cuda_graph=spec.cuda_graph)
+            engine = path.with_suffix(".engine")
+            if not engine.is_file():
+                batch = BatchProfile(spec.batch, spec.batch, spec.batch)
+                engine = engine_from_onnx(path, engine, BuildSettings(profiles=(batch,))).engine_path
+            return TensorRTRunner(engine, cuda_graph=spec.cuda_graph)
         return OnnxRuntimeRunner(path, spec.device, spec.threads, cuda_graph=spec.device == "cuda" and spec.cuda_graph)
 
-    def ms(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+    def ms(self, module: nn.Module, shape: tuple[int, ...], key: Optional[Hashable] = None) -> float:
+        """The module's median latency; under `key`, exported (and built) only the first time."""
         inputs = np.random.default_rng(0).standard_normal((self.spec.batch, *shape)).astype(np.float32)
-        runner = self.runner(module, shape)
+        runner = self.runner(module, shape, key)
         with runner:
             result = benchmark(runner, inputs, self.spec.precision, None, self.settings)
             self.description = self.description or runner.description
@@ -292,10 +364,10 @@ def measure_table(
         total = GRID_PASSES * (len(points) + len(aggregations)) + 3 * WHOLE_MODEL_ROUNDS + 1
         done = 0
 
-        def step(what: str, module: nn.Module, shape: tuple[int, ...]) -> float:
+        def step(what: str, module: nn.Module, shape: tuple[int, ...], key: Hashable) -> float:
             nonlocal done
             done += 1
-            ms = timer.ms(module, shape)
+            ms = timer.ms(module, shape, key)
             progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms")
             return ms
 
@@ -313,7 +385,7 @@ def measure_table(
         # each whole model timed WHOLE_MODEL_ROUNDS times (the median), and their order checked
         # before the grid: a table the reader would refuse is refused in seconds, not minutes
         fixed_ms, dense_ms, few_tokens_ms = (
-            float(np.median([step(what, module, (in_chans, *image_shape)) for _ in range(WHOLE_MODEL_ROUNDS)]))
+            float(np.median([step(what, module, (in_chans, *image_shape), what) for _ in range(WHOLE_MODEL_ROUNDS)]))
             for what, module in whole.items()
         )
         if not dense_ms > few_tokens_ms > fixed_ms:
@@ -322,35 +394,51 @@ def measure_table(
                 f"without its blocks ({fixed_ms:.4g} ms) did not time in that order: measure on a quiet machine"
             )
         # timm's own model, run as the table's runtime runs it (on onnxruntime: exported by the exporter)
-        timm_ms = step("timm's model", model, (in_chans, *image_shape))
+        timm_ms = step("timm's model", model, (in_chans, *image_shape), "timm")
         blocks = [{**point, "ms": math.inf} for point in points]
         pooled_rows = [{**point, "ms": math.inf} for point in aggregations]
+
+        def point_module(kind: str, row: dict) -> tuple[nn.Module, tuple[int, ...]]:
+            """A grid row's module and its input shape (an aggregation's matrix is random)."""
+            if kind == "block":
+                point = {name: value for name, value in row.items() if name != "ms"}
+                return timer.block(parts, geometry, **point), (row["read"], geometry.dim)
+            patches = row["arriving"] - geometry.num_prefix_tokens
+            matrix = torch.rand(max(1, round(row["pooled"] * patches)), patches)
+            return _Aggregation(matrix, geometry.num_prefix_tokens), (row["arriving"], geometry.dim)
+
+        def point_key(kind: str, row: dict) -> tuple:
+            return (kind, *(value for name, value in row.items() if name != "ms"))
+
+        grid = [("block", row) for row in blocks] + [("aggregation", row) for row in pooled_rows]
+        if spec.exports:  # every point exported once, before the first is timed
+            progress(f"latency-table: exporting {len(grid)} points in {min(spec.workers, len(grid))} process(es)")
+            timer.export_all({point_key(kind, row): point_module(kind, row) for kind, row in grid})
+
+        def time_row(row: dict, kind: str, what: str) -> None:
+            row["ms"] = min(row["ms"], step(what, *point_module(kind, row), point_key(kind, row)))
+
+        def block_label(row: dict) -> str:
+            kind = "static" if row["static"] else "block"
+            return (
+                f"{kind} read {row['read']} kept {row['kept']:.3g} attention width {row['attention_width']:.3g} "
+                f"mlp width {row['mlp_width']:.3g}"
+            )
+
         for grid_pass in range(1, GRID_PASSES + 1):
             for row in blocks:
-                point = {key: value for key, value in row.items() if key != "ms"}
-                module = timer.block(parts, geometry, **point)
-                kind = "static" if point["static"] else "block"
-                what = (
-                    f"pass {grid_pass}: {kind} read {point['read']} kept {point['kept']:.3g} attention width "
-                    f"{point['attention_width']:.3g} mlp width {point['mlp_width']:.3g}"
-                )
-                row["ms"] = min(row["ms"], step(what, module, (point["read"], geometry.dim)))
+                time_row(row, "block", f"pass {grid_pass}: {block_label(row)}")
             for row in pooled_rows:
-                patches = row["arriving"] - geometry.num_prefix_tokens
-                matrix = torch.rand(max(1, round(row["pooled"] * patches)), patches)
-                module = _Aggregation(matrix, geometry.num_prefix_tokens)
-                what = f"pass {grid_pass}: aggregation of {row['arriving']} pooled {row['pooled']:g}"
-                row["ms"] = min(row["ms"], step(what, module, (row["arriving"], geometry.dim)))
+                time_row(
+                    row, "aggregation", f"pass {grid_pass}: aggregation of {row['arriving']} pooled {row['pooled']:g}"
+                )
         for extra_pass in range(1, EXTRA_PASSES + 1):
             suspects = out_of_order(blocks, OUT_OF_ORDER_SLACK)
             if not suspects:
                 break
             total += len(suspects)
             for row in suspects:
-                point = {key: value for key, value in row.items() if key != "ms"}
-                module = timer.block(parts, geometry, **point)
-                what = f"again ({extra_pass}), slower than reading more tokens: read {point['read']} kept {point['kept']:.3g}"
-                row["ms"] = min(row["ms"], step(what, module, (point["read"], geometry.dim)))
+                time_row(row, "block", f"again ({extra_pass}), slower than reading more tokens: {block_label(row)}")
     host = host_description()
     where = {
         "runtime": spec.runtime,

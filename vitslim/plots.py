@@ -210,7 +210,7 @@ def latency_table_png(table, path: Path) -> Path:
                 color=color,
                 label=f"{side.replace('_', ' ')}, {read} tokens",
             )
-    width_axis.set_xlabel("fraction of the side's channels kept (just below 1: one input channel fewer)", fontsize=9)
+    width_axis.set_xlabel("fraction of the side's channels kept (just below 1: a few input channels fewer)", fontsize=9)
     width_axis.set_ylabel(f"ms per batch of {table.batch}")
     width_axis.set_title("one dynamic block, all tokens written, one side narrower")
     _legend_below(width_axis)

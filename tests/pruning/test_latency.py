@@ -14,10 +14,12 @@ from plans import random_plans
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.latency import (
+    STEP_CHANNELS,
     LatencyBudget,
     LatencyTable,
     few_tokens_counts,
     read_latency_table,
+    step_channels,
     table_from_dict,
     table_geometry,
     width_block,
@@ -70,7 +72,7 @@ def mac_table(timm_ms: float = 1.0, geometry=GEOMETRY) -> dict:
                 ms = 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim
                 aggregations.append({"arriving": read, "pooled": pooled, "ms": ms})
     return {
-        "table_version": 2,
+        "table_version": 3,
         "model": {"name": "tiny", "kwargs": {}},
         "geometry": table_geometry(geometry),
         "where": {"runtime": "made in a test", "backend": "torch", "device": "cpu", "precision": "fp32"},
@@ -126,7 +128,7 @@ def test_whole_models_that_pin_no_plausible_scale_leave_the_dense_models_offset(
 
 
 def test_a_model_a_few_channels_wide_gets_a_readable_table():
-    """dim 8: the step (7 of 8 input channels) sits at 0.875, below the usual points' reach."""
+    """dim 8: the step (7 of 8 input channels: STEP_CHANNELS fewer would leave none) sits at 0.875."""
     geometry = geometry_of(tiny_vit(embed_dim=8, num_heads=2))
     table = table_from_dict(mac_table(geometry=geometry))
     plan = dense_plan(ModelSpec("tiny"), geometry.depth)
@@ -162,6 +164,41 @@ def test_each_side_follows_its_macs_and_pays_the_gather_only_when_it_reads_a_sub
     counts = TokenCounts(17, 17, 17)
     alone, _ = table.timed_alone_ms(block, GEOMETRY, counts)
     assert alone == pytest.approx(_block_ms(block, counts) + gathers * GATHER_MS, rel=0.03)
+
+
+MISALIGNED_MS = 0.05  # what a GEMM over input channels not a multiple of 8 adds (fp16 on a GPU)
+
+
+def test_the_step_is_aligned_so_a_gpu_slowdown_is_not_taken_for_the_gather():
+    """On a GPU in fp16, a GEMM over a channel count that is not a multiple of 8 runs on a slower
+    kernel. The step of a model 64 or more channels wide drops STEP_CHANNELS (8), so every point
+    of the grid is aligned, and a plan rounded to 8 (VTP's --round-to) is predicted at its MACs
+    plus its Gathers. A step of one channel would have timed the slowdown as the Gather and taken
+    it off every block that gathers nothing (table_version 2 on an H200)."""
+    geometry = geometry_of(tiny_vit(embed_dim=64, num_heads=2))
+    assert step_channels(geometry) == STEP_CHANNELS and width_step(geometry) == 1 - 8 / 64
+
+    def gpu_ms(block: BlockPlan, counts: TokenCounts) -> float:
+        inputs = [len(channels) for channels in (block.qkv_in, block.fc1_in) if channels is not None]
+        return (
+            _block_ms(block, counts, geometry)
+            + GATHER_MS * len(inputs)
+            + MISALIGNED_MS * sum(count % 8 != 0 for count in inputs)
+        )
+
+    data = mac_table(geometry=geometry)
+    for row in data["blocks"]:
+        read = row["read"]
+        block = width_block(geometry, row["attention_width"], row["mlp_width"])
+        row["ms"] = gpu_ms(block, TokenCounts(read, read, written_count(geometry, read, row["kept"])))
+    table = table_from_dict(data)
+    counts = TokenCounts(geometry.num_tokens, geometry.num_tokens, geometry.num_tokens)
+    for block in (
+        BlockPlan(hidden=tuple(range(96))),  # no Gather: at its MACs alone
+        BlockPlan(qkv_in=tuple(range(40)), hidden=tuple(range(128))),
+        BlockPlan(fc1_in=tuple(range(48)), proj_in=tuple(range(16)) + tuple(range(32, 48))),
+    ):
+        assert table.timed_alone_ms(block, geometry, counts)[0] == pytest.approx(gpu_ms(block, counts), rel=0.03)
 
 
 def test_every_grid_point_is_predicted_as_it_was_measured():
@@ -221,10 +258,10 @@ def test_random_valid_plans_are_predicted_near_their_cost(plan):
             lambda t: t.update(
                 blocks=[b for b in t["blocks"] if b["attention_width"] < 0.9 or b["attention_width"] == 1]
             ),
-            "the step of one input channel fewer",
+            "the step of 1 input channel",
         ),
         # a point keeping as many input channels as the step: the step could not be told apart
-        (lambda t: [b.update(mlp_width=0.97) for b in t["blocks"] if b["mlp_width"] == 0.75], "the step of one input"),
+        (lambda t: [b.update(mlp_width=0.97) for b in t["blocks"] if b["mlp_width"] == 0.75], "the step of 1 input"),
         (lambda t: t["geometry"].update(num_heads=0), r"num_heads must be an integer in \[1,"),
         (lambda t: t["aggregations"].append(dict(t["aggregations"][0])), "aggregation point twice"),
         (lambda t: t.update(dense_ms=t["fixed_ms"] / 2), "must each take longer"),
