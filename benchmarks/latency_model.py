@@ -9,19 +9,19 @@ target speed-up and the structure it finds is timed. The searches run on synthet
 benchmarks' token ranking, gate magnitudes and effective ranks, as no training happens here), so
 what is checked is the table and the searches' honouring of the target, not accuracy.
 
-Results: benchmarks/results/latency_model_{gpu,onnx_gpu,cpu}.json, written after each batch (on a machine
-whose calls are limited in time, run one `--batch` per call, each to its own `--out`).
+Results: benchmarks/results/latency_model_{gpu,onnx_gpu,cpu}.json; on a machine whose calls are
+limited in time, one `--batch` per call to latency_model_WHERE_B.json, which replaces that batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from vitslim.deploy.bench import BenchSettings
@@ -36,6 +36,8 @@ TARGET_SPEEDUPS = {"patch-slim": 1.4, "vtp": 1.25, "dgssa-glad": 2.0}
 # sessions (the median, as the table's calibration models: sessions on a 2-vCPU VM differ by 20 %)
 WHOLE_MODEL_TIMING = BenchSettings(warmup_seconds=0.3, min_seconds=0.6, min_iterations=10, max_rounds=2)
 WHOLE_MODEL_SESSIONS = 3
+# the ONNX runtimes' points exported in this many processes (half the cores this process may use)
+EXPORT_WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 WHERE = {  # name -> (backend, device, precision, torch mode, batches)
     "gpu": ("torch", "cuda", "fp16", "cuda_graph", (64, 256)),
     "onnx_gpu": ("onnxruntime", "cuda", "fp16", "eager", (64, 256)),
@@ -89,9 +91,7 @@ def targeted_plans(model, base, table, geometry):
     return plans
 
 
-def run(where: str, model_kwargs: dict, batches=None, progress=print, out: Optional[Path] = None) -> dict:
-    """The results for each batch; with `out`, written there after each batch (a run cut short
-    keeps the batches it finished: run one batch per call where a call's time is limited)."""
+def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
     from vitslim.export.compact import compact_from_plan
     from vitslim.pruning.macs import macs_fraction
     from vitslim.pruning.models import create_model
@@ -112,7 +112,15 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print, out: Optio
     import tempfile
 
     for batch in batches:
-        spec = TableSpec(spec_model, backend=backend, device=device, precision=precision, batch=batch, torch_mode=mode)
+        spec = TableSpec(
+            spec_model,
+            backend=backend,
+            device=device,
+            precision=precision,
+            batch=batch,
+            torch_mode=mode,
+            export_workers=EXPORT_WORKERS,
+        )
         started = time.perf_counter()
         label = f"{where} batch {batch}"
         table = measure_table(spec, model, progress=lambda message, label=label: progress(f"{label}: {message}"))
@@ -135,7 +143,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print, out: Optio
                 for variant, _, plan, _ in points
             }
             progress(f"{where} batch {batch}: exporting and timing {len(modules)} whole models")
-            timer.export_all(modules)  # once each, for every pass
+            timer.export_all((variant, *module) for variant, module in modules.items())  # once, for every pass
             # in passes over all of them (a slow minute of the machine spread over every model)
             passes = [
                 [timer.ms(*modules[variant], key=variant) for variant, *_ in points]
@@ -163,9 +171,6 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print, out: Optio
                     f"  {variant:32s} predicted {predicted:8.3f} measured {measured:8.3f} ms ({row['prediction_error']:+.1%})"
                     + ("" if target is None else f" target {target:.3f} ({row['target_error']:+.1%})")
                 )
-        if out is not None:
-            write_json_atomic(out, results(where, precision, tables, rows))
-            progress(f"{where} batch {batch}: results so far in {out}")
     return results(where, precision, tables, rows)
 
 
@@ -210,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vitslim.pruning.models import parse_model_kwargs
 
-    out = args.out or RESULTS / f"latency_model_{args.where}.json"
-    run(
+    data = run(
         args.where,
         parse_model_kwargs(args.model_kwargs),
         args.batch,
         progress=lambda message: print(message, flush=True),
-        out=out,
     )
+    out = args.out or RESULTS / f"latency_model_{args.where}.json"
+    write_json_atomic(out, data)
     print(f"results: {out}")
     return 0
 

@@ -20,20 +20,19 @@ WHERES = (
 
 def _load(results: Path, where: str) -> Optional[dict]:
     """One where's results: latency_model_WHERE.json and the files of one batch each
-    (latency_model_WHERE_B.json, one device call each), whose batches replace the same batches'
-    results in the first."""
+    (latency_model_WHERE_B.json, one device call each), merged oldest first (by their measurement
+    date; on one date, the files of one batch last): a batch's results are the latest run's, and
+    the environment shown is the latest file's."""
     paths = sorted(results.glob(f"latency_model_{where}.json")) + sorted(results.glob(f"latency_model_{where}_*.json"))
     if not paths:
         return None
-    merged: Optional[dict] = None
-    for path in paths:
-        part = json.loads(path.read_text())
-        if merged is None:
-            merged = part
-            continue
+    parts = [json.loads(path.read_text()) for path in paths]
+    parts = [part for _, part in sorted(enumerate(parts), key=lambda item: (item[1]["environment"]["date"], item[0]))]
+    merged = parts[0]
+    for part in parts[1:]:
         batches = {table["batch"] for table in part["tables"]}
         merged = {
-            **merged,
+            **part,
             "rows": [row for row in merged["rows"] if row["batch"] not in batches] + part["rows"],
             "tables": [t for t in merged["tables"] if t["batch"] not in batches] + part["tables"],
         }

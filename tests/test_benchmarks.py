@@ -217,19 +217,27 @@ def test_the_digits_accuracy_target_needs_the_latency_arm_on_time_and_as_accurat
 
 def test_latency_results_of_one_batch_replace_that_batch(tmp_path):
     """A later run of one batch (latency_model_gpu_64.json, one device call) replaces batch 64 of
-    the run of every batch (latency_model_gpu.json) and keeps its batch 256."""
+    the run of every batch (latency_model_gpu.json) and keeps its batch 256; a file of one batch
+    older than the run of every batch replaces nothing."""
     from benchmarks.latency_model_report import _load
 
-    def result(tag: str, batches: tuple[int, ...]) -> dict:
+    def result(tag: str, date: str, batches: tuple[int, ...]) -> dict:
         return {
-            "environment": {"where": "gpu", "run": tag},
+            "environment": {"where": "gpu", "date": date, "run": tag},
             "tables": [{"batch": batch, "run": tag} for batch in batches],
             "rows": [{"batch": batch, "run": tag} for batch in batches],
         }
 
-    (tmp_path / "latency_model_gpu.json").write_text(json.dumps(result("both", (64, 256))))
-    (tmp_path / "latency_model_gpu_64.json").write_text(json.dumps(result("later", (64,))))
+    def runs(merged: dict) -> list:
+        tables = sorted((t["batch"], t["run"]) for t in merged["tables"])
+        assert sorted((row["batch"], row["run"]) for row in merged["rows"]) == tables
+        return tables
+
+    (tmp_path / "latency_model_gpu.json").write_text(json.dumps(result("both", "2026-12-04", (64, 256))))
+    (tmp_path / "latency_model_gpu_64.json").write_text(json.dumps(result("later", "2026-12-04", (64,))))
     merged = _load(tmp_path, "gpu")
-    assert sorted((row["batch"], row["run"]) for row in merged["rows"]) == [(64, "later"), (256, "both")]
-    assert sorted((t["batch"], t["run"]) for t in merged["tables"]) == [(64, "later"), (256, "both")]
+    assert runs(merged) == [(64, "later"), (256, "both")] and merged["environment"]["run"] == "later"
+    (tmp_path / "latency_model_gpu_64.json").write_text(json.dumps(result("older", "2026-12-01", (64,))))
+    merged = _load(tmp_path, "gpu")
+    assert runs(merged) == [(64, "both"), (256, "both")] and merged["environment"]["run"] == "both"
     assert _load(tmp_path, "cpu") is None

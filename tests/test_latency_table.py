@@ -158,14 +158,39 @@ def test_a_point_timed_again_is_exported_once(tmp_path):
             timer.block(parts, geometry, static=False, read=read, kept=1.0, attention_width=1.0, mlp_width=0.5),
             (read, geometry.dim),
         )
-        for read in (5, 17)
+        for read in (5, 9, 17)
     }
-    timer.export_all(points)
-    assert sorted(path.name for path in tmp_path.glob("*.onnx")) == ["point1.onnx", "point2.onnx"]
-    first = (tmp_path / "point2.onnx").stat().st_mtime_ns
+    timer.export_all((read, *point) for read, point in points.items())
+    assert sorted(path.name for path in tmp_path.glob("*.onnx")) == ["point1.onnx", "point2.onnx", "point3.onnx"]
+    first = timer.exported[17].stat().st_mtime_ns
     assert all(timer.ms(*points[17], key=17) > 0 for _ in range(2))
-    assert (tmp_path / "point2.onnx").stat().st_mtime_ns == first and timer.count == 2
-    assert timer.ms(*points[5]) > 0 and timer.count == 3  # no key: exported anew
+    assert timer.exported[17].stat().st_mtime_ns == first and timer.count == 3
+    assert timer.ms(*points[5]) > 0 and timer.count == 4  # no key: exported anew
+
+
+def test_an_exported_grid_is_exported_once_for_both_passes(tmp_path, monkeypatch):
+    """measure_table on an exporting runtime exports each grid point and each whole model once,
+    before it is timed, however often it is timed (a stand-in exporter and clock here)."""
+    exported, timed = [], []
+
+    def export_stand_in(module, shape, path, attention, precision):
+        exported.append(path)
+        path.write_bytes(b"")
+
+    def flop_ms(self, module, shape, key=None):
+        timed.append(self.onnx_path(module, shape, key))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.randn(1, *shape))
+        return 0.01 + 1e-7 * counter.get_total_flops()
+
+    monkeypatch.setattr("vitslim.latency_table.export_point", export_stand_in)
+    monkeypatch.setattr(ModuleTimer, "ms", flop_ms)
+    messages = []
+    table = measure_table(TableSpec(SPEC, backend="onnxruntime", batch=2), settings=QUICK, progress=messages.append)
+    grid = len(table.blocks) + len(table.aggregations)
+    assert any(f"exporting {grid} points in 1 process(es)" in message for message in messages)
+    assert len(exported) == len(set(exported)) == grid + 4  # the grid, three whole models, timm's model
+    assert set(timed) == set(exported) and len(timed) == GRID_PASSES * grid + 3 * WHOLE_MODEL_ROUNDS + 1
 
 
 def test_tensorrt_points_are_built_into_engines_for_the_tables_batch(tmp_path, monkeypatch):

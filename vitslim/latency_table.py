@@ -13,13 +13,15 @@ import copy
 import logging
 import math
 import multiprocessing
-import os
+import pickle
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Optional
+from typing import Callable, Hashable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -111,10 +113,10 @@ class TableSpec:
     )
     threads: Optional[int] = setting(None, "CPU threads for torch and onnxruntime (None: their own default)")
     cuda_graph: bool = setting(True, "onnxruntime on CUDA and tensorrt: replay a captured CUDA graph, as bench does")
-    export_workers: Optional[int] = setting(
-        None,
-        "onnxruntime and tensorrt: processes that export the grid's points to ONNX before any is timed (None: half "
-        "the CPU cores, at most 8; 1: this process)",
+    export_workers: int = setting(
+        1,
+        "onnxruntime and tensorrt: processes that export the grid's points to ONNX before any is timed (1: this "
+        "process; on a GPU machine several save minutes: exporting a point takes longer than timing it there)",
     )
 
     def __post_init__(self) -> None:
@@ -132,13 +134,8 @@ class TableSpec:
         if self.device not in ("cpu", "cuda"):
             raise VitslimError(f"--device {self.device!r} must be cpu or cuda")
         attention_form(self.attention)  # an unknown form is one line here, not after minutes
-        if self.export_workers is not None and self.export_workers < 1:
+        if self.export_workers < 1:
             raise VitslimError(f"--export-workers {self.export_workers} must be >= 1 (1 exports in this process)")
-
-    @property
-    def workers(self) -> int:
-        """Processes that export the points (export_workers, or half the cores, at most 8)."""
-        return self.export_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
 
     @property
     def runtime(self) -> str:
@@ -227,7 +224,7 @@ def aggregation_points(geometry: ViTGeometry) -> list[dict]:
 
 
 def export_point(module: nn.Module, shape: tuple[int, ...], path: Path, attention: str, precision: str) -> None:
-    """`module` as the exporter ships it, to `path` (in a worker process of ModuleTimer.export_all, too)."""
+    """`module` as the exporter ships it, to `path`."""
     import onnx
 
     with torch.no_grad():
@@ -238,8 +235,16 @@ def export_point(module: nn.Module, shape: tuple[int, ...], path: Path, attentio
     onnx.save(graph, str(path))
 
 
+def _export_pickled(module: bytes, shape: tuple[int, ...], path: Path, attention: str, precision: str) -> None:
+    """export_point in a worker process, of a module pickled by this package's own ModuleTimer.
+    Pickled bytes, not the module: a module sent as is moves each tensor to shared memory with a file
+    handle open in the parent until the pool ends (over a thousand for a DeiT-S grid)."""
+    export_point(pickle.loads(module), shape, path, attention, precision)
+
+
 def _export_worker_start() -> None:
     torch.set_num_threads(1)  # the workers share the cores; exporting is mostly Python
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")  # as the CLI does
 
 
 class ModuleTimer:
@@ -265,33 +270,44 @@ class ModuleTimer:
         self.count += 1
         return self.work / f"point{self.count}.onnx"
 
-    def export_all(self, modules: dict[Hashable, tuple[nn.Module, tuple[int, ...]]]) -> None:
-        """Export each (module, input shape) not exported yet under its key, in the spec's export
-        workers at once (a point's export takes longer than timing it on a GPU)."""
+    def export_all(self, modules: Iterable[tuple[Hashable, nn.Module, tuple[int, ...]]]) -> None:
+        """Export each (key, module, input shape) not exported yet, in the spec's export workers at
+        once. `modules` may be a generator: a few modules are built and pickled at a time."""
         if not self.spec.exports:
             return
-        todo = {
-            key: (module, shape, self._next_path())
-            for key, (module, shape) in modules.items()
-            if key not in self.exported
-        }
-        jobs = [
-            (module, shape, path, self.spec.attention, self.spec.precision) for module, shape, path in todo.values()
-        ]
-        workers = min(self.spec.workers, len(jobs))
-        if workers > 1:
-            context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or thread pools
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_export_worker_start) as pool:
-                for future in [pool.submit(export_point, *job) for job in jobs]:
-                    future.result()
-        else:
-            for job in jobs:
-                export_point(*job)
-        self.exported.update({key: path for key, (_, _, path) in todo.items()})
+        todo = ((key, module, shape) for key, module, shape in modules if key is not None and key not in self.exported)
+        settings = (self.spec.attention, self.spec.precision)
+        if self.spec.export_workers == 1:
+            for key, module, shape in todo:
+                self.exported[key] = self._next_path()
+                export_point(module, shape, self.exported[key], *settings)
+            return
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or thread pools
+        pool = ProcessPoolExecutor(self.spec.export_workers, mp_context=context, initializer=_export_worker_start)
+        running: dict = {}
+        try:
+            for key, module, shape in todo:
+                if len(running) >= 2 * self.spec.export_workers:
+                    self._collect(running, wait(running, return_when=FIRST_COMPLETED).done)
+                path = self._next_path()
+                running[pool.submit(_export_pickled, pickle.dumps(module), shape, path, *settings)] = (key, path)
+            self._collect(running, list(running))
+        except BrokenProcessPool:
+            raise VitslimError(
+                "an export worker died (out of memory?): measure with fewer --export-workers, or 1"
+            ) from None
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def _collect(self, running: dict, done) -> None:
+        for future in done:
+            future.result()  # an export's error, raised here
+            key, path = running.pop(future)
+            self.exported[key] = path
 
     def onnx_path(self, module: nn.Module, shape: tuple[int, ...], key: Optional[Hashable]) -> Path:
         """The module's ONNX: exported now, or under `key` only the first time."""
-        if key in self.exported:
+        if key is not None and key in self.exported:
             return self.exported[key]
         path = self._next_path()
         export_point(module, shape, path, self.spec.attention, self.spec.precision)
@@ -412,8 +428,8 @@ def measure_table(
 
         grid = [("block", row) for row in blocks] + [("aggregation", row) for row in pooled_rows]
         if spec.exports:  # every point exported once, before the first is timed
-            progress(f"latency-table: exporting {len(grid)} points in {min(spec.workers, len(grid))} process(es)")
-            timer.export_all({point_key(kind, row): point_module(kind, row) for kind, row in grid})
+            progress(f"latency-table: exporting {len(grid)} points in {spec.export_workers} process(es)")
+            timer.export_all((point_key(kind, row), *point_module(kind, row)) for kind, row in grid)
 
         def time_row(row: dict, kind: str, what: str) -> None:
             row["ms"] = min(row["ms"], step(what, *point_module(kind, row), point_key(kind, row)))
