@@ -37,7 +37,8 @@ TARGET_SPEEDUPS = {"patch-slim": 1.4, "vtp": 1.25, "dgssa-glad": 2.0}
 WHOLE_MODEL_TIMING = BenchSettings(warmup_seconds=0.3, min_seconds=0.6, min_iterations=10, max_rounds=2)
 WHOLE_MODEL_SESSIONS = 3
 # the ONNX runtimes' points exported in this many processes (half the cores this process may use)
-EXPORT_WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+EXPORT_WORKERS = max(1, min(8, USABLE_CORES // 2))
 WHERE = {  # name -> (backend, device, precision, torch mode, batches)
     "gpu": ("torch", "cuda", "fp16", "cuda_graph", (64, 256)),
     "onnx_gpu": ("onnxruntime", "cuda", "fp16", "eager", (64, 256)),

@@ -22,9 +22,9 @@ read count with every token and channel kept, times the dynamic blocks' ratio fo
 writes, times their ratio for its widths. The two sides are measured apart and their savings
 added (the attention and the MLP run one after the other); along each side, time follows the
 side's MACs (a block's side MACs over the same side with every channel kept) plus a step: reading
-fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1 (STEP_CHANNELS
-input channels fewer) measures, while narrower value channels or hidden units add none. Every axis is interpolated piecewise
-linearly and held at its end values beyond the grid.
+fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1
+(STEP_CHANNELS input channels fewer) measures, while narrower value channels or hidden units add
+none. Every axis is interpolated piecewise linearly and held at its end values beyond the grid.
 
 A block timed alone costs more or less than inside the model (on a GPU the launch and
 synchronisation around one block, and how much of its work overlaps its neighbours'; on a CPU the
