@@ -27,7 +27,7 @@ def _load(results: Path, where: str) -> Optional[dict]:
     if not paths:
         return None
     parts = [json.loads(path.read_text()) for path in paths]
-    parts = [part for _, part in sorted(enumerate(parts), key=lambda item: (item[1]["environment"]["date"], item[0]))]
+    parts = sorted(parts, key=lambda part: part["environment"]["date"])  # stable: on one date, in path order
     merged = parts[0]
     for part in parts[1:]:
         batches = {table["batch"] for table in part["tables"]}

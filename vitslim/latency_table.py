@@ -279,9 +279,7 @@ class ModuleTimer:
         settings = (self.spec.attention, self.spec.precision)
         if self.spec.export_workers == 1:
             for key, module, shape in todo:
-                path = self._next_path()
-                export_point(module, shape, path, *settings)
-                self.exported[key] = path
+                self.onnx_path(module, shape, key)
             return
         context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or thread pools
         pool = ProcessPoolExecutor(self.spec.export_workers, mp_context=context, initializer=_export_worker_start)
