@@ -58,7 +58,7 @@ def _baseline(data: dict) -> str:
 TABLE_MODELS = {
     1: "table_version 1: one width axis (every channel space at once), the dense model the only calibration point",
     2: "table_version 2: attention and MLP widths apart with the Gather's step, the dense and few-tokens models as the calibration",
-    3: "table_version 3: as 2, with the Gather's step measured 8 input channels short (one channel short timed a misaligned fp16 GEMM on GPUs)",
+    3: "table_version 3: as 2, with the Gather's step measured 8 input channels short (one channel short would time a misaligned fp16 GEMM on GPUs)",
 }
 
 

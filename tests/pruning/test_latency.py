@@ -174,7 +174,7 @@ def test_the_step_is_aligned_so_a_gpu_slowdown_is_not_taken_for_the_gather():
     kernel. The step of a model 64 or more channels wide drops STEP_CHANNELS (8), so every point
     of the grid is aligned, and a plan rounded to 8 (VTP's --round-to) is predicted at its MACs
     plus its Gathers. A step of one channel would have timed the slowdown as the Gather and taken
-    it off every block that gathers nothing (table_version 2 on an H200)."""
+    it off every block that gathers nothing (table_version 2)."""
     geometry = geometry_of(tiny_vit(embed_dim=64, num_heads=2))
     assert step_channels(geometry) == STEP_CHANNELS and width_step(geometry) == 1 - 8 / 64
 
