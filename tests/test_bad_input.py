@@ -181,7 +181,7 @@ def small_static_attention(run: Path) -> None:
 
 
 def fresh_vtp_run(tmp: Path, art: Path) -> None:
-    """A copy of the run whose plan is no longer dense (a method must start from a dense one)."""
+    """A copy of the run whose plan narrows channels, as VTP's does (VTP cannot start from it)."""
     run_copy(plan_edit=block0(hidden=list(range(64))))(tmp, art)
 
 
@@ -416,10 +416,10 @@ CASES = [
         "not both",
     ),
     (
-        "prune-not-dense",
+        "prune-same-axis",
         fresh_vtp_run,
         ["prune", "{tmp}/run", "--method", "vtp", "--data", "digits", "--out", "{tmp}/p"],
-        "starts from a dense model",
+        "VTP cannot start from a plan that already sets hidden (block 0",
     ),
     (
         "prune-ratio-range",

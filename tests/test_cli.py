@@ -46,7 +46,7 @@ def error_line(capsys) -> str:
 
 
 @pytest.mark.slow
-def test_vtp_prune_then_export(tmp_path, tiny_run):
+def test_vtp_prune_then_export_then_patch_slimming_from_it(tmp_path, tiny_run):
     dense, slim = tiny_run, tmp_path / "vtp"
     pruned = run_cli(
         "prune",
@@ -72,10 +72,41 @@ def test_vtp_prune_then_export(tmp_path, tiny_run):
     }
     info = json.loads((slim / "info.json").read_text())
     assert info["method"] == "vtp" and info["params"] < info["params_dense"] and info["macs"] < info["macs_dense"]
-    assert {"top1_dense", "top1_after_sparsity_training", "top1_after_pruning", "top1_after_finetune"} <= set(info)
+    assert {"top1_start", "top1_after_sparsity_training", "top1_after_pruning", "top1_after_finetune"} <= set(info)
     exported = run_cli("export", str(slim), "--out", str(tmp_path / "vtp.onnx"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert json.loads((tmp_path / "vtp.report.json").read_text())["parity"]["max_abs_diff"] <= 1e-4
+
+    # methods compose: Patch Slimming from VTP's run keeps its channels and cuts tokens
+    both = tmp_path / "vtp-ps"
+    pruned = run_cli(
+        "prune",
+        str(slim),
+        "--method",
+        "patch-slim",
+        "--data",
+        "digits",
+        "--epsilon",
+        "0.05",
+        "--calibration-images",
+        "64",
+        "--block-tuning-images",
+        "64",
+        "--finetune-epochs",
+        "0",
+        "--out",
+        str(both),
+    )
+    assert pruned.returncode == 0, pruned.stderr[-2000:]
+    assert pruned.stdout.startswith("vtp+patch-slim: ")
+    composed = json.loads((both / "info.json").read_text())
+    assert composed["start"]["method"] == "vtp" and composed["start"]["macs"] == info["macs"]
+    assert composed["macs"] < info["macs"] and composed["macs_dense"] == info["macs_dense"]
+    assert "Started from a vtp run" in (both / "prune_report.md").read_text()
+    exported = run_cli("export", str(both), "--out", str(tmp_path / "vtp-ps.onnx"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    report = json.loads((tmp_path / "vtp-ps.report.json").read_text())
+    assert report["method"] == "vtp+patch-slim" and report["parity"]["max_abs_diff"] <= 1e-4
 
 
 def test_pretrained_without_network_says_use_checkpoint(tmp_path):

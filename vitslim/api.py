@@ -4,6 +4,7 @@ calls, each a thin door onto the packages (pruning -> export -> deploy).
     model = load_model("deit_small_patch16_224", checkpoint="deit_s.pth")
     data = load_data("/data/imagenet", model)
     result = prune(model, data, "patch-slim", target_macs=0.55)
+    # or on top of another method's result: prune(vtp.model, data, "patch-slim", start=vtp.plan, ...)
     export_onnx(result.model, result.plan, "slim.onnx")
 
 Errors are VitslimError subclasses (PruningError, ExportError, DeployError), never SystemExit.
@@ -68,16 +69,19 @@ def _dense_plan_of(model: nn.Module) -> SlimPlan:
     return dense_plan(spec, len(model.blocks))
 
 
-def prune(model: nn.Module, data: DataSplits, method: str, **settings) -> PruneResult:
-    """Compress a dense `model` with a registered method (see list_methods()); `settings` are the
-    fields of that method's settings dataclass. Returns .plan, .model (dense-shaped weights) and
-    .report; `model` itself is not changed."""
+def prune(model: nn.Module, data: DataSplits, method: str, start: Optional[SlimPlan] = None, **settings) -> PruneResult:
+    """Compress `model` with a registered method (see list_methods()); `settings` are the fields of
+    that method's settings dataclass. `start`: the plan `model` is under when it is another
+    method's result (methods compose: `prune(vtp.model, data, "patch-slim", start=vtp.plan)`);
+    default the dense plan. Returns .plan, .model (dense-shaped weights) and .report; `model`
+    itself is not changed."""
     chosen = get_method(method)
     known = {field.name for field in dataclasses.fields(chosen.config_type)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise PruningError(f"method {method!r} has no setting(s) {unknown}; its settings are {sorted(known)}")
-    return prune_model(method, chosen.config_type(**settings), _dense_plan_of(model), model, data)
+    plan = _dense_plan_of(model) if start is None else start
+    return prune_model(method, chosen.config_type(**settings), plan, model, data)
 
 
 def compact(

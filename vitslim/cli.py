@@ -194,7 +194,7 @@ def cmd_prune(args) -> int:
         + f", {latency['where']}); "
     )
     print(
-        f"{method.name}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, "
+        f"{report['plan_method']}: {report['macs'] / report['macs_dense']:.1%} of dense MACs, "
         f"{report['params'] / report['params_dense']:.1%} of params; {predicted}top-1 {stages}; run directory {args.out}"
     )
     return EXIT_OK
@@ -852,8 +852,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="FILE.onnx; the report goes to FILE.report.json/.md")
     export.set_defaults(func=cmd_export)
 
-    prune = commands.add_parser("prune", help="compress a dense model with a method and write a run directory")
-    prune.add_argument("run_dir", nargs="?", help="dense run directory to start from (or use --model)")
+    prune = commands.add_parser(
+        "prune", help="compress a model (dense, or another method's run) with a method and write a run directory"
+    )
+    prune.add_argument(
+        "run_dir",
+        nargs="?",
+        help="run directory to start from (or use --model): a dense one, or a run of a method on the other axis "
+        "(VTP's for patch-slim and dgssa-glad; patch-slim's or dgssa-glad's for vtp)",
+    )
     _add_model_args(prune, required=False)
     prune.add_argument("--data", required=True, help="'digits' (built in) or an ImageFolder directory")
     if command == "prune":

@@ -161,28 +161,37 @@ class PruneResult:
 def prune_model(
     method_name: str, config, plan: SlimPlan, model: nn.Module, data: DataSplits, checkpoints: Optional[Path] = None
 ) -> PruneResult:
-    """Run a registered method on `model` (dense `plan`) and measure what it removed; with
-    `checkpoints` its phases are written there and resumed from there."""
+    """Run a registered method on `model` from the start `plan` (the dense plan, or another
+    method's result: methods compose) and measure what it removed; with `checkpoints` its phases
+    are written there and resumed from there."""
     from vitslim.export.compact import compact_from_plan
 
     result = get_method(method_name).run(model, data, config, plan, checkpoints=checkpoints)
     geometry = geometry_of(model)
+    start_macs = plan_macs(plan, geometry)["total"]
     report = {
         "model": plan.model.to_dict(),
         "method": method_name,
+        "plan_method": result.plan.method,  # e.g. vtp+patch-slim when it started from VTP's run
         "data": data.source,
         "data_identity": data.identity or None,
         "params_dense": count_params(model),
         "params": count_params(compact_from_plan(result.model, result.plan)),
-        "macs_dense": plan_macs(plan, geometry)["total"],
+        "macs_dense": plan_macs(dense_plan(plan.model, geometry.depth), geometry)["total"],
         "macs": plan_macs(result.plan, geometry)["total"],
         "top1": result.top1,
         **result.report,
     }
-    if report["macs"] >= report["macs_dense"]:
+    if any(not block.is_dense for block in plan.blocks):
+        report["start"] = {
+            "method": plan.method,
+            "macs": start_macs,
+            "params": count_params(compact_from_plan(model, plan)),
+        }
+    if report["macs"] >= start_macs:
         raise PruningError(
-            f"{method_name} removed nothing with these settings ({report['macs']:,} MACs, as many as the dense model): "
-            f"ask it for more (see 'vitslim prune --method {method_name} --help')"
+            f"{method_name} removed nothing with these settings ({report['macs']:,} MACs, as many as the model it "
+            f"started from): ask it for more (see 'vitslim prune --method {method_name} --help')"
         )
     return PruneResult(plan=result.plan, model=result.model, report=report)
 

@@ -30,11 +30,17 @@ def model_title(name: str, geometry: ViTGeometry) -> str:
 
 def prune_report_markdown(report: dict) -> str:
     lines = [
-        f"# Prune report: {report['model']['name']} with {report['method']}",
+        f"# Prune report: {report['model']['name']} with {report.get('plan_method', report['method'])}",
         "",
         f"- Params: {report['params_dense']:,} → {report['params']:,} ({report['params'] / report['params_dense']:.1%})",
         f"- MACs: {report['macs_dense']:,} → {report['macs']:,} ({report['macs'] / report['macs_dense']:.1%})",
     ]
+    start = report.get("start")
+    if start:
+        lines.append(
+            f"- Started from a {start['method']} run: {start['macs']:,} MACs ({start['macs'] / report['macs_dense']:.1%}), "
+            f"{start['params']:,} params; {report['method']} cut it to {report['macs'] / start['macs']:.1%} of its MACs"
+        )
     latency = report.get("latency")
     if latency:
         target = "" if latency["target_ms"] is None else f" (target {latency['target_ms']:.4g} ms)"

@@ -6,7 +6,8 @@ Yu et al. 2023). Only the abstract is known; the design choices below are ours (
 - DGSSA: the first K blocks (or the leading run above a similarity threshold) get a static,
   row-stochastic attention matrix per head, softmax(logits), with logits initialised from the
   log of the dataset-mean attention and fine-tuned with the task loss, distillation from the
-  dense model and an attention-distillation term toward the dense model's dynamic maps;
+  start model (the dense model, or the VTP run it starts from) and an attention-distillation
+  term toward the start model's dynamic maps;
 - GLAD: at pyramid stages (block index -> patch count) the patch tokens are replaced by a learned
   linear map on the token axis, initialised as spatial average pooling; prefix tokens pass.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,11 +32,11 @@ from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import macs_fraction
-from ..plan import BlockPlan, SlimPlan
-from ..reference import plan_applied, recorded_attention
+from ..plan import SlimPlan
+from ..reference import MaskedReference, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
 from ..train import AugmentationSettings, TrainConfig, evaluate, fit
-from .base import MethodResult, dense_start, register_method
+from .base import TOKEN_FIELDS, MethodResult, composed_name, register_method, start
 
 LOG_FLOOR = 1e-6  # δ in logits = log(mean attention + δ)
 STATIC_INITS = ("mean-attention", "random")
@@ -48,7 +49,7 @@ class DGSSAGladConfig(AugmentationSettings, LatencyTargetSettings):
     max_static_blocks: Optional[int] = setting(
         None,
         "DGSSA with --pyramid auto and a target: instead of K, search 0..M static blocks together with the pyramid and "
-        "keep the structure whose initialised model predicts closest to the dense model on the calibration images",
+        "keep the structure whose initialised model predicts closest to the start model on the calibration images",
     )
     similarity_threshold: Optional[float] = setting(
         None, "DGSSA: instead of K, the leading blocks whose attention cosine similarity across images is >= S"
@@ -66,13 +67,13 @@ class DGSSAGladConfig(AugmentationSettings, LatencyTargetSettings):
     static_lr: float = setting(1e-2, "learning rate of the static-attention logits and aggregation matrices")
     attention_weight: float = setting(
         1.0,
-        "DGSSA: weight of the guidance term, the row-wise KL divergence from the dense model's maps on the batch to the static ones (0: initialisation only)",
+        "DGSSA: weight of the guidance term, the row-wise KL divergence from the start model's maps on the batch to the static ones (0: initialisation only)",
     )
     static_init: str = setting(
         "mean-attention",
         "DGSSA: initial static logits: 'mean-attention' (log of the dataset-mean maps) or 'random' (the ablation baseline)",
     )
-    distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
+    distill_weight: float = setting(0.5, "weight of logit distillation from the model it starts from, in [0, 1]")
     batch_size: int = setting(64, "batch size")
     calibration_images: int = setting(256, "training images (stratified by class, seeded) for the attention statistics")
     seed: int = setting(0, "random seed")
@@ -216,7 +217,8 @@ def pooling_matrix(grid: tuple[int, int], count: int) -> tuple[torch.Tensor, tup
 
 class _Trainable(nn.Module):
     """The model with learnable static-attention logits and aggregation matrices, applied through a
-    plan built on every forward (so timm's forward and the reference hooks do the work)."""
+    plan built on every forward from the start plan `base` (so timm's forward and the reference
+    hooks do the work). `teacher`: the start's model, whose maps under `base` guide the static ones."""
 
     def __init__(
         self,
@@ -244,7 +246,11 @@ class _Trainable(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         plan = self.plan()
         if self.training and self.logits:
-            with torch.no_grad(), recorded_attention(self.teacher) as records:
+            with (
+                torch.no_grad(),
+                plan_applied(self.teacher, self.base, check=False),
+                recorded_attention(self.teacher) as records,
+            ):
                 self.teacher(images)
             self.attention_loss = sum(
                 attention_divergence(plan.blocks[int(b)].static_attention, records[int(b)]["attention"])
@@ -255,12 +261,14 @@ class _Trainable(nn.Module):
 
 
 def analyse_attention(
-    model: nn.Module, images: torch.Tensor, batch_size: int
+    start_model: MaskedReference, images: torch.Tensor, batch_size: int
 ) -> tuple[list[dict], dict[int, torch.Tensor]]:
-    """Per-block analysis rows (means over heads, and per head) and the dataset-mean maps [H, N, N]."""
+    """Per-block analysis rows (means over heads, and per head) and the dataset-mean maps [H, N, N]
+    of the start model (a model under its start plan)."""
+    model = start_model.model
     geometry = supported_geometry(model)
     per_image: dict[int, list[torch.Tensor]] = {}
-    with torch.no_grad(), recorded_attention(model) as records:
+    with torch.no_grad(), plan_applied(model, start_model.plan, check=False), recorded_attention(model) as records:
         for chunk in images.split(batch_size):
             model(chunk)
             for block, record in records.items():
@@ -364,11 +372,14 @@ def initial_logits(mean_map: torch.Tensor, config: DGSSAGladConfig) -> torch.Ten
 
 
 def glad_plan(base: SlimPlan, static_maps: dict[int, torch.Tensor], aggregations: dict[int, torch.Tensor]) -> SlimPlan:
-    """`base` with static attention maps [H, N, N] and aggregation matrices at their blocks."""
+    """`base` with static attention maps [H, N, N] and aggregation matrices at their blocks (the
+    start plan's widths kept)."""
     blocks = list(base.blocks)
     for block in sorted(set(static_maps) | set(aggregations)):
-        blocks[block] = BlockPlan(token_aggregation=aggregations.get(block), static_attention=static_maps.get(block))
-    return SlimPlan(model=base.model, blocks=tuple(blocks), method="dgssa-glad")
+        blocks[block] = replace(
+            blocks[block], token_aggregation=aggregations.get(block), static_attention=static_maps.get(block)
+        )
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method=composed_name(base, "dgssa-glad"))
 
 
 def start_logits(mean_maps: dict[int, torch.Tensor], static: int, config: DGSSAGladConfig) -> dict[int, torch.Tensor]:
@@ -417,7 +428,7 @@ def structures_meeting(
 
 
 def structure_search(
-    model: nn.Module,
+    start_model: MaskedReference,
     found: list[tuple[int, tuple[tuple[int, int], ...]]],
     shape_of,
     initialised_of,
@@ -427,15 +438,16 @@ def structure_search(
 ) -> list[dict]:
     """One row per structure `found` (static blocks, pyramid): its MACs, predicted latency (with a
     table) and prediction divergence as initialised (`initialised_of(static, stages)`: the plan
-    fine-tuning starts from). `shape_of(static, stages)` is the structure's plan for the costs."""
+    fine-tuning starts from). `shape_of(static, stages)` is the structure's plan for the costs.
+    `start_model`: the model the structures are cut from, frozen, under its start plan."""
+    model = start_model.model
     geometry = supported_geometry(model)
-    dense = copy.deepcopy(model).eval()  # the caller's model keeps its mode
     with torch.no_grad():
-        dense_logits = torch.cat([dense(chunk) for chunk in images.split(batch_size)])
+        reference_logits = torch.cat([start_model(chunk) for chunk in images.split(batch_size)])
     rows = []
     for static, stages in found:
         shape = shape_of(static, stages)
-        divergence = prediction_divergence(dense, initialised_of(static, stages), images, dense_logits, batch_size)
+        divergence = prediction_divergence(model, initialised_of(static, stages), images, reference_logits, batch_size)
         if not math.isfinite(divergence):
             raise PruningError(
                 f"{static} static blocks with pyramid {list(stages)} predict non-finite values on the calibration "
@@ -454,19 +466,20 @@ def structure_search(
 
 
 def prediction_divergence(
-    model: nn.Module, plan: SlimPlan, images: torch.Tensor, dense_logits: torch.Tensor, batch_size: int
+    model: nn.Module, plan: SlimPlan, images: torch.Tensor, reference_logits: torch.Tensor, batch_size: int
 ) -> float:
-    """KL(the dense model's predictions ‖ the plan's) per image on `images`: how far a structure,
-    as initialised, is from the model it is cut from, which is what fine-tuning's distillation
-    then has to close. `model` is the dense model in eval mode."""
+    """KL(the start model's predictions, `reference_logits` ‖ the plan's) per image on `images`:
+    how far a structure, as initialised, is from the model it is cut from, which is what
+    fine-tuning's distillation then has to close. `model` is the timm model in eval mode."""
     with torch.no_grad(), plan_applied(model, plan, check=False):
         logits = torch.cat([model(chunk) for chunk in images.split(batch_size)])
-    return float(F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True, reduction="batchmean"))
+    return float(
+        F.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    )
 
 
 def auto_structure(
-    model: nn.Module,
-    base: SlimPlan,
+    start_model: MaskedReference,
     config: DGSSAGladConfig,
     budget: Optional[LatencyBudget],
     analysis: list[dict],
@@ -478,8 +491,10 @@ def auto_structure(
     """--pyramid auto: (static blocks, stages, the search's rows). The pyramid that meets the
     target after the `static` blocks the settings fix or, with --max-static-blocks, the structure
     of least prediction divergence among those that meet it for each count (`images`: the
-    calibration images the divergence is measured on)."""
-    geometry = supported_geometry(model)
+    calibration images the divergence is measured on; `start_model`: the model under its start
+    plan, which the structures extend)."""
+    base = start_model.plan
+    geometry = supported_geometry(start_model.model)
     fits, target_name = pyramid_target(config, budget, geometry)
 
     def shape_of(count, candidate) -> SlimPlan:
@@ -502,37 +517,36 @@ def auto_structure(
         lambda count, candidate: fits(shape_of(count, candidate)),
         target_name,
     )
-    search = structure_search(model, found, shape_of, initialised_of, images, config.batch_size, budget)
+    search = structure_search(start_model, found, shape_of, initialised_of, images, config.batch_size, budget)
     best = min(range(len(found)), key=lambda i: search[i]["divergence"])  # ties: the fewer static blocks
     for i, row in enumerate(search):
         row["chosen"] = i == best
     return (*found[best], search)
 
 
-@register_method("dgssa-glad", DGSSAGladConfig)
+@register_method("dgssa-glad", "DGSSA + GLAD", DGSSAGladConfig, decides=TOKEN_FIELDS)
 def prune_dgssa_glad(
     model: nn.Module,
     data: DataSplits,
     config: DGSSAGladConfig,
     base: SlimPlan,
-    teacher: Optional[nn.Module] = None,
     checkpoints: Optional[Path] = None,
 ) -> MethodResult:
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
-    geometry, teacher = dense_start(model, base, teacher, "DGSSA + GLAD")
+    geometry, start_model = start(model, base, "dgssa-glad")
     check_static_blocks(config, geometry.depth)
     budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before the analysis
     auto = config.pyramid.strip() == AUTO
     stages = () if auto else parse_pyramid(config.pyramid)
     check_pyramid(stages, geometry)
     calibration = calibration_set(data.train, config.calibration_images, config.seed)
-    analysis, mean_maps = analyse_attention(model, calibration.images, config.batch_size)
+    analysis, mean_maps = analyse_attention(start_model, calibration.images, config.batch_size)
     static = static_block_count(config, analysis, geometry.depth)
     grid = patch_grid(model)
     search = []
     if auto:
         static, stages, search = auto_structure(
-            model, base, config, budget, analysis, mean_maps, calibration.images, static, grid
+            start_model, config, budget, analysis, mean_maps, calibration.images, static, grid
         )
         check_pyramid(stages, geometry)
     if stages and static > stages[0][0]:
@@ -544,7 +558,7 @@ def prune_dgssa_glad(
         base,
         start_logits(mean_maps, static, config),
         initial_aggregations(stages, grid),
-        copy.deepcopy(teacher),
+        start_model.model,
     )
     report = {
         "config": asdict(config),
@@ -555,7 +569,7 @@ def prune_dgssa_glad(
         "pyramid": [list(s) for s in stages],
         **({"structure_search": search} if search else {}),
         **({} if budget is None else {"latency": budget.report(structure_plan(base, static, stages, geometry, grid))}),
-        "top1_dense": evaluate(model, data.val),
+        "top1_start": evaluate(start_model, data.val),
     }
     trainable.eval()
     report["top1_before_finetune"] = evaluate(trainable, data.val)
@@ -577,7 +591,7 @@ def prune_dgssa_glad(
         trainable,
         data,
         train,
-        teacher=teacher,
+        teacher=start_model,
         groups=groups,
         extra_loss=lambda: config.attention_weight * trainable.attention_loss,
         checkpoint_path=phase_path(checkpoints, "finetune"),
@@ -587,13 +601,14 @@ def prune_dgssa_glad(
         plan = SlimPlan(
             model=plan.model,
             blocks=tuple(
-                BlockPlan(
+                replace(
+                    b,
                     token_aggregation=None if b.token_aggregation is None else b.token_aggregation.detach().clone(),
                     static_attention=None if b.static_attention is None else b.static_attention.detach().clone(),
                 )
                 for b in plan.blocks
             ),
-            method="dgssa-glad",
+            method=plan.method,
         )
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_before_finetune"],

@@ -16,7 +16,7 @@ import copy
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,11 +31,11 @@ from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import macs_fraction
-from ..plan import BlockPlan, SlimPlan
+from ..plan import SlimPlan, plan_digest
 from ..reference import MaskedReference, blocks_applied, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, blocks_of
 from ..train import AugmentationSettings, TrainConfig, evaluate, fit, is_main_process
-from .base import MethodResult, dense_start, register_method
+from .base import TOKEN_FIELDS, MethodResult, composed_name, register_method, start
 
 log = logging.getLogger(__name__)
 TokenSets = list[tuple[int, ...]]  # per block: the original token ids it outputs
@@ -67,7 +67,7 @@ class PatchSlimConfig(AugmentationSettings, LatencyTargetSettings):
     block_tuning_images: int = setting(
         256, "further training images (stratified, seeded) that the single-block fine-tuning uses"
     )
-    distill_weight: float = setting(0.5, "weight of logit distillation from the dense model, in [0, 1]")
+    distill_weight: float = setting(0.5, "weight of logit distillation from the model it starts from, in [0, 1]")
     search_iterations: int = setting(8, "bisection steps on epsilon for --target-macs or a latency target")
     seed: int = setting(0, "random seed")
 
@@ -134,14 +134,15 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def plan_from_token_sets(token_sets: TokenSets, base: SlimPlan, num_tokens: int) -> SlimPlan:
-    """Each block keeps the positions of its set within the previous block's set (None if equal)."""
+    """`base` where each block keeps the positions of its set within the previous block's set
+    (None if equal)."""
     blocks, previous = [], tuple(range(num_tokens))
-    for kept in token_sets:
+    for block, kept in zip(base.blocks, token_sets):
         position = {token: p for p, token in enumerate(previous)}
         kept_tokens = None if kept == previous else tuple(position[token] for token in kept)
-        blocks.append(BlockPlan(kept_tokens=kept_tokens))
+        blocks.append(replace(block, kept_tokens=kept_tokens))
         previous = kept
-    return SlimPlan(model=base.model, blocks=tuple(blocks), method="patch-slim")
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method=composed_name(base, "patch-slim"))
 
 
 def ranked_candidates(scores: torch.Tensor, kept: Sequence[int], num_prefix: int) -> list[int]:
@@ -162,8 +163,8 @@ class _Search:
     geometry: ViTGeometry
     base: SlimPlan
     images: torch.Tensor  # calibration images: they score tokens and check ε
-    check: "_Features"  # the dense teacher on the calibration images
-    tuning: "_Features"  # the dense teacher on the block-tuning images (disjoint from the above)
+    check: "_Features"  # the teacher (the start model) on the calibration images
+    tuning: "_Features"  # the teacher on the block-tuning images (disjoint from the above)
     config: PatchSlimConfig
 
     def sets_with_dense_below(self, token_sets: TokenSets, t: int) -> TokenSets:
@@ -268,14 +269,14 @@ class _Search:
 
 @dataclass(frozen=True)
 class _Features:
-    """The dense teacher's input and output of every block [B, N, C] on a set of images."""
+    """The teacher's input and output of every block [B, N, C] on a set of images."""
 
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
 
 
-def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> _Features:
-    """Every block's input and output on `images` in the dense teacher."""
+def _teacher_features(teacher: MaskedReference, images: torch.Tensor, batch_size: int) -> _Features:
+    """Every block's input and output on `images` in the teacher (the start model)."""
     inputs: dict[int, list] = {}
     outputs: dict[int, list] = {}
 
@@ -286,13 +287,17 @@ def _teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int)
 
         return hook
 
-    handles = [block.register_forward_hook(record(index)) for index, block in enumerate(blocks_of(teacher))]
-    with torch.no_grad():
-        for chunk in images.split(batch_size):
-            teacher(chunk)
-    for handle in handles:
-        handle.remove()
-    depth = len(blocks_of(teacher))
+    model = teacher.model
+    with torch.no_grad(), plan_applied(model, teacher.plan, check=False):
+        # after the plan's hooks, so that a block's output is recorded as the plan leaves it
+        handles = [block.register_forward_hook(record(index)) for index, block in enumerate(blocks_of(model))]
+        try:
+            for chunk in images.split(batch_size):
+                model(chunk)
+        finally:
+            for handle in handles:
+                handle.remove()
+    depth = len(blocks_of(model))
     return _Features([torch.cat(inputs[i]) for i in range(depth)], [torch.cat(outputs[i]) for i in range(depth)])
 
 
@@ -316,18 +321,17 @@ def _search_for_target(make_search, geometry: ViTGeometry, base: SlimPlan, confi
     return best
 
 
-@register_method("patch-slim", PatchSlimConfig)
+@register_method("patch-slim", "Patch Slimming", PatchSlimConfig, decides=TOKEN_FIELDS)
 def prune_patch_slimming(
     model: nn.Module,
     data: DataSplits,
     config: PatchSlimConfig,
     base: SlimPlan,
-    teacher: Optional[nn.Module] = None,
     checkpoints: Optional[Path] = None,
 ) -> MethodResult:
     """Top-down token search (fixed ε, a MAC target or a latency target), then full fine-tuning.
     `model` is not modified."""
-    geometry, teacher = dense_start(model, base, teacher, "Patch Slimming")
+    geometry, teacher = start(model, base, "patch-slim")
     budget = LatencyBudget.from_settings(config, geometry)
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
         raise PruningError(POOLED_HEAD_REFUSAL)
@@ -352,6 +356,7 @@ def prune_patch_slimming(
             "config": asdict(config),
             "data": data.source,
             "start": weights_digest(model),
+            "start_plan": plan_digest(base),
             # a table measured again at the same path is another target
             "latency_table": None if budget is None else budget.table.sha256,
         },
@@ -397,7 +402,7 @@ def prune_patch_slimming(
         "config": asdict(config),
         **({} if budget is None else {"latency": budget.report(plan)}),
         "epsilon": epsilon,
-        "top1_dense": evaluate(model, data.val),
+        "top1_start": evaluate(teacher, data.val),
         "calibration_classes": check.class_histogram,
         "block_tuning_classes": tuning.class_histogram,
         "calibration_indices": list(check.indices),

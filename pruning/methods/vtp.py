@@ -3,13 +3,14 @@ inputs of qkv, proj, fc1 and fc2 trained with an L1 penalty, a global threshold 
 requested fraction of the gated dimensions, gate values folded into the weights, fine-tuning.
 
 The gates live on the same four channel spaces the SlimPlan selects in (CHANNEL_SPACES), so the
-result is a plan with `qkv_in`, `proj_in`, `fc1_in` and `hidden` per block.
+result is a plan with `qkv_in`, `proj_in`, `fc1_in` and `hidden` per block. Started from a token
+method's run, the gates train under its plan and the result keeps its tokens.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -23,11 +24,11 @@ from ..data import DataSplits
 from ..errors import PruningError
 from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import kept_channels
-from ..plan import BlockPlan, SlimPlan, plan_digest
-from ..reference import MaskedReference, scaled_channels
+from ..plan import SlimPlan, plan_digest
+from ..reference import MaskedReference, plan_applied, scaled_channels
 from ..timm_adapter import CHANNEL_SPACES, ViTGeometry, block_parts, blocks_of
 from ..train import AugmentationSettings, TrainConfig, evaluate, fit, parameter_groups
-from .base import MethodResult, dense_start, register_method
+from .base import WIDTH_FIELDS, MethodResult, composed_name, register_method, start
 
 GateKey = tuple[int, str]  # (block index, channel space)
 DEFAULT_PRUNE_RATIO = 0.4
@@ -48,7 +49,7 @@ class VTPConfig(AugmentationSettings, LatencyTargetSettings):
     gate_lr: float = setting(1e-2, "learning rate of the gates (they move much further than the weights)")
     batch_size: int = setting(64, "batch size")
     distill_weight: float = setting(
-        0.0, "weight of logit distillation from the dense model, in [0, 1] (the paper uses none)"
+        0.0, "weight of logit distillation from the model it starts from, in [0, 1] (the paper uses none)"
     )
     round_to: int = setting(
         8,
@@ -95,14 +96,15 @@ class VTPGates(nn.Module):
 
 
 class GatedModel(nn.Module):
-    """`model` with its four channel spaces per block multiplied by `gates` (timm's forward kept)."""
+    """`model` under the start plan `base`, with its four channel spaces per block multiplied by
+    `gates` (timm's forward kept)."""
 
-    def __init__(self, model: nn.Module, gates: VTPGates) -> None:
+    def __init__(self, model: nn.Module, base: SlimPlan, gates: VTPGates) -> None:
         super().__init__()
-        self.model, self.gates = model, gates
+        self.model, self.base, self.gates = model, base, gates
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with scaled_channels(self.model, self.gates.as_dict()):
+        with plan_applied(self.model, self.base, check=False), scaled_channels(self.model, self.gates.as_dict()):
             return self.model(images)
 
 
@@ -167,8 +169,8 @@ def plan_from_gates(
     config: VTPConfig,
     ratio: Optional[float] = None,
 ) -> SlimPlan:
-    """The plan that keeps, per gate, the dims that survive the threshold (constrained as above)
-    when `ratio` of them (default: the config's) are removed."""
+    """`base` keeping, per gate, the dims that survive the threshold (constrained as above) when
+    `ratio` of them (default: the config's) are removed."""
     scores = ranking_scores(gates, config.seed)
     ratio = ratio if ratio is not None else (config.prune_ratio or DEFAULT_PRUNE_RATIO)
     counts = kept_counts(scores, ratio, config.per_module)
@@ -181,8 +183,8 @@ def plan_from_gates(
             if count < scores[key].numel():
                 heads = geometry.num_heads if space == "proj_in" else 1
                 fields[space] = top_indices(scores[key], count, heads)
-        blocks.append(BlockPlan(**fields))
-    return SlimPlan(model=base.model, blocks=tuple(blocks), method="vtp")
+        blocks.append(replace(base.blocks[index], **fields))
+    return SlimPlan(model=base.model, blocks=tuple(blocks), method=composed_name(base, "vtp"))
 
 
 def ratio_for_target(
@@ -239,22 +241,21 @@ def pruned_fraction(plan: SlimPlan, geometry: ViTGeometry) -> float:
     return 1.0 - sum(row[s] for row in rows for s in CHANNEL_SPACES) / total
 
 
-@register_method("vtp", VTPConfig)
+@register_method("vtp", "VTP", VTPConfig, decides=WIDTH_FIELDS)
 def prune_vtp(
     model: nn.Module,
     data: DataSplits,
     config: VTPConfig,
     base: SlimPlan,
-    teacher: Optional[nn.Module] = None,
     checkpoints: Optional[Path] = None,
 ) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
-    geometry, teacher = dense_start(model, base, teacher, "VTP")
+    geometry, start_model = start(model, base, "vtp")
     budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before any training
-    teacher = teacher if config.distill_weight > 0 else None
-    report = {"config": asdict(config), "top1_dense": evaluate(model, data.val)}
+    teacher = start_model if config.distill_weight > 0 else None
+    report = {"config": asdict(config), "top1_start": evaluate(start_model, data.val)}
     gates = VTPGates(geometry)
-    gated = GatedModel(copy.deepcopy(model), gates)
+    gated = GatedModel(copy.deepcopy(model), base, gates)
     groups = parameter_groups(gated.model, TrainConfig.weight_decay) + [
         {"params": list(gates.parameters()), "lr": config.gate_lr, "weight_decay": 0.0}
     ]
@@ -266,6 +267,7 @@ def prune_vtp(
         extra_loss=lambda: config.l1 * gates.l1(),
         groups=groups,
         checkpoint_path=phase_path(checkpoints, "sparsity"),
+        resume_key={"start": plan_digest(base)},  # the start plan is hooks, not weights
     )
     report["top1_after_sparsity_training"] = sparsity.val_top1
     ratio = config.prune_ratio or DEFAULT_PRUNE_RATIO

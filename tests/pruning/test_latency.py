@@ -30,7 +30,7 @@ from vitslim.pruning.macs import block_macs
 from vitslim.pruning.methods.dgssa_glad import DGSSAGladConfig, prune_dgssa_glad
 from vitslim.pruning.methods.patch_slimming import PatchSlimConfig, prune_patch_slimming
 from vitslim.pruning.methods.vtp import VTPConfig, prune_vtp
-from vitslim.pruning.plan import BlockPlan, ModelSpec, TokenCounts, dense_plan
+from vitslim.pruning.plan import BlockPlan, ModelSpec, SlimPlan, TokenCounts, dense_plan
 from vitslim.pruning.timm_adapter import geometry_of
 
 MODEL = tiny_vit(num_classes=10)
@@ -387,6 +387,33 @@ def test_vtp_removes_the_least_that_meets_the_target(tmp_path):
         result = prune_vtp(MODEL, DATA, config, BASE)
         ratios[share] = result.report["prune_ratio"]
     assert ratios[0.9] < ratios[0.7]
+
+
+def test_a_method_started_from_another_counts_the_start_toward_its_target(tmp_path):
+    """Patch Slimming from a run that narrowed every block (as VTP's does) searches its tokens
+    against the prediction of the whole plan: just under the start's own latency it cuts a few
+    tokens, where from the dense model the same target takes far more."""
+    table = _table_file(tmp_path)
+    widths = SlimPlan(model=BASE.model, blocks=(width_block(GEOMETRY, 0.5, 0.5),) * 3, method="vtp")
+    target = 0.97 * _predicted(widths)
+    assert target < 0.8 * _predicted(BASE)
+    config = PatchSlimConfig(
+        latency_table=table,
+        target_ms=target,
+        search_iterations=6,
+        step=2,
+        block_epochs=0,
+        finetune_epochs=0,
+        calibration_images=64,
+        block_tuning_images=64,
+        batch_size=32,
+    )
+    composed, alone = (prune_patch_slimming(MODEL, DATA, config, start) for start in (widths, BASE))
+    for result in (composed, alone):
+        assert _predicted(result.plan) <= target
+        assert result.report["latency"]["predicted_ms"] == pytest.approx(_predicted(result.plan))
+    assert all(block.qkv_in == width.qkv_in for block, width in zip(composed.plan.blocks, widths.blocks))
+    assert sum(composed.report["kept_tokens"]) > sum(alone.report["kept_tokens"])
 
 
 def test_a_target_out_of_reach_is_refused(tmp_path):

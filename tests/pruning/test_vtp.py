@@ -54,7 +54,7 @@ def test_a_zero_gate_removes_the_same_dim_as_the_plan(space):
         kept = tuple(i for i in range(size) if i not in (5, 21))
     plan = BASE.with_block(1, BlockPlan(**{space: kept}))
     with torch.no_grad():
-        assert torch.allclose(GatedModel(MODEL, gates)(IMAGES), MaskedReference(MODEL, plan)(IMAGES), atol=1e-6)
+        assert torch.allclose(GatedModel(MODEL, BASE, gates)(IMAGES), MaskedReference(MODEL, plan)(IMAGES), atol=1e-6)
 
 
 def test_gates_multiply_the_inputs_of_qkv_proj_fc1_fc2():
@@ -67,7 +67,7 @@ def test_gates_multiply_the_inputs_of_qkv_proj_fc1_fc2():
         for block in doubled.blocks:
             for space in CHANNEL_SPACES:
                 block_parts(block).reader_of(space).weight.mul_(0.5)
-        assert torch.allclose(GatedModel(MODEL, gates)(IMAGES), doubled(IMAGES), atol=1e-5)
+        assert torch.allclose(GatedModel(MODEL, BASE, gates)(IMAGES), doubled(IMAGES), atol=1e-5)
 
 
 @settings(deadline=None)
@@ -110,7 +110,7 @@ def test_folding_preserves_the_gated_function(seed, ratio):
                 mask = torch.zeros_like(gate)
                 mask[list(kept)] = 1
                 gate.mul_(mask)
-        gated = GatedModel(MODEL, gates)(IMAGES)
+        gated = GatedModel(MODEL, BASE, gates)(IMAGES)
         folded = MaskedReference(fold_gates(MODEL, gates.as_dict()), plan)(IMAGES)
     assert (gated - folded).abs().max().item() <= 1e-5
 
