@@ -235,6 +235,18 @@ def scatter_png(loaded: dict, path: Path) -> None:
     save_png(figure, path)
 
 
+def _composed_text(loaded: dict) -> str:
+    """The composed search's words, where the results hold its rows (older results do not)."""
+    composed = [data for data in loaded.values() if any(r["variant"].startswith("vtp+") for r in data["rows"])]
+    if not composed:
+        return ""
+    ratios = sorted({data["composed_vtp_ratio"] for data in composed if "composed_vtp_ratio" in data})
+    removed = f" that removed {', '.join(f'{r:.0%}' for r in ratios)} of the gated dims" if ratios else ""
+    return (
+        f", and Patch Slimming's token search from a VTP start{removed} (methods compose: the `vtp+patch-slim` rows),"
+    )
+
+
 def section(results: Path, relative: Path) -> list[str]:
     loaded = {where: data for where, _ in WHERES if (data := _load(results, where)) is not None}
     if not loaded:
@@ -248,11 +260,11 @@ def section(results: Path, relative: Path) -> list[str]:
         "`python -m benchmarks.latency_model gpu|onnx_gpu|cpu` ([docs/latency.md](docs/latency.md)): DeiT-S with random "
         "weights; a latency table measured with `vitslim.latency_table.measure_table` at each batch; every operating point "
         "above built as the exporter builds it and timed whole, the same way (the median of 3 sessions, in passes over all "
-        "of them), beside the table's prediction; then each "
-        "method's structure search run against the table for a speed-up over timm's model (Patch Slimming 1.4×, VTP "
-        "1.25×, DGSSA + GLAD 2×, on the benchmarks' synthetic token ranking, gate magnitudes and effective ranks) and the "
-        "structure it finds timed. The dense model is a calibration point of the table (predicted as the table timed it), "
-        "so its row's error is how far the machine's speed moved between the table and the whole models. "
+        f"of them), beside the table's prediction; then each method's structure search{_composed_text(loaded)} run "
+        "against the table for the speed-up over timm's model that its row names, on the benchmarks' synthetic token "
+        "ranking, gate magnitudes and effective ranks, and the structure it finds timed. The dense model is a calibration "
+        "point of the table (predicted as the table timed it), so its row's error is how far the machine's speed moved "
+        "between the table and the whole models. "
         "Each runtime's section names the table_version its results were predicted with.",
         "",
         f"![measured against predicted]({relative}/latency_model.png)",

@@ -609,7 +609,11 @@ class LatencyBudget:
     target_ms: Optional[float]  # None: the table only predicts (no target)
 
     @classmethod
-    def from_settings(cls, settings: LatencyTargetSettings, geometry: ViTGeometry) -> Optional["LatencyBudget"]:
+    def from_settings(
+        cls, settings: LatencyTargetSettings, geometry: ViTGeometry, start: SlimPlan
+    ) -> Optional["LatencyBudget"]:
+        """The budget of a method's settings, or None without a table. A target that the plan
+        the method starts from already meets is refused: the search would cut nothing."""
         if settings.latency_table is None:
             return None
         table = read_latency_table(settings.latency_table)
@@ -617,7 +621,16 @@ class LatencyBudget:
         target = (
             table.ms_for_target(settings.target_ms, settings.target_speedup) if settings.has_latency_target else None
         )
-        return cls(table, geometry, target)
+        budget = cls(table, geometry, target)
+        if target is not None and budget.fits(start):
+            what = (
+                "the dense model" if all(b.is_dense for b in start.blocks) else f"the {start.method} run it starts from"
+            )
+            raise PruningError(
+                f"{what} is already predicted at {budget.predicted_ms(start):.4g} ms on {table.label}, within the "
+                f"target {target:.4g} ms: nothing to cut; lower --target-ms (or raise --target-speedup)"
+            )
+        return budget
 
     def predicted_ms(self, plan: SlimPlan) -> float:
         return self.table.predict(plan, self.geometry).total_ms

@@ -241,3 +241,38 @@ def test_latency_results_of_one_batch_replace_that_batch(tmp_path):
     merged = _load(tmp_path, "gpu")
     assert runs(merged) == [(64, "both"), (256, "both")] and merged["environment"]["run"] == "both"
     assert _load(tmp_path, "cpu") is None
+
+
+def test_the_latency_benchmarks_searches_meet_their_targets_on_a_table_built_here():
+    """Each search of benchmarks/latency_model.py, the token search from a VTP start (methods
+    compose) among them, finds a valid plan predicted within its target on a table of MAC costs."""
+    from tables import mac_table
+    from vitslim.pruning.latency import table_from_dict
+
+    from benchmarks.latency_model import TARGET_SPEEDUPS, targeted_plans
+
+    model = create_model(ModelSpec("deit_small_patch16_224", TINY)).eval()
+    geometry, base = geometry_of(model), dense_plan(ModelSpec("deit_small_patch16_224", TINY), 6)
+    dense_ms = table_from_dict(mac_table(geometry)).predict(base, geometry).total_ms
+    table = table_from_dict({**mac_table(geometry), "timm_ms": dense_ms})  # timm's model as fast as the dense plan
+    plans = targeted_plans(model, base, table, geometry)
+    assert set(plans) == set(TARGET_SPEEDUPS)
+    for method, (plan, target) in plans.items():
+        validate(plan, geometry)
+        assert target == pytest.approx(dense_ms / TARGET_SPEEDUPS[method])
+        assert table.predict(plan, geometry).total_ms <= target, method
+    composed = plans["vtp+patch-slim"][0]
+    assert composed.method == "vtp+patch-slim"
+    assert any(block.hidden is not None for block in composed.blocks)
+    assert any(block.kept_tokens is not None for block in composed.blocks)
+
+
+def test_the_latency_report_names_the_composed_search_only_where_results_hold_it():
+    from benchmarks.latency_model_report import _composed_text
+
+    row = {"variant": "patch-slim for 1.4x"}
+    assert _composed_text({"cpu": {"rows": [row]}}) == ""  # results from before methods composed
+    composed = {"rows": [row, {"variant": "vtp+patch-slim for 1.6x"}], "composed_vtp_ratio": 0.2}
+    assert "from a VTP start that removed 20% of the gated dims" in _composed_text({"cpu": composed})
+    unrecorded = {"rows": composed["rows"]}
+    assert _composed_text({"cpu": unrecorded}).startswith(", and Patch Slimming's token search from a VTP start (")

@@ -81,7 +81,7 @@ def prune_report_markdown(report: dict) -> str:
             "",
             "## Structures that meet the target (--max-static-blocks: the least divergence is kept)",
             "",
-            "| static blocks | pyramid | MACs | predicted ms | divergence from the dense model | kept |",
+            "| static blocks | pyramid | MACs | predicted ms | divergence from the start model | kept |",
             "|---|---|---|---|---|---|",
         ]
         for row in report["structure_search"]:

@@ -80,7 +80,7 @@ def start(model: nn.Module, base: SlimPlan, method: str) -> tuple[ViTGeometry, M
     teacher = copy.deepcopy(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    return geometry, MaskedReference(teacher, base)
+    return geometry, MaskedReference(teacher, base).eval()  # a new module starts in training mode
 
 
 def composed_name(base: SlimPlan, method: str) -> str:

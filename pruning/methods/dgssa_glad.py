@@ -32,7 +32,7 @@ from ..data import DataSplits, calibration_set
 from ..errors import PruningError
 from ..latency import LatencyBudget, LatencyTargetSettings
 from ..macs import macs_fraction
-from ..plan import SlimPlan
+from ..plan import SlimPlan, plan_digest
 from ..reference import MaskedReference, plan_applied, recorded_attention
 from ..timm_adapter import ViTGeometry, patch_grid, supported_geometry
 from ..train import AugmentationSettings, TrainConfig, evaluate, fit
@@ -235,6 +235,11 @@ class _Trainable(nn.Module):
         self.attention_loss = torch.zeros(())
         for p in teacher.parameters():
             p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "_Trainable":
+        super().train(mode)
+        self.teacher.eval()  # the guidance's maps come from the start model as it predicts
+        return self
 
     def plan(self) -> SlimPlan:
         return glad_plan(
@@ -535,7 +540,7 @@ def prune_dgssa_glad(
     """Analyse attention, make early blocks static and late stages aggregated, fine-tune. `model` is not modified."""
     geometry, start_model = start(model, base, "dgssa-glad")
     check_static_blocks(config, geometry.depth)
-    budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before the analysis
+    budget = LatencyBudget.from_settings(config, geometry, base)  # a bad table fails before the analysis
     auto = config.pyramid.strip() == AUTO
     stages = () if auto else parse_pyramid(config.pyramid)
     check_pyramid(stages, geometry)
@@ -595,6 +600,7 @@ def prune_dgssa_glad(
         groups=groups,
         extra_loss=lambda: config.attention_weight * trainable.attention_loss,
         checkpoint_path=phase_path(checkpoints, "finetune"),
+        resume_key={"start": plan_digest(base)},  # the start plan is hooks, not weights
     )
     with torch.no_grad():
         plan = trainable.plan()

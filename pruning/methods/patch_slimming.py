@@ -332,7 +332,7 @@ def prune_patch_slimming(
     """Top-down token search (fixed ε, a MAC target or a latency target), then full fine-tuning.
     `model` is not modified."""
     geometry, teacher = start(model, base, "patch-slim")
-    budget = LatencyBudget.from_settings(config, geometry)
+    budget = LatencyBudget.from_settings(config, geometry, base)
     if geometry.pools_patch_tokens or not geometry.num_prefix_tokens:
         raise PruningError(POOLED_HEAD_REFUSAL)
     needed = config.calibration_images + config.block_tuning_images
@@ -419,7 +419,14 @@ def prune_patch_slimming(
         warmup_epochs=0,
         **config.augmentation_settings(),
     )
-    finetune = fit(masked, data, train, teacher=teacher, checkpoint_path=phase_path(checkpoints, "finetune"))
+    finetune = fit(
+        masked,
+        data,
+        train,
+        teacher=teacher,
+        checkpoint_path=phase_path(checkpoints, "finetune"),
+        resume_key={"plan": plan_digest(plan)},  # the token sets and the start plan are hooks, not weights
+    )
     report.update(
         top1_after_finetune=finetune.val_top1 if config.finetune_epochs else report["top1_after_search"],
         kept_tokens=[len(s) for s in token_sets],

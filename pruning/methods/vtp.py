@@ -251,7 +251,7 @@ def prune_vtp(
 ) -> MethodResult:
     """Sparsity training -> global threshold -> fold -> fine-tune. `model` is not modified."""
     geometry, start_model = start(model, base, "vtp")
-    budget = LatencyBudget.from_settings(config, geometry)  # a bad table fails before any training
+    budget = LatencyBudget.from_settings(config, geometry, base)  # a bad table fails before any training
     teacher = start_model if config.distill_weight > 0 else None
     report = {"config": asdict(config), "top1_start": evaluate(start_model, data.val)}
     gates = VTPGates(geometry)

@@ -134,15 +134,16 @@ FAST = {
 }
 
 
-@pytest.mark.parametrize(("first", "second"), [("vtp", "patch-slim"), ("vtp", "dgssa-glad"), ("patch-slim", "vtp")])
+@pytest.mark.parametrize(
+    ("first", "second"), [("vtp", "patch-slim"), ("vtp", "dgssa-glad"), ("patch-slim", "vtp"), ("dgssa-glad", "vtp")]
+)
 def test_a_composed_run_cuts_both_axes_and_exports_with_parity(first, second, tmp_path):
     model = tiny_vit(num_classes=10)
     model.vitslim_spec = DENSE.model  # as vitslim.load_model leaves it
     before = prune(model, DATA, first, **vars(FAST[first]))
     after = prune(before.model, DATA, second, start=before.plan, **vars(FAST[second]))
     assert after.plan.method == f"{first}+{second}" and after.report["plan_method"] == after.plan.method
-    widths = after.plan if first == "patch-slim" else before.plan
-    tokens = before.plan if first == "patch-slim" else after.plan
+    widths, tokens = (before.plan, after.plan) if first == "vtp" else (after.plan, before.plan)
     for block, narrow, token in zip(after.plan.blocks, widths.blocks, tokens.blocks):
         assert all(getattr(block, s) == getattr(narrow, s) for s in CHANNEL_SPACES)
         assert block.kept_tokens == token.kept_tokens

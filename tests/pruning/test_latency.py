@@ -7,26 +7,24 @@ import json
 import math
 
 import pytest
-import torch
+import tables
 from conftest import tiny_vit
 from hypothesis import given, settings
 from plans import random_plans
+from tables import FIXED_MS, block_ms
 from vitslim.pruning.data import digits_splits
 from vitslim.pruning.errors import PruningError
 from vitslim.pruning.latency import (
     STEP_CHANNELS,
     LatencyBudget,
     LatencyTable,
-    few_tokens_counts,
     read_latency_table,
     step_channels,
     table_from_dict,
-    table_geometry,
     width_block,
     width_step,
     written_count,
 )
-from vitslim.pruning.macs import block_macs
 from vitslim.pruning.methods.dgssa_glad import DGSSAGladConfig, prune_dgssa_glad
 from vitslim.pruning.methods.patch_slimming import PatchSlimConfig, prune_patch_slimming
 from vitslim.pruning.methods.vtp import VTPConfig, prune_vtp
@@ -37,54 +35,14 @@ MODEL = tiny_vit(num_classes=10)
 GEOMETRY = geometry_of(MODEL)  # 3 blocks, dim 32, 2 heads, 16 patches + the class token
 BASE = dense_plan(ModelSpec("tiny"), 3)
 DATA = digits_splits(3, (16, 16))
-FIXED_MS = 0.05
-PER_MAC_MS = 1e-6  # the table built here: a fixed cost plus a time per MAC
 
 
 def _block_ms(block: BlockPlan, counts: TokenCounts, geometry=GEOMETRY) -> float:
-    return 0.01 + PER_MAC_MS * sum(block_macs(block, geometry, counts).values())
+    return block_ms(block, counts, geometry)
 
 
 def mac_table(timm_ms: float = 1.0, geometry=GEOMETRY) -> dict:
-    """A complete table whose every point costs 0.01 ms plus PER_MAC_MS per MAC (the shape a
-    runtime that is all arithmetic would give)."""
-    blocks, aggregations = [], []
-    full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
-    prefix, patches = geometry.num_prefix_tokens, geometry.num_patches
-    reads = sorted({prefix + 1, *(prefix + max(1, patches * k // 16) for k in (2, 4, 8, 12, 16))})
-    for read in reads:
-        points = [{"static": True, **full}]
-        points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 1 - 1 / patches, 1.0)]
-        points += [
-            {"static": False, **full, side: width}
-            for side in ("attention_width", "mlp_width")
-            for width in (0.25, 0.5, 0.75, width_step(geometry))
-        ]
-        for point in points:
-            block = width_block(geometry, point["attention_width"], point["mlp_width"])
-            if point["static"]:
-                block = BlockPlan(static_attention=torch.zeros(1))
-            written = written_count(geometry, read, point["kept"])
-            blocks.append({**point, "read": read, "ms": _block_ms(block, TokenCounts(read, read, written), geometry)})
-        if read > prefix + 1:
-            for pooled in (0.125, 0.5, 1.0):
-                patches_out = max(1, round(pooled * (read - prefix)))
-                ms = 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim
-                aggregations.append({"arriving": read, "pooled": pooled, "ms": ms})
-    return {
-        "table_version": 3,
-        "model": {"name": "tiny", "kwargs": {}},
-        "geometry": table_geometry(geometry),
-        "where": {"runtime": "made in a test", "backend": "torch", "device": "cpu", "precision": "fp32"},
-        "batch": 4,
-        "fixed_ms": FIXED_MS,
-        "timm_ms": timm_ms,
-        "dense_ms": FIXED_MS
-        + geometry.depth * _block_ms(BlockPlan(), TokenCounts(*(geometry.num_tokens,) * 3), geometry),
-        "few_tokens_ms": FIXED_MS + sum(_block_ms(BlockPlan(), c, geometry) for c in few_tokens_counts(geometry)),
-        "blocks": blocks,
-        "aggregations": aggregations,
-    }
+    return tables.mac_table(geometry, timm_ms)
 
 
 TABLE = table_from_dict(mac_table(), source="test")
@@ -416,6 +374,16 @@ def test_a_method_started_from_another_counts_the_start_toward_its_target(tmp_pa
     assert sum(composed.report["kept_tokens"]) > sum(alone.report["kept_tokens"])
 
 
+def test_a_target_the_start_already_meets_is_refused(tmp_path):
+    """Nothing to cut: one line naming the start's prediction, not a search that removes nothing."""
+    widths = SlimPlan(model=BASE.model, blocks=(width_block(GEOMETRY, 0.5, 0.5),) * 3, method="vtp")
+    table = _table_file(tmp_path)
+    for start, what in ((BASE, "the dense model"), (widths, "the vtp run it starts from")):
+        settings = PatchSlimConfig(latency_table=table, target_ms=1.01 * _predicted(start))
+        with pytest.raises(PruningError, match=f"{what} is already predicted at .* nothing to cut"):
+            LatencyBudget.from_settings(settings, GEOMETRY, start)
+
+
 def test_a_target_out_of_reach_is_refused(tmp_path):
     config = VTPConfig(latency_table=_table_file(tmp_path), target_ms=FIXED_MS, sparsity_epochs=0, finetune_epochs=0)
     with pytest.raises(PruningError, match="cannot meet .* its fastest structure is predicted at"):
@@ -423,7 +391,9 @@ def test_a_target_out_of_reach_is_refused(tmp_path):
 
 
 def test_a_speedup_target_is_read_against_timm_on_the_table(tmp_path):
-    budget = LatencyBudget.from_settings(VTPConfig(latency_table=_table_file(tmp_path), target_speedup=2.0), GEOMETRY)
+    budget = LatencyBudget.from_settings(
+        VTPConfig(latency_table=_table_file(tmp_path), target_speedup=2.0), GEOMETRY, BASE
+    )
     assert isinstance(budget.table, LatencyTable) and budget.target_ms == pytest.approx(0.5)
 
 
@@ -433,7 +403,7 @@ def test_a_table_read_from_a_file_carries_the_digest_of_its_bytes(tmp_path):
     path = _table_file(tmp_path)
     table = read_latency_table(path)
     assert table.sha256 == sha256_of(path) and table.source == str(tmp_path.resolve() / "table.json")
-    budget = LatencyBudget.from_settings(VTPConfig(latency_table=path), GEOMETRY)
+    budget = LatencyBudget.from_settings(VTPConfig(latency_table=path), GEOMETRY, BASE)
     assert budget.target_ms is None and budget.report(BASE)["table_sha256"] == table.sha256
 
 
