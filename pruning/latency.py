@@ -24,7 +24,9 @@ added (the attention and the MLP run one after the other); along each side, time
 side's MACs (a block's side MACs over the same side with every channel kept) plus a step: reading
 fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1
 (STEP_CHANNELS input channels fewer) measures, while narrower value channels or hidden units add
-none. Every axis is interpolated piecewise linearly and held at its end values beyond the grid.
+none. Each side's saving is timed writing every token read; a block that writes fewer saves in
+proportion to the side's MACs at the tokens it writes (a composed plan: widths and tokens cut).
+Every axis is interpolated piecewise linearly and held at its end values beyond the grid.
 
 A block timed alone costs more or less than inside the model (on a GPU the launch and
 synchronisation around one block, and how much of its work overlaps its neighbours'; on a CPU the
@@ -232,16 +234,19 @@ class LatencyTable:
         if block.token_aggregation is not None:
             pooled = (read - prefix) / max(1, counts.arriving - prefix)
             aggregation = _lookup2(self.aggregations, "arriving", counts.arriving, "pooled", pooled)
-        return base * kept_ratio * self._width_ratio(block, geometry, counts), aggregation
+        return base * kept_ratio * self._width_ratio(block, geometry, counts, kept_ratio), aggregation
 
-    def _width_ratio(self, block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts) -> float:
-        """How much a block's channels change its time: each side's saving, added (module docstring)."""
+    def _width_ratio(self, block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts, kept_ratio: float) -> float:
+        """How much a block's channels change its time: each side's saving, added (module docstring).
+        The widths are timed writing every token read; a block that writes fewer (`kept_ratio` of
+        its time) saves on a side in proportion to the side's MACs at the tokens it writes."""
         all_channels = BlockPlan(static_attention=block.static_attention)
+        every_token_written = TokenCounts(counts.arriving, counts.read, counts.read)
         ratio = 1.0
         for side, (parts, input_space) in WIDTH_SIDES.items():
-            fraction = _side_macs(block, geometry, counts, parts) / max(
-                1, _side_macs(all_channels, geometry, counts, parts)
-            )
+            side_macs = _side_macs(all_channels, geometry, counts, parts)
+            fraction = _side_macs(block, geometry, counts, parts) / max(1, side_macs)
+            share = side_macs / max(1, _side_macs(all_channels, geometry, every_token_written, parts)) / kept_ratio
             # the exporter reads a listed input space through a Gather, all of it listed or not
             gathers = getattr(block, input_space) is not None
             other = next(name for name in WIDTH_SIDES if name != side)
@@ -250,7 +255,7 @@ class LatencyTable:
                 (count, _side_factor(geometry, side, [r for r in rows if r["read"] == count], fraction, gathers))
                 for count in sorted({row["read"] for row in rows})
             ]
-            ratio -= 1 - _interpolate(factors, counts.read)
+            ratio -= (1 - _interpolate(factors, counts.read)) * share
         return max(ratio, MIN_WIDTH_RATIO)
 
     def _blocks_alone_ms(self, geometry: ViTGeometry, counts: list[TokenCounts]) -> float:
