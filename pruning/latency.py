@@ -33,7 +33,9 @@ synchronisation around one block, and how much of its work overlaps its neighbou
 session's input and output handling), so every block's prediction is ``scale * alone - offset``:
 the two numbers that make both whole models of the calibration exact (aggregations are added as
 timed; when the two models do not pin a plausible scale, it is 1 and the offset makes the dense
-model exact). Everything else is predicted from the grid.
+model exact). A block faster alone than the few-tokens model's blocks, below both calibration
+points, keeps the ratio to its time alone that those blocks have: the line through the two points
+is not extrapolated below them. Everything else is predicted from the grid.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ class LatencyTable:
     aggregations: tuple[dict, ...]
     source: str = ""
     sha256: Optional[str] = None  # of the bytes it was read from (None: made in memory)
-    # calibration() per geometry: the methods' searches predict many plans on one table
+    # calibration() per geometry, with a few-tokens block's time alone (inside_model_ms): the
+    # methods' searches predict many plans on one table
     _calibrations: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -274,19 +277,33 @@ class LatencyTable:
             low, high = CALIBRATION_SCALES
             if not low <= scale <= high:
                 scale = 1.0
-            self._calibrations[geometry] = (scale, (self.fixed_ms + scale * dense - self.dense_ms) / geometry.depth)
-        return self._calibrations[geometry]
+            offset = (self.fixed_ms + scale * dense - self.dense_ms) / geometry.depth
+            smallest = self.timed_alone_ms(BlockPlan(), geometry, few_tokens_counts(geometry)[1])[0]
+            self._calibrations[geometry] = (scale, offset, smallest)
+        return self._calibrations[geometry][:2]
+
+    def inside_model_ms(self, alone_ms: float, geometry: ViTGeometry) -> float:
+        """A block's time inside the model from its time alone: the calibration's line down to the
+        few-tokens model's blocks (the smaller calibration point) and, below them, their ratio to
+        their time alone, held; never below a tenth of the time alone. On a 2-core CPU the blocks
+        of the smallest DGSSA + GLAD structure (13 tokens) ran 0.79 of their time alone inside the
+        model, as the few-tokens model's blocks (25 tokens) did, where the line gave 0.48 (per-node
+        onnxruntime profile)."""
+        scale, offset = self.calibration(geometry)
+        smallest = self._calibrations[geometry][2]  # a few-tokens block's time alone
+        if alone_ms < smallest:
+            return max(alone_ms * (scale * smallest - offset) / smallest, 0.1 * alone_ms)
+        return max(scale * alone_ms - offset, 0.1 * alone_ms)
 
     def predict(self, plan: SlimPlan, geometry: ViTGeometry) -> "LatencyPrediction":
         """The plan's predicted latency on the table's runtime, at the table's batch: each block
-        timed alone, calibrated (never below a tenth of its time alone), plus its aggregation as
-        timed alone. The calibration is not applied to aggregations: it is measured on blocks, and
-        applying table_version 1's per-block offset to them too moved GLAD structures' predictions
-        further from the clock on onnxruntime (H200) and a 2-core CPU (BENCHMARKS.md)."""
+        timed alone, calibrated (inside_model_ms), plus its aggregation as timed alone. The
+        calibration is not applied to aggregations: it is measured on blocks, and applying
+        table_version 1's per-block offset to them too moved GLAD structures' predictions further
+        from the clock on onnxruntime (H200) and a 2-core CPU (BENCHMARKS.md)."""
         self.check_geometry(geometry)
-        scale, offset = self.calibration(geometry)
         blocks = tuple(
-            max(scale * block - offset, 0.1 * block) + aggregation
+            self.inside_model_ms(block, geometry) + aggregation
             for block, aggregation in (
                 self.timed_alone_ms(block, geometry, counts)
                 for block, counts in zip(plan.blocks, token_counts(plan, geometry))

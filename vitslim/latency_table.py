@@ -539,11 +539,16 @@ def table_markdown(table: LatencyTable) -> str:
 
 
 def _calibration_line(table: LatencyTable) -> str:
-    scale, offset = table.calibration(table.sizes)
+    geometry = table.sizes
+    scale, offset = table.calibration(geometry)
+    smallest = table.timed_alone_ms(BlockPlan(), geometry, few_tokens_counts(geometry)[1])[0]
     line = f"- Calibration: inside the model a block takes {scale:.3f} × its time alone − {offset:.4g} ms"
     if scale == 1.0:
         line += " (the two whole models did not pin a scale between 0.5 and 2: the dense model's offset alone)"
-    return line
+    held = table.inside_model_ms(smallest, geometry) / smallest
+    return (
+        line + f"; a block faster alone than {smallest:.4g} ms (a few-tokens block) takes {held:.3f} × its time alone"
+    )
 
 
 def write_table(table: LatencyTable, path: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from vitslim.pruning.latency import (
     STEP_CHANNELS,
     LatencyBudget,
     LatencyTable,
+    few_tokens_counts,
     read_latency_table,
     step_channels,
     table_from_dict,
@@ -75,6 +76,27 @@ def test_two_whole_models_calibrate_the_blocks_timed_alone():
     plan = BASE.with_block(1, BlockPlan(kept_tokens=tuple(range(9))))
     alone = TABLE.predict(plan, GEOMETRY).total_ms - FIXED_MS
     assert table.predict(plan, GEOMETRY).total_ms == pytest.approx(FIXED_MS + 0.9 * alone - 3 * 0.004)
+
+
+def test_a_block_smaller_than_both_calibration_models_keeps_the_few_tokens_blocks_ratio():
+    """Below the few-tokens model's blocks the calibration's line is not extrapolated (on a 2-core
+    CPU it predicted a 13-token block at 0.48 of its time alone where it ran 0.79, as a 25-token
+    block did): the ratio those blocks have is held, continuous where the line ends."""
+    data = mac_table()
+    dense_alone, few_alone = data["dense_ms"] - FIXED_MS, data["few_tokens_ms"] - FIXED_MS
+    data["dense_ms"] = FIXED_MS + 1.2 * dense_alone - 3 * 0.01  # a large offset per block
+    data["few_tokens_ms"] = FIXED_MS + 1.2 * few_alone - 3 * 0.01
+    table = table_from_dict(data)
+    assert table.calibration(GEOMETRY) == pytest.approx((1.2, 0.01))
+    smallest = table.timed_alone_ms(BlockPlan(), GEOMETRY, few_tokens_counts(GEOMETRY)[1])[0]
+    ratio = (1.2 * smallest - 0.01) / smallest
+    assert table.inside_model_ms(smallest, GEOMETRY) == pytest.approx(smallest * ratio)
+    assert table.inside_model_ms(2 * smallest, GEOMETRY) == pytest.approx(2.4 * smallest - 0.01)  # on the line
+    plan = BASE.with_block(0, BlockPlan(kept_tokens=(0, 5)))  # blocks 1 and 2 read 2 tokens, fewer than 3
+    alone = table.timed_alone_ms(BlockPlan(), GEOMETRY, TokenCounts(2, 2, 2))[0]
+    assert alone < smallest
+    assert table.predict(plan, GEOMETRY).blocks_ms[1] == pytest.approx(alone * ratio)
+    assert alone * ratio > 1.2 * alone - 0.01  # the line would have predicted it faster
 
 
 def test_whole_models_that_pin_no_plausible_scale_leave_the_dense_models_offset():
