@@ -285,10 +285,9 @@ class LatencyTable:
     def inside_model_ms(self, alone_ms: float, geometry: ViTGeometry) -> float:
         """A block's time inside the model from its time alone: the calibration's line down to the
         few-tokens model's blocks (the smaller calibration point) and, below them, their ratio to
-        their time alone, held; never below a tenth of the time alone. On a 2-core CPU the blocks
-        of the smallest DGSSA + GLAD structure (13 tokens) ran 0.79 of their time alone inside the
-        model, as the few-tokens model's blocks (25 tokens) did, where the line gave 0.48 (per-node
-        onnxruntime profile)."""
+        their time alone, held; never below a tenth of the time alone. Profiled on a 2-core CPU
+        (benchmarks/results/calibration_profile.json), blocks reading 13 tokens ran inside the model
+        at about the ratio the few-tokens model's blocks (25 tokens) ran at, not at the line's."""
         scale, offset = self.calibration(geometry)
         smallest = self._calibrations[geometry][2]  # a few-tokens block's time alone
         if alone_ms < smallest:

@@ -276,3 +276,24 @@ def test_the_latency_report_names_the_composed_search_only_where_results_hold_it
     assert "from a VTP start that removed 20% of the gated dims" in _composed_text({"cpu": composed})
     unrecorded = {"rows": composed["rows"]}
     assert _composed_text({"cpu": unrecorded}).startswith(", and Patch Slimming's token search from a VTP start (")
+
+
+def test_the_calibration_profile_gives_kernel_time_to_the_token_count_it_reads(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.calibration_profile import kernel_ms_by_tokens
+
+    weight = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 13, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 13, 16])],
+        [weight],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    by_tokens, wall_ms = kernel_ms_by_tokens(path, np.zeros((4, 13, 16), np.float32), batch=4)
+    assert list(by_tokens) == [13] and by_tokens[13] > 0 and wall_ms > 0

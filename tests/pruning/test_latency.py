@@ -79,9 +79,10 @@ def test_two_whole_models_calibrate_the_blocks_timed_alone():
 
 
 def test_a_block_smaller_than_both_calibration_models_keeps_the_few_tokens_blocks_ratio():
-    """Below the few-tokens model's blocks the calibration's line is not extrapolated (on a 2-core
-    CPU it predicted a 13-token block at 0.48 of its time alone where it ran 0.79, as a 25-token
-    block did): the ratio those blocks have is held, continuous where the line ends."""
+    """Below the few-tokens model's blocks the calibration's line is not extrapolated (profiled on a
+    2-core CPU, benchmarks/results/calibration_profile.json, it gave a 13-token block about half
+    the ratio to its time alone that it ran at): the ratio those blocks have is held, continuous
+    where the line ends."""
     data = mac_table()
     dense_alone, few_alone = data["dense_ms"] - FIXED_MS, data["few_tokens_ms"] - FIXED_MS
     data["dense_ms"] = FIXED_MS + 1.2 * dense_alone - 3 * 0.01  # a large offset per block
