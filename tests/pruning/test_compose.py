@@ -151,8 +151,7 @@ def test_a_composed_run_cuts_both_axes_and_exports_with_parity(first, second, tm
     start_report = after.report["start"]
     assert start_report == {"method": first, "macs": before.report["macs"], "params": before.report["params"]}
     assert after.report["macs"] < start_report["macs"] and after.report["macs_dense"] == before.report["macs_dense"]
-    assert after.report["top1_start"] == pytest.approx(
-        before.report["top1"]
-    )  # the start model, as the first run left it
+    # the start model is the first run's result as it left it
+    assert after.report["top1_start"] == pytest.approx(before.report["top1"])
     exported = export_plan(after.model, after.plan, tmp_path / "composed.onnx", images=IMAGES).report
     assert exported["parity"]["max_abs_diff"] <= 1e-4 and exported["macs"] == after.report["macs"]
