@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -67,16 +66,14 @@ def kernel_ms_by_tokens(path: Path, images: np.ndarray, batch: int) -> tuple[dic
 
 
 def run(table_path: Path) -> dict:
-    import onnxruntime
-    import torch
-    from vitslim.deploy.bench import host_description
     from vitslim.export.compact import compact_from_plan
-    from vitslim.pruning.latency import few_tokens_counts, table_from_dict
+    from vitslim.pruning.latency import table_from_dict
     from vitslim.pruning.models import create_model
     from vitslim.pruning.plan import BlockPlan, ModelSpec, TokenCounts, dense_plan, token_counts
     from vitslim.pruning.timm_adapter import supported_geometry
 
     from benchmarks.operating_points import operating_points
+    from benchmarks.timing import environment
     from vitslim.latency_table import export_point, few_tokens_plan
 
     stored = json.loads(table_path.read_text())["tables"][0]
@@ -86,7 +83,7 @@ def run(table_path: Path) -> dict:
     geometry = supported_geometry(model)
     base = dense_plan(spec, geometry.depth)
     scale, offset = table.calibration(geometry)
-    smallest = table.timed_alone_ms(BlockPlan(), geometry, few_tokens_counts(geometry)[1])[0]
+    smallest = table.few_tokens_block_ms(geometry)
     plans = {"dense": base, "few-tokens": few_tokens_plan(spec, geometry)}
     plans.update({p.variant: p.plan for p in operating_points(model, base) if p.variant in STRUCTURES})
     images = np.random.default_rng(0).standard_normal((table.batch, 3, 224, 224)).astype(np.float32)
@@ -120,11 +117,7 @@ def run(table_path: Path) -> dict:
                 )
     return {
         "environment": {
-            "host": host_description(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **environment("cpu"),
             "model": MODEL,
             "batch": table.batch,
             "table": str(table_path),

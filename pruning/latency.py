@@ -282,6 +282,12 @@ class LatencyTable:
             self._calibrations[geometry] = (scale, offset, smallest)
         return self._calibrations[geometry][:2]
 
+    def few_tokens_block_ms(self, geometry: ViTGeometry) -> float:
+        """The time alone of a block of the few-tokens model after its first, the smaller
+        calibration point (cached with the calibration)."""
+        self.calibration(geometry)
+        return self._calibrations[geometry][2]
+
     def inside_model_ms(self, alone_ms: float, geometry: ViTGeometry) -> float:
         """A block's time inside the model from its time alone: the calibration's line down to the
         few-tokens model's blocks (the smaller calibration point) and, below them, their ratio to
@@ -289,7 +295,7 @@ class LatencyTable:
         (benchmarks/results/calibration_profile.json), blocks reading 13 tokens ran inside the model
         at about the ratio the few-tokens model's blocks (25 tokens) ran at, not at the line's."""
         scale, offset = self.calibration(geometry)
-        smallest = self._calibrations[geometry][2]  # a few-tokens block's time alone
+        smallest = self.few_tokens_block_ms(geometry)
         if alone_ms < smallest:
             return max(alone_ms * (scale * smallest - offset) / smallest, 0.1 * alone_ms)
         return max(scale * alone_ms - offset, 0.1 * alone_ms)

@@ -541,7 +541,7 @@ def table_markdown(table: LatencyTable) -> str:
 def _calibration_line(table: LatencyTable) -> str:
     geometry = table.sizes
     scale, offset = table.calibration(geometry)
-    smallest = table.timed_alone_ms(BlockPlan(), geometry, few_tokens_counts(geometry)[1])[0]
+    smallest = table.few_tokens_block_ms(geometry)
     line = f"- Calibration: inside the model a block takes {scale:.3f} × its time alone − {offset:.4g} ms"
     if scale == 1.0:
         line += " (the two whole models did not pin a scale between 0.5 and 2: the dense model's offset alone)"

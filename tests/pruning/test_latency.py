@@ -316,6 +316,21 @@ def _predicted(plan) -> float:
     return TABLE.predict(plan, GEOMETRY).total_ms
 
 
+def _patch_slim_to(table: str, target: float, search_iterations: int, step: int) -> PatchSlimConfig:
+    """Patch Slimming searching for a latency target on `table`, fast: no block tuning, no fine-tuning."""
+    return PatchSlimConfig(
+        latency_table=table,
+        target_ms=target,
+        search_iterations=search_iterations,
+        step=step,
+        block_epochs=0,
+        finetune_epochs=0,
+        calibration_images=64,
+        block_tuning_images=64,
+        batch_size=32,
+    )
+
+
 def test_each_method_meets_a_latency_target(tmp_path):
     """The search of every method honours its target on a table built here; the report
     shows the prediction beside the target."""
@@ -337,20 +352,7 @@ def test_each_method_meets_a_latency_target(tmp_path):
 
     runs = {
         "patch-slim": lambda: prune_patch_slimming(
-            MODEL,
-            DATA,
-            PatchSlimConfig(
-                latency_table=table,
-                target_ms=target,
-                search_iterations=4,
-                step=4,
-                block_epochs=0,
-                finetune_epochs=0,
-                calibration_images=64,
-                block_tuning_images=64,
-                batch_size=32,
-            ),
-            BASE,
+            MODEL, DATA, _patch_slim_to(table, target, search_iterations=4, step=4), BASE
         ),
         "vtp": lambda: prune_vtp(
             MODEL,
@@ -396,17 +398,7 @@ def test_a_method_started_from_another_counts_the_start_toward_its_target(tmp_pa
     widths = SlimPlan(model=BASE.model, blocks=(width_block(GEOMETRY, 0.5, 0.5),) * 3, method="vtp")
     target = 0.97 * _predicted(widths)
     assert target < 0.8 * _predicted(BASE)
-    config = PatchSlimConfig(
-        latency_table=table,
-        target_ms=target,
-        search_iterations=6,
-        step=2,
-        block_epochs=0,
-        finetune_epochs=0,
-        calibration_images=64,
-        block_tuning_images=64,
-        batch_size=32,
-    )
+    config = _patch_slim_to(table, target, search_iterations=6, step=2)
     composed, alone = (prune_patch_slimming(MODEL, DATA, config, start) for start in (widths, BASE))
     for result in (composed, alone):
         assert _predicted(result.plan) <= target
