@@ -1078,6 +1078,21 @@ CASES = [
         "unknown method 'magic'",
     ),
     (
+        "run-composed-start-not-listed",
+        text("r.yaml", "model: {name: deit_tiny_patch16_224}\nmethods: {vtp+patch-slim: {}, vtp: {}}\n"),
+        ["run", "{tmp}/r.yaml"],
+        "recipe methods.vtp+patch-slim: starts from the entry 'vtp', which is not listed above it",
+    ),
+    (
+        "run-composed-same-axis",
+        text(
+            "r.yaml",
+            "model: {name: deit_tiny_patch16_224}\nmethods: {patch-slim: {epsilon: 0.02}, patch-slim+dgssa-glad: {}}\n",
+        ),
+        ["run", "{tmp}/r.yaml"],
+        "DGSSA + GLAD cannot start from Patch Slimming's result",
+    ),
+    (
         "run-method-wrong-type",
         None,
         ["run", "--set", "methods.vtp.prune_ratio=high"],

@@ -23,7 +23,7 @@ from vitslim.cli import default_torch_mode, main
 from vitslim.core.errors import EXIT_BAD_INPUT, VitslimError
 from vitslim.core.files import sha256_of
 from vitslim.core.precision import TOLERANCES
-from vitslim.recipe import load_recipe
+from vitslim.recipe import composed_entry, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -407,6 +407,29 @@ def test_recipe_overrides_by_dotted_key():
     ):
         with pytest.raises(PruningError, match=message):
             load_recipe(None, [bad])
+
+
+def test_a_recipe_entry_named_start_plus_method_composes_methods():
+    """'vtp+patch-slim' runs Patch Slimming from the entry 'vtp' (run_recipe starts it from that
+    entry's run; tests/test_determinism.py runs one); its settings are Patch Slimming's and
+    `--set` reaches them; a start on the same axis is refused before anything runs."""
+    recipe = load_recipe(None, ["methods.vtp+patch-slim.epsilon=0.03"])
+    names = [name for name, _ in recipe.methods]
+    assert names == ["vtp", "patch-slim", "dgssa-glad", "vtp+patch-slim"]
+    assert [composed_entry(name) for name in names] == [
+        (None, "vtp"),
+        (None, "patch-slim"),
+        (None, "dgssa-glad"),
+        ("vtp", "patch-slim"),
+    ]
+    config = dict(recipe.methods)["vtp+patch-slim"]
+    assert type(config) is type(dict(recipe.methods)["patch-slim"]) and config.epsilon == 0.03
+    with pytest.raises(PruningError, match="'\\+vtp' is not a method name"):
+        load_recipe(None, ["methods.+vtp={}"])
+    with pytest.raises(PruningError, match="VTP cannot start from VTP's result"):
+        load_recipe(None, ["methods.vtp+vtp={}"])
+    with pytest.raises(PruningError, match="Patch Slimming cannot start from DGSSA \\+ GLAD's result"):
+        load_recipe(None, ["methods.vtp+dgssa-glad={static_blocks: 1}", "methods.vtp+dgssa-glad+patch-slim={}"])
 
 
 def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):

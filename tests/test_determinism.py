@@ -1,10 +1,12 @@
 """The same recipe and seed on the same machine give byte-identical plans, weights and ONNX files
 (fp32, fp16 and the INT8 quantization);
-a rerun skips the stages that finished with the same settings."""
+a rerun skips the stages that finished with the same settings, and reruns a composed entry whose
+start changed."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ methods:
   vtp: {prune_ratio: 0.4, sparsity_epochs: 1, finetune_epochs: 1, round_to: 1}
   patch-slim: {epsilon: 0.05, finetune_epochs: 1, calibration_images: 32, block_tuning_images: 32}
   dgssa-glad: {static_blocks: 1, pyramid: "1:8", finetune_epochs: 1}
+  vtp+patch-slim: {epsilon: 0.05, finetune_epochs: 1, calibration_images: 32, block_tuning_images: 32}
 deploy: {engines: false, latency: false}  # bytes, not timings: the summary's latency columns are left out
 """
 
@@ -32,13 +35,13 @@ def _artifacts(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(files)}
 
 
-@pytest.mark.e2e  # three tiny recipe runs (about 70 s): `make test-e2e`, which CI runs too
+@pytest.mark.e2e  # three tiny recipe runs (about 90 s): `make test-e2e`, which CI runs too
 def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stages(tmp_path, caplog):
     (tmp_path / "tiny.yaml").write_text(RECIPE)
     for out in ("a", "b"):
         assert main(["run", str(tmp_path / "tiny.yaml"), "--out-dir", str(tmp_path / out), "--seed", "3"]) == 0
     first, second = _artifacts(tmp_path / "a" / "tiny"), _artifacts(tmp_path / "b" / "tiny")
-    assert len(first) == 4 * 3 + 4 * 3  # 4 run directories with 3 files each; fp32, fp16 and int8 ONNX of each variant
+    assert len(first) == 5 * 3 + 5 * 3  # 5 run directories with 3 files each; fp32, fp16 and int8 ONNX of each variant
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
     summary = json.loads((tmp_path / "a" / "tiny" / "summary.json").read_text())
@@ -65,8 +68,13 @@ def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stag
         == 0
     )
     out = caplog.text
-    assert all(
-        f"{stage}: finished earlier with the same settings" in out for stage in ("dense", "patch-slim", "dgssa-glad")
-    ), out
-    assert "vtp: finished earlier" not in out
+    # the composed entry reruns with its start: its stage record holds the start's
+    assert set(re.findall(r"(\S+): finished earlier with the same settings", out)) == {
+        "dense",
+        "patch-slim",
+        "dgssa-glad",
+    }
+    composed = json.loads((tmp_path / "a" / "tiny" / "vtp+patch-slim" / "info.json").read_text())
+    vtp = json.loads((tmp_path / "a" / "tiny" / "vtp" / "info.json").read_text())
+    assert composed["plan_method"] == "vtp+patch-slim" and composed["start"]["macs"] == vtp["macs"]
     assert (tmp_path / "a" / "tiny" / "patch-slim" / "weights.safetensors").stat().st_mtime_ns == before

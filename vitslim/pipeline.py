@@ -35,7 +35,7 @@ from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_mai
 from .plots import block_macs_png, training_curve_png
 from .prune_report import model_title, write_prune_report
 from .quantization import onnx_logits, top1_of
-from .recipe import Recipe
+from .recipe import Recipe, composed_entry
 from .summary import SUMMARY_BATCH, failed_checks, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -445,9 +445,16 @@ def _run_recipe(recipe: Recipe, restart: bool, progress: RunProgress) -> dict:
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
     variants = [("dense", dense_dir, info["val_top1"])]
+    stages = {}  # entry -> its stage record: a composed entry's record holds its start's, so it reruns when that does
     for name, config in recipe.methods:
-        stage = {"method": name, "config": dataclasses.asdict(config), "dense": dense_stage}
-        run = functools.partial(prune_run, name, config, plan, model, data, root / name, restart)
+        start, method = composed_entry(name)
+        stage = {"method": method, "config": dataclasses.asdict(config), "dense": dense_stage}
+        start_plan, start_model = (plan, model)
+        if start is not None:
+            stage["start"] = stages[start]
+            start_plan, start_model = load_run(root / start)
+        stages[name] = stage
+        run = functools.partial(prune_run, method, config, start_plan, start_model, data, root / name, restart)
         progress.begin(name)
         report = _run_stage(name, root / name, stage, restart, run, progress)
         variants.append((name, root / name, report["top1"]))

@@ -137,23 +137,60 @@ def _settings(where: str, config_type: type, given) -> Any:
     return config_type(**given)
 
 
+def composed_entry(name: str) -> tuple[Optional[str], str]:
+    """A `methods` entry's name -> (the earlier entry it starts from, None for the dense model;
+    the method it runs): 'vtp+patch-slim' runs Patch Slimming on the result of the entry 'vtp'."""
+    start, _, method = name.rpartition("+")
+    return start or None, method
+
+
 def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[tuple[str, Any], ...]:
     """Each method's settings; its fine-tuning takes the train section's augmentation settings
     (augment, mixup, cutmix, label_smoothing) unless its own section sets them; a latency table
-    is named relative to the recipe file."""
+    is named relative to the recipe file. An entry 'A+B' composes: method B starts from the
+    result of the earlier entry A, on the other axis (checked here, before anything runs)."""
     from vitslim.pruning.methods import get_method
 
     if not isinstance(methods, dict):
         raise PruningError("recipe methods: a mapping of method name -> settings, e.g. {vtp: {prune_ratio: 0.4}}")
     configs = []
     for name, settings in methods.items():
+        if not isinstance(name, str) or "" in name.split("+"):
+            raise PruningError(
+                f"recipe methods: {name!r} is not a method name (a string such as vtp or vtp+patch-slim)"
+            )
         if settings is not None and not isinstance(settings, dict):
             raise PruningError(f"recipe methods.{name}: a mapping of setting -> value, not {type(settings).__name__}")
+        start, method_name = composed_entry(name)
+        try:
+            method = get_method(method_name)
+        except PruningError as error:
+            raise PruningError(f"recipe methods.{name}: {error}") from None
+        if start is not None:
+            _check_start(name, start, method, [entry for entry, _ in configs])
         given = {**train.augmentation_settings(), **(settings or {})}
         if "latency_table" in given:
             given["latency_table"] = _beside(base, given["latency_table"])
-        configs.append((name, _settings(f"methods.{name}", get_method(name).config_type, given)))
+        configs.append((name, _settings(f"methods.{name}", method.config_type, given)))
     return tuple(configs)
+
+
+def _check_start(name: str, start: str, method, earlier: list[str]) -> None:
+    """An entry 'START+METHOD' needs START listed above it, and METHOD on an axis that no method
+    of START's chain decided (the check `pruning.methods.base.start` makes on the plan at run time)."""
+    from vitslim.pruning.methods import get_method
+
+    if start not in earlier:
+        raise PruningError(
+            f"recipe methods.{name}: starts from the entry {start!r}, which is not listed above it: "
+            f"list {start!r} first (entries run in order)"
+        )
+    for other in start.split("+"):
+        if set(get_method(other).decides) & set(method.decides):
+            raise PruningError(
+                f"recipe methods.{name}: {method.title} cannot start from {get_method(other).title}'s result "
+                f"(both decide the same axis): start it from an entry of the other axis, e.g. vtp+patch-slim"
+            )
 
 
 def _beside(base: Optional[Path], value):
