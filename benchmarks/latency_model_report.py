@@ -82,8 +82,11 @@ def _environment(data: dict) -> str:
     cores = "" if data["tables"][0]["where"]["device"] == "cuda" else f" ({host.get('cores')} cores)"
     return (
         f"{device}{cores}; {env['runtime']}, {env['precision']}; torch {env['torch']}, timm {env['timm']}, "
-        f"onnxruntime {env['onnxruntime']}, Python {env['python']}; measured {env['date']}; tables measured in "
-        + ", ".join(f"{t['seconds']:.0f} s (batch {t['batch']})" for t in data["tables"])
+        f"onnxruntime {env['onnxruntime']}, Python {env['python']}; tables measured in "
+        + ", ".join(
+            f"{t['seconds']:.0f} s (batch {t['batch']}, on {t['where'].get('measured_on', env['date'])})"
+            for t in data["tables"]
+        )
     )
 
 
