@@ -107,8 +107,8 @@ def kept_fraction(geometry: ViTGeometry, read: int, written: int) -> float:
 # The width grid's step keeps this many input channels fewer than all. Not one: GPU GEMMs in fp16
 # run a channel count that is not a multiple of 8 on slower kernels, so a point one channel short
 # times that slowdown as the Gather's cost and mispredicts every narrower block, while plans round
-# their channels to 8 (VTP's --round-to). With this step, VTP 20 % and 40 % are predicted within
-# 2.1 % on an H200 (PyTorch, batch 64: benchmarks/results/latency_model_gpu_64.json).
+# their channels to 8 (VTP's --round-to). table_version 3 predicts VTP 20 % and 40 % within 2.1 %
+# on an H200 (PyTorch, batch 64: benchmarks/results/latency_model_gpu_64.json).
 STEP_CHANNELS = 8
 
 

@@ -426,7 +426,9 @@ def test_a_recipe_entry_named_start_plus_method_composes_methods():
     assert type(config) is type(dict(recipe.methods)["patch-slim"]) and config.epsilon == 0.03
     with pytest.raises(PruningError, match="'\\+vtp' is not a method name"):
         load_recipe(None, ["methods.+vtp={}"])
-    with pytest.raises(PruningError, match="VTP cannot start from VTP's result"):
+    with pytest.raises(PruningError, match="unknown method 'magic'"):
+        load_recipe(None, ["methods.magic+patch-slim={}"])
+    with pytest.raises(PruningError, match="VTP cannot start from VTP's result .* e.g. (patch-slim|dgssa-glad)\\+vtp$"):
         load_recipe(None, ["methods.vtp+vtp={}"])
     with pytest.raises(PruningError, match="Patch Slimming cannot start from DGSSA \\+ GLAD's result"):
         load_recipe(None, ["methods.vtp+dgssa-glad={static_blocks: 1}", "methods.vtp+dgssa-glad+patch-slim={}"])

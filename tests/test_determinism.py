@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def _artifacts(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(files)}
 
 
-@pytest.mark.e2e  # three tiny recipe runs (about 90 s): `make test-e2e`, which CI runs too
+@pytest.mark.e2e  # four tiny recipe runs (about 2 min): `make test-e2e`, which CI runs too
 def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stages(tmp_path, caplog):
     (tmp_path / "tiny.yaml").write_text(RECIPE)
     for out in ("a", "b"):
@@ -77,4 +78,10 @@ def test_same_recipe_and_seed_give_identical_bytes_and_reruns_skip_finished_stag
     composed = json.loads((tmp_path / "a" / "tiny" / "vtp+patch-slim" / "info.json").read_text())
     vtp = json.loads((tmp_path / "a" / "tiny" / "vtp" / "info.json").read_text())
     assert composed["plan_method"] == "vtp+patch-slim" and composed["start"]["macs"] == vtp["macs"]
+    # a start that runs again with the same settings (its run directory gone): the entry starting from it reruns
+    shutil.rmtree(tmp_path / "a" / "tiny" / "vtp")
+    caplog.clear()
+    rerun = ["run", str(tmp_path / "tiny.yaml"), "--out-dir", str(tmp_path / "a"), "--seed", "3"]
+    assert main([*rerun, "--set", "methods.vtp.prune_ratio=0.3", "--set", "deploy.int8=false"]) == 0
+    assert set(re.findall(r"(\S+): finished earlier", caplog.text)) == {"dense", "patch-slim", "dgssa-glad"}
     assert (tmp_path / "a" / "tiny" / "patch-slim" / "weights.safetensors").stat().st_mtime_ns == before

@@ -345,14 +345,14 @@ def _finished_stage(directory: Path, stage: dict) -> Optional[dict]:
         return None  # a damaged info.json: run the stage again
 
 
-def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run, progress: RunProgress) -> dict:
-    """`run()` (which writes `directory` and returns its info) unless the stage finished earlier
-    with the same settings; then its info is reused."""
+def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run, progress: RunProgress) -> tuple[dict, bool]:
+    """(info, ran): `run()` (which writes `directory` and returns its info) unless the stage
+    finished earlier with the same settings; then its info is reused and `ran` is False."""
     info = None if restart else _finished_stage(directory, stage)
     if info is not None:
         log.warning(f"{name}: finished earlier with the same settings ({directory}); skipped")
         progress.end(skipped=True)
-        return info
+        return info, False
     if is_main_process():
         (directory / STAGE_FILE).unlink(
             missing_ok=True
@@ -363,7 +363,7 @@ def _run_stage(name: str, directory: Path, stage: dict, restart: bool, run, prog
         write_text_atomic(directory / STAGE_FILE, json.dumps(stage, indent=1))
     barrier()
     progress.end()
-    return info
+    return info, True
 
 
 def _epochs_of(config) -> float:
@@ -432,7 +432,7 @@ def _run_recipe(recipe: Recipe, restart: bool, progress: RunProgress) -> dict:
         "pretrained": recipe.pretrained,
     }
     progress.begin("dense")
-    info = _run_stage(
+    info, dense_ran = _run_stage(
         "dense",
         dense_dir,
         dense_stage,
@@ -445,18 +445,28 @@ def _run_recipe(recipe: Recipe, restart: bool, progress: RunProgress) -> dict:
     plan, model = load_run(dense_dir)
     data = data_for(model, recipe.data)
     variants = [("dense", dense_dir, info["val_top1"])]
-    stages = {}  # entry -> its stage record: a composed entry's record holds its start's, so it reruns when that does
+    # A stage whose start ran in this invocation runs again from the beginning, even with the same
+    # settings: its start's weights are new (a run directory deleted, another machine). A composed
+    # entry's record holds its start's record, so changing the start's settings reruns it too.
+    stages, ran = {}, {"dense"} if dense_ran else set()
     for name, config in recipe.methods:
         start, method = composed_entry(name)
         stage = {"method": method, "config": dataclasses.asdict(config), "dense": dense_stage}
         start_plan, start_model = (plan, model)
         if start is not None:
+            if start not in stages:
+                raise PruningError(
+                    f"recipe methods.{name}: starts from {start!r}, not an entry before it: list it above"
+                )
             stage["start"] = stages[start]
             start_plan, start_model = load_run(root / start)
         stages[name] = stage
-        run = functools.partial(prune_run, method, config, start_plan, start_model, data, root / name, restart)
+        fresh = restart or (start or "dense") in ran
+        run = functools.partial(prune_run, method, config, start_plan, start_model, data, root / name, fresh)
         progress.begin(name)
-        report = _run_stage(name, root / name, stage, restart, run, progress)
+        report, stage_ran = _run_stage(name, root / name, stage, fresh, run, progress)
+        if stage_ran:
+            ran.add(name)
         variants.append((name, root / name, report["top1"]))
     if not is_main_process():
         return {}

@@ -178,18 +178,23 @@ def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[
 def _check_start(name: str, start: str, method, earlier: list[str]) -> None:
     """An entry 'START+METHOD' needs START listed above it, and METHOD on an axis that no method
     of START's chain decided (the check `pruning.methods.base.start` makes on the plan at run time)."""
-    from vitslim.pruning.methods import get_method
+    from vitslim.pruning.methods import METHODS, get_method
 
+    try:
+        chain = [get_method(part) for part in start.split("+")]
+    except PruningError as error:
+        raise PruningError(f"recipe methods.{name}: {error}") from None
     if start not in earlier:
         raise PruningError(
-            f"recipe methods.{name}: starts from the entry {start!r}, which is not listed above it: "
-            f"list {start!r} first (entries run in order)"
+            f"recipe methods.{name}: starts from the entry {start!r}, which is not listed above it "
+            f"(entries above: {', '.join(earlier) or 'none'}): list {start!r} first, entries run in order"
         )
-    for other in start.split("+"):
-        if set(get_method(other).decides) & set(method.decides):
+    for other in chain:
+        if set(other.decides) & set(method.decides):
+            example = next(m.name for m in METHODS.values() if not set(m.decides) & set(method.decides))
             raise PruningError(
-                f"recipe methods.{name}: {method.title} cannot start from {get_method(other).title}'s result "
-                f"(both decide the same axis): start it from an entry of the other axis, e.g. vtp+patch-slim"
+                f"recipe methods.{name}: {method.title} cannot start from {other.title}'s result (both decide "
+                f"the same axis): start it from an entry of the other axis, e.g. {example}+{method.name}"
             )
 
 
