@@ -650,9 +650,7 @@ class LatencyBudget:
         )
         budget = cls(table, geometry, target)
         if target is not None and budget.fits(start):
-            what = (
-                "the dense model" if all(b.is_dense for b in start.blocks) else f"the {start.method} run it starts from"
-            )
+            what = "the dense model" if start.is_dense else f"the {start.method} run it starts from"
             raise PruningError(
                 f"{what} is already predicted at {budget.predicted_ms(start):.4g} ms on {table.label}, within the "
                 f"target {target:.4g} ms: nothing to cut; lower --target-ms (or raise --target-speedup)"

@@ -89,6 +89,11 @@ class SlimPlan:
     blocks: tuple[BlockPlan, ...]
     method: str = "dense"
 
+    @property
+    def is_dense(self) -> bool:
+        """Every block keeps everything (the dense plan, whatever method name it carries)."""
+        return all(block.is_dense for block in self.blocks)
+
     def with_block(self, index: int, block: BlockPlan) -> "SlimPlan":
         """Return a new plan with block `index` replaced (plans are never edited in place)."""
         blocks = list(self.blocks)

@@ -182,7 +182,7 @@ def prune_model(
         "top1": result.top1,
         **result.report,
     }
-    if any(not block.is_dense for block in plan.blocks):
+    if not plan.is_dense:
         report["start"] = {
             "method": plan.method,
             "macs": start_macs,

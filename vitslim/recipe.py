@@ -161,13 +161,13 @@ def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[
             )
         if settings is not None and not isinstance(settings, dict):
             raise PruningError(f"recipe methods.{name}: a mapping of setting -> value, not {type(settings).__name__}")
-        start, method_name = composed_entry(name)
-        try:
-            method = get_method(method_name)
+        try:  # every method of the entry's chain, the one it runs last
+            *chain, method = [get_method(part) for part in name.split("+")]
         except PruningError as error:
             raise PruningError(f"recipe methods.{name}: {error}") from None
+        start = composed_entry(name)[0]
         if start is not None:
-            _check_start(name, start, method, [entry for entry, _ in configs])
+            _check_start(name, start, chain, method, [entry for entry, _ in configs])
         given = {**train.augmentation_settings(), **(settings or {})}
         if "latency_table" in given:
             given["latency_table"] = _beside(base, given["latency_table"])
@@ -175,15 +175,11 @@ def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[
     return tuple(configs)
 
 
-def _check_start(name: str, start: str, method, earlier: list[str]) -> None:
+def _check_start(name: str, start: str, chain: list, method, earlier: list[str]) -> None:
     """An entry 'START+METHOD' needs START listed above it, and METHOD on an axis that no method
     of START's chain decided (the check `pruning.methods.base.start` makes on the plan at run time)."""
-    from vitslim.pruning.methods import METHODS, get_method
+    from vitslim.pruning.methods import METHODS
 
-    try:
-        chain = [get_method(part) for part in start.split("+")]
-    except PruningError as error:
-        raise PruningError(f"recipe methods.{name}: {error}") from None
     if start not in earlier:
         raise PruningError(
             f"recipe methods.{name}: starts from the entry {start!r}, which is not listed above it "

@@ -85,4 +85,4 @@ def start(model: nn.Module, base: SlimPlan, method: str) -> tuple[ViTGeometry, M
 
 def composed_name(base: SlimPlan, method: str) -> str:
     """The method a plan is recorded as: `method`, after the start plan's when it was not dense."""
-    return method if all(block.is_dense for block in base.blocks) else f"{base.method}+{method}"
+    return method if base.is_dense else f"{base.method}+{method}"
