@@ -297,3 +297,21 @@ def test_the_calibration_profile_gives_kernel_time_to_the_token_count_it_reads(t
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     by_tokens, wall_ms = kernel_ms_by_tokens(path, np.zeros((4, 13, 16), np.float32), batch=4)
     assert list(by_tokens) == [13] and by_tokens[13] > 0 and wall_ms > 0
+
+
+def test_the_drift_summary_splits_rounds_by_what_the_sentinel_read():
+    from benchmarks.machine_drift import READS, summary
+
+    def round_(sentinel_ms, extra_ms):
+        return {"seconds": 0.0, "sentinel_ms": sentinel_ms, **{str(read): read / 10 + extra_ms for read in READS}}
+
+    rounds = [round_(1.0, 0.0), round_(1.02, 0.0), round_(1.5, 1.5), round_(1.0, 0.0)]
+    result = summary(rounds)
+    assert result["rounds"] == 4 and result["sentinel_slow_rounds"] == 1
+    block = result[str(READS[0])]
+    assert block["rounds_agreeing_with_sentinel"] == (4 if READS[0] / 10 + 1.5 > 1.15 * READS[0] / 10 else 3)
+    assert block["median_when_sentinel_quiet_ms"] == pytest.approx(READS[0] / 10)
+    assert block["median_when_sentinel_slow_ms"] == pytest.approx(READS[0] / 10 + 1.5)
+    assert block["quietest_ms"] == pytest.approx(READS[0] / 10) and block["slowest_ms"] == pytest.approx(
+        READS[0] / 10 + 1.5
+    )

@@ -23,6 +23,7 @@ from vitslim.latency_table import (
     GRID_PASSES,
     WHOLE_MODEL_ROUNDS,
     ModuleTimer,
+    QuietGate,
     TableSpec,
     block_point,
     few_tokens_plan,
@@ -35,6 +36,19 @@ from vitslim.measure import BenchSpec, run_bench
 
 QUICK = BenchSettings(warmup_seconds=0.0, min_seconds=0.0, min_iterations=2, max_rounds=1)
 SPEC = ModelSpec("deit_tiny_patch16_224", parse_model_kwargs(TINY_KWARGS))
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """The quiet gate's sentinel reads a quiet machine (its real timings of a tiny block would
+    make tests wait on a busy one); the tests of the gate script it themselves."""
+    monkeypatch.setattr(QuietGate, "sentinel_ms", lambda self: 1.0)
+
+
+def scripted_sentinel(slow_checks: set[int]):
+    """A sentinel reading 1 ms, or 2 ms (a slow spell) at the checks numbered in `slow_checks`."""
+    checks = iter(range(1_000_000))
+    return lambda self: 2.0 if next(checks) in slow_checks else 1.0
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +68,9 @@ def torch_table(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ModuleTimer, "ms", flop_ms)
+        # one slow spell of two checks, before the 10th timing: it waits for the third
+        patch.setattr(QuietGate, "sentinel_ms", scripted_sentinel({9, 10}))
+        patch.setattr("vitslim.latency_table.QUIET_POLL_SECONDS", 0.0)
         table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
     write_table(table, path)
     return path, messages
@@ -75,6 +92,10 @@ def test_a_table_is_measured_written_whole_and_read_back(torch_table):
     assert table.where["timings"] == len(messages)
     assert table.where["baseline"] == "timm's model" and table.sha256 is not None
     assert isinstance(table.where["noisy_points"], int) and "stayed noisy" in path.with_suffix(".md").read_text()
+    # the quiet gate held the 10th timing through the sentinel's slow spell
+    assert table.where["quiet_gate"]["waits"] == 1 and table.where["quiet_gate"]["timed_slow"] == 0
+    assert [i for i, message in enumerate(messages) if "waiting for a quiet spell" in message] == [9]
+    assert "1 timings waited for a quiet spell" in path.with_suffix(".md").read_text()
     # the two calibration models are predicted as they were timed whole
     predicted = table.predict(dense_plan(SPEC, geometry.depth), geometry)
     assert predicted.total_ms == pytest.approx(table.dense_ms) and predicted.fixed_ms == table.fixed_ms
@@ -115,6 +136,49 @@ def test_a_point_timed_slow_in_every_pass_is_timed_again(monkeypatch):
     table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
     assert calls["slow"] == slow_calls and any("again (1)" in message for message in messages)
     assert not out_of_order(table.blocks, 0.05) and table.where["timings"] == len(messages)
+
+
+def test_the_quiet_gate_waits_out_a_slow_spell_up_to_its_limit():
+    """The sentinel's quietest median so far is the quiet speed; a check more than QUIET_SLACK
+    over it waits and checks again, at most max_wait_seconds, then lets the timing run, counted."""
+    now = [0.0]
+    readings = iter([1.0, 1.05, 2.0, 1.9, 1.02, 3.0, 3.0, 3.0, 3.0, 0.9])
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    gate = QuietGate(None, None, max_wait_seconds=2.5, sleep=sleep, clock=lambda: now[0])
+    gate.sentinel_ms = lambda: next(readings)
+    assert gate.wait() == 0.0 and gate.wait() == 0.0  # the first reading, and one within the slack
+    assert gate.wait() == 2.0 and (gate.waits, gate.timed_slow) == (1, 0)  # 2.0, 1.9, then 1.02
+    assert gate.wait() == 3.0 and (gate.waits, gate.timed_slow) == (2, 1)  # slow past the limit: timed anyway
+    assert gate.wait() == 0.0 and gate.quietest_ms == 0.9  # a quieter reading is the new quiet speed
+    assert gate.to_dict() == {
+        "max_wait_seconds": 2.5,
+        "waits": 2,
+        "waited_seconds": 5.0,
+        "timed_slow": 1,
+        "sentinel_quietest_ms": 0.9,
+    }
+
+
+def test_a_quiet_gate_of_zero_seconds_never_runs_the_sentinel():
+    gate = QuietGate(None, None, max_wait_seconds=0.0)
+    gate.sentinel_ms = lambda: pytest.fail("the sentinel ran")
+    assert gate.wait() == 0.0 and gate.to_dict()["sentinel_quietest_ms"] is None
+
+
+def test_the_sentinel_times_a_real_block(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real sentinel, not quiet_machine's stand-in
+    model = create_model(SPEC)
+    geometry = supported_geometry(model)
+    timer = ModuleTimer(TableSpec(SPEC, backend="onnxruntime", batch=2), QUICK, tmp_path)
+    block = timer.block(
+        block_parts(blocks_of(model)[0]), geometry, static=False, read=9, kept=1.0, attention_width=1.0, mlp_width=1.0
+    )
+    with timer.runner(block, (9, geometry.dim)) as runner:
+        gate = QuietGate(runner, timer.inputs((9, geometry.dim)), max_wait_seconds=1.0)
+        assert 0 < gate.sentinel_ms() < 1e4
 
 
 def test_grid_points_build_the_blocks_they_name():
@@ -186,7 +250,9 @@ def test_an_exported_grid_is_exported_once_for_both_passes(tmp_path, monkeypatch
     monkeypatch.setattr("vitslim.latency_table.export_point", export_stand_in)
     monkeypatch.setattr(ModuleTimer, "ms", flop_ms)
     messages = []
-    table = measure_table(TableSpec(SPEC, backend="onnxruntime", batch=2), settings=QUICK, progress=messages.append)
+    # no sentinel: it would run the stand-in's empty ONNX
+    spec = TableSpec(SPEC, backend="onnxruntime", batch=2, quiet_wait_seconds=0)
+    table = measure_table(spec, settings=QUICK, progress=messages.append)
     grid = len(table.blocks) + len(table.aggregations)
     assert any(f"exporting {grid} points in 1 process(es)" in message for message in messages)
     assert len(exported) == len(set(exported)) == grid + 4  # the grid, three whole models, timm's model
@@ -278,6 +344,8 @@ def test_bench_needs_the_run_for_a_prediction(torch_table, tmp_path, tiny_run):
         (["--precision", "int8"], "is not one of"),
         (["--batch", "0"], "must be >= 1"),
         (["--export-workers", "0"], "--export-workers 0 must be >= 1"),
+        (["--quiet-wait-seconds", "-1"], "--quiet-wait-seconds -1.0 must be >= 0"),
+        (["--quiet-wait-seconds", "nan"], "--quiet-wait-seconds nan must be >= 0"),
     ],
 )
 def test_latency_table_refuses_bad_settings_in_one_line(args, message, tmp_path):

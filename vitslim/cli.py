@@ -733,6 +733,13 @@ def cmd_latency_table(args) -> int:
             "noisy: if other work ran meanwhile, measure again on a quiet machine",
             file=sys.stderr,
         )
+    if table.where["quiet_gate"]["timed_slow"]:
+        print(
+            f"warning: {table.where['quiet_gate']['timed_slow']} timings ran in a slow spell of the machine after "
+            f"waiting {spec.quiet_wait_seconds:g} s for a quiet one: measure again on a quieter machine, or wait longer "
+            "(--quiet-wait-seconds)",
+            file=sys.stderr,
+        )
     print(
         f"latency table: {paths[0]} (+ {paths[1].name}, {paths[2].name}); timm's model {table.timm_ms:.4g} ms on {table.label}"
     )

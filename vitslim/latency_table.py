@@ -9,6 +9,7 @@ CUDA). Weights are random: latency does not depend on them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -31,7 +32,7 @@ from vitslim.core.errors import VitslimError
 from vitslim.core.files import write_text_atomic
 from vitslim.core.limits import MAX_BATCH
 from vitslim.core.settings import setting
-from vitslim.deploy.bench import BenchSettings, benchmark, device_name, host_description
+from vitslim.deploy.bench import BenchSettings, benchmark, device_name, host_description, measure_round
 from vitslim.deploy.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from vitslim.deploy.runners.torch_runner import TORCH_DTYPES, TORCH_MODES
 from vitslim.export.attention_form import DEFAULT_ATTENTION_FORM, attention_form
@@ -90,6 +91,21 @@ GRID_PASSES = 2
 OUT_OF_ORDER_SLACK = 0.05
 EXTRA_PASSES = 2
 TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations=10, max_rounds=2)
+# A shared 2-vCPU VM alternates between quiet spells and slow ones of seconds to minutes, and a
+# slow spell adds 1-2 ms to every run of a block rather than a factor: DeiT-S blocks alone reading
+# 25 and 197 tokens timed medians of 3.9 and 32.8 ms quiet, 5.3 and 33.9 ms slow
+# (benchmarks/results/machine_drift.json). Two passes still caught a few small points slow both
+# times, and one slow point skews every prediction at its read count. So before each timing a
+# sentinel (the dense block reading the few-tokens model's count, in one session kept open) runs
+# SENTINEL_RUNS times; while its median is more than QUIET_SLACK over the quietest median it has
+# had, the timing waits (TableSpec's quiet_wait_seconds at most), checking every QUIET_POLL_SECONDS.
+# The sentinel's session saw the same spells as new sessions of a block (117 of 124 rounds there).
+SENTINEL_RUNS = 5
+SENTINEL_TIMING = BenchSettings(
+    warmup_seconds=0.0, min_seconds=0.0, min_iterations=SENTINEL_RUNS, max_iterations=SENTINEL_RUNS, max_rounds=1
+)
+QUIET_SLACK = 0.15
+QUIET_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,11 @@ class TableSpec:
     )
     threads: Optional[int] = setting(None, "CPU threads for torch and onnxruntime (None: their own default)")
     cuda_graph: bool = setting(True, "onnxruntime on CUDA and tensorrt: replay a captured CUDA graph, as bench does")
+    quiet_wait_seconds: float = setting(
+        60.0,
+        "before each timing, wait up to this long for a sentinel block to run at its quiet speed (a shared "
+        "machine's slow spells last tens of seconds; 0: never wait)",
+    )
     export_workers: int = setting(
         1,
         "onnxruntime and tensorrt: processes that export the grid's points to ONNX before any is timed (1: this "
@@ -134,6 +155,8 @@ class TableSpec:
         if self.device not in ("cpu", "cuda"):
             raise VitslimError(f"--device {self.device!r} must be cpu or cuda")
         attention_form(self.attention)  # an unknown form is one line here, not after minutes
+        if not (math.isfinite(self.quiet_wait_seconds) and self.quiet_wait_seconds >= 0):
+            raise VitslimError(f"--quiet-wait-seconds {self.quiet_wait_seconds} must be >= 0 (0 never waits)")
         if self.export_workers < 1:
             raise VitslimError(f"--export-workers {self.export_workers} must be >= 1 (1 exports in this process)")
 
@@ -330,16 +353,70 @@ class ModuleTimer:
             return TensorRTRunner(engine, cuda_graph=spec.cuda_graph)
         return OnnxRuntimeRunner(path, spec.device, spec.threads, cuda_graph=spec.device == "cuda" and spec.cuda_graph)
 
+    def inputs(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The batch every timing of a module of this input shape runs on."""
+        return np.random.default_rng(0).standard_normal((self.spec.batch, *shape)).astype(np.float32)
+
     def ms(self, module: nn.Module, shape: tuple[int, ...], key: Optional[Hashable] = None) -> float:
         """The module's median latency; under `key`, exported (and built) only the first time."""
-        inputs = np.random.default_rng(0).standard_normal((self.spec.batch, *shape)).astype(np.float32)
         runner = self.runner(module, shape, key)
         with runner:
-            result = benchmark(runner, inputs, self.spec.precision, None, self.settings)
+            result = benchmark(runner, self.inputs(shape), self.spec.precision, None, self.settings)
             self.description = self.description or runner.description
         if result["noisy"]:
             self.noisy.append(f"{type(module).__name__} {shape}")
         return result["median_ms"]
+
+
+@dataclass
+class QuietGate:
+    """Holds each timing until the machine runs `runner` (the sentinel, active) at its quiet speed:
+    its median of SENTINEL_RUNS runs at most QUIET_SLACK over the quietest such median so far, or
+    `max_wait_seconds` spent waiting (0: never waits, never runs the sentinel). Counts what it did."""
+
+    runner: Optional[Runner]
+    inputs: Optional[np.ndarray]
+    max_wait_seconds: float
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.perf_counter
+    quietest_ms: float = math.inf
+    waits: int = 0  # timings that waited for a quiet spell
+    waited_seconds: float = 0.0
+    timed_slow: int = 0  # timings that waited max_wait_seconds and ran in a slow spell all the same
+
+    def sentinel_ms(self) -> float:
+        return float(np.median(measure_round(self.runner, self.inputs, SENTINEL_TIMING)))
+
+    def wait(self) -> float:
+        """Wait for a quiet spell; the seconds waited (0.0 when the first check found one)."""
+        if self.max_wait_seconds <= 0:
+            return 0.0
+        started, slept = self.clock(), False
+        while True:
+            ms = self.sentinel_ms()
+            self.quietest_ms = min(self.quietest_ms, ms)
+            waited = self.clock() - started
+            if ms <= (1 + QUIET_SLACK) * self.quietest_ms:
+                break
+            if waited >= self.max_wait_seconds:
+                self.timed_slow += 1
+                break
+            self.sleep(QUIET_POLL_SECONDS)
+            slept = True
+        if not slept:
+            return 0.0
+        self.waits += 1
+        self.waited_seconds += waited
+        return waited
+
+    def to_dict(self) -> dict:
+        return {
+            "max_wait_seconds": self.max_wait_seconds,
+            "waits": self.waits,
+            "waited_seconds": round(self.waited_seconds, 1),
+            "timed_slow": self.timed_slow,
+            "sentinel_quietest_ms": self.quietest_ms if math.isfinite(self.quietest_ms) else None,
+        }
 
 
 def out_of_order(rows: list[dict], slack: float) -> list[dict]:
@@ -373,17 +450,42 @@ def measure_table(
     image_shape = tuple(model.patch_embed.img_size)
     in_chans = model.patch_embed.proj.in_channels
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work:
+    with tempfile.TemporaryDirectory(prefix="vitslim-latency-") as work, contextlib.ExitStack() as stack:
         timer = ModuleTimer(spec, settings, Path(work))
         points, aggregations = grid_points(geometry), aggregation_points(geometry)
         total = GRID_PASSES * (len(points) + len(aggregations)) + 3 * WHOLE_MODEL_ROUNDS + 1
         done = 0
 
+        def point_module(kind: str, row: dict) -> tuple[nn.Module, tuple[int, ...]]:
+            """A grid row's module and its input shape (an aggregation's matrix is random)."""
+            if kind == "block":
+                point = {name: value for name, value in row.items() if name != "ms"}
+                return timer.block(parts, geometry, **point), (row["read"], geometry.dim)
+            patches = row["arriving"] - geometry.num_prefix_tokens
+            matrix = torch.rand(max(1, round(row["pooled"] * patches)), patches)
+            return _Aggregation(matrix, geometry.num_prefix_tokens), (row["arriving"], geometry.dim)
+
+        def point_key(kind: str, row: dict) -> tuple:
+            return (kind, *(value for name, value in row.items() if name != "ms"))
+
+        gate = QuietGate(None, None, spec.quiet_wait_seconds)
+        if spec.quiet_wait_seconds > 0:
+            few_tokens_read = few_tokens_counts(geometry)[1].read
+            sentinel = min(
+                (p for p in points if not p["static"] and all(p[name] == v for name, v in FULL_BLOCK.items())),
+                key=lambda p: abs(p["read"] - few_tokens_read),
+            )
+            module, shape = point_module("block", sentinel)
+            gate.runner = stack.enter_context(timer.runner(module, shape, point_key("block", sentinel)))
+            gate.inputs = timer.inputs(shape)
+
         def step(what: str, module: nn.Module, shape: tuple[int, ...], key: Hashable) -> float:
             nonlocal done
             done += 1
+            waited = gate.wait()
             ms = timer.ms(module, shape, key)
-            progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms")
+            suffix = f" (after {waited:.0f} s waiting for a quiet spell)" if waited else ""
+            progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms{suffix}")
             return ms
 
         fixed = copy.deepcopy(model)
@@ -412,19 +514,6 @@ def measure_table(
         timm_ms = step("timm's model", model, (in_chans, *image_shape), "timm")
         blocks = [{**point, "ms": math.inf} for point in points]
         pooled_rows = [{**point, "ms": math.inf} for point in aggregations]
-
-        def point_module(kind: str, row: dict) -> tuple[nn.Module, tuple[int, ...]]:
-            """A grid row's module and its input shape (an aggregation's matrix is random)."""
-            if kind == "block":
-                point = {name: value for name, value in row.items() if name != "ms"}
-                return timer.block(parts, geometry, **point), (row["read"], geometry.dim)
-            patches = row["arriving"] - geometry.num_prefix_tokens
-            matrix = torch.rand(max(1, round(row["pooled"] * patches)), patches)
-            return _Aggregation(matrix, geometry.num_prefix_tokens), (row["arriving"], geometry.dim)
-
-        def point_key(kind: str, row: dict) -> tuple:
-            return (kind, *(value for name, value in row.items() if name != "ms"))
-
         grid = [("block", row) for row in blocks] + [("aggregation", row) for row in pooled_rows]
         if spec.exports:  # every point exported once, before the first is timed
             progress(f"latency-table: exporting {len(grid)} points in {spec.export_workers} process(es)")
@@ -471,6 +560,7 @@ def measure_table(
         "timing": settings.__dict__,
         # a busy machine makes a table that predicts nothing: every point is one median
         "noisy_points": len(timer.noisy),
+        "quiet_gate": gate.to_dict(),
         "timings": total,
         "measured_in_seconds": round(time.perf_counter() - started, 1),
         "measured_on": time.strftime("%Y-%m-%d"),
@@ -507,6 +597,7 @@ def table_markdown(table: LatencyTable) -> str:
         f"{where.get('noisy_points', 0)} of {where.get('timings', '?')} timings stayed noisy "
         f"(coefficient of variation above {where.get('timing', {}).get('max_cov')}"
         "; more than a few: measure again on a quiet machine)",
+        *_quiet_gate_lines(where.get("quiet_gate")),
         "",
         "## One block, every channel kept (ms)",
         "",
@@ -536,6 +627,19 @@ def table_markdown(table: LatencyTable) -> str:
         cells = " | ".join(ms(reads[-1], static=False, **{**full, side: width}) for side in WIDTH_SIDES)
         lines.append(f"| {width:.3g} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _quiet_gate_lines(gate: Optional[dict]) -> list[str]:
+    """What the quiet gate did (tables measured before it had one have none)."""
+    if not gate:
+        return []
+    if not gate["max_wait_seconds"]:
+        return ["- Timed without waiting for quiet spells (--quiet-wait-seconds 0)"]
+    return [
+        f"- {gate['waits']} timings waited for a quiet spell ({gate['waited_seconds']} s in all); "
+        f"{gate['timed_slow']} ran in a slow spell after waiting {gate['max_wait_seconds']:g} s "
+        "(more than a few: measure again on a quieter machine)"
+    ]
 
 
 def _calibration_line(table: LatencyTable) -> str:
