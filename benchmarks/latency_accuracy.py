@@ -122,7 +122,7 @@ def run(seeds: list[int], progress=print) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         started = time.perf_counter()
-        table = measure_table(TableSpec(plan.model, backend="onnxruntime", batch=BATCH), model)
+        table = measure_table(TableSpec(plan.model, backend="onnxruntime", batch=BATCH), model, progress=progress)
         table_path = write_latency_table(table, work / "table.json")
         progress(f"table in {time.perf_counter() - started:.0f} s; timm's model {table.timm_ms:.3f} ms on it")
         timm = timm_onnx(model, shape, work / "timm.onnx")

@@ -20,7 +20,7 @@ import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Optional
 
@@ -97,13 +97,13 @@ TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations
 # (benchmarks/results/machine_drift.json). Two passes still caught a few small points slow both
 # times, and one slow point skews every prediction at its read count. So before each timing a
 # sentinel (the dense block reading the few-tokens model's count, in one session kept open) runs
-# SENTINEL_RUNS times; while its median is more than QUIET_SLACK over the quietest median it has
-# had, the timing waits (TableSpec's quiet_wait_seconds at most), checking every QUIET_POLL_SECONDS.
+# for SENTINEL_TIMING; while its median is more than QUIET_SLACK over the machine's quiet level
+# (the QUIET_PERCENTILE-th percentile of its medians so far: the quietest one alone can be a lucky
+# reading that no later check reaches, and a tiny model's table then waited out every timing), the
+# timing waits (TableSpec's quiet_wait_seconds at most), checking every QUIET_POLL_SECONDS.
 # The sentinel's session saw the same spells as new sessions of a block (117 of 124 rounds there).
-SENTINEL_RUNS = 5
-SENTINEL_TIMING = BenchSettings(
-    warmup_seconds=0.0, min_seconds=0.0, min_iterations=SENTINEL_RUNS, max_iterations=SENTINEL_RUNS, max_rounds=1
-)
+SENTINEL_TIMING = BenchSettings(warmup_seconds=0.0, min_seconds=0.02, min_iterations=5, max_rounds=1)
+QUIET_PERCENTILE = 10
 QUIET_SLACK = 0.15
 QUIET_POLL_SECONDS = 1.0
 
@@ -371,7 +371,7 @@ class ModuleTimer:
 @dataclass
 class QuietGate:
     """Holds each timing until the machine runs `runner` (the sentinel, active) at its quiet speed:
-    its median of SENTINEL_RUNS runs at most QUIET_SLACK over the quietest such median so far, or
+    its median over SENTINEL_TIMING at most QUIET_SLACK over the quiet level (quiet_ms), or
     `max_wait_seconds` spent waiting (0: never waits, never runs the sentinel). Counts what it did."""
 
     runner: Optional[Runner]
@@ -379,13 +379,18 @@ class QuietGate:
     max_wait_seconds: float
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.perf_counter
-    quietest_ms: float = math.inf
+    readings: list[float] = field(default_factory=list)  # every check's median (ms)
     waits: int = 0  # timings that waited for a quiet spell
     waited_seconds: float = 0.0
     timed_slow: int = 0  # timings that waited max_wait_seconds and ran in a slow spell all the same
 
     def sentinel_ms(self) -> float:
         return float(np.median(measure_round(self.runner, self.inputs, SENTINEL_TIMING)))
+
+    @property
+    def quiet_ms(self) -> Optional[float]:
+        """The machine's quiet level: the QUIET_PERCENTILE-th percentile of the checks so far."""
+        return float(np.percentile(self.readings, QUIET_PERCENTILE)) if self.readings else None
 
     def wait(self) -> float:
         """Wait for a quiet spell; the seconds waited (0.0 when the first check found one)."""
@@ -394,9 +399,9 @@ class QuietGate:
         started, slept = self.clock(), False
         while True:
             ms = self.sentinel_ms()
-            self.quietest_ms = min(self.quietest_ms, ms)
+            self.readings.append(ms)
             waited = self.clock() - started
-            if ms <= (1 + QUIET_SLACK) * self.quietest_ms:
+            if ms <= (1 + QUIET_SLACK) * self.quiet_ms:
                 break
             if waited >= self.max_wait_seconds:
                 self.timed_slow += 1
@@ -415,7 +420,8 @@ class QuietGate:
             "waits": self.waits,
             "waited_seconds": round(self.waited_seconds, 1),
             "timed_slow": self.timed_slow,
-            "sentinel_quietest_ms": self.quietest_ms if math.isfinite(self.quietest_ms) else None,
+            "checks": len(self.readings),
+            "sentinel_quiet_ms": self.quiet_ms,
         }
 
 
