@@ -86,12 +86,16 @@ def run(seconds: float, progress=print) -> dict:
 
 def summary(rounds: list[dict]) -> dict:
     """Per block: quietest, median and slowest time, its median over the rounds the sentinel
-    called quiet and over those it called slow (as the gate would: QUIET_SLACK over its quietest),
-    and in how many rounds the block, judged the same way against its own quietest, agreed."""
-    from vitslim.latency_table import QUIET_SLACK
+    called quiet and over those it called slow (as the gate judges: QUIET_SLACK over the
+    QUIET_PERCENTILE-th percentile; here of every round, the gate's of the checks so far), and in
+    how many rounds the block, judged the same way against its own times, agreed."""
+    import numpy as np
+
+    from vitslim.latency_table import QUIET_PERCENTILE, QUIET_SLACK
 
     def slow_spell(times: list[float]) -> list[bool]:
-        return [ms > (1 + QUIET_SLACK) * min(times) for ms in times]
+        quiet = np.percentile(times, QUIET_PERCENTILE)
+        return [bool(ms > (1 + QUIET_SLACK) * quiet) for ms in times]
 
     slow = slow_spell([row["sentinel_ms"] for row in rounds])
     result = {"rounds": len(rounds), "sentinel_slow_rounds": sum(slow)}

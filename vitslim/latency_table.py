@@ -93,7 +93,7 @@ EXTRA_PASSES = 2
 TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations=10, max_rounds=2)
 # A shared 2-vCPU VM alternates between quiet spells and slow ones of seconds to minutes, and a
 # slow spell adds 1-2 ms to every run of a block rather than a factor: DeiT-S blocks alone reading
-# 25 and 197 tokens timed medians of 3.9 and 32.8 ms quiet, 5.3 and 33.9 ms slow
+# 25 and 197 tokens timed medians of 3.9 and 32.9 ms quiet, 5.3 and 33.9 ms slow
 # (benchmarks/results/machine_drift.json). Two passes still caught a few small points slow both
 # times, and one slow point skews every prediction at its read count. So before each timing a
 # sentinel (the dense block reading the few-tokens model's count, in one session kept open) runs
@@ -101,7 +101,7 @@ TABLE_TIMING = BenchSettings(warmup_seconds=0.2, min_seconds=0.3, min_iterations
 # (the QUIET_PERCENTILE-th percentile of its medians so far: the quietest one alone can be a lucky
 # reading that no later check reaches, and a tiny model's table then waited out every timing), the
 # timing waits (TableSpec's quiet_wait_seconds at most), checking every QUIET_POLL_SECONDS.
-# The sentinel's session saw the same spells as new sessions of a block (117 of 124 rounds there).
+# The sentinel's session saw the same spells as new sessions of a block (118 of 124 rounds there).
 SENTINEL_TIMING = BenchSettings(warmup_seconds=0.0, min_seconds=0.02, min_iterations=5, max_rounds=1)
 QUIET_PERCENTILE = 10
 QUIET_SLACK = 0.15
@@ -642,8 +642,8 @@ def _quiet_gate_lines(gate: Optional[dict]) -> list[str]:
     if not gate["max_wait_seconds"]:
         return ["- Timed without waiting for quiet spells (--quiet-wait-seconds 0)"]
     return [
-        f"- {gate['waits']} timings waited for a quiet spell ({gate['waited_seconds']} s in all); "
-        f"{gate['timed_slow']} ran in a slow spell after waiting {gate['max_wait_seconds']:g} s "
+        f"- Timings that waited for a quiet spell: {gate['waits']} ({gate['waited_seconds']} s in all); that ran "
+        f"in a slow spell after waiting {gate['max_wait_seconds']:g} s: {gate['timed_slow']} "
         "(more than a few: measure again on a quieter machine)"
     ]
 
