@@ -366,6 +366,22 @@ def test_latency_table_refuses_bad_settings_in_one_line(args, message, tmp_path)
     assert not out.exists()
 
 
+def test_latency_table_warns_when_timings_ran_in_a_slow_spell(torch_table, tmp_path, monkeypatch, capsys):
+    """Timings the quiet gate let run slow after its limit are named on stderr with the fix."""
+    import dataclasses
+
+    from vitslim.cli import main
+
+    table = read_latency_table(torch_table[0])
+    slow = dataclasses.replace(
+        table, where={**table.where, "quiet_gate": {**table.where["quiet_gate"], "timed_slow": 2}}
+    )
+    monkeypatch.setattr("vitslim.latency_table.measure_table", lambda spec, progress: slow)
+    assert main(["latency-table", *TINY_MODEL, "--out", str(tmp_path / "t.json")]) == 0
+    assert "warning: 2 timings ran in a slow spell" in capsys.readouterr().err
+    assert "that ran in a slow spell after waiting 60 s: 2" in (tmp_path / "t.md").read_text()
+
+
 def test_prune_reports_predicted_latency(torch_table, tiny_run, tmp_path):
     """The CLI prune line and prune_report.md show the table's prediction beside MACs."""
     path, _ = torch_table
