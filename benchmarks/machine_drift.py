@@ -2,7 +2,7 @@
 measured, and whether the table's quiet gate sees it (onnxruntime, fp32, batch 8, DeiT-S blocks).
 
 For a few minutes, rounds of: the quiet gate's sentinel (the dense block reading the few-tokens
-model's count, in one session kept open, SENTINEL_RUNS runs, as `vitslim latency-table` checks it
+model's count, in one session kept open, run for SENTINEL_TIMING, as `vitslim latency-table` checks it
 before each timing), then the dense block reading each of READS tokens timed as a table's point is
 (a new session, TABLE_TIMING). Each block's slow spells show as rounds far above its quietest
 rounds; whether they are a factor or an added time shows in how they move together; whether the
@@ -43,7 +43,7 @@ def run(seconds: float, progress=print) -> dict:
         TableSpec,
         block_parts,
         blocks_of,
-        few_tokens_counts,
+        sentinel_point,
     )
 
     spec_model = ModelSpec(MODEL, {})
@@ -52,14 +52,15 @@ def run(seconds: float, progress=print) -> dict:
     spec = TableSpec(spec_model)
     parts = block_parts(blocks_of(model)[0])
     full = {"static": False, "kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
-    sentinel_read = few_tokens_counts(geometry)[1].read
+    sentinel = sentinel_point(geometry)
+    sentinel_read = sentinel["read"]
     rounds = []
     with tempfile.TemporaryDirectory() as work:
         timer = ModuleTimer(spec, TABLE_TIMING, Path(work))
         blocks = {read: timer.block(parts, geometry, read=read, **full) for read in READS}
         shape = (sentinel_read, geometry.dim)
-        with timer.runner(timer.block(parts, geometry, read=sentinel_read, **full), shape) as sentinel:
-            gate = QuietGate(sentinel, timer.inputs(shape), max_wait_seconds=0.0)
+        with timer.runner(timer.block(parts, geometry, **sentinel), shape) as runner:
+            gate = QuietGate(runner, timer.inputs(shape), max_wait_seconds=0.0)
             started = time.perf_counter()
             while time.perf_counter() - started < seconds:
                 row = {"seconds": round(time.perf_counter() - started, 1), "sentinel_ms": gate.sentinel_ms()}

@@ -230,6 +230,15 @@ def grid_points(geometry: ViTGeometry) -> list[dict]:
     return points
 
 
+def sentinel_point(geometry: ViTGeometry) -> dict:
+    """The quiet gate's sentinel: the grid's dense block nearest the few-tokens model's read count."""
+    few_tokens_read = few_tokens_counts(geometry)[1].read
+    return min(
+        (p for p in grid_points(geometry) if not p["static"] and all(p[k] == v for k, v in FULL_BLOCK.items())),
+        key=lambda p: abs(p["read"] - few_tokens_read),
+    )
+
+
 def few_tokens_plan(model: ModelSpec, geometry: ViTGeometry) -> SlimPlan:
     """The calibration's few-tokens model (pruning.latency.few_tokens_counts) as a plan."""
     first = few_tokens_counts(geometry)[0]
@@ -476,11 +485,7 @@ def measure_table(
 
         gate = QuietGate(None, None, spec.quiet_wait_seconds)
         if spec.quiet_wait_seconds > 0:
-            few_tokens_read = few_tokens_counts(geometry)[1].read
-            sentinel = min(
-                (p for p in points if not p["static"] and all(p[name] == v for name, v in FULL_BLOCK.items())),
-                key=lambda p: abs(p["read"] - few_tokens_read),
-            )
+            sentinel = sentinel_point(geometry)
             module, shape = point_module("block", sentinel)
             gate.runner = stack.enter_context(timer.runner(module, shape, point_key("block", sentinel)))
             gate.inputs = timer.inputs(shape)

@@ -35,7 +35,7 @@ from vitslim.pruning.train import TrainConfig, barrier, config_dict, fit, is_mai
 from .plots import block_macs_png, training_curve_png
 from .prune_report import model_title, write_prune_report
 from .quantization import onnx_logits, top1_of
-from .recipe import Recipe, composed_entry
+from .recipe import Recipe, check_listed_above, composed_entry
 from .summary import SUMMARY_BATCH, failed_checks, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -454,10 +454,7 @@ def _run_recipe(recipe: Recipe, restart: bool, progress: RunProgress) -> dict:
         stage = {"method": method, "config": dataclasses.asdict(config), "dense": dense_stage}
         start_plan, start_model = (plan, model)
         if start is not None:
-            if start not in stages:
-                raise PruningError(
-                    f"recipe methods.{name}: starts from {start!r}, not an entry before it: list it above"
-                )
+            check_listed_above(name, start, list(stages))  # checked when read too; a Recipe built in code
             stage["start"] = stages[start]
             start_plan, start_model = load_run(root / start)
         stages[name] = stage

@@ -175,16 +175,21 @@ def _method_configs(methods, train: TrainConfig, base: Optional[Path]) -> tuple[
     return tuple(configs)
 
 
-def _check_start(name: str, start: str, chain: list, method, earlier: list[str]) -> None:
-    """An entry 'START+METHOD' needs START listed above it, and METHOD on an axis that no method
-    of START's chain decided (the check `pruning.methods.base.start` makes on the plan at run time)."""
-    from vitslim.pruning.methods import METHODS
-
+def check_listed_above(name: str, start: str, earlier: list[str]) -> None:
+    """An entry 'START+METHOD' runs from START's result: START must be among the entries before it."""
     if start not in earlier:
         raise PruningError(
             f"recipe methods.{name}: starts from the entry {start!r}, which is not listed above it "
             f"(entries above: {', '.join(earlier) or 'none'}): list {start!r} first, entries run in order"
         )
+
+
+def _check_start(name: str, start: str, chain: list, method, earlier: list[str]) -> None:
+    """An entry 'START+METHOD' needs START listed above it, and METHOD on an axis that no method
+    of START's chain decided (the check `pruning.methods.base.start` makes on the plan at run time)."""
+    from vitslim.pruning.methods import METHODS
+
+    check_listed_above(name, start, earlier)
     for other in chain:
         if set(other.decides) & set(method.decides):
             example = next(m.name for m in METHODS.values() if not set(m.decides) & set(method.decides))
