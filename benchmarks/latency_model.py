@@ -4,7 +4,9 @@ the latency of whole models, and whether latency-targeted structures meet their 
 On DeiT-S with random weights (latency does not depend on them): a table is measured with
 `vitslim.latency_table.measure_table` at each batch; then every operating point of BENCHMARKS.md
 (dense, Patch Slimming, VTP 20/40 %, the DGSSA + GLAD structures) is timed whole, the same way,
-beside the table's prediction; then each method's structure search is run against the table for a
+beside the table's prediction (each timing waits for a quiet spell, held to the quiet level the
+table's gate learned: `whole_models_quiet_gate` in each table's entry); then each method's
+structure search is run against the table for a
 target speed-up and the structure it finds is timed, and so is Patch Slimming's token search from
 a VTP start (methods compose; the prediction is of the whole plan). The searches run on synthetic scores (the
 benchmarks' token ranking, gate magnitudes and effective ranks, as no training happens here), so
@@ -17,6 +19,7 @@ limited in time, one `--batch` per call to latency_model_WHERE_B.json, which rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -108,7 +111,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
     from vitslim.pruning.timm_adapter import supported_geometry
 
     from benchmarks.operating_points import operating_points
-    from vitslim.latency_table import ModuleTimer, TableSpec, measure_table
+    from vitslim.latency_table import ModuleTimer, TableSpec, block_parts, blocks_of, measure_table, quiet_gate
 
     backend, device, precision, mode, default_batches = WHERE[where]
     batches = batches or default_batches
@@ -136,8 +139,13 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
         table_seconds = time.perf_counter() - started
         progress(f"{where} batch {batch}: table in {table_seconds:.0f} s, timm {table.timm_ms:.3f} ms")
         tables.append({**table.to_dict(), "seconds": table_seconds})
-        with tempfile.TemporaryDirectory() as work:
+        with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
             timer = ModuleTimer(spec, WHOLE_MODEL_TIMING, Path(work))
+            # the whole models wait for quiet spells as the table's timings did: a table measured in
+            # quiet spells predicts them, and a machine in a slow one for minutes adds 1-2 ms a block
+            # (held to the table's quiet level: a gate learning its own from a slow start holds nothing)
+            known = (table.where.get("quiet_gate") or {}).get("sentinel_quiet_ms")
+            gate = quiet_gate(timer, block_parts(blocks_of(model)[0]), geometry, stack, known)
             points = [
                 (p.variant, "operating point", p.plan, None)
                 for p in operating_points(model, base)
@@ -153,11 +161,15 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
             }
             progress(f"{where} batch {batch}: exporting and timing {len(modules)} whole models")
             timer.export_all((variant, *module) for variant, module in modules.items())  # once, for every pass
+
             # in passes over all of them (a slow minute of the machine spread over every model)
-            passes = [
-                [timer.ms(*modules[variant], key=variant) for variant, *_ in points]
-                for _ in range(WHOLE_MODEL_SESSIONS)
-            ]
+            passes = []
+            for _ in range(WHOLE_MODEL_SESSIONS):
+                passes.append([])
+                for variant, *_ in points:
+                    gate.wait()
+                    passes[-1].append(timer.ms(*modules[variant], key=variant))
+            tables[-1]["whole_models_quiet_gate"] = gate.to_dict()
             for (variant, kind, plan, target), *timed in zip(points, *passes):
                 measured = float(statistics.median(timed))
                 predicted = table.predict(plan, geometry).total_ms

@@ -12,9 +12,9 @@ from vitslim.plots import save_png
 PREDICTION_TARGET = 0.10  # predicted vs measured, every operating point
 TARGET_TOLERANCE = 0.05  # a latency-targeted structure, measured, against its target
 WHERES = (
-    ("gpu", "H200, PyTorch with CUDA graphs, fp16"),
-    ("onnx_gpu", "H200, onnxruntime-gpu (CUDA EP, CUDA graphs), fp16 ONNX"),
-    ("cpu", "this 2-core CPU, onnxruntime, fp32 ONNX"),
+    ("gpu", "PyTorch with CUDA graphs, fp16"),
+    ("onnx_gpu", "onnxruntime-gpu (CUDA EP, CUDA graphs), fp16 ONNX"),
+    ("cpu", "onnxruntime, fp32 ONNX"),
 )
 
 
@@ -56,15 +56,38 @@ def _baseline(data: dict) -> str:
 # what each table_version predicts with (docs/latency.md); results measured with an older one stay
 # as they were measured, named by it
 TABLE_MODELS = {
-    1: "table_version 1: one width axis (every channel space at once), the dense model the only calibration point",
-    2: "table_version 2: attention and MLP widths apart with the Gather's step, the dense and few-tokens models as the calibration",
-    3: "table_version 3: as 2, with the Gather's step measured 8 input channels short (one channel short would time a misaligned fp16 GEMM on GPUs)",
+    "1": "table_version 1: one width axis (every channel space at once), the dense model the only calibration point",
+    "2": "table_version 2: attention and MLP widths apart with the Gather's step, the dense and few-tokens models as the calibration",
+    "3": "table_version 3: as 2, with the Gather's step measured 8 input channels short (one channel short would time a misaligned fp16 GEMM on GPUs)",
+    "3 + value step": "table_version 3 + value step: as 3, with the attention side also timed 8 value channels per head short, and "
+    "narrower value heads taken as a step of their own (they leave the fused attention kernel)",
 }
 
 
+def _table_model_key(table: dict) -> str:
+    """How a table's results were predicted: its table_version, and whether its grid holds the
+    attention side's value step (added with the predictor's value-head step, in table_version 3;
+    an older table without it is still read)."""
+    version = str(table.get("table_version", 1))
+    widths = {
+        side: {row[side] for row in table["blocks"] if not row["static"]} for side in ("attention_width", "mlp_width")
+    }
+    return version + (" + value step" if len(widths["attention_width"]) > len(widths["mlp_width"]) else "")
+
+
 def _table_model(data: dict) -> str:
-    versions = sorted({t.get("table_version", 1) for t in data["tables"]})
-    return "; ".join(TABLE_MODELS.get(version, f"table_version {version}") for version in versions)
+    keys = sorted({_table_model_key(t) for t in data["tables"]})
+    return "; ".join(TABLE_MODELS.get(key, f"table_version {key}") for key in keys)
+
+
+def _card(data: dict, batch: int) -> str:
+    """The machine a batch's table was measured on, in a word or two (results of one runtime may
+    come from GPUs of several kinds, one device call each)."""
+    where = next(t for t in data["tables"] if t["batch"] == batch)["where"]
+    if where["device"] != "cuda":
+        return f"this {data['environment']['host'].get('cores')}-core CPU"
+    name = where.get("device_name") or "GPU"
+    return name.removeprefix("NVIDIA ").split()[0]
 
 
 def _met(ok: bool) -> str:
@@ -74,17 +97,16 @@ def _met(ok: bool) -> str:
 def _environment(data: dict) -> str:
     env = data["environment"]
     host = env["host"]
-    device = (
-        (host.get("gpu") or {}).get("name")
-        if data["rows"] and data["tables"][0]["where"]["device"] == "cuda"
-        else host.get("cpu")
-    )
-    cores = "" if data["tables"][0]["where"]["device"] == "cuda" else f" ({host.get('cores')} cores)"
+    on_gpu = data["tables"][0]["where"]["device"] == "cuda"
+    device = "" if on_gpu else f"{host.get('cpu')} ({host.get('cores')} cores); "
     return (
-        f"{device}{cores}; {env['runtime']}, {env['precision']}; torch {env['torch']}, timm {env['timm']}, "
-        f"onnxruntime {env['onnxruntime']}, Python {env['python']}; tables measured in "
+        f"{device}{env['runtime']}, {env['precision']}; torch {env['torch']}, timm {env['timm']}, "
+        f"onnxruntime {env['onnxruntime']}, Python {env['python']} (the latest run's); tables measured in "
         + ", ".join(
-            f"{t['seconds']:.0f} s (batch {t['batch']}, on {t['where'].get('measured_on', env['date'])})"
+            f"{t['seconds']:.0f} s (batch {t['batch']}, on {t['where'].get('measured_on', env['date'])}"
+            + (f", {t['where'].get('device_name')}" if on_gpu else "")
+            + ", "
+            + _table_model_key(t).join(("table_version ", ")"))
             for t in data["tables"]
         )
     )
@@ -105,9 +127,10 @@ def targets(loaded: dict, accuracy: Optional[dict]) -> list[str]:
                 if r["batch"] == batch and r["kind"] == "operating point" and r["variant"] != "dense"
             ]
             worst = max(rows, key=lambda r: abs(r["prediction_error"]))
-            version = max(t.get("table_version", 1) for t in data["tables"] if t["batch"] == batch)
+            version = _table_model_key(next(t for t in data["tables"] if t["batch"] == batch))
+            machine = f"{_card(data, batch)}, {title}"
             lines.append(
-                f"| predicted vs measured within {within} for every operating point ({title}, batch {batch}, table_version "
+                f"| predicted vs measured within {within} for every operating point ({machine}, batch {batch}, table_version "
                 f"{version}; the dense model is a calibration point) | worst {worst['prediction_error']:+.1%} ({worst['variant']}) | "
                 f"{_met(abs(worst['prediction_error']) <= PREDICTION_TARGET)} |"
             )
@@ -115,7 +138,7 @@ def targets(loaded: dict, accuracy: Optional[dict]) -> list[str]:
             reached = [r for r in targeted if not _out_of_reach(r)]
             missed = [r["variant"] for r in targeted if _out_of_reach(r)]
             lines.append(
-                f"| a latency-targeted structure meets its target within {tolerance} (measured at most {tolerance} over it; {title}, batch {batch}) | "
+                f"| a latency-targeted structure meets its target within {tolerance} (measured at most {tolerance} over it; {machine}, batch {batch}) | "
                 + ", ".join(f"{r['variant']}: {r['target_error']:+.1%}" for r in reached)
                 + (f"; out of reach (refused by prune): {', '.join(missed)}" if missed else "")
                 + f" | {_met(bool(reached) and max(r['target_error'] for r in reached) <= TARGET_TOLERANCE)} |"
@@ -180,7 +203,7 @@ def rows_table(data: dict) -> list[str]:
     return lines
 
 
-SHORT_WHERE = {"gpu": "H200, torch CUDA graphs", "onnx_gpu": "H200, onnxruntime-gpu", "cpu": "2-core CPU, onnxruntime"}
+SHORT_WHERE = {"gpu": "torch CUDA graphs", "onnx_gpu": "onnxruntime-gpu", "cpu": "onnxruntime"}
 
 
 def scatter_png(loaded: dict, path: Path) -> None:
@@ -213,8 +236,8 @@ def scatter_png(loaded: dict, path: Path) -> None:
                     edgecolors="black" if marker == "*" else "none",
                     linewidths=0.5,
                 )
-            version = max(t.get("table_version", 1) for t in data["tables"] if t["batch"] == batch)
-            label = f"{SHORT_WHERE[where]}, batch {batch} (table_version {version})"
+            version = _table_model_key(next(t for t in data["tables"] if t["batch"] == batch))
+            label = f"{_card(data, batch)}, {SHORT_WHERE[where]}, batch {batch} (table_version {version})"
             handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=label))
     handles += [
         Line2D([], [], marker="o", linestyle="", color="0.4", label="the papers' operating points"),

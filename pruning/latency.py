@@ -21,11 +21,13 @@ A block of a plan is predicted separably (few points, minutes to measure): its k
 read count with every token and channel kept, times the dynamic blocks' ratio for the fraction it
 writes, times their ratio for its widths. The two sides are measured apart and their savings
 added (the attention and the MLP run one after the other); along each side, time follows the
-side's MACs (a block's side MACs over the same side with every channel kept) plus a step: reading
+side's MACs (a block's side MACs over the same side with every channel kept) plus steps: reading
 fewer input channels adds a Gather (qkv_in, fc1_in), which the grid's point just below 1
-(STEP_CHANNELS input channels fewer) measures, while narrower value channels or hidden units add
-none. Each side's saving is timed writing every token read; a block that writes fewer saves in
-proportion to the side's MACs at the tokens it writes (a composed plan: widths and tokens cut).
+(STEP_CHANNELS input channels fewer) measures; value heads narrower than the query heads change
+how attention runs (a step of their own, told from the MACs by the attention side's narrower
+points, among them the value step), while narrower hidden units add none. Each side's saving is
+timed writing every token read; a block that writes fewer saves in proportion to the side's MACs
+at the tokens it writes (a composed plan: widths and tokens cut).
 Every axis is interpolated piecewise linearly and held at its end values beyond the grid.
 
 A block timed alone costs more or less than inside the model (on a GPU the launch and
@@ -65,18 +67,21 @@ def table_geometry(geometry: ViTGeometry) -> dict[str, int]:
 
 
 class WidthSide(NamedTuple):
-    """One width axis: the side's MAC parts (macs.block_macs) and the channel space whose
-    narrowing adds a Gather (its input channels). The side's other space (value channels, hidden
-    units) is narrowed by slicing weights, with no op of its own (attention forms that pad value
-    heads add a Pad, which the side's narrower points include)."""
+    """One width axis: the side's MAC parts (macs.block_macs), the channel space whose narrowing
+    adds a Gather (its input channels) and its other space (value channels, hidden units), narrowed
+    by slicing weights. `narrowing_step`: narrowing that other space costs time of its own, which
+    the predictor takes as a step like the Gather's: value heads narrower than the query heads
+    leave PyTorch's fused attention kernel, or are padded for it (the attention-op form)."""
 
     parts: tuple[str, ...]
     input_space: str
+    output_space: str
+    narrowing_step: bool
 
 
 WIDTH_SIDES = {
-    "attention_width": WidthSide(("qk_proj", "qk_scores", "v_proj", "attn_v", "proj"), "qkv_in"),
-    "mlp_width": WidthSide(("fc1", "fc2"), "fc1_in"),
+    "attention_width": WidthSide(("qk_proj", "qk_scores", "v_proj", "attn_v", "proj"), "qkv_in", "proj_in", True),
+    "mlp_width": WidthSide(("fc1", "fc2"), "fc1_in", "hidden", False),
 }
 # A block point with every token and channel kept (the full block of its kind)
 FULL_BLOCK = {"kept": 1.0, **{side: 1.0 for side in WIDTH_SIDES}}
@@ -123,6 +128,19 @@ def width_step(geometry: ViTGeometry) -> float:
     """The width grid's point just below 1: step_channels input channels fewer, the rest of the
     side whole (the Gather, few MACs)."""
     return 1 - step_channels(geometry) / geometry.dim
+
+
+def value_step(geometry: ViTGeometry) -> Optional[float]:
+    """The attention side's point where the value heads first narrow: step_channels fewer per head
+    (and that fraction of the LayerNorm-1 channels); None for heads too narrow to lose them.
+    Value heads narrower than the query heads change how attention runs (PyTorch's
+    scaled_dot_product_attention leaves its fused kernel; the attention-op form pads them): on an
+    H200 and an H100 a block keeping 48 of 64 per head ran slower than the full block in both
+    runtimes (benchmarks/results/latency_model_*gpu_*.json). So the
+    MACs between the 3/4 point and the step (whole value heads) do not tell the time of the widths
+    VTP keeps most (one step fewer per head): this point measures them."""
+    fewer = step_channels(geometry)
+    return None if geometry.head_dim <= fewer else 1 - fewer / geometry.head_dim
 
 
 def width_block(geometry: ViTGeometry, attention_width: float = 1.0, mlp_width: float = 1.0) -> BlockPlan:
@@ -246,16 +264,21 @@ class LatencyTable:
         all_channels = BlockPlan(static_attention=block.static_attention)
         every_token_written = TokenCounts(counts.arriving, counts.read, counts.read)
         ratio = 1.0
-        for side, (parts, input_space) in WIDTH_SIDES.items():
+        for side, (parts, input_space, output_space, _) in WIDTH_SIDES.items():
             side_macs = _side_macs(all_channels, geometry, counts, parts)
             fraction = _side_macs(block, geometry, counts, parts) / max(1, side_macs)
             share = side_macs / max(1, _side_macs(all_channels, geometry, every_token_written, parts)) / kept_ratio
             # the exporter reads a listed input space through a Gather, all of it listed or not
             gathers = getattr(block, input_space) is not None
+            output = getattr(block, output_space)
+            narrows = output is not None and len(output) < geometry.channel_sizes[output_space]
             other = next(name for name in WIDTH_SIDES if name != side)
             rows = self._rows(static=False, kept=1.0, **{other: 1.0})
             factors = [
-                (count, _side_factor(geometry, side, [r for r in rows if r["read"] == count], fraction, gathers))
+                (
+                    count,
+                    _side_factor(geometry, side, [r for r in rows if r["read"] == count], fraction, gathers, narrows),
+                )
                 for count in sorted({row["read"] for row in rows})
             ]
             ratio -= (1 - _interpolate(factors, counts.read)) * share
@@ -326,26 +349,39 @@ def _side_macs(block: BlockPlan, geometry: ViTGeometry, counts: TokenCounts, par
     return sum(macs[name] for name in parts)
 
 
-def _side_factor(geometry: ViTGeometry, side: str, rows: list[dict], fraction: float, gathers: bool) -> float:
+def _side_factor(
+    geometry: ViTGeometry, side: str, rows: list[dict], fraction: float, gathers: bool, narrows: bool
+) -> float:
     """At one read count: a dynamic block's time ratio when `side` keeps `fraction` of its MACs,
-    from the rows along that side. Every narrower row pays the Gather; the point just below 1
-    (step_channels input channels fewer) is mostly that step, the MACs it removes are taken off along the line
-    to the next narrower point. The curve without the step follows the MACs, and the step is added
-    back only when the block gathers its input channels on that side (`gathers`)."""
+    from the rows along that side. Every narrower row pays the Gather (the step) and, on a side
+    with a narrowing step, that step too (its other space is narrower); the point just below 1
+    (step_channels input channels fewer, the other space whole) pays the Gather alone. The two
+    narrower rows nearest the step pay the same steps, so the line through them is the MACs' own
+    slope; taken on to 1, it tells the Gather from the MACs the step point removes, and the
+    narrowing step from the MACs the nearer of those rows removes. The curve without the steps follows the
+    MACs; each step is added back only when the block pays it (`gathers`: it reads fewer input
+    channels; `narrows`: its other space is narrower)."""
     parts = WIDTH_SIDES[side].parts
     full = next(row["ms"] for row in rows if row[side] == 1.0)
     read = rows[0]["read"]
     counts = TokenCounts(read, read, read)
     all_macs = max(1, _side_macs(BlockPlan(), geometry, counts, parts))
-    curve = [
+    *narrower, (at_step, ratio_at_step) = [
         (_side_macs(width_block(geometry, **{side: row[side]}), geometry, counts, parts) / all_macs, row["ms"] / full)
         for row in sorted((row for row in rows if row[side] < 1.0), key=lambda row: row[side])
     ]
-    (below, ratio_below), (at_step, ratio_at_step) = curve[-2], curve[-1]
     # the reader checks that the step and the point below it keep different input channel counts
-    step = ratio_at_step - 1 + (1 - at_step) * (ratio_at_step - ratio_below) / (at_step - below)
-    without_step = [(macs, ratio - step) for macs, ratio in curve] + [(1.0, 1.0)]
-    return max(_interpolate(without_step, fraction) + (step if gathers else 0.0), 1e-6)
+    if WIDTH_SIDES[side].narrowing_step and len(narrower) >= 2:
+        (below, ratio_below), (last, ratio_last) = narrower[-2:]
+        slope = (ratio_last - ratio_below) / (last - below)
+        step = ratio_at_step - 1 + (1 - at_step) * slope
+        narrowing = ratio_last - step - 1 + (1 - last) * slope
+    else:  # the line from the last narrower row to the step point
+        (last, ratio_last), narrowing = narrower[-1], 0.0
+        step = ratio_at_step - 1 + (1 - at_step) * (ratio_at_step - ratio_last) / (at_step - last)
+    without_steps = [(macs, ratio - step - narrowing) for macs, ratio in narrower] + [(1.0, 1.0)]
+    paid = (step if gathers else 0.0) + (narrowing if narrows else 0.0)
+    return max(_interpolate(without_steps, fraction) + paid, 1e-6)
 
 
 @dataclass(frozen=True)

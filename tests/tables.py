@@ -4,7 +4,14 @@ runtime that is all arithmetic would give), complete and valid for any supported
 from __future__ import annotations
 
 import torch
-from vitslim.pruning.latency import few_tokens_counts, table_geometry, width_block, width_step, written_count
+from vitslim.pruning.latency import (
+    few_tokens_counts,
+    table_geometry,
+    value_step,
+    width_block,
+    width_step,
+    written_count,
+)
 from vitslim.pruning.macs import block_macs
 from vitslim.pruning.plan import BlockPlan, TokenCounts
 from vitslim.pruning.timm_adapter import ViTGeometry
@@ -26,11 +33,9 @@ def mac_table(geometry: ViTGeometry, timm_ms: float = 1.0) -> dict:
     for read in reads:
         points = [{"static": True, **full}]
         points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 1 - 1 / patches, 1.0)]
-        points += [
-            {"static": False, **full, side: width}
-            for side in ("attention_width", "mlp_width")
-            for width in (0.25, 0.5, 0.75, width_step(geometry))
-        ]
+        widths = {side: {0.25, 0.5, 0.75, width_step(geometry)} for side in ("attention_width", "mlp_width")}
+        widths["attention_width"] |= {value_step(geometry)} - {None}
+        points += [{"static": False, **full, side: width} for side, grid in widths.items() for width in sorted(grid)]
         for point in points:
             block = width_block(geometry, point["attention_width"], point["mlp_width"])
             if point["static"]:

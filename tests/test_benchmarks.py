@@ -243,6 +243,32 @@ def test_latency_results_of_one_batch_replace_that_batch(tmp_path):
     assert _load(tmp_path, "cpu") is None
 
 
+def test_the_latency_report_names_each_batchs_gpu_and_how_it_was_predicted():
+    """Results of one runtime may come from GPUs of two kinds (one device call per batch) and from
+    tables measured before the attention side's value step: the report names both per batch."""
+    from tables import mac_table
+
+    from benchmarks.latency_model_report import _card, _table_model, _table_model_key
+
+    geometry = geometry_of(create_model(ModelSpec("deit_small_patch16_224", {**TINY, "embed_dim": 128})))
+    with_step = mac_table(geometry)
+    assert len({r["attention_width"] for r in with_step["blocks"]}) > len({r["mlp_width"] for r in with_step["blocks"]})
+    before = {**with_step, "blocks": [r for r in with_step["blocks"] if r["attention_width"] != 0.875]}
+    assert _table_model_key(with_step) == "3 + value step" and _table_model_key(before) == "3"
+    gpu = {"device": "cuda"}
+    data = {
+        "environment": {"host": {"cores": 2}},
+        "tables": [
+            {**before, "batch": 64, "where": {**gpu, "device_name": "NVIDIA H200"}},
+            {**with_step, "batch": 256, "where": {**gpu, "device_name": "NVIDIA H100 80GB HBM3"}},
+        ],
+    }
+    assert (_card(data, 64), _card(data, 256)) == ("H200", "H100")
+    assert "table_version 3:" in _table_model(data) and "value step:" in _table_model(data)
+    cpu = {"environment": {"host": {"cores": 2}}, "tables": [{"batch": 8, "where": {"device": "cpu"}}]}
+    assert _card(cpu, 8) == "this 2-core CPU"
+
+
 def test_the_latency_benchmarks_searches_meet_their_targets_on_a_table_built_here():
     """Each search of benchmarks/latency_model.py, the token search from a VTP start (methods
     compose) among them, finds a valid plan predicted within its target on a table of MAC costs."""

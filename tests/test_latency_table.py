@@ -13,7 +13,7 @@ from tiny import TINY_KWARGS, TINY_MODEL
 from torch.utils.flop_counter import FlopCounterMode
 from vitslim.deploy.bench import BenchSettings
 from vitslim.deploy.errors import DeployError
-from vitslim.pruning.latency import read_latency_table, width_step
+from vitslim.pruning.latency import read_latency_table, value_step, width_step
 from vitslim.pruning.models import create_model, parse_model_kwargs
 from vitslim.pruning.plan import ModelSpec, dense_plan
 from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geometry
@@ -138,6 +138,44 @@ def test_a_point_timed_slow_in_every_pass_is_timed_again(monkeypatch):
     assert not out_of_order(table.blocks, 0.05) and table.where["timings"] == len(messages)
 
 
+def test_what_ran_before_the_quiet_level_was_known_is_timed_again(monkeypatch):
+    """A run that starts in a slow spell (the sentinel and every timing twice as slow for its first
+    20 timings: the whole models, timm's model and the first grid points) takes the spell for the
+    machine's quiet level and holds nothing. At the end those timings are timed again, held to the
+    level known then, and the table keeps their quiet times."""
+    slow_checks, checks, slow_values, last = 20, [0], set(), {}
+
+    def sentinel_ms(self):
+        checks[0] += 1
+        return 2.0 if checks[0] <= slow_checks else 1.0
+
+    def flop_ms(self, module, shape, key=None):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.randn(1, *shape))
+        ms = 0.01 + 1e-7 * counter.get_total_flops()
+        if checks[0] <= slow_checks:
+            slow_values.add(2 * ms)
+            return 2 * ms
+        last[key] = ms
+        return ms
+
+    monkeypatch.setattr(QuietGate, "sentinel_ms", sentinel_ms)
+    monkeypatch.setattr(ModuleTimer, "ms", flop_ms)
+    monkeypatch.setattr("vitslim.latency_table.GRID_PASSES", 1)  # a point's one timing, slow or not
+    messages = []
+    table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
+    again = [message for message in messages if "before the machine's quiet level was known" in message]
+    # the slow timings, and the 3 after them: the quiet level (the 10th percentile of the checks)
+    # comes within the slack of the quiet reading once 4 of 24 checks read it
+    assert len(again) == table.where["quiet_gate"]["timed_again"] == slow_checks + 3
+    assert table.where["quiet_gate"]["waits"] == 0 and table.where["timings"] == len(messages)
+    assert sum("timm's model" in message for message in again) == 1
+    assert sum("the calibration" in message or "fixed parts" in message for message in again) == 3 * WHOLE_MODEL_ROUNDS
+    assert not {table.fixed_ms, table.dense_ms, table.few_tokens_ms, table.timm_ms} & slow_values
+    assert table.dense_ms == last["the dense model as vitslim builds it (the calibration)"]
+    assert not {row["ms"] for row in (*table.blocks, *table.aggregations)} & slow_values
+
+
 def test_the_quiet_gate_waits_out_a_slow_spell_up_to_its_limit():
     """A check more than QUIET_SLACK over the quiet level (a low percentile of the checks so far)
     waits and checks again, at most max_wait_seconds, then lets the timing run, counted."""
@@ -172,6 +210,24 @@ def test_one_lucky_reading_does_not_hold_every_later_timing():
     assert all(gate.wait() == 0.0 for _ in range(41)) and gate.waits == gate.timed_slow == 0
 
 
+def test_a_known_quiet_level_holds_timings_that_start_in_a_slow_spell():
+    """A gate given the quiet level an earlier gate of its sentinel learned (benchmarks time whole
+    models against a table's) waits from its first check, where one of its own would take a slow
+    start for quiet."""
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    readings = iter([2.0, 2.0, 1.05, 2.0])
+    gate = QuietGate(None, None, 60.0, sleep=sleep, clock=lambda: now[0], known_quiet_ms=1.0)
+    gate.sentinel_ms = lambda: next(readings)
+    assert gate.wait() == 2.0 and gate.quiet_ms == 1.0 and gate.waits == 1
+    unknown = QuietGate(None, None, 60.0, sleep=lambda seconds: pytest.fail("waited"))
+    unknown.sentinel_ms = lambda: 2.0
+    assert unknown.wait() == 0.0 and unknown.quiet_ms == 2.0
+
+
 def test_a_quiet_gate_of_zero_seconds_never_runs_the_sentinel():
     gate = QuietGate(None, None, max_wait_seconds=0.0)
     gate.sentinel_ms = lambda: pytest.fail("the sentinel ran")
@@ -203,7 +259,12 @@ def test_grid_points_build_the_blocks_they_name():
     step = block_point(geometry, static=False, read=9, kept=0.99, attention_width=1.0, mlp_width=width_step(geometry))
     assert len(step.fc1_in) == geometry.dim - 1 and len(step.kept_tokens) == 8 and step.qkv_in is None
     widths = {p["mlp_width"] for p in grid_points(geometry)}
-    assert width_step(geometry) in widths and {p["attention_width"] for p in grid_points(geometry)} == widths
+    assert width_step(geometry) in widths
+    # the attention side also at its value step: one channel fewer per value head (this model's step)
+    attention = {p["attention_width"] for p in grid_points(geometry)}
+    assert attention == widths | {value_step(geometry)} and value_step(geometry) == 1 - 1 / geometry.head_dim
+    value = block_point(geometry, static=False, read=9, kept=1.0, attention_width=value_step(geometry), mlp_width=1.0)
+    assert len(value.proj_in) == geometry.attn_dim - geometry.num_heads
 
 
 def test_onnxruntime_points_are_exported_and_timed(tmp_path):

@@ -46,6 +46,7 @@ from vitslim.pruning.latency import (
     few_tokens_counts,
     table_from_dict,
     table_geometry,
+    value_step,
     width_block,
     width_step,
     write_latency_table,
@@ -71,7 +72,8 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_PRECISIONS = ("fp32", "fp16")
 # The grid: read counts are the prefix tokens plus one patch and these fractions of the patches;
 # the other axes are fractions of the patches written (and one patch fewer than all: the Gather's
-# step), of each side's channel spaces (and the step of a few input channels fewer, width_step), and
+# step), of each side's channel spaces (and the step of a few input channels fewer, width_step; the
+# attention side also one step fewer per value head, value_step), and
 # of the patches an aggregation pools to (GLAD halves the grid per stage).
 READ_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 KEPT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -218,15 +220,18 @@ def block_point(
 def grid_points(geometry: ViTGeometry) -> list[dict]:
     """Every block point of a table: the full block of each kind at every read count, the
     dynamic block along the kept axis and along each side's width axis (the predictor is
-    separable)."""
+    separable); the attention side also at its value step."""
     full = FULL_BLOCK
     kept_grid = sorted({*KEPT_FRACTIONS, 1 - 1 / geometry.num_patches})
-    widths = sorted({*WIDTH_FRACTIONS, width_step(geometry)} - {1.0})
+    widths = {side: {*WIDTH_FRACTIONS, width_step(geometry)} - {1.0} for side in WIDTH_SIDES}
+    widths["attention_width"] |= {value_step(geometry)} - {None}
     points = []
     for read in read_counts(geometry):
         points.append({"static": True, "read": read, **full})
         points += [{"static": False, "read": read, **full, "kept": kept} for kept in kept_grid]
-        points += [{"static": False, "read": read, **full, side: w} for side in WIDTH_SIDES for w in widths]
+        points += [
+            {"static": False, "read": read, **full, side: w} for side in WIDTH_SIDES for w in sorted(widths[side])
+        ]
     return points
 
 
@@ -388,7 +393,12 @@ class QuietGate:
     max_wait_seconds: float
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.perf_counter
+    # a quiet level known from an earlier gate of the same sentinel (a table's
+    # where.quiet_gate.sentinel_quiet_ms): the level never rises above it, so timings that start in
+    # a slow spell wait for a quiet one
+    known_quiet_ms: Optional[float] = None
     readings: list[float] = field(default_factory=list)  # every check's median (ms)
+    level: Optional[float] = None  # the quiet level the last wait() held its timing to (None: not held)
     waits: int = 0  # timings that waited for a quiet spell
     waited_seconds: float = 0.0
     timed_slow: int = 0  # timings that waited max_wait_seconds and ran in a slow spell all the same
@@ -398,8 +408,13 @@ class QuietGate:
 
     @property
     def quiet_ms(self) -> Optional[float]:
-        """The machine's quiet level: the QUIET_PERCENTILE-th percentile of the checks so far."""
-        return float(np.percentile(self.readings, QUIET_PERCENTILE)) if self.readings else None
+        """The machine's quiet level: the QUIET_PERCENTILE-th percentile of the checks so far, at
+        most the known quiet level."""
+        levels = [
+            *([float(np.percentile(self.readings, QUIET_PERCENTILE))] if self.readings else []),
+            *([self.known_quiet_ms] if self.known_quiet_ms is not None else []),
+        ]
+        return min(levels) if levels else None
 
     def wait(self) -> float:
         """Wait for a quiet spell; the seconds waited (0.0 when the first check found one)."""
@@ -410,7 +425,8 @@ class QuietGate:
             ms = self.sentinel_ms()
             self.readings.append(ms)
             waited = self.clock() - started
-            if ms <= (1 + QUIET_SLACK) * self.quiet_ms:
+            self.level = self.quiet_ms
+            if ms <= (1 + QUIET_SLACK) * self.level:
                 break
             if waited >= self.max_wait_seconds:
                 self.timed_slow += 1
@@ -423,6 +439,11 @@ class QuietGate:
         self.waited_seconds += waited
         return waited
 
+    def looser_than_now(self, level: Optional[float]) -> bool:
+        """Whether a timing held to `level` could have run in what the quiet level known now calls a
+        slow spell: a run that starts in one learns it as its quiet level until quieter checks come."""
+        return level is not None and self.quiet_ms is not None and level > (1 + QUIET_SLACK) * self.quiet_ms
+
     def to_dict(self) -> dict:
         return {
             "max_wait_seconds": self.max_wait_seconds,
@@ -432,6 +453,26 @@ class QuietGate:
             "checks": len(self.readings),
             "sentinel_quiet_ms": self.quiet_ms,
         }
+
+
+def quiet_gate(
+    timer: ModuleTimer,
+    parts: BlockParts,
+    geometry: ViTGeometry,
+    stack: contextlib.ExitStack,
+    known_quiet_ms: Optional[float] = None,
+) -> QuietGate:
+    """The quiet gate of timings on `timer`'s runtime (its spec's quiet_wait_seconds): the sentinel
+    (sentinel_point's block, under the key a table's grid times it by) in one runner kept open on
+    `stack`; `known_quiet_ms`: see QuietGate."""
+    gate = QuietGate(None, None, timer.spec.quiet_wait_seconds, known_quiet_ms=known_quiet_ms)
+    if gate.max_wait_seconds > 0:
+        sentinel = sentinel_point(geometry)
+        shape = (sentinel["read"], geometry.dim)
+        module = timer.block(parts, geometry, **sentinel)
+        gate.runner = stack.enter_context(timer.runner(module, shape, ("block", *sentinel.values())))
+        gate.inputs = timer.inputs(shape)
+    return gate
 
 
 def out_of_order(rows: list[dict], slack: float) -> list[dict]:
@@ -483,18 +524,17 @@ def measure_table(
         def point_key(kind: str, row: dict) -> tuple:
             return (kind, *(value for name, value in row.items() if name != "ms"))
 
-        gate = QuietGate(None, None, spec.quiet_wait_seconds)
-        if spec.quiet_wait_seconds > 0:
-            sentinel = sentinel_point(geometry)
-            module, shape = point_module("block", sentinel)
-            gate.runner = stack.enter_context(timer.runner(module, shape, point_key("block", sentinel)))
-            gate.inputs = timer.inputs(shape)
+        gate = quiet_gate(timer, parts, geometry, stack)
+
+        levels: dict[Hashable, float] = {}  # per timed key: the strictest quiet level it was held to
 
         def step(what: str, module: nn.Module, shape: tuple[int, ...], key: Hashable) -> float:
             nonlocal done
             done += 1
             waited = gate.wait()
             ms = timer.ms(module, shape, key)
+            if gate.level is not None:
+                levels[key] = min(levels.get(key, math.inf), gate.level)
             suffix = f" (after {waited:.0f} s waiting for a quiet spell)" if waited else ""
             progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms{suffix}")
             return ms
@@ -510,17 +550,26 @@ def measure_table(
             "the dense model as vitslim builds it (the calibration)": dense,
             "the few-tokens model (the calibration)": few_tokens,
         }
-        # each whole model timed WHOLE_MODEL_ROUNDS times (the median), and their order checked
-        # before the grid: a table the reader would refuse is refused in seconds, not minutes
-        fixed_ms, dense_ms, few_tokens_ms = (
-            float(np.median([step(what, module, (in_chans, *image_shape), what) for _ in range(WHOLE_MODEL_ROUNDS)]))
-            for what, module in whole.items()
-        )
-        if not dense_ms > few_tokens_ms > fixed_ms:
-            raise VitslimError(
-                f"the dense model ({dense_ms:.4g} ms), the few-tokens model ({few_tokens_ms:.4g} ms) and the model "
-                f"without its blocks ({fixed_ms:.4g} ms) did not time in that order: measure on a quiet machine"
-            )
+
+        def whole_ms(what: str, again: str = "") -> float:
+            """A whole model timed WHOLE_MODEL_ROUNDS times: the median."""
+            rounds = [
+                step(again + what, whole[what], (in_chans, *image_shape), what) for _ in range(WHOLE_MODEL_ROUNDS)
+            ]
+            return float(np.median(rounds))
+
+        def check_order() -> None:
+            fixed_ms, dense_ms, few_tokens_ms = whole_times.values()
+            if not dense_ms > few_tokens_ms > fixed_ms:
+                raise VitslimError(
+                    f"the dense model ({dense_ms:.4g} ms), the few-tokens model ({few_tokens_ms:.4g} ms) and the model "
+                    f"without its blocks ({fixed_ms:.4g} ms) did not time in that order: measure on a quiet machine"
+                )
+
+        # each whole model timed, and their order checked, before the grid: a table the reader would
+        # refuse is refused in seconds, not minutes
+        whole_times = {what: whole_ms(what) for what in whole}
+        check_order()
         # timm's own model, run as the table's runtime runs it (on onnxruntime: exported by the exporter)
         timm_ms = step("timm's model", model, (in_chans, *image_shape), "timm")
         blocks = [{**point, "ms": math.inf} for point in points]
@@ -540,13 +589,29 @@ def measure_table(
                 f"mlp width {row['mlp_width']:.3g}"
             )
 
+        def label(kind: str, row: dict) -> str:
+            return block_label(row) if kind == "block" else f"aggregation of {row['arriving']} pooled {row['pooled']:g}"
+
         for grid_pass in range(1, GRID_PASSES + 1):
-            for row in blocks:
-                time_row(row, "block", f"pass {grid_pass}: {block_label(row)}")
-            for row in pooled_rows:
-                time_row(
-                    row, "aggregation", f"pass {grid_pass}: aggregation of {row['arriving']} pooled {row['pooled']:g}"
-                )
+            for kind, row in grid:
+                time_row(row, kind, f"pass {grid_pass}: {label(kind, row)}")
+        # A run that starts in a slow spell takes it for the machine's quiet level until quieter
+        # checks come: what was timed while the level was looser than the one known now (by more
+        # than the gate's slack) is timed again, held to it; the whole models' medians are replaced.
+        again_label = "again, timed before the machine's quiet level was known: "
+        loose = [(kind, row) for kind, row in grid if gate.looser_than_now(levels.get(point_key(kind, row)))]
+        loose_whole = [what for what in whole if gate.looser_than_now(levels.get(what))]
+        loose_timm = gate.looser_than_now(levels.get("timm"))
+        timed_again = len(loose) + WHOLE_MODEL_ROUNDS * len(loose_whole) + loose_timm
+        total += timed_again
+        for what in loose_whole:
+            whole_times[what] = whole_ms(what, again_label)
+        if loose_whole:
+            check_order()
+        if loose_timm:
+            timm_ms = min(timm_ms, step(again_label + "timm's model", model, (in_chans, *image_shape), "timm"))
+        for kind, row in loose:
+            time_row(row, kind, again_label + label(kind, row))
         for extra_pass in range(1, EXTRA_PASSES + 1):
             suspects = out_of_order(blocks, OUT_OF_ORDER_SLACK)
             if not suspects:
@@ -571,11 +636,12 @@ def measure_table(
         "timing": settings.__dict__,
         # a busy machine makes a table that predicts nothing: every point is one median
         "noisy_points": len(timer.noisy),
-        "quiet_gate": gate.to_dict(),
+        "quiet_gate": {**gate.to_dict(), "timed_again": timed_again},
         "timings": total,
         "measured_in_seconds": round(time.perf_counter() - started, 1),
         "measured_on": time.strftime("%Y-%m-%d"),
     }
+    fixed_ms, dense_ms, few_tokens_ms = whole_times.values()
     return LatencyTable(
         model=spec.model.to_dict(),
         geometry=table_geometry(geometry),
@@ -649,7 +715,8 @@ def _quiet_gate_lines(gate: Optional[dict]) -> list[str]:
     return [
         f"- Timings that waited for a quiet spell: {gate['waits']} ({gate['waited_seconds']} s in all); that ran "
         f"in a slow spell after waiting {gate['max_wait_seconds']:g} s: {gate['timed_slow']} "
-        "(more than a few: measure again on a quieter machine)"
+        "(more than a few: measure again on a quieter machine); timed again, having run before the machine's quiet "
+        f"level was known: {gate.get('timed_again', 0)}"
     ]
 
 

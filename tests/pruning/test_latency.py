@@ -22,6 +22,7 @@ from vitslim.pruning.latency import (
     read_latency_table,
     step_channels,
     table_from_dict,
+    value_step,
     width_block,
     width_step,
     written_count,
@@ -180,6 +181,46 @@ def test_the_step_is_aligned_so_a_gpu_slowdown_is_not_taken_for_the_gather():
         BlockPlan(fc1_in=tuple(range(48)), proj_in=tuple(range(16)) + tuple(range(32, 48))),
     ):
         assert table.timed_alone_ms(block, geometry, counts)[0] == pytest.approx(gpu_ms(block, counts), rel=0.03)
+
+
+VALUE_KERNEL_MS = (
+    0.6  # what value heads narrower than the query heads add (a GPU attention kernel leaving its fused form)
+)
+
+
+def test_value_heads_narrower_than_the_query_heads_pay_their_own_step():
+    """On a GPU, attention whose value heads are narrower than its query heads leaves its fused
+    kernel (PyTorch) or pads them (the attention-op form): a cost no MAC count shows, paid by
+    every narrower row of the attention side but not by the step (whole value heads). Taken as
+    part of the MACs' curve, the time of VTP's widths (one step fewer per value head, between the
+    3/4 row and the step) was predicted 6.5 % fast here. The predictor takes it as a step of its
+    own, paid by blocks with narrower value heads only, on a table with the grid's value step and
+    on one measured before it had that point."""
+    geometry = geometry_of(tiny_vit(embed_dim=128, num_heads=2))  # 64 per head: the value step keeps 56
+    assert value_step(geometry) == 1 - STEP_CHANNELS / 64
+
+    def gpu_ms(block: BlockPlan, counts: TokenCounts) -> float:
+        gathers = sum(channels is not None for channels in (block.qkv_in, block.fc1_in))
+        narrow_values = block.proj_in is not None and len(block.proj_in) < geometry.attn_dim
+        return _block_ms(block, counts, geometry) + GATHER_MS * gathers + VALUE_KERNEL_MS * narrow_values
+
+    data = mac_table(geometry=geometry)
+    for row in data["blocks"]:
+        read = row["read"]
+        block = width_block(geometry, row["attention_width"], row["mlp_width"])
+        row["ms"] = gpu_ms(block, TokenCounts(read, read, written_count(geometry, read, row["kept"])))
+    before = {**data, "blocks": [row for row in data["blocks"] if row["attention_width"] != value_step(geometry)]}
+    counts = TokenCounts(geometry.num_tokens, geometry.num_tokens, geometry.num_tokens)
+    for block in (
+        BlockPlan(  # VTP's widths rounded to 8: 120 input channels, 56 values per head
+            qkv_in=tuple(range(120)), proj_in=tuple(range(56)) + tuple(range(64, 120)), fc1_in=tuple(range(112))
+        ),
+        BlockPlan(qkv_in=tuple(range(96))),  # whole value heads: the Gather alone
+        BlockPlan(proj_in=tuple(range(40)) + tuple(range(64, 104))),  # narrower value heads, no Gather
+        BlockPlan(hidden=tuple(range(256))),  # narrower hidden units cost no step
+    ):
+        for table in (table_from_dict(data), table_from_dict(before)):
+            assert table.timed_alone_ms(block, geometry, counts)[0] == pytest.approx(gpu_ms(block, counts), rel=0.01)
 
 
 @pytest.mark.parametrize(
