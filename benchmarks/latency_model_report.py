@@ -106,7 +106,9 @@ def _environment(data: dict) -> str:
             f"{t['seconds']:.0f} s (batch {t['batch']}, on {t['where'].get('measured_on', env['date'])}"
             + (f", {t['where'].get('device_name')}" if on_gpu else "")
             + ", "
-            + _table_model_key(t).join(("table_version ", ")"))
+            + _table_model_key(t).join(("table_version ", ""))
+            + ("; whole models timed behind the table's quiet level" if "whole_models_quiet_gate" in t else "")
+            + ")"
             for t in data["tables"]
         )
     )

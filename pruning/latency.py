@@ -270,8 +270,13 @@ class LatencyTable:
             share = side_macs / max(1, _side_macs(all_channels, geometry, every_token_written, parts)) / kept_ratio
             # the exporter reads a listed input space through a Gather, all of it listed or not
             gathers = getattr(block, input_space) is not None
+            # (static attention multiplies its values by a constant: no attention kernel to leave)
             output = getattr(block, output_space)
-            narrows = output is not None and len(output) < geometry.channel_sizes[output_space]
+            narrows = (
+                block.static_attention is None
+                and output is not None
+                and len(output) < geometry.channel_sizes[output_space]
+            )
             other = next(name for name in WIDTH_SIDES if name != side)
             rows = self._rows(static=False, kept=1.0, **{other: 1.0})
             factors = [
@@ -580,10 +585,11 @@ def _check_grid(name: str, geometry: ViTGeometry, blocks: list[dict], aggregatio
         space = WIDTH_SIDES[axis].input_space
         kept = [len(getattr(width_block(geometry, **{axis: width}), space) or range(geometry.dim)) for width in grid]
         fewer = step_channels(geometry)
-        if grid[-1] != 1.0 or len(grid) < 3 or kept[-2] != geometry.dim - fewer or kept[-3] >= kept[-2]:
+        increasing = all(a < b for a, b in zip(kept, kept[1:]))
+        if grid[-1] != 1.0 or len(grid) < 3 or kept[-2] != geometry.dim - fewer or not increasing:
             raise PruningError(
                 f"{name}: the {axis} grid {list(grid)} must hold 1, the step of {fewer} input channel(s) fewer "
-                f"({width_step(geometry):.4g}) and a narrower point: {FIX}"
+                f"({width_step(geometry):.4g}) and narrower points, each keeping fewer input channels: {FIX}"
             )
     keys = [(r["static"], r["read"], *(r[a] for a in axes)) for r in blocks]
     if len(set(keys)) != len(keys):

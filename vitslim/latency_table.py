@@ -108,6 +108,7 @@ SENTINEL_TIMING = BenchSettings(warmup_seconds=0.0, min_seconds=0.02, min_iterat
 QUIET_PERCENTILE = 10
 QUIET_SLACK = 0.15
 QUIET_POLL_SECONDS = 1.0
+KNOWN_LEVEL_TIMEOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -395,13 +396,15 @@ class QuietGate:
     clock: Callable[[], float] = time.perf_counter
     # a quiet level known from an earlier gate of the same sentinel (a table's
     # where.quiet_gate.sentinel_quiet_ms): the level never rises above it, so timings that start in
-    # a slow spell wait for a quiet one
+    # a slow spell wait for a quiet one; dropped after KNOWN_LEVEL_TIMEOUTS timings in a row waited
+    # out max_wait_seconds (the machine's quiet speed has moved since)
     known_quiet_ms: Optional[float] = None
     readings: list[float] = field(default_factory=list)  # every check's median (ms)
-    level: Optional[float] = None  # the quiet level the last wait() held its timing to (None: not held)
+    reading: Optional[float] = None  # the check the last wait() let its timing run on (None: not held)
     waits: int = 0  # timings that waited for a quiet spell
     waited_seconds: float = 0.0
     timed_slow: int = 0  # timings that waited max_wait_seconds and ran in a slow spell all the same
+    timed_slow_in_a_row: int = 0
 
     def sentinel_ms(self) -> float:
         return float(np.median(measure_round(self.runner, self.inputs, SENTINEL_TIMING)))
@@ -422,14 +425,17 @@ class QuietGate:
             return 0.0
         started, slept = self.clock(), False
         while True:
-            ms = self.sentinel_ms()
+            ms = self.reading = self.sentinel_ms()
             self.readings.append(ms)
             waited = self.clock() - started
-            self.level = self.quiet_ms
-            if ms <= (1 + QUIET_SLACK) * self.level:
+            if not self.slow(ms):
+                self.timed_slow_in_a_row = 0
                 break
             if waited >= self.max_wait_seconds:
                 self.timed_slow += 1
+                self.timed_slow_in_a_row += 1
+                if self.timed_slow_in_a_row >= KNOWN_LEVEL_TIMEOUTS:
+                    self.known_quiet_ms = None
                 break
             self.sleep(QUIET_POLL_SECONDS)
             slept = True
@@ -439,10 +445,11 @@ class QuietGate:
         self.waited_seconds += waited
         return waited
 
-    def looser_than_now(self, level: Optional[float]) -> bool:
-        """Whether a timing held to `level` could have run in what the quiet level known now calls a
-        slow spell: a run that starts in one learns it as its quiet level until quieter checks come."""
-        return level is not None and self.quiet_ms is not None and level > (1 + QUIET_SLACK) * self.quiet_ms
+    def slow(self, reading: Optional[float]) -> bool:
+        """Whether a sentinel reading is more than QUIET_SLACK over the quiet level known now (a
+        timing let run on a reading the level known then passed, in a run that started in a slow
+        spell, may be slow by the level known at its end)."""
+        return reading is not None and reading > (1 + QUIET_SLACK) * self.quiet_ms
 
     def to_dict(self) -> dict:
         return {
@@ -452,6 +459,7 @@ class QuietGate:
             "timed_slow": self.timed_slow,
             "checks": len(self.readings),
             "sentinel_quiet_ms": self.quiet_ms,
+            "known_quiet_ms": self.known_quiet_ms,
         }
 
 
@@ -526,15 +534,15 @@ def measure_table(
 
         gate = quiet_gate(timer, parts, geometry, stack)
 
-        levels: dict[Hashable, float] = {}  # per timed key: the strictest quiet level it was held to
+        readings: dict[Hashable, list[float]] = {}  # per timed key: the sentinel's reading before each timing
 
         def step(what: str, module: nn.Module, shape: tuple[int, ...], key: Hashable) -> float:
             nonlocal done
             done += 1
             waited = gate.wait()
             ms = timer.ms(module, shape, key)
-            if gate.level is not None:
-                levels[key] = min(levels.get(key, math.inf), gate.level)
+            if gate.reading is not None:
+                readings.setdefault(key, []).append(gate.reading)
             suffix = f" (after {waited:.0f} s waiting for a quiet spell)" if waited else ""
             progress(f"latency-table: {done}/{total} {what}: {ms:.4g} ms{suffix}")
             return ms
@@ -596,12 +604,19 @@ def measure_table(
             for kind, row in grid:
                 time_row(row, kind, f"pass {grid_pass}: {label(kind, row)}")
         # A run that starts in a slow spell takes it for the machine's quiet level until quieter
-        # checks come: what was timed while the level was looser than the one known now (by more
-        # than the gate's slack) is timed again, held to it; the whole models' medians are replaced.
+        # checks come: what ran on a reading slow by the level known now is timed again, held to it.
+        # A grid point (and timm's model) keeps its quicker timing, so it is timed again when every
+        # timing of it was slow; a whole model's median moves with any slow round, and all its
+        # rounds are timed again.
         again_label = "again, timed before the machine's quiet level was known: "
-        loose = [(kind, row) for kind, row in grid if gate.looser_than_now(levels.get(point_key(kind, row)))]
-        loose_whole = [what for what in whole if gate.looser_than_now(levels.get(what))]
-        loose_timm = gate.looser_than_now(levels.get("timm"))
+
+        def ran_slow(key: Hashable, every: bool) -> bool:
+            slow = [gate.slow(reading) for reading in readings.get(key, [])]
+            return bool(slow) and (all if every else any)(slow)
+
+        loose = [(kind, row) for kind, row in grid if ran_slow(point_key(kind, row), every=True)]
+        loose_whole = [what for what in whole if ran_slow(what, every=False)]
+        loose_timm = ran_slow("timm", every=True)
         timed_again = len(loose) + WHOLE_MODEL_ROUNDS * len(loose_whole) + loose_timm
         total += timed_again
         for what in loose_whole:
