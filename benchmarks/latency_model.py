@@ -108,10 +108,10 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
     from vitslim.pruning.macs import macs_fraction
     from vitslim.pruning.models import create_model
     from vitslim.pruning.plan import ModelSpec, dense_plan
-    from vitslim.pruning.timm_adapter import supported_geometry
+    from vitslim.pruning.timm_adapter import block_parts, blocks_of, supported_geometry
 
     from benchmarks.operating_points import operating_points
-    from vitslim.latency_table import ModuleTimer, TableSpec, block_parts, blocks_of, measure_table, quiet_gate
+    from vitslim.latency_table import ModuleTimer, TableSpec, measure_table, quiet_gate
 
     backend, device, precision, mode, default_batches = WHERE[where]
     batches = batches or default_batches

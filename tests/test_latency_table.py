@@ -167,7 +167,7 @@ def test_what_ran_before_the_quiet_level_was_known_is_timed_again(monkeypatch, s
     monkeypatch.setattr("vitslim.latency_table.GRID_PASSES", 1)  # a point's one timing, slow or not
     messages = []
     table = measure_table(TableSpec(SPEC, backend="torch", batch=2), settings=QUICK, progress=messages.append)
-    again = [message for message in messages if "before the machine's quiet level was known" in message]
+    again = [message for message in messages if "a slow spell by the quiet level known now" in message]
     # the timings that ran on a slow reading; those after it read quiet, though the quiet level
     # (the 10th percentile of the checks) took a few more checks to come down
     assert len(again) == table.where["quiet_gate"]["timed_again"] == timed_again

@@ -608,7 +608,7 @@ def measure_table(
         # A grid point (and timm's model) keeps its quicker timing, so it is timed again when every
         # timing of it was slow; a whole model's median moves with any slow round, and all its
         # rounds are timed again.
-        again_label = "again, timed before the machine's quiet level was known: "
+        again_label = "again, run in a slow spell by the quiet level known now: "
 
         def ran_slow(key: Hashable, every: bool) -> bool:
             slow = [gate.slow(reading) for reading in readings.get(key, [])]
@@ -730,8 +730,8 @@ def _quiet_gate_lines(gate: Optional[dict]) -> list[str]:
     return [
         f"- Timings that waited for a quiet spell: {gate['waits']} ({gate['waited_seconds']} s in all); that ran "
         f"in a slow spell after waiting {gate['max_wait_seconds']:g} s: {gate['timed_slow']} "
-        "(more than a few: measure again on a quieter machine); timed again, having run before the machine's quiet "
-        f"level was known: {gate.get('timed_again', 0)}"
+        "(more than a few: measure again on a quieter machine); timed again, having run in a slow spell by the quiet "
+        f"level known at the end: {gate.get('timed_again', 0)}"
     ]
 
 
