@@ -614,18 +614,18 @@ def measure_table(
             slow = [gate.slow(reading) for reading in readings.get(key, [])]
             return bool(slow) and (all if every else any)(slow)
 
-        loose = [(kind, row) for kind, row in grid if ran_slow(point_key(kind, row), every=True)]
-        loose_whole = [what for what in whole if ran_slow(what, every=False)]
-        loose_timm = ran_slow("timm", every=True)
-        timed_again = len(loose) + WHOLE_MODEL_ROUNDS * len(loose_whole) + loose_timm
+        slow_rows = [(kind, row) for kind, row in grid if ran_slow(point_key(kind, row), every=True)]
+        slow_whole = [what for what in whole if ran_slow(what, every=False)]
+        slow_timm = ran_slow("timm", every=True)
+        timed_again = len(slow_rows) + WHOLE_MODEL_ROUNDS * len(slow_whole) + slow_timm
         total += timed_again
-        for what in loose_whole:
+        for what in slow_whole:
             whole_times[what] = whole_ms(what, again_label)
-        if loose_whole:
+        if slow_whole:
             check_order()
-        if loose_timm:
+        if slow_timm:
             timm_ms = min(timm_ms, step(again_label + "timm's model", model, (in_chans, *image_shape), "timm"))
-        for kind, row in loose:
+        for kind, row in slow_rows:
             time_row(row, kind, again_label + label(kind, row))
         for extra_pass in range(1, EXTRA_PASSES + 1):
             suspects = out_of_order(blocks, OUT_OF_ORDER_SLACK)
