@@ -4,8 +4,11 @@ results/latency_accuracy.json (benchmarks/latency_model.py, benchmarks/latency_a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
+
+from vitslim.pruning.latency import table_sizes, value_step
 
 from vitslim.plots import save_png
 
@@ -69,10 +72,11 @@ def _table_model_key(table: dict) -> str:
     attention side's value step (added with the predictor's value-head step, in table_version 3;
     an older table without it is still read)."""
     version = str(table.get("table_version", 1))
-    widths = {
-        side: {row[side] for row in table["blocks"] if not row["static"]} for side in ("attention_width", "mlp_width")
-    }
-    return version + (" + value step" if len(widths["attention_width"]) > len(widths["mlp_width"]) else "")
+    step = value_step(table_sizes(table["geometry"]))
+    holds_step = step is not None and any(
+        math.isclose(row["attention_width"], step) for row in table["blocks"] if not row["static"]
+    )
+    return version + (" + value step" if holds_step else "")
 
 
 def _table_model(data: dict) -> str:

@@ -223,7 +223,7 @@ class LatencyTable:
     @property
     def sizes(self) -> ViTGeometry:
         """The table's sizes as a geometry (what calibration() and the reports read)."""
-        return _sizes(self.geometry)
+        return table_sizes(self.geometry)
 
     def check_geometry(self, geometry: ViTGeometry) -> None:
         """Refuse a table measured on a model of other sizes."""
@@ -519,7 +519,7 @@ def table_from_dict(data: Any, source: str = "") -> LatencyTable:
                 "ms": _number(row.get("ms"), f"{where}.ms"),
             }
         )
-    _check_grid(name, _sizes(geometry), blocks, aggregations)
+    _check_grid(name, table_sizes(geometry), blocks, aggregations)
     table = LatencyTable(
         model={"name": data["model"]["name"], "kwargs": dict(data["model"].get("kwargs", {}))},
         geometry=geometry,
@@ -537,7 +537,7 @@ def table_from_dict(data: Any, source: str = "") -> LatencyTable:
     return table
 
 
-def _sizes(geometry: dict) -> ViTGeometry:
+def table_sizes(geometry: dict) -> ViTGeometry:
     """A table's sizes as the geometry the predictor reads (it never reads the embedding's or the
     head's MACs)."""
     return ViTGeometry(**geometry, patch_embed_macs=0, head_macs=0, pools_patch_tokens=False)

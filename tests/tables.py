@@ -4,17 +4,12 @@ runtime that is all arithmetic would give), complete and valid for any supported
 from __future__ import annotations
 
 import torch
-from vitslim.pruning.latency import (
-    few_tokens_counts,
-    table_geometry,
-    value_step,
-    width_block,
-    width_step,
-    written_count,
-)
+from vitslim.pruning.latency import few_tokens_counts, table_geometry, width_block, written_count
 from vitslim.pruning.macs import block_macs
 from vitslim.pruning.plan import BlockPlan, TokenCounts
 from vitslim.pruning.timm_adapter import ViTGeometry
+
+from vitslim.latency_table import aggregation_points, grid_points
 
 FIXED_MS = 0.05
 PER_MAC_MS = 1e-6
@@ -25,28 +20,21 @@ def block_ms(block: BlockPlan, counts: TokenCounts, geometry: ViTGeometry) -> fl
 
 
 def mac_table(geometry: ViTGeometry, timm_ms: float = 1.0) -> dict:
-    """A complete table whose every point costs 0.01 ms plus PER_MAC_MS per MAC."""
-    blocks, aggregations = [], []
-    full = {"kept": 1.0, "attention_width": 1.0, "mlp_width": 1.0}
-    prefix, patches = geometry.num_prefix_tokens, geometry.num_patches
-    reads = sorted({prefix + 1, *(prefix + max(1, patches * k // 16) for k in (2, 4, 8, 12, 16))})
-    for read in reads:
-        points = [{"static": True, **full}]
-        points += [{"static": False, **full, "kept": kept} for kept in (0.0, 0.25, 0.5, 0.75, 1 - 1 / patches, 1.0)]
-        widths = {side: {0.25, 0.5, 0.75, width_step(geometry)} for side in ("attention_width", "mlp_width")}
-        widths["attention_width"] |= {value_step(geometry)} - {None}
-        points += [{"static": False, **full, side: width} for side, grid in widths.items() for width in sorted(grid)]
-        for point in points:
-            block = width_block(geometry, point["attention_width"], point["mlp_width"])
-            if point["static"]:
-                block = BlockPlan(static_attention=torch.zeros(1))
-            written = written_count(geometry, read, point["kept"])
-            blocks.append({**point, "read": read, "ms": block_ms(block, TokenCounts(read, read, written), geometry)})
-        if read > prefix + 1:
-            for pooled in (0.125, 0.5, 1.0):
-                patches_out = max(1, round(pooled * (read - prefix)))
-                ms = 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim
-                aggregations.append({"arriving": read, "pooled": pooled, "ms": ms})
+    """A complete table on the grid `vitslim latency-table` times, whose every point costs 0.01 ms
+    plus PER_MAC_MS per MAC."""
+    blocks = []
+    for point in grid_points(geometry):
+        block = width_block(geometry, point["attention_width"], point["mlp_width"])
+        if point["static"]:
+            block = BlockPlan(static_attention=torch.zeros(1))
+        read = point["read"]
+        written = written_count(geometry, read, point["kept"])
+        blocks.append({**point, "ms": block_ms(block, TokenCounts(read, read, written), geometry)})
+    aggregations = []
+    for point in aggregation_points(geometry):
+        read, prefix = point["arriving"], geometry.num_prefix_tokens
+        patches_out = max(1, round(point["pooled"] * (read - prefix)))
+        aggregations.append({**point, "ms": 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim})
     return {
         "table_version": 3,
         "model": {"name": "tiny", "kwargs": {}},
