@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 from vitslim.deploy.bench import BenchSettings
@@ -57,11 +58,17 @@ def synthetic_ranks(depth: int, patches: int) -> list[dict]:
     return [{"effective_rank": patches * 0.5 ** (block / 3)} for block in range(depth)]
 
 
-def targeted_plans(model, base, table, geometry):
+class TargetedPlan(NamedTuple):
+    plan: object  # a SlimPlan
+    target_ms: float
+    round_to: Optional[int] = None  # VTP's: the rounding its search chose
+
+
+def targeted_plans(model, base, table, geometry) -> dict[str, TargetedPlan]:
     """Each method's structure search against `table` for its TARGET_SPEEDUPS entry."""
     from vitslim.pruning.latency import LatencyBudget
     from vitslim.pruning.methods.dgssa_glad import auto_pyramid, structure_plan
-    from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates, ratio_for_target
+    from vitslim.pruning.methods.vtp import VTPConfig, plan_from_gates, structure_for_target
     from vitslim.pruning.timm_adapter import patch_grid
 
     from benchmarks.operating_points import hidden_heavy_gates, pyramid_counts, token_pyramid_plan
@@ -77,15 +84,15 @@ def targeted_plans(model, base, table, geometry):
     gates, config = hidden_heavy_gates(geometry), VTPConfig(round_to=8)
     plans = {}
     for method, speedup in TARGET_SPEEDUPS.items():
+        round_to = None
         budget = LatencyBudget(table, geometry, table.timm_ms / speedup)
         if method == "patch-slim":
             plan = token_pyramid(budget, base)
         elif method == "vtp+patch-slim":
             plan = token_pyramid(budget, plan_from_gates(gates, geometry, base, config, COMPOSED_VTP_RATIO))
         elif method == "vtp":
-            plan = plan_from_gates(
-                gates, geometry, base, config, ratio_for_target(gates, geometry, base, config, budget.fits)
-            )
+            chosen = structure_for_target(gates, geometry, base, config, budget)
+            plan, round_to = chosen.plan, chosen.round_to
         else:
             grid = patch_grid(model)
             stages = auto_pyramid(
@@ -99,7 +106,7 @@ def targeted_plans(model, base, table, geometry):
                 f"{budget.target_ms} ms",
             )
             plan = structure_plan(base, 0, stages, geometry, grid)
-        plans[method] = (plan, budget.target_ms)
+        plans[method] = TargetedPlan(plan, budget.target_ms, round_to)
     return plans
 
 
@@ -147,17 +154,17 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
             known = (table.where.get("quiet_gate") or {}).get("sentinel_quiet_ms")
             gate = quiet_gate(timer, block_parts(blocks_of(model)[0]), geometry, stack, known)
             points = [
-                (p.variant, "operating point", p.plan, None)
+                (p.variant, "operating point", TargetedPlan(p.plan, None))
                 for p in operating_points(model, base)
                 if p.plan is not None
             ]
             points += [
-                (f"{method} for {TARGET_SPEEDUPS[method]}x", "latency target", plan, target)
-                for method, (plan, target) in targeted_plans(model, base, table, geometry).items()
+                (f"{method} for {TARGET_SPEEDUPS[method]}x", "latency target", targeted)
+                for method, targeted in targeted_plans(model, base, table, geometry).items()
             ]
             modules = {
-                variant: (compact_from_plan(model, plan, pad_value_heads=timer.pads_value_heads), image)
-                for variant, _, plan, _ in points
+                variant: (compact_from_plan(model, point.plan, pad_value_heads=timer.pads_value_heads), image)
+                for variant, _, point in points
             }
             progress(f"{where} batch {batch}: exporting and timing {len(modules)} whole models")
             timer.export_all((variant, *module) for variant, module in modules.items())  # once, for every pass
@@ -170,7 +177,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
                     gate.wait()
                     passes[-1].append(timer.ms(*modules[variant], key=variant))
             tables[-1]["whole_models_quiet_gate"] = gate.to_dict()
-            for (variant, kind, plan, target), *timed in zip(points, *passes):
+            for (variant, kind, (plan, target, round_to)), *timed in zip(points, *passes):
                 measured = float(statistics.median(timed))
                 predicted = table.predict(plan, geometry).total_ms
                 row = {
@@ -186,6 +193,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
                     "speedup": table.timm_ms / measured,
                     "target_ms": target,
                     "target_error": None if target is None else measured / target - 1,
+                    **({} if round_to is None else {"round_to": round_to}),
                 }
                 rows.append(row)
                 progress(

@@ -70,11 +70,13 @@ TABLE_MODELS = {
 def _table_model_key(table: dict) -> str:
     """How a table's results were predicted: its table_version, and whether its grid holds the
     attention side's value step (added with the predictor's value-head step, in table_version 3;
-    an older table without it is still read)."""
+    an older table without it is still read). A model whose value step falls on a grid width
+    (32 channels per head: 3/4) holds it in every table of version 2 or 3; table_version 1 has one
+    width axis and no attention side."""
     version = str(table.get("table_version", 1))
     step = value_step(table_sizes(table["geometry"]))
     holds_step = step is not None and any(
-        math.isclose(row["attention_width"], step) for row in table["blocks"] if not row["static"]
+        math.isclose(row.get("attention_width", 1.0), step) for row in table["blocks"] if not row["static"]
     )
     return version + (" + value step" if holds_step else "")
 
@@ -188,6 +190,15 @@ def _structure(row: dict) -> tuple:
     return row["static_blocks"], row["pyramid"]
 
 
+def _rounding(row: dict) -> str:
+    """VTP's rounding on a latency-targeted row: the one its search chose, or, in results from
+    before VTP searched its rounding, the --round-to 8 it searched at alone."""
+    if "round_to" in row:
+        return f" (rounding {row['round_to']})"
+    vtp_alone = row["kind"] == "latency target" and row["variant"].startswith("vtp for")
+    return " (rounding 8 alone: searched before VTP searched its rounding)" if vtp_alone else ""
+
+
 def rows_table(data: dict) -> list[str]:
     lines = [
         f"Speed-ups are over {_baseline(data)} on the same runtime (the table's `timm_ms`, the baseline of `--target-speedup`).",
@@ -202,7 +213,7 @@ def rows_table(data: dict) -> list[str]:
             target += " (out of reach: the search's fastest; a prune refuses it)"
         against = "–" if row["target_error"] is None else f"{row['target_error']:+.1%}"
         lines.append(
-            f"| {row['batch']} | {row['variant']} | {row['macs_fraction']:.1%} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} | "
+            f"| {row['batch']} | {row['variant']}{_rounding(row)} | {row['macs_fraction']:.1%} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} | "
             f"{row['prediction_error']:+.1%} | {row['speedup']:.2f} | {1 / row['macs_fraction']:.2f} | "
             f"{row['speedup'] * row['macs_fraction']:.2f} | {target} | {against} |"
         )

@@ -112,8 +112,8 @@ def kept_fraction(geometry: ViTGeometry, read: int, written: int) -> float:
 # The width grid's step keeps this many input channels fewer than all. Not one: GPU GEMMs in fp16
 # run a channel count that is not a multiple of 8 on slower kernels, so a point one channel short
 # times that slowdown as the Gather's cost and mispredicts every narrower block, while plans round
-# their channels to 8 (VTP's --round-to). table_version 3 predicts VTP 20 % and 40 % within 2.1 %
-# on an H200 (PyTorch, batch 64: benchmarks/results/latency_model_gpu_64.json).
+# their channels to 8 (VTP's --round-to). table_version 3 predicts VTP 20 % and 40 % within 3 %
+# on an H200 (PyTorch, batch 64 and 256: benchmarks/results/latency_model_gpu_*.json).
 STEP_CHANNELS = 8
 
 
@@ -135,8 +135,8 @@ def value_step(geometry: ViTGeometry) -> Optional[float]:
     (and that fraction of the LayerNorm-1 channels); None for heads too narrow to lose them.
     Value heads narrower than the query heads change how attention runs (PyTorch's
     scaled_dot_product_attention leaves its fused kernel; the attention-op form pads them): on an
-    H200 and an H100 a block keeping 48 of 64 per head ran slower than the full block in both
-    runtimes (benchmarks/results/latency_model_*gpu_*.json). So the
+    H200 a block keeping 48 of 64 per head ran slower than the full block in both runtimes, at
+    batch 64 and 256 (benchmarks/results/latency_model_*gpu_*.json). So the
     MACs between the 3/4 point and the step (whole value heads) do not tell the time of the widths
     VTP keeps most (one step fewer per head): this point measures them."""
     fewer = step_channels(geometry)

@@ -20,8 +20,8 @@ def block_ms(block: BlockPlan, counts: TokenCounts, geometry: ViTGeometry) -> fl
 
 
 def mac_table(geometry: ViTGeometry, timm_ms: float = 1.0) -> dict:
-    """A complete table on the grid `vitslim latency-table` times, whose every point costs 0.01 ms
-    plus PER_MAC_MS per MAC."""
+    """A complete table on the grid `vitslim latency-table` times, whose every block point costs
+    0.01 ms plus PER_MAC_MS per MAC (an aggregation 0.001 ms plus that)."""
     blocks = []
     for point in grid_points(geometry):
         block = width_block(geometry, point["attention_width"], point["mlp_width"])
@@ -30,9 +30,9 @@ def mac_table(geometry: ViTGeometry, timm_ms: float = 1.0) -> dict:
         read = point["read"]
         written = written_count(geometry, read, point["kept"])
         blocks.append({**point, "ms": block_ms(block, TokenCounts(read, read, written), geometry)})
-    aggregations = []
+    aggregations, prefix = [], geometry.num_prefix_tokens
     for point in aggregation_points(geometry):
-        read, prefix = point["arriving"], geometry.num_prefix_tokens
+        read = point["arriving"]
         patches_out = max(1, round(point["pooled"] * (read - prefix)))
         aggregations.append({**point, "ms": 0.001 + PER_MAC_MS * patches_out * (read - prefix) * geometry.dim})
     return {

@@ -252,9 +252,17 @@ def test_the_latency_report_names_each_batchs_gpu_and_how_it_was_predicted():
 
     geometry = geometry_of(create_model(ModelSpec("deit_small_patch16_224", {**TINY, "embed_dim": 128})))
     with_step = mac_table(geometry)
-    assert len({r["attention_width"] for r in with_step["blocks"]}) > len({r["mlp_width"] for r in with_step["blocks"]})
     before = {**with_step, "blocks": [r for r in with_step["blocks"] if r["attention_width"] != 0.875]}
     assert _table_model_key(with_step) == "3 + value step" and _table_model_key(before) == "3"
+    # a width of the attention side's own that is not the value step does not make it one
+    other = [{**r, "attention_width": 0.625} for r in before["blocks"] if r["attention_width"] == 0.75]
+    assert _table_model_key({**before, "blocks": before["blocks"] + other}) == "3"
+    # table_version 1 had one width axis (no attention side): named by its version
+    one_axis = [
+        {"static": r["static"], "read": r["read"], "kept": r["kept"], "width": 1.0, "ms": r["ms"]}
+        for r in before["blocks"]
+    ]
+    assert _table_model_key({**before, "table_version": 1, "blocks": one_axis}) == "1"
     gpu = {"device": "cuda"}
     data = {
         "environment": {"host": {"cores": 2}},
@@ -283,7 +291,8 @@ def test_the_latency_benchmarks_searches_meet_their_targets_on_a_table_built_her
     table = table_from_dict({**mac_table(geometry), "timm_ms": dense_ms})  # timm's model as fast as the dense plan
     plans = targeted_plans(model, base, table, geometry)
     assert set(plans) == set(TARGET_SPEEDUPS)
-    for method, (plan, target) in plans.items():
+    for method, (plan, target, round_to) in plans.items():
+        assert (round_to is not None) == (method == "vtp")  # VTP's search chose a rounding
         validate(plan, geometry)
         assert target == pytest.approx(dense_ms / TARGET_SPEEDUPS[method])
         assert table.predict(plan, geometry).total_ms <= target, method
@@ -291,6 +300,17 @@ def test_the_latency_benchmarks_searches_meet_their_targets_on_a_table_built_her
     assert composed.method == "vtp+patch-slim"
     assert any(block.hidden is not None for block in composed.blocks)
     assert any(block.kept_tokens is not None for block in composed.blocks)
+
+
+def test_the_latency_report_names_vtps_rounding_where_its_search_chose_one():
+    from benchmarks.latency_model_report import _rounding
+
+    searched = {"kind": "latency target", "variant": "vtp for 1.25x", "round_to": 32}
+    assert _rounding(searched) == " (rounding 32)"
+    before = {key: value for key, value in searched.items() if key != "round_to"}
+    assert "rounding 8 alone" in _rounding(before)  # results from before VTP searched its rounding
+    assert _rounding({"kind": "operating point", "variant": "vtp 40%"}) == ""
+    assert _rounding({"kind": "latency target", "variant": "vtp+patch-slim for 1.6x"}) == ""
 
 
 def test_the_latency_report_names_the_composed_search_only_where_results_hold_it():

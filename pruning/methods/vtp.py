@@ -33,6 +33,12 @@ from .base import WIDTH_FIELDS, MethodResult, composed_name, register_method, st
 GateKey = tuple[int, str]  # (block index, channel space)
 DEFAULT_PRUNE_RATIO = 0.4
 MAX_SEARCHED_RATIO = 0.95  # a latency target's search never removes more of the gated dims
+# A latency target's search also tries --round-to times each of these (8 to 64 from the default).
+# Coarser rounding removes channels in bigger steps but can keep value heads whole (64 per head in
+# DeiT-S), which a GPU runs without the narrower value heads' step (pruning.latency.value_step): on
+# the H200 onnxruntime-gpu table at batch 256 (benchmarks/results/latency_model_onnx_gpu_256.json)
+# only rounding to 64 is predicted to reach 1.25x timm's model.
+ROUNDING_MULTIPLES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class VTPConfig(AugmentationSettings, LatencyTargetSettings):
     round_to: int = setting(
         8,
         "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs "
-        "aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md)",
+        "aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md); "
+        "with a latency target, multiples of it up to 8 times it are searched too",
     )
     per_module: bool = setting(False, "one threshold per gate instead of one global threshold")
     seed: int = setting(0, "random seed")
@@ -204,6 +211,45 @@ def ratio_for_target(
     return high
 
 
+def kept_magnitude(gates: Mapping[GateKey, torch.Tensor], plan: SlimPlan) -> float:
+    """The sum of |gate| over the dims `plan` keeps: the accuracy proxy compared across roundings
+    (a ratio is not: the same ratio keeps other dims at another rounding)."""
+    total = 0.0
+    for (index, space), gate in gates.items():
+        kept = getattr(plan.blocks[index], space)
+        magnitude = gate.detach().abs().double().cpu()
+        total += float(magnitude.sum() if kept is None else magnitude[list(kept)].sum())
+    return total
+
+
+@dataclass(frozen=True)
+class TargetedStructure:
+    """What VTP's latency search chose: the prune ratio and rounding, their plan and its proxy."""
+
+    ratio: float
+    round_to: int
+    plan: SlimPlan
+    kept_magnitude: float
+
+
+def structure_for_target(
+    gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig, budget
+) -> TargetedStructure:
+    """Per rounding (config.round_to times ROUNDING_MULTIPLES), the smallest ratio whose plan fits
+    `budget`; of those that fit, the one keeping the most gate magnitude; none fits: the fastest
+    of them (the caller names the shortfall)."""
+    candidates = []
+    for multiple in ROUNDING_MULTIPLES:
+        rounded = replace(config, round_to=config.round_to * multiple)
+        ratio = ratio_for_target(gates, geometry, base, rounded, budget.fits)
+        plan = plan_from_gates(gates, geometry, base, rounded, ratio)
+        candidates.append(TargetedStructure(ratio, rounded.round_to, plan, kept_magnitude(gates, plan)))
+    fitting = [c for c in candidates if budget.fits(c.plan)]
+    if not fitting:
+        return min(candidates, key=lambda c: budget.predicted_ms(c.plan))
+    return max(fitting, key=lambda c: c.kept_magnitude)  # on a tie, the finest rounding
+
+
 def fold_gates(model: nn.Module, gates: Mapping[GateKey, torch.Tensor]) -> nn.Module:
     """A copy of `model` whose weight columns absorb the gates: W[:, j] <- gate_j * W[:, j] for the
     Linear reading each gated space, so that the gated function is preserved without gates."""
@@ -270,14 +316,18 @@ def prune_vtp(
         resume_key={"start": plan_digest(base)},  # the start plan is hooks, not weights
     )
     report["top1_after_sparsity_training"] = sparsity.val_top1
-    ratio = config.prune_ratio or DEFAULT_PRUNE_RATIO
     if budget is not None and budget.target_ms is not None:
-        ratio = ratio_for_target(gates.as_dict(), geometry, base, config, budget.fits)
-        fastest = plan_from_gates(gates.as_dict(), geometry, base, config, ratio)
-        if not budget.fits(fastest):
-            raise budget.unreachable(fastest, f"VTP (removing up to {MAX_SEARCHED_RATIO:.0%} of the gated dims)")
-    report["prune_ratio"] = ratio
-    plan = plan_from_gates(gates.as_dict(), geometry, base, config, ratio)
+        chosen = structure_for_target(gates.as_dict(), geometry, base, config, budget)
+        if not budget.fits(chosen.plan):
+            multiples = f"{config.round_to} to {config.round_to * ROUNDING_MULTIPLES[-1]}"
+            raise budget.unreachable(
+                chosen.plan, f"VTP (removing up to {MAX_SEARCHED_RATIO:.0%} of the gated dims, rounding to {multiples})"
+            )
+        ratio, round_to, plan = chosen.ratio, chosen.round_to, chosen.plan
+    else:
+        ratio, round_to = config.prune_ratio or DEFAULT_PRUNE_RATIO, config.round_to
+        plan = plan_from_gates(gates.as_dict(), geometry, base, config, ratio)
+    report.update(prune_ratio=ratio, round_to=round_to, kept_gate_magnitude=kept_magnitude(gates.as_dict(), plan))
     if budget is not None:
         report["latency"] = budget.report(plan)
     folded = fold_gates(gated.model, gates.as_dict())

@@ -27,6 +27,7 @@ from vitslim.pruning.latency import (
     width_step,
     written_count,
 )
+from vitslim.pruning.methods import vtp as vtp_method
 from vitslim.pruning.methods.dgssa_glad import DGSSAGladConfig, prune_dgssa_glad
 from vitslim.pruning.methods.patch_slimming import PatchSlimConfig, prune_patch_slimming
 from vitslim.pruning.methods.vtp import VTPConfig, prune_vtp
@@ -419,16 +420,49 @@ def test_each_method_meets_a_latency_target(tmp_path):
 
 
 def test_vtp_removes_the_least_that_meets_the_target(tmp_path):
-    """A looser target keeps more of the gated dims (the method's accuracy proxy)."""
+    """A looser target keeps more of the gate magnitude (the method's accuracy proxy)."""
     table = _table_file(tmp_path)
-    ratios = {}
+    kept = {}
     for share in (0.9, 0.7):
         config = VTPConfig(
             latency_table=table, target_ms=share * _predicted(BASE), sparsity_epochs=0, finetune_epochs=0, round_to=1
         )
         result = prune_vtp(MODEL, DATA, config, BASE)
-        ratios[share] = result.report["prune_ratio"]
-    assert ratios[0.9] < ratios[0.7]
+        assert _predicted(result.plan) <= share * _predicted(BASE)
+        kept[share] = result.report["kept_gate_magnitude"]
+    assert kept[0.9] > kept[0.7]
+
+
+def test_vtp_searches_its_rounding_where_narrower_value_heads_cost_time(tmp_path, monkeypatch):
+    """On a table where value heads narrower than the query heads cost a step of their own (a GPU),
+    VTP's search rounds the value channels to whole heads (--round-to times 8: 16 per head here)
+    and keeps more gate magnitude than the finest rounding alone; on a table where they cost only
+    their MACs it keeps the finest rounding."""
+
+    def table_file(value_heads_step_ms: float) -> str:
+        data = mac_table()
+        for row in data["blocks"]:
+            block = width_block(GEOMETRY, row["attention_width"], row["mlp_width"])
+            if block.proj_in is not None:
+                row["ms"] += value_heads_step_ms
+        path = tmp_path / f"table-{value_heads_step_ms}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    def vtp(table: str):
+        target = 0.8 * _predicted(BASE)
+        config = VTPConfig(latency_table=table, target_ms=target, sparsity_epochs=0, finetune_epochs=0, round_to=2)
+        result = prune_vtp(MODEL, DATA, config, BASE)
+        assert result.report["latency"]["predicted_ms"] <= target
+        return result
+
+    on_gpu, mac_only = vtp(table_file(0.05)), vtp(table_file(0.0))
+    assert on_gpu.report["round_to"] == 16 and all(block.proj_in is None for block in on_gpu.plan.blocks)
+    assert mac_only.report["round_to"] == 2 and any(block.proj_in is not None for block in mac_only.plan.blocks)
+    monkeypatch.setattr(vtp_method, "ROUNDING_MULTIPLES", (1,))
+    finest = vtp(table_file(0.05))
+    assert finest.report["round_to"] == 2
+    assert on_gpu.report["kept_gate_magnitude"] > finest.report["kept_gate_magnitude"]
 
 
 def test_a_method_started_from_another_counts_the_start_toward_its_target(tmp_path):
