@@ -58,13 +58,15 @@ def synthetic_ranks(depth: int, patches: int) -> list[dict]:
     return [{"effective_rank": patches * 0.5 ** (block / 3)} for block in range(depth)]
 
 
-class TargetedPlan(NamedTuple):
+class TimedPlan(NamedTuple):
+    """A structure the benchmark times: an operating point (no target) or a search's result."""
+
     plan: object  # a SlimPlan
-    target_ms: float
+    target_ms: Optional[float]
     round_to: Optional[int] = None  # VTP's: the rounding its search chose
 
 
-def targeted_plans(model, base, table, geometry) -> dict[str, TargetedPlan]:
+def targeted_plans(model, base, table, geometry) -> dict[str, TimedPlan]:
     """Each method's structure search against `table` for its TARGET_SPEEDUPS entry."""
     from vitslim.pruning.latency import LatencyBudget
     from vitslim.pruning.methods.dgssa_glad import auto_pyramid, structure_plan
@@ -106,7 +108,7 @@ def targeted_plans(model, base, table, geometry) -> dict[str, TargetedPlan]:
                 f"{budget.target_ms} ms",
             )
             plan = structure_plan(base, 0, stages, geometry, grid)
-        plans[method] = TargetedPlan(plan, budget.target_ms, round_to)
+        plans[method] = TimedPlan(plan, budget.target_ms, round_to)
     return plans
 
 
@@ -154,7 +156,7 @@ def run(where: str, model_kwargs: dict, batches=None, progress=print) -> dict:
             known = (table.where.get("quiet_gate") or {}).get("sentinel_quiet_ms")
             gate = quiet_gate(timer, block_parts(blocks_of(model)[0]), geometry, stack, known)
             points = [
-                (p.variant, "operating point", TargetedPlan(p.plan, None))
+                (p.variant, "operating point", TimedPlan(p.plan, None))
                 for p in operating_points(model, base)
                 if p.plan is not None
             ]

@@ -196,7 +196,7 @@ def _rounding(row: dict) -> str:
     if "round_to" in row:
         return f" (rounding {row['round_to']})"
     vtp_alone = row["kind"] == "latency target" and row["variant"].startswith("vtp for")
-    return " (rounding 8 alone: searched before VTP searched its rounding)" if vtp_alone else ""
+    return " (rounding 8; searched before VTP searched its rounding)" if vtp_alone else ""
 
 
 def rows_table(data: dict) -> list[str]:

@@ -112,7 +112,7 @@ def kept_fraction(geometry: ViTGeometry, read: int, written: int) -> float:
 # The width grid's step keeps this many input channels fewer than all. Not one: GPU GEMMs in fp16
 # run a channel count that is not a multiple of 8 on slower kernels, so a point one channel short
 # times that slowdown as the Gather's cost and mispredicts every narrower block, while plans round
-# their channels to 8 (VTP's --round-to). table_version 3 predicts VTP 20 % and 40 % within 3 %
+# their channels to 8 (VTP's --round-to). table_version 3 predicts VTP 20 % and 40 % within 3.8 %
 # on an H200 (PyTorch, batch 64 and 256: benchmarks/results/latency_model_gpu_*.json).
 STEP_CHANNELS = 8
 

@@ -308,7 +308,7 @@ def test_the_latency_report_names_vtps_rounding_where_its_search_chose_one():
     searched = {"kind": "latency target", "variant": "vtp for 1.25x", "round_to": 32}
     assert _rounding(searched) == " (rounding 32)"
     before = {key: value for key, value in searched.items() if key != "round_to"}
-    assert "rounding 8 alone" in _rounding(before)  # results from before VTP searched its rounding
+    assert "rounding 8; searched before" in _rounding(before)  # results from before VTP searched its rounding
     assert _rounding({"kind": "operating point", "variant": "vtp 40%"}) == ""
     assert _rounding({"kind": "latency target", "variant": "vtp+patch-slim for 1.6x"}) == ""
 

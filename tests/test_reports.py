@@ -54,3 +54,16 @@ def test_the_prune_report_lists_the_searched_structures():
     lines = prune_report_markdown(report).splitlines()
     assert "| 0 | [[1, 8]] | 60.0% | 1.5 | 0.2 |  |" in lines
     assert "| 1 | [[1, 4]] | 50.0% | – | 2e-05 | yes |" in lines  # no table: no prediction
+
+
+def test_the_prune_report_names_the_ratio_and_rounding_vtp_chose():
+    """With a latency target VTP chooses its rounding: the report says which, not only --round-to."""
+    report = {
+        "model": {"name": "tiny"},
+        "method": "vtp",
+        **{"params_dense": 10, "params": 8, "macs_dense": 10, "macs": 6, "config": {"round_to": 8}},
+        **{"prune_ratio": 0.3125, "round_to": 32, "kept_gate_magnitude": 123.456},
+    }
+    assert "- Prune ratio 0.312, kept counts rounded to multiples of 32; gate magnitude kept: 123.5" in (
+        prune_report_markdown(report).splitlines()
+    )

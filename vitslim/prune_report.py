@@ -51,6 +51,11 @@ def prune_report_markdown(report: dict) -> str:
     lines += [f"- {key.replace('_', ' ')}: {value:.2f} %" for key, value in report.items() if key.startswith("top1_")]
     if "pruned_fraction" in report:
         lines.append(f"- Gated dims pruned: {report['pruned_fraction']:.1%}")
+    if "round_to" in report:  # VTP's: with a latency target its search chose the ratio and rounding
+        lines.append(
+            f"- Prune ratio {report['prune_ratio']:.3f}, kept counts rounded to multiples of {report['round_to']}; "
+            f"gate magnitude kept: {report['kept_gate_magnitude']:.4g}"
+        )
     lines += ["", "## Settings", "", "```", json.dumps(report["config"], indent=1), "```"]
     if report.get("kept_dims"):
         spaces = [k for k in report["kept_dims"][0] if k != "block"]

@@ -33,11 +33,11 @@ from .base import WIDTH_FIELDS, MethodResult, composed_name, register_method, st
 GateKey = tuple[int, str]  # (block index, channel space)
 DEFAULT_PRUNE_RATIO = 0.4
 MAX_SEARCHED_RATIO = 0.95  # a latency target's search never removes more of the gated dims
-# A latency target's search also tries --round-to times each of these (8 to 64 from the default).
-# Coarser rounding removes channels in bigger steps but can keep value heads whole (64 per head in
-# DeiT-S), which a GPU runs without the narrower value heads' step (pruning.latency.value_step): on
-# the H200 onnxruntime-gpu table at batch 256 (benchmarks/results/latency_model_onnx_gpu_256.json)
-# only rounding to 64 is predicted to reach 1.25x timm's model.
+# A latency target's search also tries --round-to times each of these (8, 16, 32 and 64 from the
+# default). Coarser rounding removes channels in bigger steps but can keep value heads whole (64 per
+# head in DeiT-S), which a GPU runs without the narrower value heads' step (pruning.latency.value_step):
+# on the H200 onnxruntime-gpu table at batch 256 VTP could not reach 1.25x timm's model at rounding 8
+# (benchmarks/results/latency_model_onnx_gpu_256.json).
 ROUNDING_MULTIPLES = (1, 2, 4, 8)
 
 
@@ -61,7 +61,7 @@ class VTPConfig(AugmentationSettings, LatencyTargetSettings):
         8,
         "round kept counts per module (per head for values) to a multiple; 8 keeps fp16 fused attention and GEMMs "
         "aligned (64 removes fewer channels; on an H100 it measured 2 % faster to 7 % slower than 8, BENCHMARKS.md); "
-        "with a latency target, multiples of it up to 8 times it are searched too",
+        "with a latency target, 2, 4 and 8 times it are searched too",
     )
     per_module: bool = setting(False, "one threshold per gate instead of one global threshold")
     seed: int = setting(0, "random seed")
@@ -233,7 +233,11 @@ class TargetedStructure:
 
 
 def structure_for_target(
-    gates: Mapping[GateKey, torch.Tensor], geometry: ViTGeometry, base: SlimPlan, config: VTPConfig, budget
+    gates: Mapping[GateKey, torch.Tensor],
+    geometry: ViTGeometry,
+    base: SlimPlan,
+    config: VTPConfig,
+    budget: LatencyBudget,
 ) -> TargetedStructure:
     """Per rounding (config.round_to times ROUNDING_MULTIPLES), the smallest ratio whose plan fits
     `budget`; of those that fit, the one keeping the most gate magnitude; none fits: the fastest
@@ -319,9 +323,9 @@ def prune_vtp(
     if budget is not None and budget.target_ms is not None:
         chosen = structure_for_target(gates.as_dict(), geometry, base, config, budget)
         if not budget.fits(chosen.plan):
-            multiples = f"{config.round_to} to {config.round_to * ROUNDING_MULTIPLES[-1]}"
+            roundings = ", ".join(str(config.round_to * multiple) for multiple in ROUNDING_MULTIPLES)
             raise budget.unreachable(
-                chosen.plan, f"VTP (removing up to {MAX_SEARCHED_RATIO:.0%} of the gated dims, rounding to {multiples})"
+                chosen.plan, f"VTP (removing up to {MAX_SEARCHED_RATIO:.0%} of the gated dims, rounding to {roundings})"
             )
         ratio, round_to, plan = chosen.ratio, chosen.round_to, chosen.plan
     else:

@@ -17,6 +17,7 @@ from vitslim.pruning.methods.vtp import (
     constrained_count,
     fold_gates,
     kept_counts,
+    kept_magnitude,
     plan_from_gates,
     pruned_fraction,
     ranking_scores,
@@ -113,6 +114,19 @@ def test_folding_preserves_the_gated_function(seed, ratio):
         gated = GatedModel(MODEL, BASE, gates)(IMAGES)
         folded = MaskedReference(fold_gates(MODEL, gates.as_dict()), plan)(IMAGES)
     assert (gated - folded).abs().max().item() <= 1e-5
+
+
+def test_kept_magnitude_sums_the_gates_of_the_dims_a_plan_keeps():
+    """The proxy VTP's latency search compares across roundings: Σ|gate| over the kept dims only."""
+    gates = random_gates(5).as_dict()
+    with torch.no_grad():
+        gates[(1, "hidden")][:4] = torch.tensor([-3.0, 2.0, 0.5, 7.0])
+    every = sum(float(gate.abs().sum()) for gate in gates.values())
+    assert kept_magnitude(gates, BASE) == pytest.approx(every)
+    dropped = BASE.with_block(1, BlockPlan(hidden=tuple(range(1, 128))))  # drops the gate at -3
+    assert kept_magnitude(gates, dropped) == pytest.approx(every - 3.0)
+    less, more = (plan_from_gates(gates, GEOMETRY, BASE, VTPConfig(prune_ratio=r)) for r in (0.3, 0.6))
+    assert every > kept_magnitude(gates, less) > kept_magnitude(gates, more)
 
 
 @pytest.mark.parametrize("round_to", [1, 8])
