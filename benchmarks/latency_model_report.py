@@ -86,10 +86,15 @@ def _table_model(data: dict) -> str:
     return "; ".join(TABLE_MODELS.get(key, f"table_version {key}") for key in keys)
 
 
+def _batch_table(data: dict, batch: int) -> dict:
+    """The table the results of `batch` were predicted with."""
+    return next(t for t in data["tables"] if t["batch"] == batch)
+
+
 def _card(data: dict, batch: int) -> str:
     """The machine a batch's table was measured on, in a word or two (results of one runtime may
     come from GPUs of several kinds, one device call each)."""
-    where = next(t for t in data["tables"] if t["batch"] == batch)["where"]
+    where = _batch_table(data, batch)["where"]
     if where["device"] != "cuda":
         return f"this {data['environment']['host'].get('cores')}-core CPU"
     name = where.get("device_name") or "GPU"
@@ -135,7 +140,7 @@ def targets(loaded: dict, accuracy: Optional[dict]) -> list[str]:
                 if r["batch"] == batch and r["kind"] == "operating point" and r["variant"] != "dense"
             ]
             worst = max(rows, key=lambda r: abs(r["prediction_error"]))
-            version = _table_model_key(next(t for t in data["tables"] if t["batch"] == batch))
+            version = _table_model_key(_batch_table(data, batch))
             machine = f"{_card(data, batch)}, {title}"
             lines.append(
                 f"| predicted vs measured within {within} for every operating point ({machine}, batch {batch}, table_version "
@@ -253,7 +258,7 @@ def scatter_png(loaded: dict, path: Path) -> None:
                     edgecolors="black" if marker == "*" else "none",
                     linewidths=0.5,
                 )
-            version = _table_model_key(next(t for t in data["tables"] if t["batch"] == batch))
+            version = _table_model_key(_batch_table(data, batch))
             label = f"{_card(data, batch)}, {SHORT_WHERE[where]}, batch {batch} (table_version {version})"
             handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=label))
     handles += [
